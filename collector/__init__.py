@@ -1,0 +1,55 @@
+"""calltrace: an OpenTelemetry trace collector for voice-AI agents.
+
+The public plugin API is re-exported here; see ``collector.pipeline`` for the shape.
+"""
+
+from collector.components import (
+    ComponentConfig,
+    Consumer,
+    Exporter,
+    Forward,
+    Host,
+    PermanentError,
+    Processor,
+    Receiver,
+    RefusedError,
+    RequestInfo,
+    RetryableError,
+    UnauthenticatedError,
+)
+from collector.exporterhelper import ExporterConfig
+from collector.spans import (
+    CALL_ID_ATTRIBUTE,
+    SpanBatch,
+    any_value_to_python,
+    get_attribute,
+    iter_spans,
+    remove_attribute,
+    set_attribute,
+)
+from collector.units import ByteSize, Duration
+
+__all__ = [
+    "CALL_ID_ATTRIBUTE",
+    "ByteSize",
+    "ComponentConfig",
+    "Consumer",
+    "Duration",
+    "Exporter",
+    "ExporterConfig",
+    "Forward",
+    "Host",
+    "PermanentError",
+    "Processor",
+    "Receiver",
+    "RefusedError",
+    "RequestInfo",
+    "RetryableError",
+    "SpanBatch",
+    "UnauthenticatedError",
+    "any_value_to_python",
+    "get_attribute",
+    "iter_spans",
+    "remove_attribute",
+    "set_attribute",
+]

@@ -1,0 +1,196 @@
+"""``calltrace run | validate | keys``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from collector.config import ConfigError, ServiceConfig, load_config
+
+DEFAULT_CONFIG = "collector.yaml"
+EMBEDDED_CONFIG = Path(__file__).with_name("default.yaml")
+DEFAULT_KEY_STORE = "./data/calltrace.db"
+
+log = logging.getLogger("calltrace")
+
+
+def _config_path(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    local = Path(DEFAULT_CONFIG)
+    return local if local.exists() else EMBEDDED_CONFIG
+
+
+def _load_or_exit(arg: str | None) -> ServiceConfig:
+    path = _config_path(arg)
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid config:", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = _load_or_exit(args.config)
+    pipelines = ", ".join(config.pipelines)
+    print(f"{config.path}: valid (pipelines: {pipelines})")
+    return 0
+
+
+async def _serve(config: ServiceConfig) -> None:
+    from collector.service import Service
+
+    service = Service(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+        log.info("ready (config %s)", config.path)
+        await stop.wait()
+        log.info("signal received: draining accepted data")
+    finally:
+        await service.shutdown()
+
+
+def _run_loop(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load_or_exit(args.config)
+    assert config.service is not None
+    _setup_logging(config.service.telemetry.log_level)
+    workers = config.service.workers
+    if workers > 1 and os.environ.get("CALLTRACE_WORKER") is None:
+        return _run_workers(workers)
+    try:
+        _run_loop(_serve(config))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except (ValueError, RuntimeError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+def _run_workers(workers: int) -> int:
+    """Run N copies of this process; they share the listening ports (SO_REUSEPORT)."""
+    import subprocess
+
+    children = []
+    for index in range(workers):
+        env = dict(os.environ, CALLTRACE_WORKER=str(index))
+        children.append(
+            subprocess.Popen([sys.executable, "-m", "collector", *sys.argv[1:]], env=env)
+        )
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
+
+
+def _key_store_path(args: argparse.Namespace) -> Path:
+    if args.db:
+        return Path(args.db)
+    config = _load_or_exit(args.config)
+    for spec in config.processors.values():
+        store = getattr(spec.config, "key_store", None)
+        if store:
+            return Path(store)
+    return Path(DEFAULT_KEY_STORE)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from collector.keys import KeyStore
+
+    store = KeyStore(_key_store_path(args))
+    try:
+        if args.keys_command == "create":
+            key, record = store.create(args.project)
+            print(key)
+            print(
+                f"# key id {record.key_id}, project {record.project}; store it now, "
+                "it is not shown again",
+                file=sys.stderr,
+            )
+        elif args.keys_command == "list":
+            print(f"{'KEY ID':<14} {'PROJECT':<20} {'CREATED':<20} STATUS")
+            for rec in store.list(args.project):
+                created = datetime.fromtimestamp(rec.created_ns / 1e9, UTC)
+                status = "revoked" if rec.revoked else "active"
+                print(f"{rec.key_id:<14} {rec.project:<20} {created:%Y-%m-%d %H:%M:%S}  {status}")
+        elif args.keys_command == "revoke":
+            if not store.revoke(args.key):
+                print(f"no active key {args.key!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.key}")
+    finally:
+        store.close()
+    return 0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calltrace", description="OpenTelemetry trace collector for voice-AI agents"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the collector")
+    run.add_argument("--config", "-c", help=f"config file (default: ./{DEFAULT_CONFIG})")
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser("validate", help="check a config file and list every mistake")
+    validate.add_argument("--config", "-c", help=f"config file (default: ./{DEFAULT_CONFIG})")
+    validate.set_defaults(func=cmd_validate)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys.add_argument("--config", "-c", help="config whose auth processor names the key store")
+    keys.add_argument("--db", help=f"key store SQLite file (default: {DEFAULT_KEY_STORE})")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print it once")
+    create.add_argument("--project", "-p", required=True)
+    listing = keys_sub.add_parser("list", help="list keys (never the keys themselves)")
+    listing.add_argument("--project", "-p")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id or the key itself")
+    revoke.add_argument("key")
+    keys.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

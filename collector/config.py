@@ -1,0 +1,232 @@
+"""Loading ``collector.yaml``: environment expansion, typed validation, readable errors.
+
+The file has the OpenTelemetry Collector's shape::
+
+    receivers:  {otlp: {...}}
+    processors: {auth: {...}, batch/fast: {...}}
+    exporters:  {sqlite: {...}}
+    service:
+      pipelines:
+        traces: {receivers: [otlp], processors: [auth, batch/fast], exporters: [sqlite]}
+
+Every error names its YAML path and what was expected, and all errors are reported at
+once, e.g. ``processors.batch.timeout: expected a duration like "200ms", got "fast"``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from collector.components import ComponentConfig
+from collector.registry import KINDS, ComponentNotFound, resolve
+
+__all__ = ["ComponentSpec", "ConfigError", "ServiceConfig", "load_config", "parse_config"]
+
+_ENV_REF = re.compile(r"\$\$|\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_COMPONENT_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]+)?$")
+
+
+class ConfigError(Exception):
+    """One or more config mistakes, each ``path: what was expected``."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    receivers: list[str] = Field(min_length=1)
+    processors: list[str] = Field(default_factory=list)
+    exporters: list[str] = Field(min_length=1)
+
+
+class TelemetryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    log_level: str = Field(default="info", pattern="^(?i:debug|info|warning|error)$")
+
+
+class QueryConfig(BaseModel):
+    """The query API and explorer, served on every HTTP listener."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    storage: str | None = None
+    """Exporter id whose store the API reads; default: the first storage exporter."""
+
+
+class ServiceSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pipelines: dict[str, PipelineConfig] = Field(min_length=1)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    query: QueryConfig = Field(default_factory=QueryConfig)
+    workers: int = Field(default=1, ge=1, le=64)
+    shutdown_timeout: float = Field(default=30.0, gt=0)
+
+
+class _Document(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    receivers: dict[str, dict[str, Any] | None] = Field(min_length=1)
+    processors: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
+    exporters: dict[str, dict[str, Any] | None] = Field(min_length=1)
+    service: ServiceSection
+
+
+@dataclass
+class ComponentSpec:
+    kind: str  # "receivers" | "processors" | "exporters"
+    id: str  # "batch/fast"
+    cls: type
+    config: ComponentConfig
+
+
+@dataclass
+class ServiceConfig:
+    receivers: dict[str, ComponentSpec] = field(default_factory=dict)
+    processors: dict[str, ComponentSpec] = field(default_factory=dict)
+    exporters: dict[str, ComponentSpec] = field(default_factory=dict)
+    service: ServiceSection | None = None
+    path: Path | None = None
+
+    @property
+    def pipelines(self) -> dict[str, PipelineConfig]:
+        assert self.service is not None
+        return self.service.pipelines
+
+    def components(self, kind: str) -> dict[str, ComponentSpec]:
+        return getattr(self, kind)
+
+
+def expand_env(node: Any, path: str, errors: list[str], environ: Mapping[str, str]) -> Any:
+    """Expand ``${env:NAME}`` / ``${env:NAME:-default}`` in string scalars.
+
+    The result of an expansion is always a string: it is never re-read as YAML, so an
+    environment value "0123" stays "0123" (validation then converts it where a field's
+    type asks for a number, see the Collector's issue 10937).
+    """
+    if isinstance(node, dict):
+        return {k: expand_env(v, _join(path, str(k)), errors, environ) for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_env(v, f"{path}[{i}]", errors, environ) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "$" not in node:
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        errors.append(f"{path or '<root>'}: environment variable {name} is not set")
+        return ""
+
+    return _ENV_REF.sub(substitute, node)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _format_validation_error(prefix: str, exc: ValidationError) -> list[str]:
+    messages = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
+        path = _join(prefix, loc) if loc else prefix
+        kind = err["type"]
+        msg = err["msg"]
+        if kind == "extra_forbidden":
+            messages.append(f"{path}: unknown key")
+            continue
+        if kind == "missing":
+            messages.append(f"{path}: required")
+            continue
+        for noise in ("Value error, ", "Assertion failed, "):
+            msg = msg.removeprefix(noise)
+        if " got " not in msg and "input" in err:
+            msg = f"{msg[0].lower()}{msg[1:]}, got {err['input']!r}"
+        messages.append(f"{path}: {msg}")
+    return messages
+
+
+def parse_config(
+    document: Any, *, environ: Mapping[str, str] | None = None, path: Path | None = None
+) -> ServiceConfig:
+    """Validate a parsed YAML document; raises ``ConfigError`` listing every mistake."""
+    errors: list[str] = []
+    if not isinstance(document, dict):
+        raise ConfigError(["<root>: expected a mapping with receivers, exporters and service"])
+    document = expand_env(document, "", errors, os.environ if environ is None else environ)
+    try:
+        top = _Document.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError(errors + _format_validation_error("", exc)) from None
+
+    result = ServiceConfig(service=top.service, path=path)
+    for kind in KINDS:
+        for component_id, raw in getattr(top, kind).items():
+            where = f"{kind}.{component_id}"
+            if not _COMPONENT_ID.match(component_id):
+                errors.append(f'{where}: expected a component id like "batch" or "batch/fast"')
+                continue
+            settings = dict(raw or {})
+            type_name = settings.pop("type", component_id.split("/", 1)[0])
+            try:
+                cls = resolve(kind, str(type_name))
+            except ComponentNotFound as exc:
+                errors.append(f"{where}: {exc}")
+                continue
+            try:
+                model = cls.Config.model_validate(settings)
+            except ValidationError as exc:
+                errors.extend(_format_validation_error(where, exc))
+                continue
+            result.components(kind)[component_id] = ComponentSpec(kind, component_id, cls, model)
+
+    owner: dict[str, str] = {}
+    for name, pipeline in top.service.pipelines.items():
+        where = f"service.pipelines.{name}"
+        if name.split("/", 1)[0] != "traces":
+            errors.append(f'{where}: expected a traces pipeline named "traces" or "traces/NAME"')
+        for kind in KINDS:
+            ids = getattr(pipeline, kind)
+            for index, component_id in enumerate(ids):
+                if component_id not in getattr(top, kind):
+                    errors.append(
+                        f"{where}.{kind}[{index}]: {component_id!r} is not defined under {kind}"
+                    )
+            if len(set(ids)) != len(ids):
+                errors.append(f"{where}.{kind}: lists a component twice")
+        for index, receiver_id in enumerate(pipeline.receivers):
+            if receiver_id in owner and owner[receiver_id] != name:
+                errors.append(
+                    f"{where}.receivers[{index}]: {receiver_id!r} already feeds pipeline "
+                    f"{owner[receiver_id]!r}; a receiver feeds one pipeline"
+                )
+            owner.setdefault(receiver_id, name)
+    if errors:
+        raise ConfigError(errors)
+    return result
+
+
+def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -> ServiceConfig:
+    """Read, expand and validate a config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    return parse_config(document, environ=environ, path=path)

@@ -1,0 +1,311 @@
+"""What every exporter gets for free: a bounded sending queue, consumers, retry with
+exponential backoff and jitter, and an optional persistent queue on disk.
+
+An exporter only turns a batch into a write. The helper in front of it accepts batches
+without waiting for the destination, so a slow or dead exporter never blocks the
+receiver or the other exporters. When a queue is full the pipeline refuses new data
+(503 + Retry-After) instead of dropping accepted data or growing memory.
+
+With ``sending_queue.storage: DIR`` queued batches are written to an SQLite file in DIR
+before the request is answered, so a crash or restart delivers them later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sqlite3
+import time
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from collector.components import (
+    ComponentConfig,
+    Exporter,
+    PermanentError,
+    RefusedError,
+)
+from collector.spans import SpanBatch
+from collector.units import Duration
+
+if TYPE_CHECKING:
+    from collector.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExporterConfig", "ExporterQueue", "QueueSettings", "RetrySettings"]
+
+
+class QueueSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    num_consumers: int = Field(default=1, ge=1, le=64)
+    queue_size: int = Field(default=100_000, ge=1)
+    """Capacity in spans."""
+    batch_max_spans: int = Field(default=16_384, ge=1)
+    """A consumer merges queued batches of one project up to this many spans per export."""
+    storage: Path | None = None
+    """Directory for a persistent queue; None keeps the queue in memory."""
+
+
+class RetrySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    initial_interval: Duration = 0.1
+    max_interval: Duration = 5.0
+    multiplier: float = Field(default=1.5, ge=1.0)
+    randomization_factor: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_elapsed_time: Duration = 0.0
+    """Give up on a batch after this long; 0 retries until it is delivered (never drops)."""
+
+
+class ExporterConfig(ComponentConfig):
+    """Base config for exporters: the helper's ``sending_queue`` and ``retry_on_failure``."""
+
+    sending_queue: QueueSettings = Field(default_factory=QueueSettings)
+    retry_on_failure: RetrySettings = Field(default_factory=RetrySettings)
+    timeout: Duration = 30.0
+
+
+class _QueueItem:
+    __slots__ = ("batch", "key", "spans")
+
+    def __init__(self, batch: SpanBatch, spans: int, key: int | None = None):
+        self.batch = batch
+        self.spans = spans
+        self.key = key  # row id in the persistent queue
+
+
+class _DiskQueue:
+    """Append-only SQLite table of serialized batches; rows are deleted once exported."""
+
+    def __init__(self, directory: Path, name: str):
+        directory.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        self.path = directory / f"{safe}.queue.db"
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " project TEXT, spans INTEGER NOT NULL, payload BLOB NOT NULL)"
+        )
+
+    def append(self, batch: SpanBatch, spans: int) -> int:
+        cursor = self.db.execute(
+            "INSERT INTO queue (project, spans, payload) VALUES (?, ?, ?)",
+            (batch.project, spans, batch.serialize()),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def load(self) -> list[_QueueItem]:
+        items = []
+        for key, project, spans, payload in self.db.execute(
+            "SELECT id, project, spans, payload FROM queue ORDER BY id"
+        ):
+            items.append(_QueueItem(SpanBatch.parse(payload, project), spans, key))
+        return items
+
+    def delete(self, keys: list[int]) -> None:
+        self.db.executemany("DELETE FROM queue WHERE id = ?", [(k,) for k in keys])
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class ExporterQueue:
+    """The sending queue and retry loop in front of one exporter."""
+
+    def __init__(self, exporter: Exporter, telemetry: Telemetry | None = None):
+        config: Any = exporter.config
+        self.exporter = exporter
+        self.queue_settings: QueueSettings = getattr(config, "sending_queue", QueueSettings())
+        self.retry: RetrySettings = getattr(config, "retry_on_failure", RetrySettings())
+        self.timeout: float = getattr(config, "timeout", 30.0)
+        self.telemetry = telemetry
+        self._items: deque[_QueueItem] = deque()
+        self._queued_spans = 0
+        self._in_flight = 0
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._consumers: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._disk: _DiskQueue | None = None
+
+    @property
+    def id(self) -> str:
+        return self.exporter.id
+
+    @property
+    def size(self) -> int:
+        """Spans waiting or being exported."""
+        return self._queued_spans
+
+    @property
+    def capacity(self) -> int:
+        return self.queue_settings.queue_size
+
+    def has_room(self, spans: int) -> bool:
+        if not self.queue_settings.enabled:
+            return True
+        # A batch larger than the whole queue is admitted when the queue is empty, so an
+        # oversized request cannot be refused forever.
+        return self._queued_spans == 0 or self._queued_spans + spans <= self.capacity
+
+    async def start(self) -> None:
+        storage = self.queue_settings.storage
+        if storage is not None:
+            self._disk = _DiskQueue(Path(storage), self.id)
+            recovered = self._disk.load()
+            for item in recovered:
+                self._push(item)
+            if recovered:
+                log.info("%s: %d batches recovered from %s", self.id, len(recovered), storage)
+        for _ in range(self.queue_settings.num_consumers):
+            self._consumers.append(asyncio.create_task(self._consume()))
+
+    async def put(self, batch: SpanBatch, spans: int | None = None) -> None:
+        """Queue ``batch`` (persisted first when a storage dir is set), or export it now
+        when the queue is disabled."""
+        spans = batch.span_count if spans is None else spans
+        if not self.queue_settings.enabled:
+            await self._export_with_retry(batch, spans)
+            return
+        if self._closing:
+            raise RefusedError(f"exporter {self.id} is shutting down", retry_after=5.0)
+        if not self.has_room(spans):
+            raise RefusedError(f"sending queue of exporter {self.id} is full")
+        key = self._disk.append(batch, spans) if self._disk is not None else None
+        self._push(_QueueItem(batch, spans, key))
+
+    def _push(self, item: _QueueItem) -> None:
+        self._items.append(item)
+        self._queued_spans += item.spans
+        self._idle.clear()
+        self._wakeup.set()
+        self._report_size()
+
+    def _report_size(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.exporter_queue(self.id, self._queued_spans, self.capacity)
+
+    def _take(self) -> list[_QueueItem]:
+        """The oldest item, plus following items of the same project up to the span limit."""
+        first = self._items.popleft()
+        taken, spans = [first], first.spans
+        limit = self.queue_settings.batch_max_spans
+        while self._items:
+            nxt = self._items[0]
+            if nxt.batch.project != first.batch.project or spans + nxt.spans > limit:
+                break
+            taken.append(self._items.popleft())
+            spans += nxt.spans
+        return taken
+
+    async def _consume(self) -> None:
+        while True:
+            while not self._items:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            items = self._take()
+            self._in_flight += 1
+            spans = sum(item.spans for item in items)
+            if len(items) == 1:
+                batch = items[0].batch
+            else:
+                batch = SpanBatch(
+                    [rs for item in items for rs in item.batch.resource_spans],
+                    items[0].batch.project,
+                )
+            try:
+                await self._export_with_retry(batch, spans)
+                if self._disk is not None:
+                    self._disk.delete([i.key for i in items if i.key is not None])
+            except asyncio.CancelledError:
+                # Shut down while retrying: put the items back (they stay on disk too).
+                for item in reversed(items):
+                    self._items.appendleft(item)
+                raise
+            finally:
+                self._in_flight -= 1
+            self._queued_spans -= spans
+            self._report_size()
+            if not self._items and self._in_flight == 0:
+                self._idle.set()
+
+    async def _export_with_retry(self, batch: SpanBatch, spans: int) -> None:
+        started = time.monotonic()
+        interval = self.retry.initial_interval
+        attempt = 0
+        while True:
+            attempt += 1
+            t0 = time.perf_counter()
+            try:
+                await asyncio.wait_for(self.exporter.export(batch), self.timeout or None)
+            except PermanentError as exc:
+                log.error("%s: dropping %d spans, permanent error: %s", self.id, spans, exc)
+                self._count_failed(spans)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # retryable, timeouts and unexpected errors alike
+                elapsed = time.monotonic() - started
+                limit = self.retry.max_elapsed_time
+                if not self.retry.enabled or (limit and elapsed + interval > limit):
+                    log.error(
+                        "%s: dropping %d spans after %d attempts: %r", self.id, spans, attempt, exc
+                    )
+                    self._count_failed(spans)
+                    return
+                delay = interval * (1 + self.retry.randomization_factor * (2 * random.random() - 1))
+                log.warning(
+                    "%s: export failed (attempt %d), retrying in %.2fs: %r",
+                    self.id,
+                    attempt,
+                    delay,
+                    exc,
+                )
+                if self.telemetry is not None:
+                    self.telemetry.exporter_retry(self.id)
+                await asyncio.sleep(delay)
+                interval = min(interval * self.retry.multiplier, self.retry.max_interval)
+                continue
+            if self.telemetry is not None:
+                self.telemetry.exporter_sent(self.id, spans, time.perf_counter() - t0)
+            return
+
+    def _count_failed(self, spans: int) -> None:
+        if self.telemetry is not None:
+            self.telemetry.exporter_failed(self.id, spans)
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Deliver what is queued (up to ``timeout``), then stop the consumers.
+
+        A persistent queue keeps whatever is left for the next start.
+        """
+        self._closing = True
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.error(
+                "%s: shutdown timed out with %d spans undelivered%s",
+                self.id,
+                self._queued_spans,
+                " (kept in the persistent queue)" if self._disk else "",
+            )
+        for task in self._consumers:
+            task.cancel()
+        await asyncio.gather(*self._consumers, return_exceptions=True)
+        self._consumers.clear()
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None

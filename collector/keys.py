@@ -1,0 +1,108 @@
+"""API keys: random bearer tokens, stored only as SHA-256 hashes, each owned by a project.
+
+``calltrace keys create --project P`` prints a new key once; the database keeps its hash
+and a short public prefix to tell keys apart in ``keys list``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["KeyRecord", "KeyStore", "hash_key"]
+
+KEY_PREFIX = "ct_"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id     TEXT PRIMARY KEY,
+    project    TEXT NOT NULL,
+    key_hash   TEXT NOT NULL UNIQUE,
+    created_ns INTEGER NOT NULL,
+    revoked_ns INTEGER
+);
+"""
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    key_id: str
+    project: str
+    created_ns: int
+    revoked_ns: int | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_ns is not None
+
+
+class KeyStore:
+    """Keys in an SQLite file (the same file the ``sqlite`` exporter uses by default)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def create(self, project: str) -> tuple[str, KeyRecord]:
+        """A new key for ``project``: returns the plaintext (shown once) and its record."""
+        if not project or not project.strip():
+            raise ValueError("project must not be empty")
+        secret = secrets.token_urlsafe(32)
+        key = KEY_PREFIX + secret
+        record = KeyRecord(KEY_PREFIX + secret[:8], project, time.time_ns(), None)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO api_keys (key_id, project, key_hash, created_ns) VALUES (?,?,?,?)",
+                (record.key_id, project, hash_key(key), record.created_ns),
+            )
+        return key, record
+
+    def verify(self, key: str) -> str | None:
+        """The project of a valid, unrevoked key, else None."""
+        digest = hash_key(key)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT key_hash, project, revoked_ns FROM api_keys WHERE key_hash = ?",
+                (digest,),
+            ).fetchone()
+        if row is None or row[2] is not None:
+            return None
+        return row[1] if hmac.compare_digest(row[0], digest) else None
+
+    def list(self, project: str | None = None) -> list[KeyRecord]:
+        query = "SELECT key_id, project, created_ns, revoked_ns FROM api_keys"
+        args: tuple[str, ...] = ()
+        if project is not None:
+            query += " WHERE project = ?"
+            args = (project,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY created_ns", args).fetchall()
+        return [KeyRecord(*row) for row in rows]
+
+    def revoke(self, key_or_id: str) -> bool:
+        """Revoke by key id (as ``keys list`` shows it) or by the key itself."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE api_keys SET revoked_ns = ? WHERE (key_id = ? OR key_hash = ?)"
+                " AND revoked_ns IS NULL",
+                (time.time_ns(), key_or_id, hash_key(key_or_id)),
+            )
+        return cursor.rowcount > 0
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,62 @@
+"""The shape of calltrace: receivers -> processors (in order) -> fan-out to exporters.
+
+Read this module first. A receiver calls ``Pipeline.admit(request)`` with the request's
+headers before decoding its body (so ``auth`` refuses early), then
+``Pipeline.consume(batch)``. Each processor edits the batch in place and passes it on;
+the last stage puts the batch on every exporter's own sending queue
+(``collector.exporterhelper``). ``consume`` returns once the data is queued for every
+exporter (in memory, or on disk with a persistent queue), which is when a receiver
+answers success.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from collector.components import Forward, Processor, RefusedError, RequestInfo
+from collector.exporterhelper import ExporterQueue
+from collector.spans import SpanBatch
+
+__all__ = ["FanOut", "Pipeline"]
+
+
+class FanOut:
+    """Hands a batch to every exporter's queue, all or none.
+
+    A batch is queued only if every queue has room, so a full queue refuses the request
+    (the client retries later) instead of some exporters storing it and others losing
+    it (the OpenTelemetry Collector's issue 6961).
+    """
+
+    def __init__(self, queues: list[ExporterQueue]):
+        self.queues = queues
+
+    async def __call__(self, batch: SpanBatch) -> None:
+        spans = batch.span_count
+        if spans == 0:
+            return
+        full = [q.id for q in self.queues if not q.has_room(spans)]
+        if full:
+            raise RefusedError(f"sending queue full: {', '.join(full)}", retry_after=1.0)
+        for queue in self.queues:
+            await queue.put(batch, spans)
+
+
+class Pipeline:
+    def __init__(self, name: str, processors: list[Processor], exporters: list[ExporterQueue]):
+        self.name = name
+        self.processors = processors
+        self.fan_out = FanOut(exporters)
+        forward: Forward = self.fan_out
+        for processor in reversed(processors):
+            forward = functools.partial(processor.consume, forward=forward)
+        self._entry = forward
+
+    async def admit(self, request: RequestInfo) -> None:
+        """Run every processor's header check; raises to refuse the request."""
+        for processor in self.processors:
+            await processor.admit(request)
+
+    async def consume(self, batch: SpanBatch) -> None:
+        """Push a batch through the processors to the exporters' queues."""
+        await self._entry(batch)

@@ -1,0 +1,147 @@
+"""Spans in flight: a batch of OTLP ``ResourceSpans`` messages plus a small context.
+
+Data stays in protobuf form from the receiver to the exporters; there is no per-span
+Python object. The helpers below read and set attributes on the protobuf
+``KeyValue`` lists so plugin authors need not know ``AnyValue``'s oneof.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, MutableSequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span
+
+__all__ = [
+    "CALL_ID_ATTRIBUTE",
+    "CALL_KEY_ATTRIBUTE",
+    "CALL_SOURCE_ATTRIBUTE",
+    "ExportTraceServiceRequest",
+    "ResourceSpans",
+    "Span",
+    "SpanBatch",
+    "any_value_to_python",
+    "get_attribute",
+    "iter_spans",
+    "remove_attribute",
+    "set_attribute",
+]
+
+CALL_ID_ATTRIBUTE = "calltrace.call.id"
+"""Resource attribute the ``correlate`` processor sets to the call a resource's spans belong to."""
+CALL_KEY_ATTRIBUTE = "calltrace.call.key"
+"""Resource attribute with the correlation key's value (the LiveKit room SID, a VAPI call id)."""
+CALL_SOURCE_ATTRIBUTE = "calltrace.call.source"
+"""Resource attribute naming the attribute the call key came from (``livekit.room.id``)."""
+
+
+@dataclass(slots=True)
+class SpanBatch:
+    """Spans of one project on their way through a pipeline.
+
+    ``resource_spans`` holds protobuf ``ResourceSpans`` messages, edited in place by
+    processors. ``project`` is set by the ``auth`` processor (None without auth).
+    ``metadata`` carries request facts (transport, peer, selected headers).
+    """
+
+    resource_spans: list[ResourceSpans]
+    project: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    received_ns: int = field(default_factory=time.time_ns)
+
+    @classmethod
+    def from_request(
+        cls, request: ExportTraceServiceRequest, project: str | None = None, **metadata: str
+    ) -> SpanBatch:
+        return cls(list(request.resource_spans), project, dict(metadata))
+
+    @property
+    def span_count(self) -> int:
+        return sum(len(ss.spans) for rs in self.resource_spans for ss in rs.scope_spans)
+
+    def to_request(self) -> ExportTraceServiceRequest:
+        """A standalone ``ExportTraceServiceRequest`` (copies the messages)."""
+        return ExportTraceServiceRequest(resource_spans=self.resource_spans)
+
+    def serialize(self) -> bytes:
+        return self.to_request().SerializeToString()
+
+    @classmethod
+    def parse(cls, payload: bytes, project: str | None = None) -> SpanBatch:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(payload)
+        return cls.from_request(request, project)
+
+
+def iter_spans(resource_spans: ResourceSpans) -> Iterator[Span]:
+    for scope_spans in resource_spans.scope_spans:
+        yield from scope_spans.spans
+
+
+def any_value_to_python(value: AnyValue) -> Any:
+    """The Python value of an ``AnyValue``: str, bool, int, float, bytes, list, dict or None."""
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [any_value_to_python(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: any_value_to_python(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, kind)
+
+
+def _set_any_value(target: AnyValue, value: Any) -> None:
+    if isinstance(value, bool):
+        target.bool_value = value
+    elif isinstance(value, int):
+        target.int_value = value
+    elif isinstance(value, float):
+        target.double_value = value
+    elif isinstance(value, str):
+        target.string_value = value
+    elif isinstance(value, bytes):
+        target.bytes_value = value
+    elif isinstance(value, list | tuple):
+        target.array_value.SetInParent()
+        for item in value:
+            _set_any_value(target.array_value.values.add(), item)
+    elif isinstance(value, dict):
+        target.kvlist_value.SetInParent()
+        for key, item in value.items():
+            kv = target.kvlist_value.values.add(key=key)
+            _set_any_value(kv.value, item)
+    else:
+        raise TypeError(f"unsupported attribute value type {type(value).__name__}")
+
+
+def get_attribute(attributes: Iterable[KeyValue], key: str, default: Any = None) -> Any:
+    """The Python value of attribute ``key`` in a ``KeyValue`` list (resource or span)."""
+    for kv in attributes:
+        if kv.key == key:
+            return any_value_to_python(kv.value)
+    return default
+
+
+def set_attribute(attributes: MutableSequence[KeyValue], key: str, value: Any) -> None:
+    """Set attribute ``key`` in place, replacing an existing value."""
+    for kv in attributes:
+        if kv.key == key:
+            kv.value.Clear()
+            _set_any_value(kv.value, value)
+            return
+    kv = attributes.add(key=key)  # type: ignore[attr-defined]
+    _set_any_value(kv.value, value)
+
+
+def remove_attribute(attributes: MutableSequence[KeyValue], key: str) -> bool:
+    for index, kv in enumerate(attributes):
+        if kv.key == key:
+            del attributes[index]
+            return True
+    return False

@@ -1,0 +1,111 @@
+"""Self-telemetry: Prometheus metrics named like the OpenTelemetry Collector's own.
+
+Each service has its own registry so several services (tests, workers) never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Telemetry"]
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.receiver_accepted = Counter(
+            "calltrace_receiver_accepted_spans",
+            "Spans accepted by a receiver and handed to the pipeline.",
+            ["receiver", "transport"],
+            registry=r,
+        )
+        self.receiver_refused = Counter(
+            "calltrace_receiver_refused_spans",
+            "Spans a receiver refused (malformed, rejected ids, pipeline refused).",
+            ["receiver", "transport"],
+            registry=r,
+        )
+        self.receiver_requests = Counter(
+            "calltrace_receiver_requests",
+            "Requests answered by a receiver, by status.",
+            ["receiver", "transport", "status"],
+            registry=r,
+        )
+        self.processor_dropped = Counter(
+            "calltrace_processor_dropped_spans",
+            "Spans a processor dropped on purpose (e.g. skip).",
+            ["processor"],
+            registry=r,
+        )
+        self.exporter_sent_spans = Counter(
+            "calltrace_exporter_sent_spans",
+            "Spans an exporter delivered.",
+            ["exporter"],
+            registry=r,
+        )
+        self.exporter_send_failed = Counter(
+            "calltrace_exporter_send_failed_spans",
+            "Spans an exporter gave up on (permanent error or retries exhausted).",
+            ["exporter"],
+            registry=r,
+        )
+        self.exporter_retries = Counter(
+            "calltrace_exporter_retries",
+            "Failed export attempts that were retried.",
+            ["exporter"],
+            registry=r,
+        )
+        self.exporter_queue_size = Gauge(
+            "calltrace_exporter_queue_size",
+            "Spans waiting in an exporter's sending queue.",
+            ["exporter"],
+            registry=r,
+        )
+        self.exporter_queue_capacity = Gauge(
+            "calltrace_exporter_queue_capacity",
+            "Capacity of an exporter's sending queue, in spans.",
+            ["exporter"],
+            registry=r,
+        )
+        self.exporter_latency = Histogram(
+            "calltrace_exporter_send_latency_seconds",
+            "Time one export call took.",
+            ["exporter"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+
+    def accepted(self, receiver: str, transport: str, spans: int) -> None:
+        self.receiver_accepted.labels(receiver, transport).inc(spans)
+
+    def refused(self, receiver: str, transport: str, spans: int) -> None:
+        if spans:
+            self.receiver_refused.labels(receiver, transport).inc(spans)
+
+    def request(self, receiver: str, transport: str, status: int | str) -> None:
+        self.receiver_requests.labels(receiver, transport, str(status)).inc()
+
+    def dropped(self, processor: str, spans: int) -> None:
+        self.processor_dropped.labels(processor).inc(spans)
+
+    def exporter_sent(self, exporter: str, spans: int, seconds: float) -> None:
+        self.exporter_sent_spans.labels(exporter).inc(spans)
+        self.exporter_latency.labels(exporter).observe(seconds)
+
+    def exporter_failed(self, exporter: str, spans: int) -> None:
+        self.exporter_send_failed.labels(exporter).inc(spans)
+
+    def exporter_retry(self, exporter: str) -> None:
+        self.exporter_retries.labels(exporter).inc()
+
+    def exporter_queue(self, exporter: str, size: int, capacity: int) -> None:
+        self.exporter_queue_size.labels(exporter).set(size)
+        self.exporter_queue_capacity.labels(exporter).set(capacity)
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's current value (0 if never set), for tests and the CLI."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,152 @@
+"""``batch``: merge small requests into larger batches before the exporters.
+
+A batch is sent when it reaches ``send_batch_size`` spans or ``timeout`` after its first
+request arrived, and on shutdown. Batches larger than ``send_batch_max_size`` are split.
+
+Unlike a fire-and-forget batcher, each caller waits until the batch holding its spans
+has been handed to the exporters' queues and gets that outcome, error included. So a
+request is answered only once its data is as safe as the config makes it (in the queue,
+or on disk with a persistent queue), and a refusal downstream reaches the client, which
+retries, instead of being swallowed (the Collector's issues 13582 and 12711).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from pydantic import Field, model_validator
+
+from collector import ComponentConfig, Duration, Forward, Processor, SpanBatch
+from collector.spans import ResourceSpans
+
+
+class BatchConfig(ComponentConfig):
+    send_batch_size: int = Field(default=8192, ge=1)
+    """Spans that trigger sending a batch."""
+    send_batch_max_size: int = Field(default=0, ge=0)
+    """Upper bound of a sent batch in spans; 0 means no bound."""
+    timeout: Duration = 0.01
+    """How long a batch may wait for more spans after its first request."""
+
+    @model_validator(mode="after")
+    def _max_not_below_size(self) -> BatchConfig:
+        if self.send_batch_max_size and self.send_batch_max_size < self.send_batch_size:
+            raise ValueError(
+                f"send_batch_max_size ({self.send_batch_max_size}) must be 0 or at least "
+                f"send_batch_size ({self.send_batch_size})"
+            )
+        return self
+
+
+@dataclass
+class _Pending:
+    resource_spans: list[ResourceSpans] = field(default_factory=list)
+    spans: int = 0
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
+def split_resource_spans(
+    resource_spans: list[ResourceSpans], limit: int
+) -> list[list[ResourceSpans]]:
+    """Cut a list of ``ResourceSpans`` into chunks of at most ``limit`` spans each.
+
+    A resource with more spans than fit is copied into several ``ResourceSpans`` with
+    the same resource and scopes, each holding a slice of the spans.
+    """
+    chunks: list[list[ResourceSpans]] = []
+    current: list[ResourceSpans] = []
+    room = limit
+    for rs in resource_spans:
+        count = sum(len(ss.spans) for ss in rs.scope_spans)
+        if count <= room:
+            current.append(rs)
+            room -= count
+            continue
+        for ss in rs.scope_spans:
+            start = 0
+            while start < len(ss.spans):
+                if room == 0:
+                    chunks.append(current)
+                    current, room = [], limit
+                take = min(room, len(ss.spans) - start)
+                piece = ResourceSpans(resource=rs.resource, schema_url=rs.schema_url)
+                scope = piece.scope_spans.add(scope=ss.scope, schema_url=ss.schema_url)
+                scope.spans.extend(ss.spans[start : start + take])
+                current.append(piece)
+                start += take
+                room -= take
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+class BatchProcessor(Processor):
+    type_name = "batch"
+    Config = BatchConfig
+    config: BatchConfig
+
+    def __init__(self, component_id: str, config: BatchConfig):
+        super().__init__(component_id, config)
+        self._pending: dict[str | None, _Pending] = {}
+        self._forward: Forward | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def consume(self, batch: SpanBatch, forward: Forward) -> None:
+        self._forward = forward
+        project = batch.project
+        pending = self._pending.get(project)
+        if pending is None:
+            pending = self._pending[project] = _Pending()
+        pending.resource_spans.extend(batch.resource_spans)
+        pending.spans += batch.span_count
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pending.waiters.append(done)
+        if pending.spans >= self.config.send_batch_size:
+            self._start_flush(project)
+        elif pending.timer is None:
+            pending.timer = asyncio.get_running_loop().call_later(
+                self.config.timeout, self._start_flush, project
+            )
+        # The flush runs in its own task: a client that disconnects cancels only its wait.
+        await asyncio.shield(done)
+
+    def _start_flush(self, project: str | None) -> None:
+        pending = self._pending.pop(project, None)
+        if pending is None:
+            return
+        if pending.timer is not None:
+            pending.timer.cancel()
+        task = asyncio.get_running_loop().create_task(self._flush(project, pending))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, project: str | None, pending: _Pending) -> None:
+        assert self._forward is not None
+        limit = self.config.send_batch_max_size
+        chunks = (
+            split_resource_spans(pending.resource_spans, limit)
+            if limit and pending.spans > limit
+            else [pending.resource_spans]
+        )
+        error: BaseException | None = None
+        for chunk in chunks:
+            try:
+                await self._forward(SpanBatch(chunk, project))
+            except Exception as exc:  # every waiter learns it; the clients retry
+                error = exc
+        for waiter in pending.waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    async def shutdown(self) -> None:
+        """Send everything still pending and wait for the sends to finish."""
+        for project in list(self._pending):
+            self._start_flush(project)
+        while self._flushes:
+            await asyncio.gather(*list(self._flushes), return_exceptions=True)

@@ -1,0 +1,124 @@
+import asyncio
+
+import pytest
+
+from collector import Exporter, ExporterConfig, PermanentError, RefusedError, RetryableError
+from collector.exporterhelper import ExporterQueue
+from collector.telemetry import Telemetry
+from tests.processors._util import batch, resource_spans
+
+
+class Recorder(Exporter):
+    Config = ExporterConfig
+
+    def __init__(self, config=None, failures=None):
+        super().__init__("recorder", config or ExporterConfig())
+        self.batches = []
+        self.failures = list(failures or [])
+        self.gate: asyncio.Event | None = None
+
+    async def export(self, b):
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failures:
+            raise self.failures.pop(0)
+        self.batches.append(b)
+
+
+def fast_retry(**queue):
+    return ExporterConfig(
+        retry_on_failure={"initial_interval": "1ms", "max_interval": "5ms"},
+        sending_queue=queue,
+    )
+
+
+async def test_retries_retryable_errors_until_delivered():
+    exporter = Recorder(fast_retry(), failures=[RetryableError("down")] * 3)
+    telemetry = Telemetry()
+    queue = ExporterQueue(exporter, telemetry)
+    await queue.start()
+    await queue.put(batch(resource_spans({}, [{}, {}])))
+    await queue.shutdown(5)
+    assert len(exporter.batches) == 1
+    assert telemetry.value("calltrace_exporter_retries_total", exporter="recorder") == 3
+    assert telemetry.value("calltrace_exporter_sent_spans_total", exporter="recorder") == 2
+
+
+async def test_permanent_error_is_counted_not_retried():
+    exporter = Recorder(fast_retry(), failures=[PermanentError("bad")])
+    telemetry = Telemetry()
+    queue = ExporterQueue(exporter, telemetry)
+    await queue.start()
+    await queue.put(batch(resource_spans({}, [{}])))
+    await queue.shutdown(5)
+    assert exporter.batches == []
+    assert telemetry.value("calltrace_exporter_send_failed_spans_total", exporter="recorder") == 1
+
+
+async def test_full_queue_refuses_without_blocking():
+    exporter = Recorder(fast_retry(queue_size=3))
+    exporter.gate = asyncio.Event()
+    queue = ExporterQueue(exporter)
+    await queue.start()
+    await queue.put(batch(resource_spans({}, [{}, {}])))
+    with pytest.raises(RefusedError):
+        await queue.put(batch(resource_spans({}, [{}, {}])))
+    exporter.gate.set()
+    await queue.shutdown(5)
+    assert sum(b.span_count for b in exporter.batches) == 2
+
+
+async def test_queued_batches_of_one_project_are_merged():
+    exporter = Recorder(fast_retry())
+    exporter.gate = asyncio.Event()
+    queue = ExporterQueue(exporter)
+    await queue.start()
+    for _ in range(5):
+        await queue.put(batch(resource_spans({}, [{}])))
+    await queue.put(batch(resource_spans({}, [{}]), project="other"))
+    exporter.gate.set()
+    await queue.shutdown(5)
+    assert [(b.project, b.span_count) for b in exporter.batches] in (
+        [("p1", 1), ("p1", 4), ("other", 1)],
+        [("p1", 5), ("other", 1)],
+    )
+
+
+async def test_persistent_queue_survives_restart(tmp_path):
+    exporter = Recorder(fast_retry(storage=str(tmp_path)))
+    exporter.gate = asyncio.Event()  # never opened: the destination is down
+    queue = ExporterQueue(exporter)
+    await queue.start()
+    for name in ("a", "b"):
+        await queue.put(batch(resource_spans({}, [{"name": name}])))
+    await queue.shutdown(0.05)
+    assert exporter.batches == []
+
+    exporter2 = Recorder(fast_retry(storage=str(tmp_path)))
+    queue2 = ExporterQueue(exporter2)
+    await queue2.start()
+    await queue2.shutdown(5)
+    names = [s.name for b in exporter2.batches for rs in b.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert names == ["a", "b"]
+    exporter3 = Recorder(fast_retry(storage=str(tmp_path)))
+    queue3 = ExporterQueue(exporter3)
+    await queue3.start()
+    await queue3.shutdown(5)
+    assert exporter3.batches == []  # delivered items were removed from disk
+
+
+async def test_gives_up_after_max_elapsed_time():
+    config = ExporterConfig(
+        retry_on_failure={
+            "initial_interval": "5ms",
+            "max_interval": "5ms",
+            "max_elapsed_time": "30ms",
+        }
+    )
+    exporter = Recorder(config, failures=[RetryableError("down")] * 1000)
+    telemetry = Telemetry()
+    queue = ExporterQueue(exporter, telemetry)
+    await queue.start()
+    await queue.put(batch(resource_spans({}, [{}])))
+    await queue.shutdown(5)
+    assert telemetry.value("calltrace_exporter_send_failed_spans_total", exporter="recorder") == 1

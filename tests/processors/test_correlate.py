@@ -1,0 +1,97 @@
+import sqlite3
+
+import pytest
+
+from collector.calls import call_id_for
+from collector.spans import CALL_ID_ATTRIBUTE, get_attribute
+from processors.correlate import CorrelateConfig, CorrelateProcessor
+from tests.processors._util import FakeTelemetryHost, batch, resource_spans
+
+
+@pytest.fixture
+async def correlate(tmp_path):
+    processor = CorrelateProcessor("correlate", CorrelateConfig(store=tmp_path / "c.db"))
+    await processor.start(FakeTelemetryHost())
+    yield processor
+    await processor.shutdown()
+
+
+def call_of(rs):
+    return get_attribute(rs.resource.attributes, CALL_ID_ATTRIBUTE)
+
+
+async def test_room_id_on_resource_names_the_call(correlate, tmp_path):
+    out = await correlate.process(batch(resource_spans({"livekit.room.id": "RM_1"}, [{}, {}])))
+    assert call_of(out.resource_spans[0]) == call_id_for("p1", "RM_1")
+    await correlate.flush()
+    row = sqlite3.connect(tmp_path / "c.db").execute(
+        "SELECT room_id, source, span_count FROM calls"
+    ).fetchone()
+    assert row == ("RM_1", "livekit.room.id", 2)
+
+
+async def test_same_room_same_call_across_requests_and_projects_differ(correlate):
+    a = await correlate.process(batch(resource_spans({"livekit.room.id": "RM_1"}, [{}])))
+    b = await correlate.process(batch(resource_spans({"livekit.room.id": "RM_1"}, [{}])))
+    c = await correlate.process(
+        batch(resource_spans({"livekit.room.id": "RM_1"}, [{}]), project="other")
+    )
+    assert call_of(a.resource_spans[0]) == call_of(b.resource_spans[0])
+    assert call_of(c.resource_spans[0]) != call_of(a.resource_spans[0])
+
+
+async def test_room_id_wins_over_later_keys(correlate):
+    out = await correlate.process(
+        batch(resource_spans({"vapi.call.id": "v1", "livekit.room.id": "RM_9"}, [{}]))
+    )
+    assert call_of(out.resource_spans[0]) == call_id_for("p1", "RM_9")
+
+
+async def test_span_attribute_key_and_trace_inheritance(correlate):
+    trace = b"\x01" * 16
+    # Pipecat: only the turn span carries conversation.id; stt in the same trace inherits it.
+    first = await correlate.process(
+        batch(
+            resource_spans(
+                {"service.name": "bot"},
+                [{"name": "turn", "attributes": {"conversation.id": "conv-1"}}, {"name": "stt"}],
+                trace_id=trace,
+            )
+        )
+    )
+    assert len(first.resource_spans) == 1
+    assert call_of(first.resource_spans[0]) == call_id_for("p1", "conv-1")
+    later = await correlate.process(
+        batch(resource_spans({"service.name": "bot"}, [{"name": "llm"}], trace_id=trace))
+    )
+    assert call_of(later.resource_spans[0]) == call_id_for("p1", "conv-1")
+
+
+async def test_mixed_calls_in_one_resource_are_split(correlate):
+    rs = resource_spans(
+        {},
+        [
+            {"name": "a", "attributes": {"vapi.call.id": "v1"}, "trace_id": b"\x02" * 16},
+            {"name": "b", "attributes": {"vapi.call.id": "v2"}, "trace_id": b"\x03" * 16},
+            {"name": "c", "trace_id": b"\x04" * 16},
+        ],
+    )
+    out = await correlate.process(batch(rs))
+    by_call = {call_of(r): [s.name for ss in r.scope_spans for s in ss.spans] for r in out.resource_spans}
+    assert by_call == {
+        call_id_for("p1", "v1"): ["a"],
+        call_id_for("p1", "v2"): ["b"],
+        None: ["c"],
+    }
+
+
+async def test_spans_without_key_pass_without_call(correlate):
+    out = await correlate.process(batch(resource_spans({"service.name": "x"}, [{}, {}])))
+    assert out is not None and out.span_count == 2 and call_of(out.resource_spans[0]) is None
+
+
+async def test_client_supplied_call_id_is_replaced(correlate):
+    out = await correlate.process(
+        batch(resource_spans({CALL_ID_ATTRIBUTE: "call_forged", "service.name": "x"}, [{}]))
+    )
+    assert call_of(out.resource_spans[0]) is None
