@@ -98,7 +98,13 @@ async def test_persistent_queue_survives_restart(tmp_path):
     queue2 = ExporterQueue(exporter2)
     await queue2.start()
     await queue2.shutdown(5)
-    names = [s.name for b in exporter2.batches for rs in b.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    names = [
+        s.name
+        for b in exporter2.batches
+        for rs in b.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    ]
     assert names == ["a", "b"]
     exporter3 = Recorder(fast_retry(storage=str(tmp_path)))
     queue3 = ExporterQueue(exporter3)

@@ -7,7 +7,9 @@ import os
 from collector.spans import ResourceSpans, SpanBatch, set_attribute
 
 
-def resource_spans(resource: dict, spans: list[dict], trace_id: bytes | None = None) -> ResourceSpans:
+def resource_spans(
+    resource: dict, spans: list[dict], trace_id: bytes | None = None
+) -> ResourceSpans:
     rs = ResourceSpans()
     for key, value in resource.items():
         set_attribute(rs.resource.attributes, key, value)

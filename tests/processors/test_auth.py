@@ -22,7 +22,7 @@ def request(header: str | None) -> RequestInfo:
 
 
 async def test_key_from_store_sets_project(store_path):
-    key, record = KeyStore(store_path).create("acme")
+    key, _ = KeyStore(store_path).create("acme")
     auth = await started(AuthConfig(key_store=store_path))
     info = request(f"Bearer {key}")
     await auth.admit(info)

@@ -77,10 +77,15 @@ async def test_max_size_splits_batches():
 
 
 def test_split_keeps_every_span_once():
-    items = [resource_spans({}, [{"name": f"{r}-{i}"} for i in range(n)]) for r, n in enumerate([2, 5, 1, 4])]
+    items = [
+        resource_spans({}, [{"name": f"{r}-{i}"} for i in range(n)])
+        for r, n in enumerate([2, 5, 1, 4])
+    ]
     chunks = split_resource_spans(items, 3)
     names = [s.name for chunk in chunks for rs in chunk for ss in rs.scope_spans for s in ss.spans]
-    assert sorted(names) == sorted(s.name for rs in items for ss in rs.scope_spans for s in ss.spans)
+    assert sorted(names) == sorted(
+        s.name for rs in items for ss in rs.scope_spans for s in ss.spans
+    )
     assert all(sum(len(ss.spans) for rs in c for ss in rs.scope_spans) <= 3 for c in chunks)
 
 
@@ -90,5 +95,5 @@ def test_max_below_size_is_a_config_error():
 
 
 def test_timeout_must_be_a_duration():
-    with pytest.raises(ValueError, match='expected a duration like "200ms", got \'fast\''):
+    with pytest.raises(ValueError, match="expected a duration like \"200ms\", got 'fast'"):
         BatchConfig(timeout="fast")

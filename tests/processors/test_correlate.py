@@ -24,9 +24,11 @@ async def test_room_id_on_resource_names_the_call(correlate, tmp_path):
     out = await correlate.process(batch(resource_spans({"livekit.room.id": "RM_1"}, [{}, {}])))
     assert call_of(out.resource_spans[0]) == call_id_for("p1", "RM_1")
     await correlate.flush()
-    row = sqlite3.connect(tmp_path / "c.db").execute(
-        "SELECT room_id, source, span_count FROM calls"
-    ).fetchone()
+    row = (
+        sqlite3.connect(tmp_path / "c.db")
+        .execute("SELECT room_id, source, span_count FROM calls")
+        .fetchone()
+    )
     assert row == ("RM_1", "livekit.room.id", 2)
 
 
@@ -77,7 +79,9 @@ async def test_mixed_calls_in_one_resource_are_split(correlate):
         ],
     )
     out = await correlate.process(batch(rs))
-    by_call = {call_of(r): [s.name for ss in r.scope_spans for s in ss.spans] for r in out.resource_spans}
+    by_call = {
+        call_of(r): [s.name for ss in r.scope_spans for s in ss.spans] for r in out.resource_spans
+    }
     assert by_call == {
         call_id_for("p1", "v1"): ["a"],
         call_id_for("p1", "v2"): ["b"],

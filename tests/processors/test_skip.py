@@ -20,7 +20,9 @@ async def test_drops_resources_marked_skip(skip, flag):
     kept = resource_spans({"roark.skip": False, "livekit.room.id": "RM_b"}, [{}])
     out = await skip.process(batch(marked, kept))
     assert out is not None and out.resource_spans == [kept]
-    assert skip.host.telemetry.value("calltrace_processor_dropped_spans_total", processor="skip") == 3
+    assert (
+        skip.host.telemetry.value("calltrace_processor_dropped_spans_total", processor="skip") == 3
+    )
 
 
 @pytest.mark.parametrize("flag", [False, "false", "yes", 1, ""])

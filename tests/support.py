@@ -1,0 +1,91 @@
+"""Shared test helpers: free ports, fixture files, an in-process collector, polling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fixture_requests(framework: str) -> list[Path]:
+    """The captured ``NNN.pb`` request bodies of one framework, in arrival order."""
+    paths = sorted((FIXTURES / framework).glob("*.pb"))
+    if not paths:
+        pytest.fail(f"no fixtures under {FIXTURES / framework}")
+    return paths
+
+
+def pipeline_config(port: int, db: Path, **overrides: Any) -> dict[str, Any]:
+    """The default pipeline (auth, skip, correlate, batch -> sqlite) on a test port."""
+    config: dict[str, Any] = {
+        "receivers": {"otlp": {"protocols": {"http": {"endpoint": f"127.0.0.1:{port}"}}}},
+        "processors": {
+            "auth": {"key_store": str(db)},
+            "skip": {},
+            "correlate": {"store": str(db)},
+            "batch": {"timeout": "5ms"},
+        },
+        "exporters": {"sqlite": {"path": str(db)}},
+        "service": {
+            "pipelines": {
+                "traces": {
+                    "receivers": ["otlp"],
+                    "processors": ["auth", "skip", "correlate", "batch"],
+                    "exporters": ["sqlite"],
+                }
+            }
+        },
+    }
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+@contextlib.asynccontextmanager
+async def running_service(config: dict[str, Any]) -> AsyncIterator[Any]:
+    from collector.config import parse_config
+    from collector.service import Service
+
+    service = Service(parse_config(config, environ=dict(os.environ)))
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.shutdown()
+
+
+async def eventually(
+    check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02
+) -> Any:
+    """Poll ``check`` until it returns a truthy value; fail with its last value."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value {value!r})")
+
+
+def query(db: Path, sql: str, *args: Any) -> list[tuple]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute(sql, args).fetchall()
