@@ -141,7 +141,10 @@ class SQLiteCallStore:
             ).fetchone()
         if row is None:
             return None
-        return CallRecord(*row[:7], bool(row[7]), row[8], row[9])
+        project_, call_id_, room_id, source, first_ns, last_ns, spans, skipped, name, meta = row
+        return CallRecord(
+            project_, call_id_, room_id, source, first_ns, last_ns, spans, bool(skipped), name, meta
+        )
 
     async def get(self, project: str, call_id: str) -> CallRecord | None:
         return await asyncio.to_thread(self._get, project, call_id)

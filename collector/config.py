@@ -186,7 +186,7 @@ def parse_config(
                 errors.append(f"{where}: {exc}")
                 continue
             try:
-                model = cls.Config.model_validate(settings)
+                model = cls.Config.model_validate(settings)  # type: ignore[attr-defined]
             except ValidationError as exc:
                 errors.extend(_format_validation_error(where, exc))
                 continue

@@ -103,7 +103,7 @@ class Service:
         if not query.enabled:
             return
         try:
-            from collector import api
+            from collector import api  # type: ignore[attr-defined]
         except ImportError:  # the query API is an optional part of the core
             return
         routes = api.routes_for(self, query.storage)
