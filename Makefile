@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= collector.yaml
 
-.PHONY: install install-test run test lint fmt bench clean
+.PHONY: install install-test browser run test lint fmt bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,14 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(BIN)/calltrace run --config $(CONFIG)
 
-test: install-test
+# The explorer's browser test drives Debian's Chromium through Playwright.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian chromium for the browser tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null \
+	  || echo "could not install chromium (not root?); browser tests will fail in CI"; }
+
+test: install-test browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install-test

@@ -24,7 +24,13 @@ CREATE TABLE IF NOT EXISTS calls (
   first_seen_ns INTEGER NOT NULL, last_seen_ns INTEGER NOT NULL,
   span_count INTEGER NOT NULL DEFAULT 0,
   skipped INTEGER NOT NULL DEFAULT 0, room_name TEXT, metadata TEXT,
+  -- kept by the storage exporter: the extent of the call's spans, its service, tags
+  -- (resource attributes roark.project.tag.KEY, as JSON) and a cached turn summary
+  start_ns INTEGER, end_ns INTEGER, service TEXT, tags TEXT,
+  summary TEXT, summary_spans INTEGER,
   PRIMARY KEY (project, call_id));
+CREATE INDEX IF NOT EXISTS calls_by_start ON calls (project, start_ns DESC, call_id);
+CREATE INDEX IF NOT EXISTS calls_by_room ON calls (project, room_id);
 """
 
 

@@ -54,7 +54,9 @@ def resolve(kind: str, type_name: str) -> type:
         try:
             cls = entry.load()
         except Exception as exc:
-            raise ComponentNotFound(f"plugin {type_name!r} ({entry.value}) failed to load: {exc}") from None
+            raise ComponentNotFound(
+                f"plugin {type_name!r} ({entry.value}) failed to load: {exc}"
+            ) from None
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ComponentNotFound(f"{type_name!r} is not a calltrace {_BASES[kind]} class")
     return cls

@@ -137,7 +137,7 @@ def _livekit_turns(tree: _Tree) -> list[dict[str, Any]]:
     return turns
 
 
-def _tool_call_names(llm_span: dict[str, Any]) -> dict[str, Any]:
+def _tool_call_names(llm_span: dict[str, Any]) -> dict[Any, Any]:
     """Tool call id -> function name from an ``llm`` span's ``input`` messages."""
     try:
         messages = json.loads(llm_span["attributes"].get("input") or "[]")

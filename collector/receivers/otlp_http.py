@@ -1,0 +1,293 @@
+"""OTLP/HTTP: ``POST /v1/traces`` with protobuf or JSON bodies, on an aiohttp server.
+
+The listener also serves every route the service offers (``/healthz``, ``/metrics``,
+the query API), so one port answers both. A request is handled in the order the OTLP
+specification and our design ask for, cheapest refusal first:
+
+1. ``admit`` on the headers alone (auth): 401, or 503/429 with ``Retry-After``;
+2. ``Content-Type``: ``application/x-protobuf`` or ``application/json``, else 415;
+3. size: ``Content-Length`` above the limit is refused unread, the body is read with a
+   cap, and gzip/deflate is inflated with the same cap (a gzip bomb gets 413);
+4. decode (400 when malformed), drop spans with invalid ids (``partial_success``),
+   hand the rest to the pipeline;
+5. 200 with an ``ExportTraceServiceResponse`` in the request's encoding.
+
+Error bodies are ``google.rpc.Status`` messages in the request's encoding.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import zlib
+from typing import Any
+
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from collector.components import RefusedError, RequestInfo, UnauthenticatedError
+from collector.otlp_json import OTLPJSONError, decode_request, encode_response
+from collector.receivers.otlp import HTTPSettings, TraceIngest
+from collector.spans import ExportTraceServiceRequest
+from collector.tls import parse_endpoint, server_ssl_context
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HTTPListener"]
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+_CONTENT_TYPES = {PROTOBUF: PROTOBUF, JSON: JSON}
+_DRAIN_TIMEOUT = 30.0
+"""Seconds ``shutdown`` waits for in-flight requests (they are waiting on the pipeline)."""
+
+
+class HTTPListener:
+    """One aiohttp server for the traces paths plus the service's routes."""
+
+    def __init__(self, receiver_id: str, settings: HTTPSettings, ingest: TraceIngest):
+        self.receiver_id = receiver_id
+        self.settings = settings
+        self.ingest = ingest
+        self.port: int | None = None
+        """The port listened on (useful with port 0), once started."""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, routes: list[Any]) -> None:
+        settings = self.settings
+        host, port = parse_endpoint(settings.endpoint)
+        where = f"{self.receiver_id}: OTLP/HTTP on {settings.endpoint}"
+        try:
+            ssl_context = server_ssl_context(settings.tls) if settings.tls else None
+        except ValueError as exc:
+            raise RuntimeError(f"{where}: {exc}") from None
+
+        # Other routes read bodies with aiohttp's own limit; keep it above ours.
+        app = web.Application(client_max_size=max(settings.max_request_body_size + 1, 1024 * 1024))
+        for path in settings.traces_paths:
+            app.router.add_post(path, self._export)
+        app.add_routes(routes)
+        runner = web.AppRunner(
+            app,
+            access_log=None,  # one log line per export request would cost more than parsing it
+            auto_decompress=False,  # we inflate with a size cap; aiohttp's is unbounded per chunk
+            shutdown_timeout=_DRAIN_TIMEOUT,
+        )
+        await runner.setup()
+        site = web.TCPSite(
+            runner,
+            host or None,  # ":4318" listens on every interface
+            port,
+            ssl_context=ssl_context,
+            backlog=1024,
+            reuse_port=bool(os.environ.get("CALLTRACE_WORKER")),  # workers share the port
+        )
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc
+            raise RuntimeError(f"{where}: cannot listen: {reason}") from None
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        log.info(
+            "%s: OTLP/HTTP%s listening on %s:%d %s",
+            self.receiver_id,
+            "S" if ssl_context else "",
+            host or "*",
+            self.port,
+            settings.traces_paths,
+        )
+
+    async def shutdown(self) -> None:
+        """Close the listening socket, wait for in-flight requests, close connections."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # -- the export handler ---------------------------------------------------------
+
+    async def _export(self, request: web.Request) -> web.Response:
+        response = await self._handle(request)
+        self.ingest.answered(response.status)
+        return response
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        ingest = self.ingest
+        content_type = _CONTENT_TYPES.get(request.content_type)  # parameters are ignored
+        reply_as = content_type or PROTOBUF
+        length = request.content_length
+        info = RequestInfo(
+            headers={name.lower(): value for name, value in request.headers.items()},
+            transport="http",
+            peer=request.remote,
+            body_size=length or 0,
+        )
+        try:
+            await ingest.admit(info)
+        except UnauthenticatedError as exc:
+            return _error(
+                reply_as, 401, str(exc) or "unauthenticated", {"WWW-Authenticate": "Bearer"}
+            )
+        except RefusedError as exc:
+            return _refused(reply_as, exc)
+        except Exception:
+            log.exception("%s: admitting a request failed", self.receiver_id)
+            return _unavailable(reply_as)
+
+        if content_type is None:
+            return _error(
+                reply_as,
+                415,
+                f"unsupported content type {request.content_type!r}; expected {PROTOBUF} or {JSON}",
+            )
+        limit = self.settings.max_request_body_size
+        if length is not None and length > limit:
+            return _too_large(reply_as, limit)
+        coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if coding not in _DECODERS:
+            return _error(reply_as, 415, f"unsupported content encoding {coding!r}; expected gzip")
+
+        body = await _read_capped(request, limit)
+        if body is None:
+            return _too_large(reply_as, limit)
+        inflate = _DECODERS[coding]
+        if inflate is not None:
+            try:
+                body = inflate(body, limit)
+            except _TooLarge:
+                return _too_large(reply_as, limit, decompressed=True)
+            except zlib.error as exc:
+                return _error(reply_as, 400, f"invalid {coding} body: {exc}")
+
+        try:
+            if content_type == PROTOBUF:
+                export_request = ExportTraceServiceRequest()
+                export_request.ParseFromString(body)
+            else:
+                export_request = decode_request(body)
+        except (DecodeError, OTLPJSONError) as exc:
+            log.debug("%s: malformed request from %s: %s", self.receiver_id, info.peer, exc)
+            return _error(reply_as, 400, f"malformed {content_type} request: {exc}")
+
+        try:
+            result = await ingest.export(export_request, info)
+        except RefusedError as exc:
+            return _refused(reply_as, exc)
+        except Exception:
+            # The data was not stored; 503 (not 500) so that clients retry it.
+            log.exception("%s: the pipeline failed on a request", self.receiver_id)
+            return _unavailable(reply_as)
+        if reply_as == PROTOBUF:
+            return web.Response(body=result.SerializeToString(), content_type=PROTOBUF)
+        return web.Response(body=encode_response(result), content_type=JSON)
+
+
+async def _read_capped(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None once it grows past ``limit`` (the rest is left unread)."""
+    chunks: list[bytes] = []
+    size = 0
+    stream = request.content
+    while True:
+        chunk = await stream.readany()
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _inflate(body: bytes, limit: int, wbits: int = zlib.MAX_WBITS | 32) -> bytes:
+    """Decompress gzip (several members too) or zlib data, never past ``limit`` bytes."""
+    parts = []
+    total = 0
+    data = body
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        part = inflater.decompress(data, limit - total + 1)
+        total += len(part)
+        if total > limit:
+            raise _TooLarge
+        if not inflater.eof:
+            raise zlib.error("truncated data")
+        parts.append(part)
+        data = inflater.unused_data
+        if not data:
+            return b"".join(parts)
+
+
+def _inflate_deflate(body: bytes, limit: int) -> bytes:
+    """HTTP ``deflate`` is zlib-wrapped, but some clients send raw deflate."""
+    try:
+        return _inflate(body, limit)
+    except zlib.error:
+        return _inflate(body, limit, -zlib.MAX_WBITS)
+
+
+_DECODERS = {
+    "identity": None,
+    "": None,
+    "gzip": _inflate,
+    "x-gzip": _inflate,
+    "deflate": _inflate_deflate,
+}
+
+# -- error answers: google.rpc.Status in the request's encoding ---------------------
+
+_RPC_CODES = {
+    400: code_pb2.INVALID_ARGUMENT,
+    401: code_pb2.UNAUTHENTICATED,
+    413: code_pb2.INVALID_ARGUMENT,
+    415: code_pb2.INVALID_ARGUMENT,
+    429: code_pb2.RESOURCE_EXHAUSTED,
+    503: code_pb2.UNAVAILABLE,
+}
+
+
+def _error(
+    encoding: str,
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    retry_after: int | None = None,
+) -> web.Response:
+    rpc_status = status_pb2.Status(code=_RPC_CODES.get(status, code_pb2.UNKNOWN), message=message)
+    if retry_after is not None:
+        rpc_status.details.add().Pack(
+            error_details_pb2.RetryInfo(retry_delay=Duration(seconds=retry_after))
+        )
+    if encoding == JSON:
+        body = json_format.MessageToJson(rpc_status, indent=None).encode()
+    else:
+        body = rpc_status.SerializeToString()
+    return web.Response(status=status, body=body, content_type=encoding, headers=headers)
+
+
+def _refused(encoding: str, exc: RefusedError) -> web.Response:
+    retry_after = max(0, math.ceil(exc.retry_after))
+    return _error(
+        encoding,
+        429 if exc.throttled else 503,
+        str(exc) or "refused, retry later",
+        {"Retry-After": str(retry_after)},
+        retry_after,
+    )
+
+
+def _unavailable(encoding: str) -> web.Response:
+    return _refused(encoding, RefusedError("internal error; the data was not stored"))
+
+
+def _too_large(encoding: str, limit: int, decompressed: bool = False) -> web.Response:
+    what = "decompressed body" if decompressed else "body"
+    return _error(encoding, 413, f"{what} larger than max_request_body_size ({limit} bytes)")

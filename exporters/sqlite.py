@@ -1,0 +1,484 @@
+"""``sqlite``: spans, traces and calls in an embedded SQLite file (the default storage).
+
+Each span is one row: the columns queries filter on (ids, name, kind, times, status,
+call, project) plus the span's own protobuf bytes, from which attributes, events and
+links are read back. Rows are written with ``INSERT OR IGNORE`` on
+(project, trace id, span id), so a retried request stores nothing twice, and no row
+needs its parent to exist first (LiveKit exports children before their parents).
+
+Beside the spans, one transaction per batch keeps:
+
+- ``resources`` / ``scopes``: each distinct resource and instrumentation scope once;
+- ``traces``: a trace's extent, root span, service, call and whether it has an error
+  (min/max/or updates, so a retry changes nothing);
+- ``trace_attrs``: an index of (key, value) -> trace for short scalar span and resource
+  attributes, which trace search's ``attr.KEY=VALUE`` uses;
+- ``calls``: the extent, service and custom tags (``roark.project.tag.KEY``) of a call.
+
+WAL mode, one writer thread; ``retention`` deletes data older than it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from collector import (
+    CALL_ID_ATTRIBUTE,
+    Duration,
+    Exporter,
+    ExporterConfig,
+    Host,
+    PermanentError,
+    RetryableError,
+    SpanBatch,
+    any_value_to_python,
+)
+from collector.calls import CALLS_DDL
+from collector.spans import CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SCHEMA", "SQLiteConfig", "SQLiteExporter", "attribute_text", "connect"]
+
+TAG_PREFIX = "roark.project.tag."
+"""Resource attributes that are a call's custom tags (``roark.project.tag.KEY``)."""
+MAX_INDEXED_VALUE = 256
+"""Attribute values longer than this (prompts, JSON payloads) are not indexed for search."""
+STATUS_ERROR = 2
+
+SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS spans (
+  project TEXT NOT NULL, trace_id BLOB NOT NULL, span_id BLOB NOT NULL,
+  parent_span_id BLOB, name TEXT NOT NULL, kind INTEGER NOT NULL,
+  start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL, duration_ns INTEGER NOT NULL,
+  status_code INTEGER NOT NULL, call_id TEXT, resource_id INTEGER NOT NULL,
+  scope_id INTEGER NOT NULL, span BLOB NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS spans_identity ON spans (project, trace_id, span_id);
+CREATE INDEX IF NOT EXISTS spans_by_call ON spans (project, call_id, start_ns);
+CREATE INDEX IF NOT EXISTS spans_by_name ON spans (project, name, start_ns);
+CREATE INDEX IF NOT EXISTS spans_by_start ON spans (start_ns);
+CREATE TABLE IF NOT EXISTS resources (
+  resource_id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, service TEXT,
+  attributes TEXT NOT NULL, resource BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS scopes (
+  scope_id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, name TEXT, version TEXT,
+  scope BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS traces (
+  project TEXT NOT NULL, trace_id BLOB NOT NULL, call_id TEXT, service TEXT,
+  start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL, duration_ns INTEGER NOT NULL,
+  root_name TEXT, root_span_id BLOB, has_error INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (project, trace_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS traces_by_start ON traces (project, start_ns DESC, trace_id);
+CREATE INDEX IF NOT EXISTS traces_by_duration ON traces (project, duration_ns DESC);
+CREATE INDEX IF NOT EXISTS traces_by_call ON traces (project, call_id);
+CREATE TABLE IF NOT EXISTS trace_attrs (
+  project TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, trace_id BLOB NOT NULL,
+  PRIMARY KEY (project, key, value, trace_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS span_names (
+  project TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (project, name)) WITHOUT ROWID;
+"""
+    + CALLS_DDL
+)
+
+_INSERT_SPAN = (
+    "INSERT OR IGNORE INTO spans (project, trace_id, span_id, parent_span_id, name, kind,"
+    " start_ns, end_ns, duration_ns, status_code, call_id, resource_id, scope_id, span)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_UPSERT_TRACE = (
+    "INSERT INTO traces (project, trace_id, call_id, service, start_ns, end_ns, duration_ns,"
+    " root_name, root_span_id, has_error) VALUES (?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (project, trace_id) DO UPDATE SET"
+    " call_id = coalesce(traces.call_id, excluded.call_id),"
+    " service = coalesce(traces.service, excluded.service),"
+    " start_ns = min(traces.start_ns, excluded.start_ns),"
+    " end_ns = max(traces.end_ns, excluded.end_ns),"
+    " duration_ns = max(traces.end_ns, excluded.end_ns) - min(traces.start_ns, excluded.start_ns),"
+    " root_name = coalesce(excluded.root_name, traces.root_name),"
+    " root_span_id = coalesce(excluded.root_span_id, traces.root_span_id),"
+    " has_error = max(traces.has_error, excluded.has_error)"
+)
+_UPSERT_CALL = (
+    "INSERT INTO calls (project, call_id, room_id, source, first_seen_ns, last_seen_ns,"
+    " start_ns, end_ns, service, tags) VALUES (?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (project, call_id) DO UPDATE SET"
+    " last_seen_ns = max(calls.last_seen_ns, excluded.last_seen_ns),"
+    " start_ns = min(coalesce(calls.start_ns, excluded.start_ns), excluded.start_ns),"
+    " end_ns = max(coalesce(calls.end_ns, excluded.end_ns), excluded.end_ns),"
+    " service = coalesce(calls.service, excluded.service),"
+    " tags = CASE WHEN excluded.tags IS NULL THEN calls.tags"
+    " ELSE json_patch(coalesce(calls.tags, '{}'), excluded.tags) END"
+)
+
+
+class SQLiteConfig(ExporterConfig):
+    path: Path = Path("./data/calltrace.db")
+    retention: Duration = 0.0
+    """Delete spans, traces and calls older than this (e.g. "720h"); 0 keeps everything."""
+    retention_check_interval: Duration = 300.0
+    """How often old data is looked for."""
+    cache_size_mib: int = Field(default=64, ge=1)
+    """SQLite page cache of the writer connection."""
+
+
+def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection with calltrace's settings (WAL, busy timeout); creates the schema."""
+    path = Path(path)
+    if readonly:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+    db.execute("PRAGMA busy_timeout=10000")
+    if not readonly:
+        db.executescript(SCHEMA)
+    return db
+
+
+def attribute_text(value: Any) -> str | None:
+    """The text an attribute value is indexed and searched as; None if not indexed.
+
+    Strings as they are, booleans ``true``/``false``, numbers in decimal. Arrays, maps,
+    bytes and long strings are not indexed.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if len(value) <= MAX_INDEXED_VALUE else None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if not value.is_integer() else str(int(value))
+    return None
+
+
+def _indexable(kv: Any) -> tuple[str, str] | None:
+    value = kv.value
+    kind = value.WhichOneof("value")
+    if kind == "string_value":
+        text = value.string_value
+        return (kv.key, text) if len(text) <= MAX_INDEXED_VALUE else None
+    if kind in ("bool_value", "int_value", "double_value"):
+        text = attribute_text(getattr(value, kind))
+        return None if text is None else (kv.key, text)
+    return None
+
+
+class _Rows:
+    """The rows one batch writes, built from its protobuf messages."""
+
+    __slots__ = ("calls", "names", "spans", "trace_attrs", "traces")
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[Any, ...]] = []
+        self.traces: dict[bytes, list[Any]] = {}
+        self.trace_attrs: set[tuple[str, str, bytes]] = set()
+        self.calls: dict[str, list[Any]] = {}
+        self.names: set[str] = set()
+
+
+class SQLiteExporter(Exporter):
+    """Writes batches to SQLite; the query API reads the same file."""
+
+    type_name = "sqlite"
+    Config = SQLiteConfig
+    config: SQLiteConfig
+
+    def __init__(self, component_id: str, config: SQLiteConfig):
+        super().__init__(component_id, config)
+        self._db: sqlite3.Connection | None = None
+        # One thread owns the writer connection: SQLite allows one writer anyway, and the
+        # event loop never waits on disk.
+        self._writer: ThreadPoolExecutor | None = None
+        self._resource_ids: dict[bytes, int] = {}
+        self._scope_ids: dict[bytes, int] = {}
+        self._retention_task: asyncio.Task[None] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.config.path
+
+    async def start(self, host: Host) -> None:
+        if self._db is not None:
+            return
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"calltrace-{self.id}")
+        self._db = await self._run(connect, self.config.path)
+        await self._run(self._db.execute, f"PRAGMA cache_size=-{self.config.cache_size_mib * 1024}")
+        if self.config.retention:
+            self._retention_task = asyncio.create_task(self._expire_periodically())
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        assert self._writer is not None
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    async def export(self, batch: SpanBatch) -> None:
+        if self._db is None:
+            raise RetryableError(f"{self.id} is not started")
+        try:
+            await self._run(self._write, batch)
+        except sqlite3.OperationalError as exc:  # locked, disk full, I/O: may pass
+            raise RetryableError(f"{self.config.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise PermanentError(f"{self.config.path}: {exc}") from exc
+
+    # -- writing (in the writer thread) ---------------------------------------------
+
+    def _write(self, batch: SpanBatch) -> None:
+        db = self._db
+        assert db is not None
+        project = batch.project or ""
+        rows = _Rows()
+        now = time.time_ns()
+        db.execute("BEGIN")
+        try:
+            for rs in batch.resource_spans:
+                self._collect_resource(db, project, rs, rows, now)
+            db.executemany(_INSERT_SPAN, rows.spans)
+            db.executemany(_UPSERT_TRACE, [(project, *t) for t in rows.traces.values()])
+            db.executemany(
+                "INSERT OR IGNORE INTO trace_attrs (project, key, value, trace_id)"
+                " VALUES (?,?,?,?)",
+                [(project, *a) for a in rows.trace_attrs],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO span_names (project, name) VALUES (?,?)",
+                [(project, name) for name in rows.names],
+            )
+            db.executemany(_UPSERT_CALL, [(project, *c) for c in rows.calls.values()])
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            # Ids cached during a rolled-back transaction may not exist.
+            self._resource_ids.clear()
+            self._scope_ids.clear()
+            raise
+
+    def _collect_resource(
+        self, db: sqlite3.Connection, project: str, rs: Any, rows: _Rows, now: int
+    ) -> None:
+        resource = rs.resource
+        call_id = call_key = call_source = service = None
+        tags: dict[str, Any] = {}
+        resource_attrs: list[tuple[str, str]] = []
+        for kv in resource.attributes:
+            key = kv.key
+            if key == CALL_ID_ATTRIBUTE:
+                call_id = kv.value.string_value or None
+            elif key == CALL_KEY_ATTRIBUTE:
+                call_key = kv.value.string_value
+            elif key == CALL_SOURCE_ATTRIBUTE:
+                call_source = kv.value.string_value
+            else:
+                if key == "service.name":
+                    service = kv.value.string_value or None
+                elif key.startswith(TAG_PREFIX):
+                    tags[key[len(TAG_PREFIX) :]] = any_value_to_python(kv.value)
+                pair = _indexable(kv)
+                if pair is not None:
+                    resource_attrs.append(pair)
+        resource_id = self._resource_id(db, resource, service)
+
+        span_rows = rows.spans
+        traces = rows.traces
+        trace_attrs = rows.trace_attrs
+        names = rows.names
+        start_min = end_max = None
+        for ss in rs.scope_spans:
+            scope_id = self._scope_id(db, ss.scope)
+            for span in ss.spans:
+                trace_id = span.trace_id
+                parent = span.parent_span_id or None
+                name = span.name
+                start = span.start_time_unix_nano
+                end = span.end_time_unix_nano
+                if end < start:
+                    end = start  # a clock glitch must not produce negative durations
+                status = span.status.code
+                span_rows.append(
+                    (
+                        project,
+                        trace_id,
+                        span.span_id,
+                        parent,
+                        name,
+                        span.kind,
+                        start,
+                        end,
+                        end - start,
+                        status,
+                        call_id,
+                        resource_id,
+                        scope_id,
+                        span.SerializeToString(),
+                    )
+                )
+                names.add(name)
+                trace = traces.get(trace_id)
+                if trace is None:
+                    # call_id, service, start, end, duration, root name, root id, error
+                    trace = traces[trace_id] = [
+                        trace_id,
+                        call_id,
+                        service,
+                        start,
+                        end,
+                        end - start,
+                        None,
+                        None,
+                        0,
+                    ]
+                    for key, value in resource_attrs:
+                        trace_attrs.add((key, value, trace_id))
+                else:
+                    if trace[2] is None:
+                        trace[2] = call_id
+                    if start < trace[3]:
+                        trace[3] = start
+                    if end > trace[4]:
+                        trace[4] = end
+                    trace[5] = trace[4] - trace[3]
+                if parent is None:
+                    trace[6] = name
+                    trace[7] = span.span_id
+                if status == STATUS_ERROR:
+                    trace[8] = 1
+                for kv in span.attributes:
+                    pair = _indexable(kv)
+                    if pair is not None:
+                        trace_attrs.add((pair[0], pair[1], trace_id))
+                if start_min is None or start < start_min:
+                    start_min = start
+                if end_max is None or end > end_max:
+                    end_max = end
+        if call_id is not None and start_min is not None:
+            call = rows.calls.get(call_id)
+            tags_json = json.dumps(tags, sort_keys=True) if tags else None
+            if call is None:
+                rows.calls[call_id] = [
+                    call_id,
+                    call_key or call_id,
+                    call_source or "",
+                    now,
+                    now,
+                    start_min,
+                    end_max,
+                    service,
+                    tags_json,
+                ]
+            else:
+                call[5] = min(call[5], start_min)
+                call[6] = max(call[6], end_max)
+                if tags_json is not None:
+                    merged = json.loads(call[8]) if call[8] else {}
+                    merged.update(tags)
+                    call[8] = json.dumps(merged, sort_keys=True)
+
+    def _resource_id(self, db: sqlite3.Connection, resource: Any, service: str | None) -> int:
+        payload = resource.SerializeToString(deterministic=True)
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        cached = self._resource_ids.get(digest)
+        if cached is not None:
+            return cached
+        attributes = json.dumps(
+            {kv.key: any_value_to_python(kv.value) for kv in resource.attributes},
+            default=_bytes_hex,
+        )
+        db.execute(
+            "INSERT OR IGNORE INTO resources (digest, service, attributes, resource)"
+            " VALUES (?,?,?,?)",
+            (digest, service, attributes, payload),
+        )
+        (resource_id,) = db.execute(
+            "SELECT resource_id FROM resources WHERE digest = ?", (digest,)
+        ).fetchone()
+        if len(self._resource_ids) > 100_000:
+            self._resource_ids.clear()
+        self._resource_ids[digest] = resource_id
+        return int(resource_id)
+
+    def _scope_id(self, db: sqlite3.Connection, scope: Any) -> int:
+        payload = scope.SerializeToString(deterministic=True)
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        cached = self._scope_ids.get(digest)
+        if cached is not None:
+            return cached
+        db.execute(
+            "INSERT OR IGNORE INTO scopes (digest, name, version, scope) VALUES (?,?,?,?)",
+            (digest, scope.name, scope.version, payload),
+        )
+        (scope_id,) = db.execute(
+            "SELECT scope_id FROM scopes WHERE digest = ?", (digest,)
+        ).fetchone()
+        if len(self._scope_ids) > 10_000:
+            self._scope_ids.clear()
+        self._scope_ids[digest] = scope_id
+        return int(scope_id)
+
+    # -- retention ------------------------------------------------------------------
+
+    def expire(self, older_than_ns: int) -> int:
+        """Delete spans that ended before ``older_than_ns`` (and their traces, calls)."""
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN")
+        try:
+            deleted = db.execute("DELETE FROM spans WHERE start_ns < ?", (older_than_ns,)).rowcount
+            db.execute("DELETE FROM traces WHERE end_ns < ?", (older_than_ns,))
+            # trace_attrs is keyed by value for search; one pass drops rows of gone traces.
+            db.execute(
+                "DELETE FROM trace_attrs WHERE NOT EXISTS (SELECT 1 FROM traces t"
+                " WHERE t.project = trace_attrs.project AND t.trace_id = trace_attrs.trace_id)"
+            )
+            db.execute(
+                "DELETE FROM calls WHERE coalesce(end_ns, last_seen_ns) < ?", (older_than_ns,)
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        return int(deleted)
+
+    async def _expire_periodically(self) -> None:
+        while True:
+            try:
+                cutoff = time.time_ns() - int(self.config.retention * 1e9)
+                deleted = await self._run(self.expire, cutoff)
+                if deleted:
+                    log.info("%s: retention deleted %d spans", self.id, deleted)
+            except Exception:
+                log.exception("%s: retention failed", self.id)
+            await asyncio.sleep(self.config.retention_check_interval)
+
+    async def shutdown(self) -> None:
+        if self._retention_task is not None:
+            self._retention_task.cancel()
+            await asyncio.gather(self._retention_task, return_exceptions=True)
+            self._retention_task = None
+        if self._db is not None:
+            db, self._db = self._db, None
+            await self._run(db.close)
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+
+
+def _bytes_hex(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"cannot encode {type(value).__name__}")
