@@ -129,3 +129,38 @@ def test_validate_command_exit_codes(tmp_path):
     assert "processors.batch.timeout" in result.stderr
     assert "exporters.debug.nope: unknown key" in result.stderr
     assert "exporters.debug.verbosity" in result.stderr
+
+
+def test_installed_plugin_is_found_by_entry_point(tmp_path, monkeypatch):
+    """A distribution declaring ``calltrace.processors`` is usable by its type name."""
+    from collector import registry
+
+    (tmp_path / "regionplugin.py").write_text(
+        "from collector import ComponentConfig, Processor, set_attribute\n"
+        "class RegionConfig(ComponentConfig):\n"
+        "    region: str = 'eu'\n"
+        "class TagRegion(Processor):\n"
+        "    Config = RegionConfig\n"
+        "    async def process(self, batch):\n"
+        "        for rs in batch.resource_spans:\n"
+        "            set_attribute(rs.resource.attributes, 'region', self.config.region)\n"
+        "        return batch\n"
+    )
+    dist = tmp_path / "regionplugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: regionplugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[calltrace.processors]\ntag_region = regionplugin:TagRegion\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.available.cache_clear()
+    try:
+        doc = yaml.safe_load(yaml.safe_dump(BASE))
+        doc["processors"]["tag_region/us"] = {"region": "us"}
+        config = parse_config(doc)
+        spec = config.processors["tag_region/us"]
+        assert spec.cls.__name__ == "TagRegion" and spec.config.region == "us"
+        doc["processors"]["tag_region/us"] = {"colour": "red"}
+        assert "processors.tag_region/us.colour: unknown key" in errors_of(doc)
+    finally:
+        registry.available.cache_clear()

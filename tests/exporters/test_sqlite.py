@@ -1,0 +1,158 @@
+"""The sqlite exporter: every field stored, idempotent, order-free, retention."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from collector import CALL_ID_ATTRIBUTE, SpanBatch, set_attribute
+from collector.spans import CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE, ResourceSpans, Span
+from exporters.sqlite import SQLiteConfig, SQLiteExporter, attribute_text
+from tests.processors._util import FakeTelemetryHost
+from tests.support import query
+
+
+def call_resource(call_id: str | None, **attributes) -> ResourceSpans:
+    rs = ResourceSpans()
+    for key, value in {"service.name": "agent", **attributes}.items():
+        set_attribute(rs.resource.attributes, key, value)
+    if call_id:
+        set_attribute(rs.resource.attributes, CALL_ID_ATTRIBUTE, call_id)
+        set_attribute(rs.resource.attributes, CALL_KEY_ATTRIBUTE, "RM_x")
+        set_attribute(rs.resource.attributes, CALL_SOURCE_ATTRIBUTE, "livekit.room.id")
+    rs.scope_spans.add().scope.name = "livekit-agents"
+    return rs
+
+
+def add_span(
+    rs: ResourceSpans, trace_id: bytes, name: str, start: int, end: int, parent=b"", **attributes
+) -> Span:
+    span = rs.scope_spans[0].spans.add(
+        trace_id=trace_id,
+        span_id=os.urandom(8),
+        parent_span_id=parent,
+        name=name,
+        start_time_unix_nano=start,
+        end_time_unix_nano=end,
+        kind=Span.SPAN_KIND_INTERNAL,
+    )
+    for key, value in attributes.items():
+        set_attribute(span.attributes, key, value)
+    return span
+
+
+@pytest.fixture
+async def exporter(tmp_path):
+    exporter = SQLiteExporter("sqlite", SQLiteConfig(path=tmp_path / "db.sqlite"))
+    await exporter.start(FakeTelemetryHost())
+    yield exporter
+    await exporter.shutdown()
+
+
+async def test_children_before_parents_and_every_field_kept(exporter):
+    trace = os.urandom(16)
+    child_rs = call_resource("call_1", **{"roark.project.tag.customer": "acme"})
+    root_id = os.urandom(8)
+    child = add_span(
+        child_rs,
+        trace,
+        "llm_node",
+        2_000,
+        5_000,
+        parent=root_id,
+        **{"lk.response.ttft": 0.1, "gen_ai.request.model": "gpt-4.1"},
+    )
+    child.events.add(name="generation", time_unix_nano=3_000)
+    child.links.add(trace_id=os.urandom(16), span_id=os.urandom(8))
+    child.status.code = 2
+    child.status.message = "boom"
+    await exporter.export(SpanBatch([child_rs], "p1"))  # the child first, as LiveKit does
+
+    root_rs = call_resource("call_1")
+    root = add_span(root_rs, trace, "agent_session", 1_000, 9_000)
+    root.span_id = root_id
+    await exporter.export(SpanBatch([root_rs], "p1"))
+
+    db = exporter.path
+    rows = query(
+        db,
+        "SELECT name, parent_span_id, call_id, project, duration_ns, status_code,"
+        " span FROM spans ORDER BY start_ns",
+    )
+    assert [(r[0], r[2], r[3]) for r in rows] == [
+        ("agent_session", "call_1", "p1"),
+        ("llm_node", "call_1", "p1"),
+    ]
+    assert rows[1][1] == root_id and rows[1][4] == 3_000 and rows[1][5] == 2
+    stored = Span.FromString(rows[1][6])
+    assert stored == child  # attributes, events, links, status round-trip exactly
+    assert query(db, "SELECT start_ns, end_ns, root_name, has_error FROM traces") == [
+        (1_000, 9_000, "agent_session", 1)
+    ]
+    assert query(db, "SELECT room_id, source, start_ns, end_ns, service, tags FROM calls") == [
+        ("RM_x", "livekit.room.id", 1_000, 9_000, "agent", '{"customer": "acme"}')
+    ]
+    attrs = set(query(db, "SELECT key, value FROM trace_attrs"))
+    assert {
+        ("gen_ai.request.model", "gpt-4.1"),
+        ("lk.response.ttft", "0.1"),
+        ("service.name", "agent"),
+        ("roark.project.tag.customer", "acme"),
+    } <= attrs
+
+
+async def test_retried_batch_stores_nothing_twice(exporter):
+    rs = call_resource("call_2")
+    trace = os.urandom(16)
+    for i in range(5):
+        add_span(rs, trace, f"s{i}", i, i + 10)
+    batch = SpanBatch([rs], "p1")
+    await exporter.export(batch)
+    await exporter.export(batch)
+    assert query(exporter.path, "SELECT count(*) FROM spans")[0][0] == 5
+    # The same ids in another project are another span.
+    await exporter.export(SpanBatch([rs], "p2"))
+    assert query(exporter.path, "SELECT count(*) FROM spans")[0][0] == 10
+
+
+async def test_spans_without_call_are_stored(exporter):
+    rs = call_resource(None)
+    add_span(rs, os.urandom(16), "orphan", 1, 2)
+    await exporter.export(SpanBatch([rs], None))
+    assert query(exporter.path, "SELECT call_id, project FROM spans") == [(None, "")]
+    assert query(exporter.path, "SELECT count(*) FROM calls")[0][0] == 0
+
+
+async def test_retention_deletes_old_data(exporter):
+    now = time.time_ns()
+    old, new = call_resource("call_old"), call_resource("call_new")
+    add_span(old, os.urandom(16), "old", now - 10**12, now - 10**12 + 5, **{"k": "v1"})
+    add_span(new, os.urandom(16), "new", now, now + 5, **{"k": "v2"})
+    await exporter.export(SpanBatch([old, new], "p1"))
+    deleted = await exporter._run(exporter.expire, now - 10**9)
+    assert deleted == 1
+    db = exporter.path
+    assert query(db, "SELECT name FROM spans") == [("new",)]
+    assert query(db, "SELECT call_id FROM calls") == [("call_new",)]
+    assert ("k", "v1") not in set(query(db, "SELECT key, value FROM trace_attrs"))
+    assert query(db, "SELECT count(*) FROM traces")[0][0] == 1
+
+
+def test_wal_mode_and_retention_config(tmp_path):
+    config = SQLiteConfig.model_validate({"path": str(tmp_path / "x.db"), "retention": "720h"})
+    assert config.retention == 720 * 3600
+
+
+async def test_wal_mode(exporter):
+    assert query(exporter.path, "PRAGMA journal_mode")[0][0] == "wal"
+
+
+def test_attribute_text():
+    assert attribute_text(True) == "true"
+    assert attribute_text(3) == "3"
+    assert attribute_text(2.0) == "2"
+    assert attribute_text(0.25) == "0.25"
+    assert attribute_text("x" * 300) is None
+    assert attribute_text([1]) is None
