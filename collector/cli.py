@@ -65,10 +65,10 @@ async def _serve(config: ServiceConfig) -> None:
 def _run_loop(coro: object) -> None:
     try:
         import uvloop
-
-        uvloop.run(coro)  # type: ignore[arg-type]
-    except ImportError:
+    except ImportError:  # uvloop is optional (not on Windows): the stdlib loop works too
         asyncio.run(coro)  # type: ignore[arg-type]
+        return
+    uvloop.run(coro)  # type: ignore[arg-type]
 
 
 def cmd_run(args: argparse.Namespace) -> int:

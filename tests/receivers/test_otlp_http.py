@@ -40,14 +40,14 @@ def http_receiver(port: int, **settings) -> dict:
 
 @pytest.fixture
 async def collector(make_service, free_port):
-    """A collector with header auth and a memory exporter; yields (service, url, exporter)."""
+    """A collector with header auth and a memory exporter; yields (url, exporter)."""
     port = free_port()
     config = memory_pipeline(
         http_receiver(port, max_request_body_size="64KiB"),
         {"auth": {"type": "tests.conftest:HeaderAuthProcessor"}},
     )
     service = await make_service(config)
-    yield service, f"http://127.0.0.1:{port}/v1/traces", service.exporters["memory"]
+    yield f"http://127.0.0.1:{port}/v1/traces", service.exporters["memory"]
 
 
 async def post(url: str, body: bytes, content_type: str = PROTOBUF, **headers: str):
@@ -68,7 +68,7 @@ async def assert_still_serving(url: str, exporter, before: int) -> None:
 
 
 async def test_protobuf_export_answers_empty_response(collector):
-    service, url, exporter = collector
+    url, exporter = collector
     status, headers, body = await post(url, request_with(2).SerializeToString())
     assert status == 200
     assert headers["Content-Type"] == PROTOBUF
@@ -78,7 +78,7 @@ async def test_protobuf_export_answers_empty_response(collector):
 
 
 async def test_alternate_path_and_json_answer_in_json(collector):
-    service, url, exporter = collector
+    url, exporter = collector
     alternate = url.replace("/v1/traces", "/v1/otel/v1/traces")
     status, headers, body = await post(
         alternate, encode_request(request_with(2)), "application/json"
@@ -90,7 +90,7 @@ async def test_alternate_path_and_json_answer_in_json(collector):
 
 
 async def test_json_int64_as_numbers_and_unknown_fields(collector):
-    service, url, exporter = collector
+    url, exporter = collector
     document = json.loads(encode_request(request_with(1)))
     span = document["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
     span["startTimeUnixNano"] = 1700000000000000000  # a number, not a string
@@ -106,7 +106,7 @@ async def test_json_int64_as_numbers_and_unknown_fields(collector):
 
 
 async def test_gzip_body_is_inflated(collector):
-    service, url, exporter = collector
+    url, exporter = collector
     body = gzip.compress(request_with(4).SerializeToString())
     status, _, _ = await post(url, body, **{"Content-Encoding": "gzip"})
     assert status == 200
@@ -123,8 +123,8 @@ async def test_gzip_body_is_inflated(collector):
     ],
 )
 async def test_malformed_or_unsupported_body_is_refused(collector, body, content_type, expected):
-    service, url, exporter = collector
-    status, headers, answer = await post(url, body, content_type)
+    url, exporter = collector
+    status, _headers, answer = await post(url, body, content_type)
     assert status == expected
     if content_type == PROTOBUF:
         assert status_pb2.Status.FromString(answer).message  # a google.rpc.Status body
@@ -133,14 +133,14 @@ async def test_malformed_or_unsupported_body_is_refused(collector, body, content
 
 
 async def test_oversized_body_is_413(collector):
-    service, url, exporter = collector
+    url, exporter = collector
     status, _, _ = await post(url, request_with(1).SerializeToString() + b"\x00" * 70_000)
     assert status == 413
     await assert_still_serving(url, exporter, 0)
 
 
 async def test_gzip_bomb_is_413(collector):
-    service, url, exporter = collector
+    url, exporter = collector
     bomb = gzip.compress(b"\x00" * (50 * 1024 * 1024))  # 50 MiB of zeros in ~50 KiB
     assert len(bomb) < 64 * 1024
     status, _, _ = await post(url, bomb, **{"Content-Encoding": "gzip"})
@@ -151,7 +151,7 @@ async def test_gzip_bomb_is_413(collector):
 
 
 async def test_missing_key_is_401_before_the_body_is_read(collector):
-    service, url, exporter = collector
+    url, exporter = collector
     async with (
         aiohttp.ClientSession() as session,
         session.post(url, data=b"garbage", headers={"Content-Type": PROTOBUF}) as response,
@@ -162,7 +162,7 @@ async def test_missing_key_is_401_before_the_body_is_read(collector):
 
 
 async def test_invalid_trace_id_is_rejected_in_partial_success(collector):
-    service, url, exporter = collector
+    url, exporter = collector
     request = request_with(3, trace_id=b"\x01" * 15)
     status, _, body = await post(url, request.SerializeToString())
     assert status == 200
@@ -173,7 +173,7 @@ async def test_invalid_trace_id_is_rejected_in_partial_success(collector):
 
 
 async def test_invalid_hex_id_in_json_is_rejected_in_partial_success(collector):
-    service, url, exporter = collector
+    url, exporter = collector
     document = json.loads(encode_request(request_with(2)))
     document["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["spanId"] = "zz"
     status, _, body = await post(url, json.dumps(document).encode(), "application/json")
@@ -197,7 +197,7 @@ async def test_refusal_carries_retry_after(make_service, free_port, throttled, e
         },
     )
     await make_service(config)
-    status, headers, body = await post(
+    status, headers, _body = await post(
         f"http://127.0.0.1:{port}/v1/traces", request_with(1).SerializeToString()
     )
     assert status == expected
@@ -218,7 +218,7 @@ async def test_crashing_processor_answers_retryable_503(make_service, free_port)
 
 
 async def test_health_and_metrics_on_the_same_port(collector):
-    service, url, exporter = collector
+    url, _exporter = collector
     base = url.removesuffix("/v1/traces")
     await post(url, request_with(2).SerializeToString())
     async with aiohttp.ClientSession() as session:
