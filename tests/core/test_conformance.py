@@ -11,7 +11,7 @@ from tests.processors._util import FakeTelemetryHost, batch, resource_spans
 PROCESSORS = sorted(available("processors"))
 EXPORTERS = sorted(available("exporters"))
 NEEDS_SETTINGS = {"file": {"path": "out.jsonl"}}
-NEEDS_SERVER = {"redis_streams"}  # covered by tests against a real Redis
+NEEDS_SERVER = {"redis_streams", "postgres"}  # covered by tests against real servers
 
 
 @pytest.fixture(autouse=True)

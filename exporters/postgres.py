@@ -1,0 +1,467 @@
+"""``postgres``: spans, traces and calls in PostgreSQL, for many collectors sharing storage.
+
+The tables mirror the ``sqlite`` exporter's (one row per span with the columns queries
+filter on plus the span's protobuf bytes; traces; a (key, value) -> trace attribute
+index; calls), in a schema of their own (``calltrace`` by default). Writes are idempotent
+on (project, trace id, span id) and never need a parent to exist first. Each batch is
+one transaction: span rows are streamed with ``COPY`` into a temporary table and moved
+with ``INSERT ... ON CONFLICT DO NOTHING``, so a retried batch stores nothing twice.
+
+Connection problems are retryable (the exporter helper retries with backoff and keeps
+the data queued); a batch PostgreSQL refuses as invalid is a permanent error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import time
+from typing import Any
+
+import asyncpg
+from pydantic import Field, SecretStr, field_validator
+
+from collector import (
+    CALL_ID_ATTRIBUTE,
+    Duration,
+    Exporter,
+    ExporterConfig,
+    Host,
+    PermanentError,
+    RetryableError,
+    SpanBatch,
+    any_value_to_python,
+)
+from collector.spans import CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE
+from exporters.sqlite import MAX_INDEXED_VALUE, STATUS_ERROR, TAG_PREFIX, attribute_text
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PostgresConfig", "PostgresExporter", "schema_ddl"]
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def schema_ddl(schema: str) -> str:
+    s = schema
+    return f"""
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.spans (
+  project TEXT NOT NULL, trace_id BYTEA NOT NULL, span_id BYTEA NOT NULL,
+  parent_span_id BYTEA, name TEXT NOT NULL, kind SMALLINT NOT NULL,
+  start_ns BIGINT NOT NULL, end_ns BIGINT NOT NULL, duration_ns BIGINT NOT NULL,
+  status_code SMALLINT NOT NULL, call_id TEXT, resource_digest BYTEA NOT NULL,
+  scope_digest BYTEA NOT NULL, span BYTEA NOT NULL,
+  PRIMARY KEY (project, trace_id, span_id));
+CREATE INDEX IF NOT EXISTS spans_by_call ON {s}.spans (project, call_id, start_ns);
+CREATE INDEX IF NOT EXISTS spans_by_name ON {s}.spans (project, name, start_ns);
+CREATE INDEX IF NOT EXISTS spans_by_start ON {s}.spans (start_ns);
+CREATE TABLE IF NOT EXISTS {s}.resources (
+  digest BYTEA PRIMARY KEY, service TEXT, attributes JSONB NOT NULL, resource BYTEA NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.scopes (
+  digest BYTEA PRIMARY KEY, name TEXT, version TEXT, scope BYTEA NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.traces (
+  project TEXT NOT NULL, trace_id BYTEA NOT NULL, call_id TEXT, service TEXT,
+  start_ns BIGINT NOT NULL, end_ns BIGINT NOT NULL, duration_ns BIGINT NOT NULL,
+  root_name TEXT, root_span_id BYTEA, has_error BOOLEAN NOT NULL DEFAULT false,
+  PRIMARY KEY (project, trace_id));
+CREATE INDEX IF NOT EXISTS traces_by_start ON {s}.traces (project, start_ns DESC, trace_id);
+CREATE INDEX IF NOT EXISTS traces_by_duration ON {s}.traces (project, duration_ns DESC);
+CREATE INDEX IF NOT EXISTS traces_by_call ON {s}.traces (project, call_id);
+CREATE TABLE IF NOT EXISTS {s}.trace_attrs (
+  project TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, trace_id BYTEA NOT NULL,
+  PRIMARY KEY (project, key, value, trace_id));
+CREATE TABLE IF NOT EXISTS {s}.span_names (
+  project TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (project, name));
+CREATE TABLE IF NOT EXISTS {s}.calls (
+  project TEXT NOT NULL, call_id TEXT NOT NULL, room_id TEXT NOT NULL, source TEXT NOT NULL,
+  first_seen_ns BIGINT NOT NULL, last_seen_ns BIGINT NOT NULL,
+  start_ns BIGINT, end_ns BIGINT, service TEXT, tags JSONB,
+  skipped BOOLEAN NOT NULL DEFAULT false, room_name TEXT, metadata TEXT,
+  PRIMARY KEY (project, call_id));
+CREATE INDEX IF NOT EXISTS calls_by_start ON {s}.calls (project, start_ns DESC, call_id);
+"""
+
+
+_SPAN_COLUMNS = (
+    "project",
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+    "name",
+    "kind",
+    "start_ns",
+    "end_ns",
+    "duration_ns",
+    "status_code",
+    "call_id",
+    "resource_digest",
+    "scope_digest",
+    "span",
+)
+
+
+class PostgresConfig(ExporterConfig):
+    dsn: SecretStr
+    """``postgresql://user:password@host:5432/db?sslmode=require`` (a secret: never logged)."""
+    db_schema: str = Field(default="calltrace", alias="schema")
+    """Schema holding calltrace's tables; created when missing."""
+    pool_size: int = Field(default=4, ge=1, le=64)
+    retention: Duration = 0.0
+    """Delete spans, traces and calls older than this (e.g. "720h"); 0 keeps everything."""
+    retention_check_interval: Duration = 300.0
+    connect_timeout: Duration = 10.0
+
+    model_config = {"populate_by_name": True}
+
+    @field_validator("db_schema")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not _IDENTIFIER.match(value):
+            raise ValueError(
+                f"expected a lower-case SQL identifier like 'calltrace', got {value!r}"
+            )
+        return value
+
+
+class PostgresExporter(Exporter):
+    type_name = "postgres"
+    Config = PostgresConfig
+    config: PostgresConfig
+
+    def __init__(self, component_id: str, config: PostgresConfig):
+        super().__init__(component_id, config)
+        self._pool: asyncpg.Pool | None = None
+        self._retention_task: asyncio.Task[None] | None = None
+        self._known_resources: set[bytes] = set()
+        self._known_scopes: set[bytes] = set()
+
+    @property
+    def schema(self) -> str:
+        return self.config.db_schema
+
+    async def start(self, host: Host) -> None:
+        if self._pool is not None:
+            return
+        schema = self.schema
+
+        async def init(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS spans_in (LIKE {schema}.spans)"
+                " ON COMMIT DELETE ROWS;"
+                f" CREATE TEMP TABLE IF NOT EXISTS trace_attrs_in (LIKE {schema}.trace_attrs)"
+                " ON COMMIT DELETE ROWS"
+            )
+
+        # The schema first, on a plain connection, so the pool's init finds the tables.
+        # Start-up waits for the server (a gateway may start before its database).
+        deadline = time.monotonic() + max(self.config.connect_timeout, 1.0)
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    self.config.dsn.get_secret_value(), timeout=self.config.connect_timeout
+                )
+                break
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.id}: cannot connect to PostgreSQL: {exc}") from None
+                await asyncio.sleep(0.5)
+        try:
+            # Two collectors creating the schema at once would race; a lock serialises it.
+            await conn.execute("SELECT pg_advisory_lock(hashtext('calltrace-schema'))")
+            await conn.execute(schema_ddl(schema))
+            await conn.execute("SELECT pg_advisory_unlock(hashtext('calltrace-schema'))")
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(
+            self.config.dsn.get_secret_value(),
+            min_size=1,
+            max_size=self.config.pool_size,
+            init=init,
+            timeout=self.config.connect_timeout,
+        )
+        if self.config.retention:
+            self._retention_task = asyncio.create_task(self._expire_periodically())
+
+    async def export(self, batch: SpanBatch) -> None:
+        if self._pool is None:
+            raise RetryableError(f"{self.id} is not started")
+        rows = _build_rows(batch, time.time_ns())
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self._write(conn, rows)
+        except (
+            asyncpg.DataError,
+            asyncpg.IntegrityConstraintViolationError,
+            asyncpg.ProgramLimitExceededError,
+        ) as exc:
+            raise PermanentError(f"{self.id}: PostgreSQL refused the batch: {exc}") from exc
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._known_resources.clear()  # the transaction may have rolled them back
+            self._known_scopes.clear()
+            raise RetryableError(f"{self.id}: {type(exc).__name__}: {exc}") from exc
+
+    async def _write(self, conn: asyncpg.Connection, rows: _Rows) -> None:
+        s = self.schema
+        new_resources = [r for r in rows.resources if r[0] not in self._known_resources]
+        if new_resources:
+            await conn.executemany(
+                f"INSERT INTO {s}.resources (digest, service, attributes, resource)"
+                " VALUES ($1, $2, $3::jsonb, $4) ON CONFLICT (digest) DO NOTHING",
+                new_resources,
+            )
+        new_scopes = [r for r in rows.scopes if r[0] not in self._known_scopes]
+        if new_scopes:
+            await conn.executemany(
+                f"INSERT INTO {s}.scopes (digest, name, version, scope)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (digest) DO NOTHING",
+                new_scopes,
+            )
+        await conn.copy_records_to_table("spans_in", records=rows.spans, columns=_SPAN_COLUMNS)
+        await conn.execute(
+            f"INSERT INTO {s}.spans SELECT * FROM spans_in"
+            " ON CONFLICT (project, trace_id, span_id) DO NOTHING"
+        )
+        await conn.executemany(
+            f"INSERT INTO {s}.traces (project, trace_id, call_id, service, start_ns, end_ns,"
+            " duration_ns, root_name, root_span_id, has_error)"
+            " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"
+            " ON CONFLICT (project, trace_id) DO UPDATE SET"
+            " call_id = coalesce(traces.call_id, excluded.call_id),"
+            " service = coalesce(traces.service, excluded.service),"
+            " start_ns = least(traces.start_ns, excluded.start_ns),"
+            " end_ns = greatest(traces.end_ns, excluded.end_ns),"
+            " duration_ns = greatest(traces.end_ns, excluded.end_ns)"
+            " - least(traces.start_ns, excluded.start_ns),"
+            " root_name = coalesce(excluded.root_name, traces.root_name),"
+            " root_span_id = coalesce(excluded.root_span_id, traces.root_span_id),"
+            " has_error = traces.has_error OR excluded.has_error",
+            rows.traces_rows(),
+        )
+        if rows.trace_attrs:
+            await conn.copy_records_to_table(
+                "trace_attrs_in",
+                records=list(rows.trace_attrs),
+                columns=("project", "key", "value", "trace_id"),
+            )
+            await conn.execute(
+                f"INSERT INTO {s}.trace_attrs SELECT * FROM trace_attrs_in ON CONFLICT DO NOTHING"
+            )
+        await conn.executemany(
+            f"INSERT INTO {s}.span_names (project, name) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            sorted(rows.names),
+        )
+        if rows.calls:
+            await conn.executemany(
+                f"INSERT INTO {s}.calls (project, call_id, room_id, source, first_seen_ns,"
+                " last_seen_ns, start_ns, end_ns, service, tags)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10::jsonb)"
+                " ON CONFLICT (project, call_id) DO UPDATE SET"
+                " last_seen_ns = greatest(calls.last_seen_ns, excluded.last_seen_ns),"
+                " start_ns = least(coalesce(calls.start_ns, excluded.start_ns), excluded.start_ns),"
+                " end_ns = greatest(coalesce(calls.end_ns, excluded.end_ns), excluded.end_ns),"
+                " service = coalesce(calls.service, excluded.service),"
+                " tags = CASE WHEN excluded.tags IS NULL THEN calls.tags"
+                " ELSE coalesce(calls.tags, '{}'::jsonb) || excluded.tags END",
+                [tuple(c) for c in rows.calls.values()],
+            )
+        self._known_resources.update(r[0] for r in new_resources)
+        self._known_scopes.update(r[0] for r in new_scopes)
+        if len(self._known_resources) > 100_000:
+            self._known_resources.clear()
+
+    async def expire(self, older_than_ns: int) -> int:
+        """Delete spans older than ``older_than_ns`` and the traces and calls they leave."""
+        assert self._pool is not None
+        s = self.schema
+        async with self._pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(f"DELETE FROM {s}.spans WHERE start_ns < $1", older_than_ns)
+            await conn.execute(
+                f"DELETE FROM {s}.trace_attrs a USING {s}.traces t WHERE t.project = a.project"
+                " AND t.trace_id = a.trace_id AND t.end_ns < $1",
+                older_than_ns,
+            )
+            await conn.execute(f"DELETE FROM {s}.traces WHERE end_ns < $1", older_than_ns)
+            await conn.execute(
+                f"DELETE FROM {s}.calls WHERE coalesce(end_ns, last_seen_ns) < $1", older_than_ns
+            )
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def _expire_periodically(self) -> None:
+        while True:
+            try:
+                deleted = await self.expire(time.time_ns() - int(self.config.retention * 1e9))
+                if deleted:
+                    log.info("%s: retention deleted %d spans", self.id, deleted)
+            except Exception:
+                log.exception("%s: retention failed", self.id)
+            await asyncio.sleep(self.config.retention_check_interval)
+
+    async def shutdown(self) -> None:
+        if self._retention_task is not None:
+            self._retention_task.cancel()
+            await asyncio.gather(self._retention_task, return_exceptions=True)
+            self._retention_task = None
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+
+class _Rows:
+    __slots__ = ("calls", "names", "resources", "scopes", "spans", "trace_attrs", "traces")
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[Any, ...]] = []
+        self.traces: dict[bytes, list[Any]] = {}
+        self.trace_attrs: set[tuple[str, str, str, bytes]] = set()
+        self.calls: dict[str, list[Any]] = {}
+        self.names: set[tuple[str, str]] = set()
+        self.resources: list[tuple[bytes, str | None, str, bytes]] = []
+        self.scopes: list[tuple[bytes, str, str, bytes]] = []
+
+    def traces_rows(self) -> list[tuple[Any, ...]]:
+        return [tuple(t) for t in self.traces.values()]
+
+
+def _indexable(kv: Any) -> tuple[str, str] | None:
+    value = kv.value
+    kind = value.WhichOneof("value")
+    if kind == "string_value":
+        text = value.string_value
+        return (kv.key, text) if len(text) <= MAX_INDEXED_VALUE else None
+    if kind in ("bool_value", "int_value", "double_value"):
+        text = attribute_text(getattr(value, kind))
+        return None if text is None else (kv.key, text)
+    return None
+
+
+def _build_rows(batch: SpanBatch, now: int) -> _Rows:
+    project = batch.project or ""
+    rows = _Rows()
+    seen_scopes: set[bytes] = set()
+    for rs in batch.resource_spans:
+        resource = rs.resource
+        call_id = call_key = call_source = service = None
+        tags: dict[str, Any] = {}
+        resource_attrs: list[tuple[str, str]] = []
+        for kv in resource.attributes:
+            key = kv.key
+            if key == CALL_ID_ATTRIBUTE:
+                call_id = kv.value.string_value or None
+            elif key == CALL_KEY_ATTRIBUTE:
+                call_key = kv.value.string_value
+            elif key == CALL_SOURCE_ATTRIBUTE:
+                call_source = kv.value.string_value
+            else:
+                if key == "service.name":
+                    service = kv.value.string_value or None
+                elif key.startswith(TAG_PREFIX):
+                    tags[key[len(TAG_PREFIX) :]] = any_value_to_python(kv.value)
+                pair = _indexable(kv)
+                if pair is not None:
+                    resource_attrs.append(pair)
+        resource_payload = resource.SerializeToString(deterministic=True)
+        resource_digest = hashlib.blake2b(resource_payload, digest_size=16).digest()
+        rows.resources.append(
+            (
+                resource_digest,
+                service,
+                json.dumps(
+                    {kv.key: any_value_to_python(kv.value) for kv in resource.attributes},
+                    default=lambda v: v.hex() if isinstance(v, bytes) else str(v),
+                ),
+                resource_payload,
+            )
+        )
+        start_min = end_max = None
+        for ss in rs.scope_spans:
+            scope_payload = ss.scope.SerializeToString(deterministic=True)
+            scope_digest = hashlib.blake2b(scope_payload, digest_size=16).digest()
+            if scope_digest not in seen_scopes:
+                seen_scopes.add(scope_digest)
+                rows.scopes.append((scope_digest, ss.scope.name, ss.scope.version, scope_payload))
+            for span in ss.spans:
+                trace_id = span.trace_id
+                parent = span.parent_span_id or None
+                name = span.name
+                start = span.start_time_unix_nano
+                end = max(span.end_time_unix_nano, start)
+                status = span.status.code
+                rows.spans.append(
+                    (
+                        project,
+                        trace_id,
+                        span.span_id,
+                        parent,
+                        name,
+                        span.kind,
+                        start,
+                        end,
+                        end - start,
+                        status,
+                        call_id,
+                        resource_digest,
+                        scope_digest,
+                        span.SerializeToString(),
+                    )
+                )
+                rows.names.add((project, name))
+                trace = rows.traces.get(trace_id)
+                if trace is None:
+                    trace = rows.traces[trace_id] = [
+                        project,
+                        trace_id,
+                        call_id,
+                        service,
+                        start,
+                        end,
+                        end - start,
+                        None,
+                        None,
+                        False,
+                    ]
+                    for key, value in resource_attrs:
+                        rows.trace_attrs.add((project, key, value, trace_id))
+                else:
+                    trace[2] = trace[2] or call_id
+                    trace[4] = min(trace[4], start)
+                    trace[5] = max(trace[5], end)
+                    trace[6] = trace[5] - trace[4]
+                if parent is None:
+                    trace[7] = name
+                    trace[8] = span.span_id
+                if status == STATUS_ERROR:
+                    trace[9] = True
+                for kv in span.attributes:
+                    pair = _indexable(kv)
+                    if pair is not None:
+                        rows.trace_attrs.add((project, pair[0], pair[1], trace_id))
+                start_min = start if start_min is None else min(start_min, start)
+                end_max = end if end_max is None else max(end_max, end)
+        if call_id is not None and start_min is not None:
+            tags_json = json.dumps(tags, sort_keys=True) if tags else None
+            call = rows.calls.get(call_id)
+            if call is None:
+                rows.calls[call_id] = [
+                    project,
+                    call_id,
+                    call_key or call_id,
+                    call_source or "",
+                    now,
+                    now,
+                    start_min,
+                    end_max,
+                    service,
+                    tags_json,
+                ]
+            else:
+                call[6] = min(call[6], start_min)
+                call[7] = max(call[7], end_max)
+                if tags_json is not None:
+                    merged = json.loads(call[9]) if call[9] else {}
+                    merged.update(tags)
+                    call[9] = json.dumps(merged, sort_keys=True)
+    return rows
