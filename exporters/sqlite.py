@@ -69,7 +69,9 @@ CREATE TABLE IF NOT EXISTS spans (
   scope_id INTEGER NOT NULL, span BLOB NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS spans_identity ON spans (project, trace_id, span_id);
 CREATE INDEX IF NOT EXISTS spans_by_call ON spans (project, call_id, start_ns);
-CREATE INDEX IF NOT EXISTS spans_by_name ON spans (project, name, start_ns);
+-- trace search by span name reads trace ids from this index alone (covering)
+DROP INDEX IF EXISTS spans_by_name;
+CREATE INDEX IF NOT EXISTS spans_by_name_trace ON spans (project, name, trace_id);
 CREATE INDEX IF NOT EXISTS spans_by_start ON spans (start_ns);
 CREATE TABLE IF NOT EXISTS resources (
   resource_id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, service TEXT,

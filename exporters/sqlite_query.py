@@ -10,7 +10,7 @@ and walks an index (see ``EXPLAIN QUERY PLAN`` in the tests):
   recomputed when ``summary_spans`` differs from the call's stored span count
   (``spans_by_call``);
 - trace search: ``traces_by_start``, each condition an ``IN`` over an index:
-  ``trace_attrs`` (project, key, value) for ``attr.*``, ``spans_by_name`` for names,
+  ``trace_attrs`` (project, key, value) for ``attr.*``, ``spans_by_name_trace`` (covering) for names,
   ``span_names`` for name substrings;
 - one call / one trace: ``spans_by_call`` / ``spans_identity``.
 
@@ -42,7 +42,7 @@ from collector.query import (
 )
 from collector.turns import summarize_call
 
-__all__ = ["SQLiteQueryStore"]
+__all__ = ["SQLiteQueryStore", "calls_sql", "traces_sql"]
 
 TAG_PREFIX = "roark.project.tag."
 STATUS_ERROR = 2
@@ -122,29 +122,8 @@ class SQLiteQueryStore:
 
     def _calls(self, project: str, query: CallFilter) -> Page:
         db = self._db()
-        sql = [f"SELECT {_CALL_COLUMNS} FROM calls WHERE project = ? AND start_ns IS NOT NULL"]
-        args: list[Any] = [project]
-        if query.start_ns is not None:
-            sql.append("AND start_ns >= ?")
-            args.append(query.start_ns)
-        if query.end_ns is not None:
-            sql.append("AND start_ns < ?")
-            args.append(query.end_ns)
-        if query.cursor is not None:
-            start, call_id = decode_cursor(query.cursor, (int, str))
-            sql.append("AND start_ns <= ? AND (start_ns < ? OR call_id > ?)")
-            args += [start, start, call_id]
-        conditions = [*query.attributes, *((TAG_PREFIX + k, v) for k, v in query.tags)]
-        for key, value in conditions:
-            sql.append(
-                "AND call_id IN (SELECT t.call_id FROM trace_attrs a JOIN traces t"
-                " ON t.project = a.project AND t.trace_id = a.trace_id"
-                " WHERE a.project = ? AND a.key = ? AND a.value = ?)"
-            )
-            args += [project, key, value]
-        sql.append("ORDER BY start_ns DESC, call_id LIMIT ?")
-        args.append(query.limit + 1)
-        rows = db.execute(" ".join(sql), args).fetchall()
+        sql, args = calls_sql(project, query)
+        rows = db.execute(sql, args).fetchall()
         more = len(rows) > query.limit
         rows = rows[: query.limit]
         items = [self._call_item(db, project, row) for row in rows]
@@ -195,52 +174,8 @@ class SQLiteQueryStore:
 
     def _traces(self, project: str, query: TraceFilter) -> Page:
         db = self._db()
-        sql = [f"SELECT {_TRACE_COLUMNS} FROM traces WHERE project = ?"]
-        args: list[Any] = [project]
-        if query.start_ns is not None:
-            sql.append("AND start_ns >= ?")
-            args.append(query.start_ns)
-        if query.end_ns is not None:
-            sql.append("AND start_ns < ?")
-            args.append(query.end_ns)
-        if query.cursor is not None:
-            start, trace_hex = decode_cursor(query.cursor, (int, str))
-            try:
-                trace_id = bytes.fromhex(trace_hex)
-            except ValueError:
-                trace_id = b""
-            sql.append("AND start_ns <= ? AND (start_ns < ? OR trace_id > ?)")
-            args += [start, start, trace_id]
-        if query.service is not None:
-            sql.append("AND service = ?")
-            args.append(query.service)
-        if query.min_duration_ns is not None:
-            sql.append("AND duration_ns >= ?")
-            args.append(query.min_duration_ns)
-        if query.status is not None:
-            sql.append("AND has_error = ?")
-            args.append(1 if query.status == "error" else 0)
-        if query.name is not None:
-            sql.append(
-                "AND trace_id IN (SELECT trace_id FROM spans WHERE project = ? AND name = ?)"
-            )
-            args += [project, query.name]
-        if query.name_contains is not None:
-            sql.append(
-                "AND trace_id IN (SELECT trace_id FROM spans WHERE project = ? AND name IN"
-                " (SELECT name FROM span_names WHERE project = ?"
-                " AND instr(lower(name), lower(?)) > 0))"
-            )
-            args += [project, project, query.name_contains]
-        for key, value in query.attributes:
-            sql.append(
-                "AND trace_id IN (SELECT trace_id FROM trace_attrs"
-                " WHERE project = ? AND key = ? AND value = ?)"
-            )
-            args += [project, key, value]
-        sql.append("ORDER BY start_ns DESC, trace_id LIMIT ?")
-        args.append(query.limit + 1)
-        rows = db.execute(" ".join(sql), args).fetchall()
+        sql, args = traces_sql(project, query)
+        rows = db.execute(sql, args).fetchall()
         more = len(rows) > query.limit
         rows = rows[: query.limit]
         items = [_trace_json(row, *self._trace_counts(db, project, row[0])) for row in rows]
@@ -299,6 +234,86 @@ class SQLiteQueryStore:
             ):
                 resources[str(resource_id)] = _jsonable(json.loads(attributes))
         return spans, resources
+
+
+# -- statements -------------------------------------------------------------
+
+
+def calls_sql(project: str, query: CallFilter) -> tuple[str, list[Any]]:
+    """The calls list statement: a range scan of ``calls_by_start``."""
+    sql = [f"SELECT {_CALL_COLUMNS} FROM calls WHERE project = ? AND start_ns IS NOT NULL"]
+    args: list[Any] = [project]
+    if query.start_ns is not None:
+        sql.append("AND start_ns >= ?")
+        args.append(query.start_ns)
+    if query.end_ns is not None:
+        sql.append("AND start_ns < ?")
+        args.append(query.end_ns)
+    if query.cursor is not None:
+        start, call_id = decode_cursor(query.cursor, (int, str))
+        sql.append("AND start_ns <= ? AND (start_ns < ? OR call_id > ?)")
+        args += [start, start, call_id]
+    conditions = [*query.attributes, *((TAG_PREFIX + k, v) for k, v in query.tags)]
+    for key, value in conditions:
+        sql.append(
+            "AND call_id IN (SELECT t.call_id FROM trace_attrs a JOIN traces t"
+            " ON t.project = a.project AND t.trace_id = a.trace_id"
+            " WHERE a.project = ? AND a.key = ? AND a.value = ?)"
+        )
+        args += [project, key, value]
+    sql.append("ORDER BY start_ns DESC, call_id LIMIT ?")
+    args.append(query.limit + 1)
+    return " ".join(sql), args
+
+
+def traces_sql(project: str, query: TraceFilter) -> tuple[str, list[Any]]:
+    """The trace search statement: ``traces_by_start`` with one indexed ``IN`` per condition."""
+    sql = [f"SELECT {_TRACE_COLUMNS} FROM traces WHERE project = ?"]
+    args: list[Any] = [project]
+    if query.start_ns is not None:
+        sql.append("AND start_ns >= ?")
+        args.append(query.start_ns)
+    if query.end_ns is not None:
+        sql.append("AND start_ns < ?")
+        args.append(query.end_ns)
+    if query.cursor is not None:
+        start, trace_hex = decode_cursor(query.cursor, (int, str))
+        try:
+            trace_id = bytes.fromhex(trace_hex)
+        except ValueError:
+            trace_id = b""
+        sql.append("AND start_ns <= ? AND (start_ns < ? OR trace_id > ?)")
+        args += [start, start, trace_id]
+    if query.service is not None:
+        sql.append("AND service = ?")
+        args.append(query.service)
+    if query.min_duration_ns is not None:
+        # "+": filter while walking traces_by_start (newest first, stops at the limit)
+        # rather than sort every long-enough trace for each page.
+        sql.append("AND +duration_ns >= ?")
+        args.append(query.min_duration_ns)
+    if query.status is not None:
+        sql.append("AND has_error = ?")
+        args.append(1 if query.status == "error" else 0)
+    if query.name is not None:
+        sql.append("AND trace_id IN (SELECT trace_id FROM spans WHERE project = ? AND name = ?)")
+        args += [project, query.name]
+    if query.name_contains is not None:
+        sql.append(
+            "AND trace_id IN (SELECT trace_id FROM spans WHERE project = ? AND name IN"
+            " (SELECT name FROM span_names WHERE project = ?"
+            " AND instr(lower(name), lower(?)) > 0))"
+        )
+        args += [project, project, query.name_contains]
+    for key, value in query.attributes:
+        sql.append(
+            "AND trace_id IN (SELECT trace_id FROM trace_attrs"
+            " WHERE project = ? AND key = ? AND value = ?)"
+        )
+        args += [project, key, value]
+    sql.append("ORDER BY start_ns DESC, trace_id LIMIT ?")
+    args.append(query.limit + 1)
+    return " ".join(sql), args
 
 
 # -- rows to JSON ---------------------------------------------------------------------

@@ -17,7 +17,8 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from collector.openapi import OPENAPI
-from collector.query import encode_cursor
+from collector.query import CallFilter, TraceFilter, encode_cursor
+from exporters.sqlite_query import calls_sql, traces_sql
 from tests.query_dataset import (
     BASE_S,
     XSS_NAME,
@@ -490,3 +491,23 @@ def test_dataset_posts_each_framework_capture() -> None:
     posts = build_requests(dataset)
     assert len(posts) == 10 * 4 - 1 + 8 * 4
     assert dataset.spans == 53 * 4 - 2 + 1 + 14 * 4
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        calls_sql("acme", CallFilter()),
+        calls_sql("acme", CallFilter(start_ns=1, end_ns=2, cursor=encode_cursor([5, "c"]))),
+        calls_sql("acme", CallFilter(attributes=[("k", "v")], tags=[("customer", "x")])),
+        traces_sql("acme", TraceFilter(cursor=encode_cursor([5, "ab"]))),
+        traces_sql("acme", TraceFilter(name="llm", name_contains="ll", attributes=[("k", "v")])),
+        traces_sql("acme", TraceFilter(service="s", min_duration_ns=5, status="error")),
+    ],
+)
+def test_queries_walk_indexes(dataset: Dataset, statement: tuple[str, list[Any]]) -> None:
+    """Every list and search statement is an index range scan: no full scan, no sort."""
+    sql, args = statement
+    plan = [row[3] for row in query(dataset.db, "EXPLAIN QUERY PLAN " + sql, *args)]
+    assert plan and all(step.startswith(("SEARCH", "LIST SUBQUERY")) for step in plan), plan
+    assert not any("TEMP B-TREE" in step for step in plan), plan
+    assert "USING INDEX" in plan[0] and "_by_start" in plan[0]
