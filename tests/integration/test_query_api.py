@@ -511,3 +511,50 @@ def test_queries_walk_indexes(dataset: Dataset, statement: tuple[str, list[Any]]
     assert plan and all(step.startswith(("SEARCH", "LIST SUBQUERY")) for step in plan), plan
     assert not any("TEMP B-TREE" in step for step in plan), plan
     assert "USING INDEX" in plan[0] and "_by_start" in plan[0]
+
+
+# -- how the service mounts the API ----------------------------------------------------
+
+
+async def test_storage_must_offer_queries(tmp_path: Path) -> None:
+    config = Dataset(tmp_path / "calltrace.db", "k", "k").config(free_port())
+    config["exporters"]["debug"] = {}
+    config["service"]["pipelines"]["traces"]["exporters"].append("debug")
+    config["service"]["query"] = {"storage": "debug"}
+    from collector.config import parse_config
+    from collector.service import Service
+
+    service = Service(parse_config(config, environ={}))
+    try:
+        with pytest.raises(RuntimeError, match=r"service\.query\.storage: 'debug' is not an"):
+            await service.start()
+    finally:
+        await service.shutdown()
+
+
+async def test_query_api_can_be_turned_off(tmp_path: Path) -> None:
+    port = free_port()
+    config = Dataset(tmp_path / "calltrace.db", "k", "k").config(port)
+    config["service"]["query"] = {"enabled": False}
+    async with running_service(config), aiohttp.ClientSession() as session:
+        for path in ("/", "/api/v1/calls", "/api/v1/openapi.json"):
+            async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+                assert response.status == 404
+
+
+async def test_without_auth_the_api_shows_data_stored_without_a_project(tmp_path: Path) -> None:
+    port = free_port()
+    config = Dataset(tmp_path / "calltrace.db", "k", "k").config(port)
+    del config["processors"]["auth"]
+    config["service"]["pipelines"]["traces"]["processors"].remove("auth")
+    request = fixture_requests("pipecat")[0].read_bytes()
+    async with running_service(config), aiohttp.ClientSession() as session:
+        api = Api(f"http://127.0.0.1:{port}", session, "ignored")
+        url = f"http://127.0.0.1:{port}/v1/traces"
+        headers = {"Content-Type": "application/x-protobuf"}
+        async with session.post(url, data=request, headers=headers) as response:
+            assert response.status == 200
+        db = tmp_path / "calltrace.db"
+        await eventually(lambda: query(db, "SELECT count(*) FROM spans")[0][0] > 0)
+        status, body = await api.get("/api/v1/traces", auth="")
+        assert status == 200 and len(body["traces"]) == 1
