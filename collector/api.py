@@ -336,7 +336,7 @@ class _Params:
         value = self.text("limit")
         if value is None:
             return DEFAULT_LIMIT
-        if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+        if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_LIMIT:
             raise QueryError(f"limit: expected a whole number from 1 to {MAX_LIMIT}, got {value!r}")
         return int(value)
 

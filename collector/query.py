@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -108,22 +109,35 @@ class QueryStore(Protocol):
 # -- parameters ---------------------------------------------------------------------
 
 
+_RFC3339 = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})$"
+)
+_MAX_NS = 2**63 - 1
+
+
 def parse_time(name: str, text: str) -> int:
     """Unix nanoseconds from RFC 3339 (``2026-11-24T10:00:00.5Z``) or Unix nanoseconds."""
     text = text.strip()
-    if text.isdigit():
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None or "T" not in text.upper():
+    ns: int | None = None
+    if text.isascii() and text.isdigit():
+        ns = int(text)
+    elif match := _RFC3339.match(text):
+        day, clock, fraction, offset = match.groups()
+        offset = "+00:00" if offset in ("Z", "z") else offset
+        try:
+            moment = datetime.fromisoformat(f"{day}T{clock}{offset}")
+        except ValueError:
+            moment = None
+        if moment is not None:
+            delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+            ns = (delta.days * 86_400 + delta.seconds) * 1_000_000_000
+            ns += int((fraction or "").ljust(9, "0"))
+    if ns is None or not 0 <= ns <= _MAX_NS:
         raise QueryError(
             f"{name}: expected an RFC 3339 time like 2026-11-24T10:00:00Z or Unix"
             f" nanoseconds, got {text!r}"
         )
-    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+    return ns
 
 
 def rfc3339(ns: int | None) -> str | None:
@@ -152,6 +166,7 @@ def decode_cursor(token: str, shape: tuple[type, ...]) -> list[Any]:
         not isinstance(position, list)
         or len(position) != len(shape)
         or not all(type(v) is t for v, t in zip(position, shape, strict=True))
+        or not all(abs(v) <= _MAX_NS for v in position if isinstance(v, int))
     ):
         raise QueryError("cursor: not a cursor this API returned")
     return position
