@@ -85,9 +85,8 @@ _SCHEMAS: dict[str, Any] = {
             "duration_ms": _t("number"),
             "root_name": _nullable("string", "Null while the root span has not arrived."),
             "root_span_id": _nullable("string"),
-            "has_error": _t("boolean"),
+            "has_error": _t("boolean", "Some span of the trace has status ERROR."),
             "span_count": _t("integer"),
-            "error_count": _t("integer"),
         }
     ),
     "Event": _obj({"name": _t("string"), "time_ns": _t("integer"), "attributes": _ATTRIBUTES}),

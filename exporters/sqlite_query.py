@@ -45,7 +45,6 @@ from collector.turns import summarize_call
 __all__ = ["SQLiteQueryStore", "calls_sql", "traces_sql"]
 
 TAG_PREFIX = "roark.project.tag."
-STATUS_ERROR = 2
 _SUMMARY_VERSION = 1
 """Bumped when the cached summary's shape changes, so old caches are recomputed."""
 
@@ -178,19 +177,16 @@ class SQLiteQueryStore:
         rows = db.execute(sql, args).fetchall()
         more = len(rows) > query.limit
         rows = rows[: query.limit]
-        items = [_trace_json(row, *self._trace_counts(db, project, row[0])) for row in rows]
+        items = [_trace_json(row, self._span_count(db, project, row[0])) for row in rows]
         cursor = encode_cursor([rows[-1][3], rows[-1][0].hex()]) if more and rows else None
         return Page(items, cursor)
 
-    def _trace_counts(
-        self, db: sqlite3.Connection, project: str, trace_id: bytes
-    ) -> tuple[int, int]:
-        count, errors = db.execute(
-            "SELECT count(*), coalesce(sum(status_code = ?), 0) FROM spans"
-            " WHERE project = ? AND trace_id = ?",
-            (STATUS_ERROR, project, trace_id),
+    def _span_count(self, db: sqlite3.Connection, project: str, trace_id: bytes) -> int:
+        """Counted in ``spans_identity`` alone (covering): no span row is read."""
+        (count,) = db.execute(
+            "SELECT count(*) FROM spans WHERE project = ? AND trace_id = ?", (project, trace_id)
         ).fetchone()
-        return int(count), int(errors)
+        return int(count)
 
     async def trace(self, project: str, trace_id: bytes) -> dict[str, Any] | None:
         return await self._run(self._trace, project, trace_id)
@@ -204,9 +200,8 @@ class SQLiteQueryStore:
         if row is None:
             return None
         spans, resources = self._spans(db, "s.project = ? AND s.trace_id = ?", (project, trace_id))
-        errors = sum(1 for s in spans if s["status_code"] == STATUS_ERROR)
         return {
-            "trace": _trace_json(row, len(spans), errors),
+            "trace": _trace_json(row, len(spans)),
             "spans": spans,
             "resources": resources,
         }
@@ -375,7 +370,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _trace_json(row: tuple[Any, ...], span_count: int, error_count: int) -> dict[str, Any]:
+def _trace_json(row: tuple[Any, ...], span_count: int) -> dict[str, Any]:
     trace_id, call_id, service, start, end, duration, root_name, root_span_id, has_error = row
     return {
         "trace_id": trace_id.hex(),
@@ -389,7 +384,6 @@ def _trace_json(row: tuple[Any, ...], span_count: int, error_count: int) -> dict
         "root_span_id": root_span_id.hex() if root_span_id else None,
         "has_error": bool(has_error),
         "span_count": span_count,
-        "error_count": error_count,
     }
 
 

@@ -101,7 +101,7 @@ async function loadTraces(append) {
     tbody.append(el("tr", { "data-trace-id": trace.trace_id, onclick: () => { location.hash = "#/traces/" + trace.trace_id; } },
       el("td", {}, fmtTime(trace.start)), el("td", {}, trace.root_name || "(root missing)"), el("td", {}, trace.service || ""),
       el("td", { class: "num" }, fmtMs(trace.duration_ms)), el("td", { class: "num" }, trace.span_count),
-      el("td", { class: "num" }, trace.error_count), el("td", {}, trace.call_id || "")));
+      el("td", {}, trace.has_error ? "error" : ""), el("td", {}, trace.call_id || "")));
   }
   tracesCursor = body.next_cursor;
   $("#traces-more").hidden = !tracesCursor;
@@ -226,7 +226,7 @@ async function openTrace(traceId) {
   const trace = body.trace;
   add("Root span", trace.root_name || "(root missing)"); add("Service", trace.service || "–");
   add("Started", fmtTime(trace.start)); add("Duration", fmtMs(trace.duration_ms));
-  add("Spans", trace.span_count); add("Errors", trace.error_count);
+  add("Spans", trace.span_count); add("Status", trace.has_error ? "has errors" : "no errors");
   if (trace.call_id) summary.append(el("dt", {}, "Call"), el("dd", {}, el("a", { href: "#/calls/" + encodeURIComponent(trace.call_id) }, trace.call_id)));
   renderTurns([]);
   $("#span-panel").hidden = true;

@@ -320,7 +320,9 @@ async def test_trace_search_filters(api: Api, dataset: Dataset) -> None:
 async def test_trace_tree(api: Api) -> None:
     [trace] = (await api.ok("/api/v1/traces", {"attr.livekit.room.id": "RM_test789"}))["traces"]
     assert trace["root_name"] == "conversation" and trace["span_count"] == 14
-    assert trace["service"] == "pipecat-voice-agent-fixture" and trace["error_count"] == 0
+    assert trace["service"] == "pipecat-voice-agent-fixture" and trace["has_error"] is False
+    [failed] = (await api.ok("/api/v1/traces", {"status": "error"}))["traces"]
+    assert failed["has_error"] is True and failed["span_count"] == 54
     body = await api.ok(f"/api/v1/traces/{trace['trace_id']}")
     assert body["trace_id"] == trace["trace_id"] and body["trace"] == trace
     [root] = body["tree"]
