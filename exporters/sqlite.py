@@ -15,7 +15,8 @@ Beside the spans, one transaction per batch keeps:
   attributes, which trace search's ``attr.KEY=VALUE`` uses;
 - ``calls``: the extent, service and custom tags (``roark.project.tag.KEY``) of a call.
 
-WAL mode, one writer thread; ``retention`` deletes data older than it.
+WAL mode, one writer thread; ``retention`` deletes data older than it. ``query_store()``
+is the read side the query API uses (``exporters/sqlite_query.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from collector import (
 )
 from collector.calls import CALLS_DDL
 from collector.spans import CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE
+from exporters.sqlite_query import SQLiteQueryStore
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,9 @@ CREATE TABLE IF NOT EXISTS spans (
   scope_id INTEGER NOT NULL, span BLOB NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS spans_identity ON spans (project, trace_id, span_id);
 CREATE INDEX IF NOT EXISTS spans_by_call ON spans (project, call_id, start_ns);
-CREATE INDEX IF NOT EXISTS spans_by_name ON spans (project, name, start_ns);
+-- trace search by span name reads trace ids from this index alone (covering)
+DROP INDEX IF EXISTS spans_by_name;
+CREATE INDEX IF NOT EXISTS spans_by_name_trace ON spans (project, name, trace_id);
 CREATE INDEX IF NOT EXISTS spans_by_start ON spans (start_ns);
 CREATE TABLE IF NOT EXISTS resources (
   resource_id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, service TEXT,
@@ -207,10 +211,17 @@ class SQLiteExporter(Exporter):
         self._resource_ids: dict[bytes, int] = {}
         self._scope_ids: dict[bytes, int] = {}
         self._retention_task: asyncio.Task[None] | None = None
+        self._query_store: SQLiteQueryStore | None = None
 
     @property
     def path(self) -> Path:
         return self.config.path
+
+    def query_store(self) -> SQLiteQueryStore:
+        """The read side of this exporter's file, for the query API (read-only connections)."""
+        if self._query_store is None:
+            self._query_store = SQLiteQueryStore(self.config.path)
+        return self._query_store
 
     async def start(self, host: Host) -> None:
         if self._db is not None:
@@ -466,6 +477,9 @@ class SQLiteExporter(Exporter):
             await asyncio.sleep(self.config.retention_check_interval)
 
     async def shutdown(self) -> None:
+        if self._query_store is not None:
+            await self._query_store.close()
+            self._query_store = None
         if self._retention_task is not None:
             self._retention_task.cancel()
             await asyncio.gather(self._retention_task, return_exceptions=True)

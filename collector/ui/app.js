@@ -101,7 +101,7 @@ async function loadTraces(append) {
     tbody.append(el("tr", { "data-trace-id": trace.trace_id, onclick: () => { location.hash = "#/traces/" + trace.trace_id; } },
       el("td", {}, fmtTime(trace.start)), el("td", {}, trace.root_name || "(root missing)"), el("td", {}, trace.service || ""),
       el("td", { class: "num" }, fmtMs(trace.duration_ms)), el("td", { class: "num" }, trace.span_count),
-      el("td", { class: "num" }, trace.error_count), el("td", {}, trace.call_id || "")));
+      el("td", {}, trace.has_error ? "error" : ""), el("td", {}, trace.call_id || "")));
   }
   tracesCursor = body.next_cursor;
   $("#traces-more").hidden = !tracesCursor;
@@ -110,9 +110,9 @@ async function loadTraces(append) {
 
 // ---- call / trace detail ------------------------------------------------------------
 
+// Colour by what a span does: STT, LLM, TTS, tool, turn; errors get a red outline.
 function category(span) {
   if (span.placeholder) return "other";
-  if (span.status_code === 2) return "error";
   const name = span.name || "";
   const op = (span.attributes || {})["gen_ai.operation.name"];
   if (name === "function_tool" || op === "execute_tool") return "tool";
@@ -138,6 +138,8 @@ function kvRows(tbody, obj) {
   }
 }
 
+let currentResources = {};
+
 function showSpan(span, row) {
   for (const r of document.querySelectorAll(".wf-row.selected")) r.classList.remove("selected");
   row.classList.add("selected");
@@ -150,13 +152,16 @@ function showSpan(span, row) {
   add("Trace id", span.trace_id || "");
   add("Duration", fmtMs(span.duration_ms));
   add("Status", span.status_code === 2 ? "ERROR " + (span.status_message || "") : (span.status_code === 1 ? "OK" : "UNSET"));
+  if (span.scope && span.scope.name) add("Scope", span.scope.name + (span.scope.version ? " " + span.scope.version : ""));
+  if (span.placeholder) add("Note", "This span never arrived; its children are shown under it.");
   kvRows($("#span-attributes tbody"), span.attributes);
-  kvRows($("#span-resource tbody"), span.resource);
+  kvRows($("#span-resource tbody"), currentResources[span.resource_id] || {});
   const events = $("#span-events");
   events.replaceChildren(...(span.events || []).map((e) => el("li", {}, e.name + " " + JSON.stringify(e.attributes || {}))));
 }
 
-function renderWaterfall(tree) {
+function renderWaterfall(tree, resources) {
+  currentResources = resources || {};
   const rows = flatten(tree, 0, []);
   const box = $("#waterfall");
   box.replaceChildren();
@@ -174,7 +179,8 @@ function renderWaterfall(tree) {
     const track = el("div", { class: "wf-track" },
       el("div", { class: "wf-bar cat-" + cat, style: { left: left + "%", width: width + "%" } }),
       el("span", { class: "wf-dur", style: { left: Math.min(left + width, 92) + "%" } }, span.placeholder ? "" : fmtMs(span.duration_ms)));
-    const row = el("div", { class: "wf-row" + (span.placeholder ? " placeholder" : ""), "data-span-id": span.span_id, "data-category": cat }, label, track);
+    const classes = "wf-row" + (span.placeholder ? " placeholder" : "") + (span.status_code === 2 ? " error" : "");
+    const row = el("div", { class: classes, "data-span-id": span.span_id, "data-category": cat }, label, track);
     row.addEventListener("click", () => showSpan(span, row));
     box.append(row);
   }
@@ -207,17 +213,24 @@ async function openCall(callId) {
   add("Tags", Object.entries(call.tags || {}).map(([k, v]) => k + "=" + v).join(", ") || "–");
   renderTurns(body.turns);
   $("#span-panel").hidden = true;
-  renderWaterfall(body.tree);
+  renderWaterfall(body.tree, body.resources);
 }
 
 async function openTrace(traceId) {
   const body = await api("/api/v1/traces/" + encodeURIComponent(traceId));
   show("detail-view");
   $("#detail-title").textContent = "Trace " + body.trace_id;
-  $("#detail-summary").replaceChildren();
+  const summary = $("#detail-summary");
+  summary.replaceChildren();
+  const add = (k, v) => summary.append(el("dt", {}, k), el("dd", {}, v));
+  const trace = body.trace;
+  add("Root span", trace.root_name || "(root missing)"); add("Service", trace.service || "–");
+  add("Started", fmtTime(trace.start)); add("Duration", fmtMs(trace.duration_ms));
+  add("Spans", trace.span_count); add("Status", trace.has_error ? "has errors" : "no errors");
+  if (trace.call_id) summary.append(el("dt", {}, "Call"), el("dd", {}, el("a", { href: "#/calls/" + encodeURIComponent(trace.call_id) }, trace.call_id)));
   renderTurns([]);
   $("#span-panel").hidden = true;
-  renderWaterfall(body.tree);
+  renderWaterfall(body.tree, body.resources);
 }
 
 // ---- routing ------------------------------------------------------------------------

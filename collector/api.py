@@ -1,0 +1,349 @@
+"""The query API (JSON over HTTP) and the explorer page, on every HTTP listener.
+
+``routes_for(service, storage_id)`` is called by the service during start. It reads the
+store of the exporter named ``service.query.storage`` (default: the first exporter
+offering ``query_store()``) and authenticates with the ``auth`` processor of the
+pipeline feeding that exporter, so the API takes the same Bearer keys as ingest and a
+key sees only its project. Without an ``auth`` processor the API needs no key and shows
+the data stored without a project, as ingest does.
+
+Routes (``collector/openapi.py`` documents every field):
+
+- ``GET /api/v1/calls``: calls, newest first, with their turn totals;
+- ``GET /api/v1/calls/{call_id}``: a call's spans as a tree and its per-turn latency;
+- ``GET /api/v1/traces``: trace search (semantics in ``collector/query.py``);
+- ``GET /api/v1/traces/{trace_id}``: one trace as a tree;
+- ``GET /api/v1/openapi.json``; ``GET /``: the explorer (``collector/ui/``).
+
+Bad parameters answer 400 ``{"error": "..."}``, no or an unknown key 401, unknown ids
+404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from multidict import MultiMapping
+
+from collector.components import RequestInfo, UnauthenticatedError
+from collector.openapi import OPENAPI
+from collector.query import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    CallFilter,
+    QueryError,
+    QueryStore,
+    TraceFilter,
+    build_tree,
+    parse_time,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["QueryAPI", "routes_for"]
+
+UI_DIR = Path(__file__).resolve().parent / "ui"
+_UI_FILES = {
+    "index.html": "text/html",
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+}
+# The page loads only its own files and talks only to this server.
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';"
+    " connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+_CALL_PARAMS = {"start", "end", "limit", "cursor"}
+_TRACE_PARAMS = {
+    "start",
+    "end",
+    "limit",
+    "cursor",
+    "service",
+    "name",
+    "name_contains",
+    "min_duration_ms",
+    "status",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def routes_for(service: Any, storage_id: str | None) -> list[web.RouteDef]:
+    """The API and explorer routes reading ``storage_id``'s store (None: the first)."""
+    exporter = _storage(service, storage_id)
+    if exporter is None:
+        log.info("query API off: no exporter offers queries")
+        return []
+    auth = _auth_processor(service, exporter.id)
+    if auth is None:
+        log.warning("query API: no auth processor feeds %s; the API needs no key", exporter.id)
+    return QueryAPI(exporter.query_store(), auth).routes()
+
+
+def _storage(service: Any, storage_id: str | None) -> Any:
+    if storage_id is not None:
+        exporter = service.exporters.get(storage_id)
+        if exporter is None or not callable(getattr(exporter, "query_store", None)):
+            raise RuntimeError(
+                f"service.query.storage: {storage_id!r} is not an exporter that offers queries"
+            )
+        return exporter
+    for exporter in service.exporters.values():
+        if callable(getattr(exporter, "query_store", None)):
+            return exporter
+    return None
+
+
+def _auth_processor(service: Any, exporter_id: str) -> Any:
+    """The ``auth`` processor of a pipeline exporting to ``exporter_id`` (else any)."""
+    from processors.auth import AuthProcessor
+
+    candidates = [
+        service.processors[processor_id]
+        for pipeline in service.config.pipelines.values()
+        if exporter_id in pipeline.exporters
+        for processor_id in pipeline.processors
+    ]
+    candidates += list(service.processors.values())
+    return next((p for p in candidates if isinstance(p, AuthProcessor)), None)
+
+
+class QueryAPI:
+    def __init__(self, store: QueryStore, auth: Any | None):
+        self.store = store
+        self.auth = auth
+        self._ui = {name: (UI_DIR / name).read_bytes() for name in _UI_FILES}
+        self._openapi = json.dumps(OPENAPI, indent=1).encode()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/api/v1/calls", self._guard(self.list_calls)),
+            web.get("/api/v1/calls/{call_id}", self._guard(self.get_call)),
+            web.get("/api/v1/traces", self._guard(self.search_traces)),
+            web.get("/api/v1/traces/{trace_id}", self._guard(self.get_trace)),
+            web.get("/api/v1/openapi.json", self.openapi),
+            web.get("/", self.page),
+            web.get("/ui/{file}", self.ui_file),
+        ]
+
+    # -- authentication and errors ----------------------------------------------------
+
+    async def _project(self, request: web.Request) -> str:
+        if self.auth is None:
+            return ""
+        info = RequestInfo(
+            headers={name.lower(): value for name, value in request.headers.items()},
+            transport="http",
+            peer=request.remote,
+        )
+        await self.auth.admit(info)
+        return info.project or ""
+
+    def _guard(self, handler: Callable[[web.Request, str], Awaitable[Any]]) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            try:
+                project = await self._project(request)
+            except UnauthenticatedError as exc:
+                return _error(401, str(exc) or "unauthenticated", {"WWW-Authenticate": "Bearer"})
+            try:
+                body = await handler(request, project)
+            except QueryError as exc:
+                return _error(400, str(exc))
+            except sqlite3.OperationalError as exc:
+                log.warning("query failed: %s", exc)
+                return _error(503, f"storage unavailable: {exc}", {"Retry-After": "1"})
+            if isinstance(body, web.StreamResponse):
+                return body
+            return _json(200, body)
+
+        return guarded
+
+    # -- endpoints --------------------------------------------------------------------
+
+    async def list_calls(self, request: web.Request, project: str) -> Any:
+        params = _Params(request.query, _CALL_PARAMS, ("attr.", "tag."))
+        query = CallFilter(
+            start_ns=params.time("start"),
+            end_ns=params.time("end"),
+            attributes=params.prefixed("attr."),
+            tags=params.prefixed("tag."),
+            limit=params.limit(),
+            cursor=params.text("cursor"),
+        )
+        _check_range(query.start_ns, query.end_ns)
+        page = await self.store.calls(project, query)
+        return {"calls": page.items, "next_cursor": page.next_cursor}
+
+    async def get_call(self, request: web.Request, project: str) -> Any:
+        _Params(request.query, set(), ())
+        call_id = request.match_info["call_id"]
+        found = await self.store.call(project, call_id)
+        if found is None:
+            return _error(404, f"no call {call_id!r}")
+        return await asyncio.to_thread(_call_body, found)
+
+    async def search_traces(self, request: web.Request, project: str) -> Any:
+        params = _Params(request.query, _TRACE_PARAMS, ("attr.",))
+        min_ms = params.number("min_duration_ms")
+        status = params.text("status")
+        if status is not None and status not in ("error", "ok"):
+            raise QueryError(f"status: expected error or ok, got {status!r}")
+        query = TraceFilter(
+            start_ns=params.time("start"),
+            end_ns=params.time("end"),
+            service=params.text("service"),
+            name=params.text("name"),
+            name_contains=params.text("name_contains"),
+            attributes=params.prefixed("attr."),
+            min_duration_ns=None if min_ms is None else math.ceil(min_ms * 1e6),
+            status=status,
+            limit=params.limit(),
+            cursor=params.text("cursor"),
+        )
+        _check_range(query.start_ns, query.end_ns)
+        page = await self.store.traces(project, query)
+        return {"traces": page.items, "next_cursor": page.next_cursor}
+
+    async def get_trace(self, request: web.Request, project: str) -> Any:
+        _Params(request.query, set(), ())
+        text = request.match_info["trace_id"]
+        try:
+            trace_id = bytes.fromhex(text)
+        except ValueError:
+            trace_id = b""
+        if len(trace_id) != 16:
+            raise QueryError(f"trace_id: expected 32 hex digits, got {text!r}")
+        found = await self.store.trace(project, trace_id)
+        if found is None:
+            return _error(404, f"no trace {text}")
+        return await asyncio.to_thread(_trace_body, found)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._openapi, content_type="application/json")
+
+    async def page(self, request: web.Request) -> web.Response:
+        return self._file("index.html")
+
+    async def ui_file(self, request: web.Request) -> web.Response:
+        name = request.match_info["file"]
+        if name not in _UI_FILES:
+            raise web.HTTPNotFound()
+        return self._file(name)
+
+    def _file(self, name: str) -> web.Response:
+        return web.Response(
+            body=self._ui[name],
+            content_type=_UI_FILES[name],
+            charset="utf-8",
+            headers={
+                "Content-Security-Policy": _CSP,
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-cache",
+            },
+        )
+
+
+# -- bodies (built off the event loop: trees of big calls take a while) -------------
+
+
+def _call_body(found: dict[str, Any]) -> web.Response:
+    summary = found["summary"]
+    body = {
+        "call": found["call"],
+        "framework": summary["framework"],
+        "turns": summary["turns"],
+        "totals": summary["totals"],
+        "tree": build_tree(found["spans"]),
+        "resources": found["resources"],
+    }
+    return _json(200, body)
+
+
+def _trace_body(found: dict[str, Any]) -> web.Response:
+    body = {
+        "trace_id": found["trace"]["trace_id"],
+        "trace": found["trace"],
+        "tree": build_tree(found["spans"]),
+        "resources": found["resources"],
+    }
+    return _json(200, body)
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(body, separators=(",", ":")).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return _json(status, {"error": message}, headers)
+
+
+def _check_range(start: int | None, end: int | None) -> None:
+    if start is not None and end is not None and start >= end:
+        raise QueryError("start: must be before end")
+
+
+class _Params:
+    """Query string parameters, checked: unknown or repeated names are errors."""
+
+    def __init__(self, query: MultiMapping[str], names: set[str], prefixes: tuple[str, ...]):
+        self.query = query
+        for name in set(query.keys()):
+            if name.startswith(prefixes) and name not in prefixes:
+                continue
+            if name not in names:
+                known = sorted(names) + [f"{p}KEY" for p in prefixes]
+                raise QueryError(
+                    f"{name}: unknown parameter (expected one of {', '.join(known) or 'none'})"
+                )
+            if len(query.getall(name)) > 1:
+                raise QueryError(f"{name}: given more than once")
+
+    def text(self, name: str) -> str | None:
+        value = self.query.get(name)
+        return value if value else None
+
+    def time(self, name: str) -> int | None:
+        value = self.text(name)
+        return None if value is None else parse_time(name, value)
+
+    def number(self, name: str) -> float | None:
+        value = self.text(name)
+        if value is None:
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or number < 0:
+            raise QueryError(f"{name}: expected a number of at least 0, got {value!r}")
+        return number
+
+    def limit(self) -> int:
+        value = self.text("limit")
+        if value is None:
+            return DEFAULT_LIMIT
+        if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_LIMIT:
+            raise QueryError(f"limit: expected a whole number from 1 to {MAX_LIMIT}, got {value!r}")
+        return int(value)
+
+    def prefixed(self, prefix: str) -> list[tuple[str, str]]:
+        """``(KEY, VALUE)`` of each ``PREFIXKEY=VALUE``, repeats kept (all must hold)."""
+        return [
+            (name[len(prefix) :], value)
+            for name, value in self.query.items()
+            if name.startswith(prefix) and len(name) > len(prefix)
+        ]

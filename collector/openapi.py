@@ -1,0 +1,330 @@
+"""The OpenAPI 3.1 document of the query API, served at ``/api/v1/openapi.json``.
+
+Schemas are JSON Schema 2020-12 and closed (``additionalProperties: false``): the API
+tests validate every response they receive against this document, so a field added to
+a response without being documented here fails them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["OPENAPI"]
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(properties: dict[str, Any], description: str = "") -> dict[str, Any]:
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": properties,
+        "required": sorted(properties),
+        "additionalProperties": False,
+    }
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _nullable(kind: str, description: str = "") -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": [kind, "null"]}
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _t(kind: str, description: str = "") -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": kind}
+    if description:
+        schema["description"] = description
+    return schema
+
+
+_ATTRIBUTES = {
+    "type": "object",
+    "description": "Attribute values as JSON: strings, booleans, numbers, arrays, objects;"
+    " bytes as hex.",
+}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": _obj({"error": _t("string", "What was wrong, naming the parameter.")}),
+    "Call": _obj(
+        {
+            "call_id": _t("string"),
+            "room_id": _t("string", "The correlation key's value: the LiveKit room SID."),
+            "source": _t("string", "The attribute the call key came from."),
+            "room_name": _nullable("string", "From a LiveKit webhook, when one arrived."),
+            "service": _nullable("string", "service.name of the call's first resource."),
+            "framework": {"enum": ["livekit", "pipecat", "unknown"]},
+            "start": _nullable("string", "RFC 3339 start of the call's first span."),
+            "start_ns": _nullable("integer"),
+            "end_ns": _nullable("integer"),
+            "duration_ms": _nullable("number"),
+            "turn_count": _t("integer"),
+            "median_turn_ms": _nullable("number", "Median end-to-end turn latency."),
+            "worst_turn_ms": _nullable("number", "Worst end-to-end turn latency."),
+            "tool_calls": _t("integer"),
+            "error_count": _t("integer", "Spans with status ERROR plus failed tool calls."),
+            "span_count": _t("integer"),
+            "tags": {
+                "type": "object",
+                "description": "Custom tags: resource attributes roark.project.tag.KEY.",
+            },
+        }
+    ),
+    "Trace": _obj(
+        {
+            "trace_id": _t("string"),
+            "call_id": _nullable("string"),
+            "service": _nullable("string"),
+            "start": _t("string"),
+            "start_ns": _t("integer"),
+            "end_ns": _t("integer"),
+            "duration_ms": _t("number"),
+            "root_name": _nullable("string", "Null while the root span has not arrived."),
+            "root_span_id": _nullable("string"),
+            "has_error": _t("boolean", "Some span of the trace has status ERROR."),
+            "span_count": _t("integer"),
+        }
+    ),
+    "Event": _obj({"name": _t("string"), "time_ns": _t("integer"), "attributes": _ATTRIBUTES}),
+    "Link": _obj({"trace_id": _t("string"), "span_id": _t("string"), "attributes": _ATTRIBUTES}),
+    "Span": _obj(
+        {
+            "trace_id": _t("string"),
+            "span_id": _t("string"),
+            "parent_span_id": _nullable("string"),
+            "name": _t("string"),
+            "kind": _t("integer"),
+            "start_ns": _nullable("integer"),
+            "end_ns": _nullable("integer"),
+            "duration_ms": _t("number"),
+            "status_code": _t("integer", "0 unset, 1 ok, 2 error."),
+            "status_message": _t("string"),
+            "attributes": _ATTRIBUTES,
+            "events": {"type": "array", "items": _ref("Event")},
+            "links": {"type": "array", "items": _ref("Link")},
+            "resource_id": _nullable("string", "Key into the response's resources."),
+            "scope": {
+                "oneOf": [
+                    {"type": "null"},
+                    _obj({"name": _t("string"), "version": _t("string")}),
+                ]
+            },
+            "call_id": _nullable("string"),
+            "placeholder": _t(
+                "boolean",
+                "True for a parent that never arrived: it holds its orphaned children.",
+            ),
+            "children": {"type": "array", "items": _ref("Span")},
+        },
+        "A span with its children, nested by parent.",
+    ),
+    "ToolCall": _obj(
+        {
+            "name": _nullable("string"),
+            "duration_ms": _nullable("number"),
+            "error": _t("boolean"),
+            "span_id": _nullable("string"),
+        }
+    ),
+    "Turn": _obj(
+        {
+            "number": _t("integer"),
+            "span_id": _t("string"),
+            "user_span_id": _nullable("string"),
+            "start_ns": _t("integer"),
+            "end_ns": _t("integer"),
+            "user_text": _nullable("string"),
+            "stt_ms": _nullable("number"),
+            "llm_ttft_ms": _nullable("number"),
+            "tts_ttfb_ms": _nullable("number"),
+            "llm_calls": _t("integer"),
+            "tool_calls": {"type": "array", "items": _ref("ToolCall")},
+            "e2e_ms": _nullable("number"),
+            "interrupted": _t("boolean"),
+        },
+        "One turn; the README's Query API section says which span each number comes from.",
+    ),
+    "Totals": _obj(
+        {
+            "turn_count": _t("integer"),
+            "median_e2e_ms": _nullable("number"),
+            "worst_e2e_ms": _nullable("number"),
+            "tool_calls": _t("integer"),
+            "errors": _t("integer"),
+            "stt_ms_total": _nullable("number"),
+            "llm_calls": _t("integer"),
+        }
+    ),
+    "Resources": {
+        "type": "object",
+        "description": "Resource attributes by resource_id.",
+        "additionalProperties": _ATTRIBUTES,
+    },
+    "CallList": _obj(
+        {
+            "calls": {"type": "array", "items": _ref("Call")},
+            "next_cursor": _nullable("string", "Pass as cursor for the next page."),
+        }
+    ),
+    "CallDetail": _obj(
+        {
+            "call": _ref("Call"),
+            "framework": {"enum": ["livekit", "pipecat", "unknown"]},
+            "turns": {"type": "array", "items": _ref("Turn")},
+            "totals": _ref("Totals"),
+            "tree": {"type": "array", "items": _ref("Span")},
+            "resources": _ref("Resources"),
+        }
+    ),
+    "TraceList": _obj(
+        {
+            "traces": {"type": "array", "items": _ref("Trace")},
+            "next_cursor": _nullable("string", "Pass as cursor for the next page."),
+        }
+    ),
+    "TraceDetail": _obj(
+        {
+            "trace_id": _t("string"),
+            "trace": _ref("Trace"),
+            "tree": {"type": "array", "items": _ref("Span")},
+            "resources": _ref("Resources"),
+        }
+    ),
+}
+
+
+def _param(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+
+
+_TIME = "RFC 3339 (2026-11-24T10:00:00Z) or Unix nanoseconds; selects by start time."
+_COMMON_PARAMS = [
+    _param("start", "Inclusive lower bound of the start time. " + _TIME),
+    _param("end", "Exclusive upper bound of the start time. " + _TIME),
+    _param("limit", "Page size, 1 to 1000 (default 50).", {"type": "integer", "minimum": 1}),
+    _param("cursor", "next_cursor of the previous page."),
+]
+_ATTR_PARAM = {
+    "name": "attr",
+    "in": "query",
+    "style": "form",
+    "explode": True,
+    "description": "attr.KEY=VALUE, repeatable: some span or resource attribute KEY has the"
+    " text VALUE (strings as they are, true/false, decimal numbers; short scalar values only).",
+    "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+}
+
+
+def _json_response(description: str, schema: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+_ERRORS = {
+    "400": _json_response("A bad parameter.", "Error"),
+    "401": _json_response("No, an unknown or a revoked API key.", "Error"),
+    "503": _json_response("Storage unavailable; retry.", "Error"),
+}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "calltrace query API",
+        "version": "1",
+        "description": "Calls, their trace trees and per-turn latency, and trace search. "
+        "Authenticate with the ingest key: Authorization: Bearer <key>; a key sees only "
+        "its project. Results are newest first; follow next_cursor to page.",
+    },
+    "servers": [{"url": "/"}],
+    "security": [{"bearer": []}],
+    "paths": {
+        "/api/v1/calls": {
+            "get": {
+                "summary": "Calls, newest first, with turn latency totals.",
+                "parameters": [
+                    *_COMMON_PARAMS,
+                    _ATTR_PARAM,
+                    {
+                        **_ATTR_PARAM,
+                        "name": "tag",
+                        "description": "tag.KEY=VALUE, repeatable: the call's custom tag"
+                        " (resource attribute roark.project.tag.KEY) has the text VALUE.",
+                    },
+                ],
+                "responses": {"200": _json_response("A page of calls.", "CallList"), **_ERRORS},
+            }
+        },
+        "/api/v1/calls/{call_id}": {
+            "get": {
+                "summary": "A call's spans as a tree, with per-turn latency.",
+                "parameters": [
+                    {
+                        "name": "call_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": _json_response("The call.", "CallDetail"),
+                    "404": _json_response("No such call in this project.", "Error"),
+                    **_ERRORS,
+                },
+            }
+        },
+        "/api/v1/traces": {
+            "get": {
+                "summary": "Trace search. Each condition must be met by some span of the trace.",
+                "parameters": [
+                    *_COMMON_PARAMS,
+                    _param("service", "service.name of the trace's resource."),
+                    _param("name", "Some span has exactly this name."),
+                    _param("name_contains", "Some span's name contains this (any case)."),
+                    _ATTR_PARAM,
+                    _param(
+                        "min_duration_ms",
+                        "The trace lasts at least this long (first start to last end).",
+                        {"type": "number", "minimum": 0},
+                    ),
+                    _param(
+                        "status",
+                        "error: some span has status ERROR; ok: none has.",
+                        {"enum": ["error", "ok"]},
+                    ),
+                ],
+                "responses": {"200": _json_response("A page of traces.", "TraceList"), **_ERRORS},
+            }
+        },
+        "/api/v1/traces/{trace_id}": {
+            "get": {
+                "summary": "One trace as a tree.",
+                "parameters": [
+                    {
+                        "name": "trace_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{32}$"},
+                    }
+                ],
+                "responses": {
+                    "200": _json_response("The trace.", "TraceDetail"),
+                    "404": _json_response("No such trace in this project.", "Error"),
+                    **_ERRORS,
+                },
+            }
+        },
+    },
+    "components": {
+        "schemas": _SCHEMAS,
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+    },
+}

@@ -1,0 +1,236 @@
+"""The read side of storage, independent of any one database.
+
+A storage exporter that can answer queries offers ``query_store()`` returning a
+``QueryStore``; ``collector.api`` turns HTTP parameters into the filters below and the
+store's dicts into JSON. Every method takes the project the API key belongs to and
+never returns another project's data.
+
+Search semantics, shared by every store:
+
+- Time ranges select by *start* time: ``start <= start_ns < end`` of a trace or call.
+- Trace search is trace-level: a trace matches when each condition is met by some span
+  (or the resource of some span) of that trace; different conditions may be met by
+  different spans. ``attr.KEY=VALUE`` compares the attribute's text (strings as they
+  are, ``true``/``false``, numbers in decimal) and sees only short scalar values, as
+  indexed by the store. ``name_contains`` is a case-insensitive substring of a span
+  name. ``min_duration_ms`` and ``status`` apply to the trace: its extent (first span
+  start to last span end) and whether any span has status ERROR.
+- Results are newest first; a page's ``next_cursor`` (opaque) continues after its last
+  item, so paging never repeats or skips an item that existed when paging began.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "MAX_LIMIT",
+    "CallFilter",
+    "Page",
+    "QueryError",
+    "QueryStore",
+    "TraceFilter",
+    "build_tree",
+    "decode_cursor",
+    "encode_cursor",
+    "parse_time",
+    "rfc3339",
+]
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+
+
+class QueryError(ValueError):
+    """A bad query parameter; the message says which and what was expected (HTTP 400)."""
+
+
+@dataclass
+class TraceFilter:
+    start_ns: int | None = None
+    end_ns: int | None = None
+    service: str | None = None
+    name: str | None = None
+    name_contains: str | None = None
+    attributes: list[tuple[str, str]] = field(default_factory=list)
+    """``(key, value text)`` pairs, each met by some span or resource attribute."""
+    min_duration_ns: int | None = None
+    status: str | None = None
+    """``"error"``: traces with an ERROR span; ``"ok"``: traces without one."""
+    limit: int = DEFAULT_LIMIT
+    cursor: str | None = None
+
+
+@dataclass
+class CallFilter:
+    start_ns: int | None = None
+    end_ns: int | None = None
+    attributes: list[tuple[str, str]] = field(default_factory=list)
+    """``(key, value text)`` pairs, each met by a span or resource attribute of the call."""
+    tags: list[tuple[str, str]] = field(default_factory=list)
+    """``(tag, value text)``: resource attribute ``roark.project.tag.TAG`` equals value."""
+    limit: int = DEFAULT_LIMIT
+    cursor: str | None = None
+
+
+@dataclass
+class Page:
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+class QueryStore(Protocol):
+    """What the query API reads. Every call is scoped to one project."""
+
+    async def calls(self, project: str, query: CallFilter) -> Page:
+        """Calls, newest first, each with its summary totals."""
+        ...
+
+    async def call(self, project: str, call_id: str) -> dict[str, Any] | None:
+        """``{"call", "spans", "resources"}``: a call and every span of it, or None."""
+        ...
+
+    async def traces(self, project: str, query: TraceFilter) -> Page:
+        """Trace summaries matching ``query``, newest first."""
+        ...
+
+    async def trace(self, project: str, trace_id: bytes) -> dict[str, Any] | None:
+        """``{"trace", "spans", "resources"}`` of one trace, or None."""
+        ...
+
+
+# -- parameters ---------------------------------------------------------------------
+
+
+_RFC3339 = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})$"
+)
+_MAX_NS = 2**63 - 1
+
+
+def parse_time(name: str, text: str) -> int:
+    """Unix nanoseconds from RFC 3339 (``2026-11-24T10:00:00.5Z``) or Unix nanoseconds."""
+    text = text.strip()
+    ns: int | None = None
+    if text.isascii() and text.isdigit():
+        ns = int(text)
+    elif match := _RFC3339.match(text):
+        day, clock, fraction, offset = match.groups()
+        offset = "+00:00" if offset in ("Z", "z") else offset
+        try:
+            moment = datetime.fromisoformat(f"{day}T{clock}{offset}")
+        except ValueError:
+            moment = None
+        if moment is not None:
+            delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+            ns = (delta.days * 86_400 + delta.seconds) * 1_000_000_000
+            ns += int((fraction or "").ljust(9, "0"))
+    if ns is None or not 0 <= ns <= _MAX_NS:
+        raise QueryError(
+            f"{name}: expected an RFC 3339 time like 2026-11-24T10:00:00Z or Unix"
+            f" nanoseconds, got {text!r}"
+        )
+    return ns
+
+
+def rfc3339(ns: int | None) -> str | None:
+    """An RFC 3339 UTC time with nanoseconds, e.g. ``2026-11-24T10:00:00.123456789Z``."""
+    if ns is None:
+        return None
+    seconds, nanos = divmod(int(ns), 1_000_000_000)
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{nanos:09d}Z"
+
+
+def encode_cursor(position: list[Any]) -> str:
+    """An opaque page token for the sort position of a page's last item."""
+    raw = json.dumps(position, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(token: str, shape: tuple[type, ...]) -> list[Any]:
+    """The sort position in ``token``; QueryError unless it has ``shape``."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        position = json.loads(raw)
+    except (ValueError, binascii.Error):
+        position = None
+    if (
+        not isinstance(position, list)
+        or len(position) != len(shape)
+        or not all(type(v) is t for v, t in zip(position, shape, strict=True))
+        or not all(abs(v) <= _MAX_NS for v in position if isinstance(v, int))
+    ):
+        raise QueryError("cursor: not a cursor this API returned")
+    return position
+
+
+# -- trees --------------------------------------------------------------------------
+
+
+def build_tree(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Spans nested by parent (``children``, in start order); roots in start order.
+
+    A span whose parent is not among ``spans`` (it never arrived, or not yet) hangs
+    under a placeholder node for that parent (``placeholder: true``), spanning its
+    children, so a call whose root is missing still shows one tree.
+    """
+    by_id = {(s["trace_id"], s["span_id"]): s for s in spans}
+    for span in spans:
+        span["children"] = []
+    placeholders: dict[tuple[str, str], dict[str, Any]] = {}
+    roots: list[dict[str, Any]] = []
+    for span in spans:
+        parent_id = span.get("parent_span_id")
+        if not parent_id:
+            roots.append(span)
+            continue
+        key = (span["trace_id"], parent_id)
+        parent = by_id.get(key)
+        if parent is None:
+            parent = placeholders.get(key)
+            if parent is None:
+                parent = placeholders[key] = _placeholder(span["trace_id"], parent_id)
+                roots.append(parent)
+            parent["start_ns"] = min(parent["start_ns"] or span["start_ns"], span["start_ns"])
+            parent["end_ns"] = max(parent["end_ns"] or 0, span["end_ns"])
+            parent["duration_ms"] = round((parent["end_ns"] - parent["start_ns"]) / 1e6, 3)
+        parent["children"].append(span)
+    for node in [*spans, *placeholders.values()]:
+        node["children"].sort(key=_start_order)
+    roots.sort(key=_start_order)
+    return roots
+
+
+def _start_order(span: dict[str, Any]) -> tuple[int, int, str]:
+    return (span["start_ns"] or 0, -(span["end_ns"] or 0), span["span_id"])
+
+
+def _placeholder(trace_id: str, span_id: str) -> dict[str, Any]:
+    return {
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "parent_span_id": None,
+        "name": "(missing span)",
+        "placeholder": True,
+        "kind": 0,
+        "start_ns": None,
+        "end_ns": None,
+        "duration_ms": 0.0,
+        "status_code": 0,
+        "status_message": "",
+        "attributes": {},
+        "events": [],
+        "links": [],
+        "resource_id": None,
+        "scope": None,
+        "call_id": None,
+        "children": [],
+    }

@@ -1,0 +1,429 @@
+"""The read side of the ``sqlite`` exporter's file: what the query API asks of it.
+
+Reads run on read-only connections in a small thread pool (one connection per
+thread), so the event loop never waits on disk and never blocks the writer (WAL lets
+readers and the one writer proceed together). Every statement is scoped to a project
+and walks an index (see ``EXPLAIN QUERY PLAN`` in the tests):
+
+- calls list: ``calls_by_start`` (project, start_ns DESC, call_id), the cursor a
+  range bound on it; each call's turn totals come from the ``calls.summary`` cache,
+  recomputed when ``summary_spans`` differs from the call's stored span count
+  (``spans_by_call``);
+- trace search: ``traces_by_start``, each condition an ``IN`` over an index:
+  ``trace_attrs`` (project, key, value) for ``attr.*``, ``spans_by_name_trace`` (covering) for names,
+  ``span_names`` for name substrings;
+- one call / one trace: ``spans_by_call`` / ``spans_identity``.
+
+Attributes, events and links are decoded from each span's stored protobuf bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from collector import any_value_to_python
+from collector.query import (
+    CallFilter,
+    Page,
+    TraceFilter,
+    decode_cursor,
+    encode_cursor,
+    rfc3339,
+)
+from collector.turns import summarize_call
+
+__all__ = ["SQLiteQueryStore", "calls_sql", "traces_sql"]
+
+TAG_PREFIX = "roark.project.tag."
+_SUMMARY_VERSION = 1
+"""Bumped when the cached summary's shape changes, so old caches are recomputed."""
+
+_SPAN_COLUMNS = (
+    "s.trace_id, s.span_id, s.parent_span_id, s.name, s.start_ns, s.end_ns, s.status_code,"
+    " s.call_id, s.resource_id, sc.name, sc.version, s.span"
+)
+_TRACE_COLUMNS = (
+    "trace_id, call_id, service, start_ns, end_ns, duration_ns, root_name, root_span_id, has_error"
+)
+_CALL_COLUMNS = (
+    "call_id, room_id, source, room_name, service, start_ns, end_ns, tags, summary, summary_spans"
+)
+
+
+class SQLiteQueryStore:
+    """Queries over an SQLite file the ``sqlite`` exporter writes."""
+
+    def __init__(self, path: str | Path, threads: int = 2):
+        self.path = Path(path)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="calltrace-query")
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._cache_db: sqlite3.Connection | None = None
+
+    # -- plumbing -------------------------------------------------------------------
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+            )
+            db.execute("PRAGMA busy_timeout=10000")
+            db.execute("PRAGMA query_only=1")
+            self._local.db = db
+            with self._lock:
+                self._connections.append(db)
+        return db
+
+    def _store_summary(self, project: str, call_id: str, summary: str, spans: int) -> None:
+        """Cache a call's summary. Best effort: a busy writer only means a recompute later."""
+        with self._lock:
+            if self._cache_db is None:
+                self._cache_db = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False
+                )
+                self._cache_db.execute("PRAGMA busy_timeout=200")
+            with contextlib.suppress(sqlite3.OperationalError):
+                self._cache_db.execute(
+                    "UPDATE calls SET summary = ?, summary_spans = ?"
+                    " WHERE project = ? AND call_id = ?",
+                    (summary, spans, project, call_id),
+                )
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+        with self._lock:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+            if self._cache_db is not None:
+                self._cache_db.close()
+                self._cache_db = None
+
+    # -- calls ----------------------------------------------------------------------
+
+    async def calls(self, project: str, query: CallFilter) -> Page:
+        return await self._run(self._calls, project, query)
+
+    def _calls(self, project: str, query: CallFilter) -> Page:
+        db = self._db()
+        sql, args = calls_sql(project, query)
+        rows = db.execute(sql, args).fetchall()
+        more = len(rows) > query.limit
+        rows = rows[: query.limit]
+        items = [self._call_item(db, project, row) for row in rows]
+        cursor = encode_cursor([rows[-1][5], rows[-1][0]]) if more and rows else None
+        return Page(items, cursor)
+
+    def _call_item(
+        self, db: sqlite3.Connection, project: str, row: tuple[Any, ...]
+    ) -> dict[str, Any]:
+        call_id, summary_json, summary_spans = row[0], row[8], row[9]
+        (span_count,) = db.execute(
+            "SELECT count(*) FROM spans WHERE project = ? AND call_id = ?", (project, call_id)
+        ).fetchone()
+        summary = _cached(summary_json) if summary_spans == span_count else None
+        if summary is None:
+            spans, _ = self._spans(db, "s.project = ? AND s.call_id = ?", (project, call_id))
+            summary = summarize_call(spans)
+            span_count = len(spans)
+            self._store_summary(project, call_id, _cache_text(summary), span_count)
+        return _call_json(row, summary, span_count)
+
+    async def call(self, project: str, call_id: str) -> dict[str, Any] | None:
+        return await self._run(self._call, project, call_id)
+
+    def _call(self, project: str, call_id: str) -> dict[str, Any] | None:
+        db = self._db()
+        row = db.execute(
+            f"SELECT {_CALL_COLUMNS} FROM calls WHERE project = ? AND call_id = ?",
+            (project, call_id),
+        ).fetchone()
+        if row is None:
+            return None
+        spans, resources = self._spans(db, "s.project = ? AND s.call_id = ?", (project, call_id))
+        summary = summarize_call(spans)
+        if row[9] != len(spans):
+            self._store_summary(project, call_id, _cache_text(summary), len(spans))
+        return {
+            "call": _call_json(row, summary, len(spans)),
+            "summary": summary,
+            "spans": spans,
+            "resources": resources,
+        }
+
+    # -- traces ---------------------------------------------------------------------
+
+    async def traces(self, project: str, query: TraceFilter) -> Page:
+        return await self._run(self._traces, project, query)
+
+    def _traces(self, project: str, query: TraceFilter) -> Page:
+        db = self._db()
+        sql, args = traces_sql(project, query)
+        rows = db.execute(sql, args).fetchall()
+        more = len(rows) > query.limit
+        rows = rows[: query.limit]
+        items = [_trace_json(row, self._span_count(db, project, row[0])) for row in rows]
+        cursor = encode_cursor([rows[-1][3], rows[-1][0].hex()]) if more and rows else None
+        return Page(items, cursor)
+
+    def _span_count(self, db: sqlite3.Connection, project: str, trace_id: bytes) -> int:
+        """Counted in ``spans_identity`` alone (covering): no span row is read."""
+        (count,) = db.execute(
+            "SELECT count(*) FROM spans WHERE project = ? AND trace_id = ?", (project, trace_id)
+        ).fetchone()
+        return int(count)
+
+    async def trace(self, project: str, trace_id: bytes) -> dict[str, Any] | None:
+        return await self._run(self._trace, project, trace_id)
+
+    def _trace(self, project: str, trace_id: bytes) -> dict[str, Any] | None:
+        db = self._db()
+        row = db.execute(
+            f"SELECT {_TRACE_COLUMNS} FROM traces WHERE project = ? AND trace_id = ?",
+            (project, trace_id),
+        ).fetchone()
+        if row is None:
+            return None
+        spans, resources = self._spans(db, "s.project = ? AND s.trace_id = ?", (project, trace_id))
+        return {
+            "trace": _trace_json(row, len(spans)),
+            "spans": spans,
+            "resources": resources,
+        }
+
+    # -- spans ----------------------------------------------------------------------
+
+    def _spans(
+        self, db: sqlite3.Connection, where: str, args: tuple[Any, ...]
+    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        """Spans as dicts (attributes decoded), and the attributes of their resources."""
+        rows = db.execute(
+            f"SELECT {_SPAN_COLUMNS} FROM spans s LEFT JOIN scopes sc ON sc.scope_id = s.scope_id"
+            f" WHERE {where}",
+            args,
+        ).fetchall()
+        spans = [_span_json(row) for row in rows]
+        resource_ids = sorted({row[8] for row in rows})
+        resources: dict[str, dict[str, Any]] = {}
+        for chunk in range(0, len(resource_ids), 500):
+            ids = resource_ids[chunk : chunk + 500]
+            marks = ",".join("?" * len(ids))
+            for resource_id, attributes in db.execute(
+                f"SELECT resource_id, attributes FROM resources WHERE resource_id IN ({marks})",
+                ids,
+            ):
+                resources[str(resource_id)] = _jsonable(json.loads(attributes))
+        return spans, resources
+
+
+# -- statements -------------------------------------------------------------
+
+
+def calls_sql(project: str, query: CallFilter) -> tuple[str, list[Any]]:
+    """The calls list statement: a range scan of ``calls_by_start``."""
+    sql = [f"SELECT {_CALL_COLUMNS} FROM calls WHERE project = ? AND start_ns IS NOT NULL"]
+    args: list[Any] = [project]
+    if query.start_ns is not None:
+        sql.append("AND start_ns >= ?")
+        args.append(query.start_ns)
+    if query.end_ns is not None:
+        sql.append("AND start_ns < ?")
+        args.append(query.end_ns)
+    if query.cursor is not None:
+        start, call_id = decode_cursor(query.cursor, (int, str))
+        sql.append("AND start_ns <= ? AND (start_ns < ? OR call_id > ?)")
+        args += [start, start, call_id]
+    conditions = [*query.attributes, *((TAG_PREFIX + k, v) for k, v in query.tags)]
+    for key, value in conditions:
+        sql.append(
+            "AND call_id IN (SELECT t.call_id FROM trace_attrs a JOIN traces t"
+            " ON t.project = a.project AND t.trace_id = a.trace_id"
+            " WHERE a.project = ? AND a.key = ? AND a.value = ?)"
+        )
+        args += [project, key, value]
+    sql.append("ORDER BY start_ns DESC, call_id LIMIT ?")
+    args.append(query.limit + 1)
+    return " ".join(sql), args
+
+
+def traces_sql(project: str, query: TraceFilter) -> tuple[str, list[Any]]:
+    """The trace search statement: ``traces_by_start`` with one indexed ``IN`` per condition."""
+    sql = [f"SELECT {_TRACE_COLUMNS} FROM traces WHERE project = ?"]
+    args: list[Any] = [project]
+    if query.start_ns is not None:
+        sql.append("AND start_ns >= ?")
+        args.append(query.start_ns)
+    if query.end_ns is not None:
+        sql.append("AND start_ns < ?")
+        args.append(query.end_ns)
+    if query.cursor is not None:
+        start, trace_hex = decode_cursor(query.cursor, (int, str))
+        try:
+            trace_id = bytes.fromhex(trace_hex)
+        except ValueError:
+            trace_id = b""
+        sql.append("AND start_ns <= ? AND (start_ns < ? OR trace_id > ?)")
+        args += [start, start, trace_id]
+    if query.service is not None:
+        sql.append("AND service = ?")
+        args.append(query.service)
+    if query.min_duration_ns is not None:
+        # "+": filter while walking traces_by_start (newest first, stops at the limit)
+        # rather than sort every long-enough trace for each page.
+        sql.append("AND +duration_ns >= ?")
+        args.append(query.min_duration_ns)
+    if query.status is not None:
+        sql.append("AND has_error = ?")
+        args.append(1 if query.status == "error" else 0)
+    if query.name is not None:
+        sql.append("AND trace_id IN (SELECT trace_id FROM spans WHERE project = ? AND name = ?)")
+        args += [project, query.name]
+    if query.name_contains is not None:
+        sql.append(
+            "AND trace_id IN (SELECT trace_id FROM spans WHERE project = ? AND name IN"
+            " (SELECT name FROM span_names WHERE project = ?"
+            " AND instr(lower(name), lower(?)) > 0))"
+        )
+        args += [project, project, query.name_contains]
+    for key, value in query.attributes:
+        sql.append(
+            "AND trace_id IN (SELECT trace_id FROM trace_attrs"
+            " WHERE project = ? AND key = ? AND value = ?)"
+        )
+        args += [project, key, value]
+    sql.append("ORDER BY start_ns DESC, trace_id LIMIT ?")
+    args.append(query.limit + 1)
+    return " ".join(sql), args
+
+
+# -- rows to JSON ---------------------------------------------------------------------
+
+
+def _span_json(row: tuple[Any, ...]) -> dict[str, Any]:
+    trace_id, span_id, parent, name, start, end, status, call_id, resource_id = row[:9]
+    scope_name, scope_version, payload = row[9:]
+    span = Span.FromString(payload)
+    return {
+        "trace_id": trace_id.hex(),
+        "span_id": span_id.hex(),
+        "parent_span_id": parent.hex() if parent else None,
+        "name": name,
+        "kind": span.kind,
+        "start_ns": start,
+        "end_ns": end,
+        "duration_ms": round((end - start) / 1e6, 3),
+        "status_code": status,
+        "status_message": span.status.message,
+        "attributes": _attributes(span.attributes),
+        "events": [
+            {
+                "name": event.name,
+                "time_ns": event.time_unix_nano,
+                "attributes": _attributes(event.attributes),
+            }
+            for event in span.events
+        ],
+        "links": [
+            {
+                "trace_id": link.trace_id.hex(),
+                "span_id": link.span_id.hex(),
+                "attributes": _attributes(link.attributes),
+            }
+            for link in span.links
+        ],
+        "resource_id": str(resource_id),
+        "scope": {"name": scope_name or "", "version": scope_version or ""},
+        "call_id": call_id,
+        "placeholder": False,
+    }
+
+
+def _attributes(key_values: Any) -> dict[str, Any]:
+    return {kv.key: _jsonable(any_value_to_python(kv.value)) for kv in key_values}
+
+
+def _jsonable(value: Any) -> Any:
+    """Bytes as hex, non-finite floats as strings: what JSON can carry."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _trace_json(row: tuple[Any, ...], span_count: int) -> dict[str, Any]:
+    trace_id, call_id, service, start, end, duration, root_name, root_span_id, has_error = row
+    return {
+        "trace_id": trace_id.hex(),
+        "call_id": call_id,
+        "service": service,
+        "start": rfc3339(start),
+        "start_ns": start,
+        "end_ns": end,
+        "duration_ms": round(duration / 1e6, 3),
+        "root_name": root_name,
+        "root_span_id": root_span_id.hex() if root_span_id else None,
+        "has_error": bool(has_error),
+        "span_count": span_count,
+    }
+
+
+def _call_json(row: tuple[Any, ...], summary: dict[str, Any], span_count: int) -> dict[str, Any]:
+    call_id, room_id, source, room_name, service, start, end, tags = row[:8]
+    totals = summary["totals"]
+    return {
+        "call_id": call_id,
+        "room_id": room_id,
+        "source": source,
+        "room_name": room_name,
+        "service": service,
+        "framework": summary["framework"],
+        "start": rfc3339(start),
+        "start_ns": start,
+        "end_ns": end,
+        "duration_ms": round((end - start) / 1e6, 3) if start is not None and end else None,
+        "turn_count": totals["turn_count"],
+        "median_turn_ms": totals["median_e2e_ms"],
+        "worst_turn_ms": totals["worst_e2e_ms"],
+        "tool_calls": totals["tool_calls"],
+        "error_count": totals["errors"],
+        "span_count": span_count,
+        "tags": _jsonable(json.loads(tags)) if tags else {},
+    }
+
+
+def _cache_text(summary: dict[str, Any]) -> str:
+    cached = {"version": _SUMMARY_VERSION, "framework": summary["framework"]}
+    cached["totals"] = summary["totals"]
+    return json.dumps(cached, separators=(",", ":"))
+
+
+def _cached(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        cached = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(cached, dict) or cached.get("version") != _SUMMARY_VERSION:
+        return None
+    return cached
