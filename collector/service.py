@@ -89,6 +89,8 @@ class Service:
                 await processor.start(self)
             self._mount_query_api()
             for receiver in self.receivers.values():
+                self.add_http_routes(receiver.routes())
+            for receiver in self.receivers.values():
                 await receiver.start(self)
         except BaseException:
             # Release what did start (files, connections, a bound port) before failing;
