@@ -10,11 +10,20 @@ attribute name as ``calltrace.call.key`` / ``calltrace.call.source``), where exp
 find it. Spans without a key pass through without a call and are never dropped; spans
 of a trace whose call is already known (Pipecat's stt/llm/tts spans, which carry no
 ``conversation.id``) inherit the call of their trace.
+
+The call record (first seen, source, span count, skipped) lives in the embedded SQLite
+file (``store``), or, with ``redis:``, in Redis, shared by every collector instance
+(first writer wins; ``ttl`` after the last span it expires), copied into ``store``
+when that is set too. A local cache remembers which calls exist, so Redis is asked
+once per call and instance. The call id never depends on the store: while the store is
+unreachable, spans keep flowing with their call id, and the record writes are retried
+in the background.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -23,7 +32,16 @@ from pathlib import Path
 from pydantic import Field
 
 from collector import ComponentConfig, Duration, Host, Processor, SpanBatch
-from collector.calls import CallActivity, CallRecord, CallStore, SQLiteCallStore, call_id_for
+from collector.calls import (
+    CallActivity,
+    CallRecord,
+    CallStore,
+    MirroredCallStore,
+    RedisCallStore,
+    SQLiteCallStore,
+    call_id_for,
+)
+from collector.redisconn import RedisSettings
 from collector.spans import (
     CALL_ID_ATTRIBUTE,
     CALL_KEY_ATTRIBUTE,
@@ -38,6 +56,15 @@ from collector.spans import (
 log = logging.getLogger(__name__)
 
 _STAMPS = (CALL_ID_ATTRIBUTE, CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE)
+
+
+class CorrelateRedisConfig(RedisSettings):
+    """Where call records shared by every instance live (``url``, ``password``, ``tls``)."""
+
+    ttl: Duration = 86400.0
+    """A call record expires this long after its last span; 0 keeps records forever."""
+    key_prefix: str = "calltrace:call:"
+    """Records are hashes ``{key_prefix}{project}:{call_id}``."""
 
 
 class CorrelateConfig(ComponentConfig):
@@ -58,6 +85,10 @@ class CorrelateConfig(ComponentConfig):
     """Calls and traces remembered locally."""
     flush_interval: Duration = 1.0
     """How often last-seen times and span counts are written to the call store."""
+    redis: CorrelateRedisConfig | None = None
+    """Keep call records in Redis, shared by every instance (``store`` then holds a copy)."""
+    store_retry_interval: Duration = 1.0
+    """While the call store is unreachable, how long before it is tried again."""
 
 
 class _LRU(OrderedDict[tuple[str, ...] | tuple[str, bytes], tuple[str, str, str]]):
@@ -86,12 +117,20 @@ class CorrelateProcessor(Processor):
         self._traces = _LRU(config.cache_size)
         self._activity: dict[tuple[str, str], CallActivity] = {}
         self._creating: dict[tuple[str, str], asyncio.Task[CallRecord]] = {}
+        self._unsaved: dict[tuple[str, str], CallRecord] = {}
+        """Records not yet created because the store was unreachable; retried by the flusher."""
+        self._store_down_until = 0.0
         self.store: CallStore | None = None
         self._flusher: asyncio.Task[None] | None = None
 
     def make_store(self) -> CallStore | None:
         """The call store this config asks for (subclasses and plugins may override)."""
-        return SQLiteCallStore(self.config.store) if self.config.store is not None else None
+        config = self.config
+        local = SQLiteCallStore(config.store) if config.store is not None else None
+        if config.redis is None:
+            return local
+        shared = RedisCallStore(config.redis, config.redis.ttl, config.redis.key_prefix)
+        return shared if local is None else MirroredCallStore(shared, local)
 
     async def start(self, host: Host) -> None:
         self.store = self.make_store()
@@ -191,37 +230,75 @@ class CorrelateProcessor(Processor):
         else:
             activity.spans += spans
             activity.last_seen_ns = now
-        if self.store is None or key in self._known_calls:
+        if self.store is None or key in self._known_calls or key in self._unsaved:
+            return
+        record = CallRecord(project, call_id, key_value, source, now, now)
+        if time.monotonic() < self._store_down_until:
+            self._unsaved[key] = record
             return
         task = self._creating.get(key)
         if task is None:
-            record = CallRecord(project, call_id, key_value, source, now, now)
             task = asyncio.ensure_future(self.store.create(record))
             self._creating[key] = task
             try:
                 await task
+            except Exception as exc:
+                self._store_failed(exc)
+                self._unsaved[key] = record
+                return
             finally:
                 del self._creating[key]
-            self._known_calls[key] = None
-            if len(self._known_calls) > self.config.cache_size:
-                self._known_calls.popitem(last=False)
+            self._remember(key)
         else:
-            await task
+            with contextlib.suppress(Exception):  # the first caller handled it
+                await task
+
+    def _remember(self, key: tuple[str, str]) -> None:
+        self._known_calls[key] = None
+        if len(self._known_calls) > self.config.cache_size:
+            self._known_calls.popitem(last=False)
+
+    def _store_failed(self, exc: Exception) -> None:
+        """Note an unreachable store: records wait locally and are retried later."""
+        if time.monotonic() >= self._store_down_until:
+            log.warning(
+                "%s: call store unreachable, call records wait and are retried: %s", self.id, exc
+            )
+        self._store_down_until = time.monotonic() + self.config.store_retry_interval
 
     async def flush(self) -> None:
-        """Write pending last-seen times and span counts to the call store."""
-        if self.store is None or not self._activity:
+        """Create records that are waiting, then write pending last-seen times and span
+        counts to the call store. What cannot be written stays pending for the next try."""
+        if self.store is None:
             return
-        activity, self._activity = list(self._activity.values()), {}
-        await self.store.record_activity(activity)
+        while self._unsaved:
+            key, record = next(iter(self._unsaved.items()))
+            await self.store.create(record)
+            del self._unsaved[key]
+            self._remember(key)
+        # Counts of a call whose record is still being created wait for the next flush.
+        activity = {k: a for k, a in self._activity.items() if k in self._known_calls}
+        if not activity:
+            return
+        self._activity = {k: a for k, a in self._activity.items() if k not in activity}
+        try:
+            await self.store.record_activity(list(activity.values()))
+        except BaseException:
+            for key, pending in activity.items():  # merge back what arrived meanwhile
+                newer = self._activity.get(key)
+                if newer is not None:
+                    pending.spans += newer.spans
+                    pending.last_seen_ns = max(pending.last_seen_ns, newer.last_seen_ns)
+                self._activity[key] = pending
+            raise
 
     async def _flush_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.config.flush_interval)
             try:
                 await self.flush()
-            except Exception:
-                log.exception("%s: could not update call records", self.id)
+            except Exception as exc:
+                self._store_failed(exc)
 
     async def shutdown(self) -> None:
         if self._flusher is not None:
@@ -229,7 +306,15 @@ class CorrelateProcessor(Processor):
             await asyncio.gather(self._flusher, return_exceptions=True)
             self._flusher = None
         if self.store is not None:
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception as exc:
+                log.error(
+                    "%s: call records not saved at shutdown (%d calls): %s",
+                    self.id,
+                    len(self._unsaved) + len(self._activity),
+                    exc,
+                )
             await self.store.close()
             self.store = None
 
