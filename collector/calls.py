@@ -85,7 +85,11 @@ class CallStore(Protocol):
         """Create the record unless it exists (first writer wins); return the stored one."""
         ...
 
-    async def record_activity(self, activity: list[CallActivity]) -> None: ...
+    async def record_activity(self, activity: list[CallActivity]) -> list[tuple[str, str]] | None:
+        """Add span counts and move last-seen times; return the (project, call_id) of
+        records that no longer exist (expired, or lost with a store), which the caller
+        creates again, or None when the store cannot tell."""
+        ...
 
     async def get(self, project: str, call_id: str) -> CallRecord | None: ...
 
@@ -146,9 +150,10 @@ class SQLiteCallStore:
             )
             self._db.execute("COMMIT")
 
-    async def record_activity(self, activity: list[CallActivity]) -> None:
+    async def record_activity(self, activity: list[CallActivity]) -> list[tuple[str, str]] | None:
         if activity:
             await asyncio.to_thread(self._record_activity, activity)
+        return None
 
     def _get(self, project: str, call_id: str) -> CallRecord | None:
         assert self._db is not None
@@ -269,9 +274,9 @@ class RedisCallStore:
         )
         return _record_from_hash(record.project, record.call_id, _pairs(reply))
 
-    async def record_activity(self, activity: list[CallActivity]) -> None:
+    async def record_activity(self, activity: list[CallActivity]) -> list[tuple[str, str]] | None:
         if not activity:
-            return
+            return []
         pipe = self._client.pipeline(transaction=False)
         for item in activity:
             await self._activity(
@@ -279,7 +284,8 @@ class RedisCallStore:
                 args=[self.ttl_ms, item.spans, item.last_seen_ns],
                 client=pipe,
             )
-        await pipe.execute()
+        found = await pipe.execute()
+        return [(a.project, a.call_id) for a, ok in zip(activity, found, strict=True) if not ok]
 
     async def get(self, project: str, call_id: str) -> CallRecord | None:
         reply = await self._client.hgetall(self.key(project, call_id))
@@ -311,12 +317,16 @@ class MirroredCallStore:
         await self.mirror.create(shared)
         return shared
 
-    async def record_activity(self, activity: list[CallActivity]) -> None:
-        await self.primary.record_activity(activity)
+    async def record_activity(self, activity: list[CallActivity]) -> list[tuple[str, str]] | None:
+        missing = await self.primary.record_activity(activity)
+        gone = set(missing or ())  # counted once the primary has the record again
         try:
-            await self.mirror.record_activity(activity)
+            await self.mirror.record_activity(
+                [a for a in activity if (a.project, a.call_id) not in gone]
+            )
         except Exception:  # a retry would count the shared record twice
             log.exception("could not copy call activity to the local call store")
+        return missing
 
     async def get(self, project: str, call_id: str) -> CallRecord | None:
         return await self.primary.get(project, call_id)

@@ -324,8 +324,13 @@ class ExporterQueue:
                 self._queued_spans,
                 " (kept in the persistent queue)" if self._disk else "",
             )
-        for task in self._consumers:
-            task.cancel()
+        # Cancel until done: a client library that swallows a cancellation (redis-py
+        # may, mid-reconnect) must not hang shutdown.
+        pending = {task for task in self._consumers if not task.done()}
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
         await asyncio.gather(*self._consumers, return_exceptions=True)
         self._consumers.clear()
         if self._disk is not None:

@@ -87,6 +87,9 @@ class CorrelateConfig(ComponentConfig):
     """How often last-seen times and span counts are written to the call store."""
     redis: CorrelateRedisConfig | None = None
     """Keep call records in Redis, shared by every instance (``store`` then holds a copy)."""
+    store_timeout: Duration = 0.5
+    """How long a request waits for its call's record to be created; past it the record
+    is created in the background and the request goes on."""
     store_retry_interval: Duration = 1.0
     """While the call store is unreachable, how long before it is tried again."""
 
@@ -113,13 +116,15 @@ class CorrelateProcessor(Processor):
         ordered = [config.room_attribute, *[k for k in config.keys if k != config.room_attribute]]
         self._rank = {key: index for index, key in enumerate(ordered)}
         self._span_rank = {key: index for index, key in enumerate(config.keys)}
-        self._known_calls: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._known_calls: OrderedDict[tuple[str, str], CallRecord] = OrderedDict()
+        """Calls whose record exists in the store, with the record first written."""
         self._traces = _LRU(config.cache_size)
         self._activity: dict[tuple[str, str], CallActivity] = {}
         self._creating: dict[tuple[str, str], asyncio.Task[CallRecord]] = {}
         self._unsaved: dict[tuple[str, str], CallRecord] = {}
         """Records not yet created because the store was unreachable; retried by the flusher."""
         self._store_down_until = 0.0
+        self._store_down = False
         self.store: CallStore | None = None
         self._flusher: asyncio.Task[None] | None = None
 
@@ -239,32 +244,40 @@ class CorrelateProcessor(Processor):
         task = self._creating.get(key)
         if task is None:
             task = asyncio.ensure_future(self.store.create(record))
+            task.add_done_callback(_retrieve_exception)  # may outlive the wait below
             self._creating[key] = task
             try:
-                await task
-            except Exception as exc:
+                await asyncio.wait_for(asyncio.shield(task), self.config.store_timeout or None)
+            except Exception as exc:  # unreachable, or too slow to wait for
                 self._store_failed(exc)
                 self._unsaved[key] = record
                 return
             finally:
                 del self._creating[key]
-            self._remember(key)
+            self._remember(key, record)
+            self._store_reachable()
         else:
             with contextlib.suppress(Exception):  # the first caller handled it
-                await task
+                await asyncio.wait_for(asyncio.shield(task), self.config.store_timeout or None)
 
-    def _remember(self, key: tuple[str, str]) -> None:
-        self._known_calls[key] = None
+    def _remember(self, key: tuple[str, str], record: CallRecord) -> None:
+        self._known_calls[key] = record
         if len(self._known_calls) > self.config.cache_size:
             self._known_calls.popitem(last=False)
 
     def _store_failed(self, exc: Exception) -> None:
         """Note an unreachable store: records wait locally and are retried later."""
-        if time.monotonic() >= self._store_down_until:
+        if not self._store_down:
             log.warning(
-                "%s: call store unreachable, call records wait and are retried: %s", self.id, exc
+                "%s: call store unreachable, call records wait and are retried: %r", self.id, exc
             )
+            self._store_down = True
         self._store_down_until = time.monotonic() + self.config.store_retry_interval
+
+    def _store_reachable(self) -> None:
+        if self._store_down:
+            log.info("%s: call store reachable again", self.id)
+            self._store_down = False
 
     async def flush(self) -> None:
         """Create records that are waiting, then write pending last-seen times and span
@@ -275,14 +288,15 @@ class CorrelateProcessor(Processor):
             key, record = next(iter(self._unsaved.items()))
             await self.store.create(record)
             del self._unsaved[key]
-            self._remember(key)
+            self._remember(key, record)
+            self._store_reachable()
         # Counts of a call whose record is still being created wait for the next flush.
         activity = {k: a for k, a in self._activity.items() if k in self._known_calls}
         if not activity:
             return
         self._activity = {k: a for k, a in self._activity.items() if k not in activity}
         try:
-            await self.store.record_activity(list(activity.values()))
+            missing = await self.store.record_activity(list(activity.values()))
         except BaseException:
             for key, pending in activity.items():  # merge back what arrived meanwhile
                 newer = self._activity.get(key)
@@ -291,6 +305,24 @@ class CorrelateProcessor(Processor):
                     pending.last_seen_ns = max(pending.last_seen_ns, newer.last_seen_ns)
                 self._activity[key] = pending
             raise
+        self._store_reachable()
+        now = time.time_ns()
+        for key in missing or ():
+            # The record expired or was lost with the store (a Redis restart without
+            # persistence): create it again; its counts follow on the next flush.
+            seed = self._known_calls.pop(key, None)
+            if seed is None:
+                continue
+            log.info("%s: call record %s/%s was missing; creating it again", self.id, *key)
+            self._unsaved[key] = CallRecord(
+                seed.project, seed.call_id, seed.room_id, seed.source, now, now
+            )
+            pending = activity[key]
+            newer = self._activity.get(key)
+            if newer is not None:
+                pending.spans += newer.spans
+                pending.last_seen_ns = max(pending.last_seen_ns, newer.last_seen_ns)
+            self._activity[key] = pending
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -301,10 +333,9 @@ class CorrelateProcessor(Processor):
                 self._store_failed(exc)
 
     async def shutdown(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-            self._flusher = None
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            await _stop(flusher)
         if self.store is not None:
             try:
                 await self.flush()
@@ -317,6 +348,21 @@ class CorrelateProcessor(Processor):
                 )
             await self.store.close()
             self.store = None
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it. A client library that swallows the cancellation
+    (redis-py may, mid-reconnect) gets cancelled again rather than hanging shutdown."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    if not task.cancelled():
+        task.exception()
+
+
+def _retrieve_exception(task: asyncio.Future[CallRecord]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _stamp(rs: ResourceSpans, call_id: str, key_value: str, source: str) -> None:

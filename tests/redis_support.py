@@ -76,6 +76,7 @@ class RedisServer:
                     if self.client().ping():
                         return
             if time.monotonic() > deadline:
+                self.kill()
                 raise RuntimeError(f"redis-server did not start on port {self.port}")
             time.sleep(0.02)
 
