@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from exporters.redis_streams import RedisStreamsConfig, RedisStreamsExporter
 from tests.processors._util import FakeTelemetryHost, batch, resource_spans
 from tests.support import ROOT
+
+pytestmark = pytest.mark.redis
 
 
 def readme_consumer() -> dict:

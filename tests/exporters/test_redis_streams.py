@@ -17,6 +17,8 @@ from tests.processors._util import FakeTelemetryHost, batch, resource_spans
 from tests.redis_support import throwaway_redis
 from tests.support import free_port
 
+pytestmark = pytest.mark.redis
+
 
 async def started(**config):
     exporter = RedisStreamsExporter("redis_streams", RedisStreamsConfig(**config))
@@ -186,3 +188,29 @@ def test_config_errors_name_the_path():
     assert "exporters.redis_streams.stream: expected only the {project} placeholder" in text
     assert "exporters.redis_streams.maxlen:" in text
     assert "exporters.redis_streams.tls: expected both cert_file and key_file" in text
+
+
+async def test_lifecycle_start_export_shutdown_twice(redis_server):
+    exporter = await started(url=redis_server.url)
+    await exporter.export(batch(resource_spans({"service.name": "x"}, [{}])))
+    await exporter.shutdown()
+    await exporter.shutdown()
+    with pytest.raises(RetryableError):  # a stopped exporter refuses, the helper retries
+        await exporter.export(batch(resource_spans({}, [{}])))
+    assert redis_server.client().xlen("calltrace:spans:p1") == 1
+
+
+async def test_starts_while_redis_is_down_and_delivers_once_it_is_up(tmp_path):
+    from tests.redis_support import RedisServer
+
+    server = RedisServer(tmp_path)
+    exporter = await started(url=server.url, connect_timeout="200ms")
+    try:
+        with pytest.raises(RetryableError):
+            await exporter.export(batch(resource_spans({}, [{}])))
+        server.start()
+        await exporter.export(batch(resource_spans({}, [{}])))
+        assert server.client().xlen("calltrace:spans:p1") == 1
+    finally:
+        await exporter.shutdown()
+        server.kill()

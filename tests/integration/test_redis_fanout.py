@@ -28,6 +28,8 @@ from tests.collector_process import CollectorProcess
 from tests.redis_support import RedisServer
 from tests.support import eventually, fixture_requests, free_port, query, running_service
 
+pytestmark = pytest.mark.redis
+
 PROTOBUF = "application/x-protobuf"
 STREAM = "calltrace:spans:acme"
 

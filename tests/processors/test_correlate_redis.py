@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from collector.calls import CallRecord, RedisCallStore, call_id_for
 from collector.redisconn import RedisSettings
 from collector.spans import CALL_ID_ATTRIBUTE, get_attribute
 from processors.correlate import CorrelateConfig, CorrelateProcessor
 from tests.processors._util import FakeTelemetryHost, batch, resource_spans
 from tests.support import query
+
+pytestmark = pytest.mark.redis
 
 
 def redis_correlate(url: str, store=None, **extra) -> CorrelateProcessor:
