@@ -4,7 +4,7 @@
 ::
 
     url: rediss://redis.internal:6380/0     # redis://, rediss:// (TLS) or unix://
-    password: ${env:REDIS_PASSWORD:-}        # overrides a password in the url; "" = none
+    password: ${env:REDIS_PASSWORD:-}        # overrides a password in the url; "" = the url's
     tls:                                      # with rediss:// (or to force TLS on redis://)
       ca_file: /etc/calltrace/redis-ca.pem
       cert_file: /etc/calltrace/redis-client.pem   # client certificate, if Redis asks for one
@@ -18,7 +18,7 @@ attempt), because retrying with backoff is the caller's job (the exporter helper
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, FilePath, field_validator, model_validator
@@ -61,7 +61,7 @@ class RedisSettings(BaseModel):
     url: str = "redis://127.0.0.1:6379/0"
     username: str | None = None
     password: str | None = None
-    """Overrides a password in ``url``; an empty string means none."""
+    """Overrides a password in ``url``; empty or unset: the url's, if any."""
     tls: RedisTLSSettings | None = None
     connect_timeout: Duration = 2.0
     timeout: Duration = 5.0
@@ -99,11 +99,13 @@ def redis_client(settings: RedisSettings, **overrides: Any) -> aioredis.Redis:
         "retry": Retry(NoBackoff(), 1),
         "retry_on_error": [ConnectionError, TimeoutError],
     }
+    url = settings.url
     if settings.username:
         options["username"] = settings.username
-    if settings.password is not None:
-        options["password"] = settings.password or None
-    url = settings.url
+    if settings.password:
+        # redis-py lets credentials in the url win over keyword arguments: drop them.
+        options["password"] = settings.password
+        url = _without_password(url)
     if settings.uses_tls:
         if url.startswith("redis://"):
             url = "rediss://" + url.removeprefix("redis://")
@@ -117,6 +119,16 @@ def redis_client(settings: RedisSettings, **overrides: Any) -> aioredis.Redis:
             options["ssl_keyfile"] = str(tls.key_file)
     options.update(overrides)
     return aioredis.Redis.from_url(url, **options)
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{user}@{host}" if user else host
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -121,6 +121,17 @@ async def test_password(tmp_path):
             await exporter.shutdown()
         assert server.client().xlen("calltrace:spans:p1") == 1
 
+        # the password option wins over one in the url; without it the url's is used
+        in_url = server.url.replace("redis://", "redis://:s3cret@")
+        for url, password in ((server.url.replace("redis://", "redis://:old@"), "s3cret"),
+                              (in_url, None), (in_url, "")):  # fmt: skip
+            exporter = await started(url=url, password=password)
+            try:
+                await exporter.export(batch(resource_spans({}, [{}])))
+            finally:
+                await exporter.shutdown()
+        assert server.client().xlen("calltrace:spans:p1") == 4
+
         wrong = await started(url=server.url, password="wrong")
         try:
             with pytest.raises(RetryableError):
