@@ -123,8 +123,8 @@ async def test_password(tmp_path):
 
         # the password option wins over one in the url; without it the url's is used
         in_url = server.url.replace("redis://", "redis://:s3cret@")
-        for url, password in ((server.url.replace("redis://", "redis://:old@"), "s3cret"),
-                              (in_url, None), (in_url, "")):  # fmt: skip
+        stale = server.url.replace("redis://", "redis://:old@")
+        for url, password in [(stale, "s3cret"), (in_url, None), (in_url, "")]:
             exporter = await started(url=url, password=password)
             try:
                 await exporter.export(batch(resource_spans({}, [{}])))
