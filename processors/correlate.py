@@ -239,7 +239,7 @@ class CorrelateProcessor(Processor):
             return
         record = CallRecord(project, call_id, key_value, source, now, now)
         if time.monotonic() < self._store_down_until:
-            self._unsaved[key] = record
+            self._defer(key, record)
             return
         task = self._creating.get(key)
         if task is None:
@@ -250,7 +250,7 @@ class CorrelateProcessor(Processor):
                 await asyncio.wait_for(asyncio.shield(task), self.config.store_timeout or None)
             except Exception as exc:  # unreachable, or too slow to wait for
                 self._store_failed(exc)
-                self._unsaved[key] = record
+                self._defer(key, record)
                 return
             finally:
                 del self._creating[key]
@@ -259,6 +259,15 @@ class CorrelateProcessor(Processor):
         else:
             with contextlib.suppress(Exception):  # the first caller handled it
                 await asyncio.wait_for(asyncio.shield(task), self.config.store_timeout or None)
+
+    def _defer(self, key: tuple[str, str], record: CallRecord) -> None:
+        """Keep a record to create once the store is back, at most ``cache_size`` of them:
+        past that the oldest is forgotten (the next span of its call brings it back)."""
+        self._unsaved[key] = record
+        if len(self._unsaved) > self.config.cache_size:
+            forgotten = next(iter(self._unsaved))
+            del self._unsaved[forgotten]
+            log.warning("%s: too many unsaved call records; forgot %s/%s", self.id, *forgotten)
 
     def _remember(self, key: tuple[str, str], record: CallRecord) -> None:
         self._known_calls[key] = record
@@ -275,6 +284,7 @@ class CorrelateProcessor(Processor):
         self._store_down_until = time.monotonic() + self.config.store_retry_interval
 
     def _store_reachable(self) -> None:
+        self._store_down_until = 0.0
         if self._store_down:
             log.info("%s: call store reachable again", self.id)
             self._store_down = False

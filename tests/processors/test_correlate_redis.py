@@ -113,3 +113,25 @@ async def test_calls_keep_flowing_while_redis_is_down(redis_server, tmp_path):
     finally:
         await processor.shutdown()
     assert query(tmp_path / "c.db", "SELECT room_id, span_count FROM calls") == [("RM_down", 2)]
+
+
+async def test_records_waiting_for_redis_are_bounded(redis_server):
+    processor = redis_correlate(redis_server.url, cache_size=2, store_retry_interval="10s")
+    await processor.start(FakeTelemetryHost())
+    try:
+        redis_server.kill()
+        for room in ("RM_a", "RM_b", "RM_c"):
+            await processor.process(batch(resource_spans({"livekit.room.id": room}, [{}])))
+        redis_server.start()
+        await processor.flush()
+        stored = {
+            room
+            for room in ("RM_a", "RM_b", "RM_c")
+            if await processor.store.get("p1", call_id_for("p1", room)) is not None
+        }
+        assert stored == {"RM_b", "RM_c"}  # the oldest was forgotten
+        # ... until its call shows up again
+        await processor.process(batch(resource_spans({"livekit.room.id": "RM_a"}, [{}])))
+        assert await processor.store.get("p1", call_id_for("p1", "RM_a")) is not None
+    finally:
+        await processor.shutdown()
