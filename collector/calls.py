@@ -10,23 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from collector.redisconn import RedisSettings, redis_client
 
 __all__ = [
     "CALLS_DDL",
     "CallActivity",
     "CallRecord",
     "CallStore",
+    "MirroredCallStore",
+    "RedisCallStore",
     "RoomEvent",
     "SQLiteCallStore",
     "call_id_for",
     "ensure_calls_table",
+    "make_call_store",
 ]
+
+log = logging.getLogger(__name__)
 
 CALLS_DDL = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -120,7 +128,11 @@ class CallStore(Protocol):
         """Create the record unless it exists (first writer wins); return the stored one."""
         ...
 
-    async def record_activity(self, activity: list[CallActivity]) -> None: ...
+    async def record_activity(self, activity: list[CallActivity]) -> list[tuple[str, str]] | None:
+        """Add span counts and move last-seen times; return the (project, call_id) of
+        records that no longer exist (expired, or lost with a store), which the caller
+        creates again, or None when the store cannot tell."""
+        ...
 
     async def get(self, project: str, call_id: str) -> CallRecord | None: ...
 
@@ -185,9 +197,10 @@ class SQLiteCallStore:
             )
             self._db.execute("COMMIT")
 
-    async def record_activity(self, activity: list[CallActivity]) -> None:
+    async def record_activity(self, activity: list[CallActivity]) -> list[tuple[str, str]] | None:
         if activity:
             await asyncio.to_thread(self._record_activity, activity)
+        return None
 
     def _get(self, project: str, call_id: str) -> CallRecord | None:
         assert self._db is not None
@@ -243,3 +256,236 @@ class SQLiteCallStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+# -- Redis: call records shared by every collector instance --------------------------
+
+# KEYS[1] the record; ARGV[1] TTL in ms (0: none); ARGV[2..] field, value pairs.
+# The first writer's record wins; a later writer can only make first_seen_ns earlier
+# (instances may see a call's first spans in a different order than they arrive).
+_CREATE_SCRIPT = """
+local key = KEYS[1]
+if redis.call('EXISTS', key) == 0 then
+  redis.call('HSET', key, unpack(ARGV, 2))
+else
+  for i = 2, #ARGV, 2 do
+    if ARGV[i] == 'first_seen_ns' then
+      local seen = redis.call('HGET', key, 'first_seen_ns') or ''
+      local mine = ARGV[i + 1]
+      if #mine < #seen or (#mine == #seen and mine < seen) then
+        redis.call('HSET', key, 'first_seen_ns', mine)
+      end
+    end
+  end
+end
+if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', key, ARGV[1]) end
+return redis.call('HGETALL', key)
+"""
+
+# KEYS[1] the record; ARGV[1] TTL in ms (0: none), ARGV[2] spans, ARGV[3] last seen (ns).
+# Nanosecond times exceed a Lua number's precision, so they are compared as strings.
+_ACTIVITY_SCRIPT = """
+local key = KEYS[1]
+if redis.call('EXISTS', key) == 0 then return 0 end
+redis.call('HINCRBY', key, 'span_count', ARGV[2])
+local seen = redis.call('HGET', key, 'last_seen_ns') or ''
+local mine = ARGV[3]
+if #mine > #seen or (#mine == #seen and mine > seen) then
+  redis.call('HSET', key, 'last_seen_ns', mine)
+end
+if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', key, ARGV[1]) end
+return 1
+"""
+
+
+# KEYS[1] the record; ARGV[1] TTL in ms, ARGV[2] now (ns), ARGV[3] room id, ARGV[4]
+# skipped (1/0), ARGV[5..] field, value pairs to set. Creates the record if unseen;
+# skipped only ever turns on.
+_ROOM_SCRIPT = """
+local key = KEYS[1]
+if redis.call('EXISTS', key) == 0 then
+  redis.call('HSET', key, 'room_id', ARGV[3], 'source', 'livekit.room.id',
+             'first_seen_ns', ARGV[2], 'last_seen_ns', ARGV[2], 'span_count', 0, 'skipped', 0)
+end
+if ARGV[4] == '1' then redis.call('HSET', key, 'skipped', 1) end
+for i = 5, #ARGV, 2 do redis.call('HSET', key, ARGV[i], ARGV[i + 1]) end
+if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', key, ARGV[1]) end
+return 1
+"""
+
+
+class RedisCallStore:
+    """Call records as Redis hashes ``{prefix}{project}:{call_id}``, shared by instances.
+
+    ``create`` is atomic and first-writer-wins (a Lua script), ``record_activity`` adds
+    span counts and moves ``last_seen_ns`` forward in one pipelined round trip. Every
+    write refreshes the record's ``ttl`` (seconds; 0 keeps records forever), so a call
+    expires ``ttl`` after its last span.
+    """
+
+    def __init__(
+        self,
+        settings: RedisSettings,
+        ttl: float = 86400.0,
+        prefix: str = "calltrace:call:",
+    ):
+        self.settings = settings
+        self.ttl_ms = int(ttl * 1000)
+        self.prefix = prefix
+        self._client: Any = None
+        self._create: Any = None
+        self._activity: Any = None
+        self._room: Any = None
+
+    def key(self, project: str, call_id: str) -> str:
+        return f"{self.prefix}{project}:{call_id}"
+
+    async def start(self) -> None:
+        self._client = redis_client(self.settings)
+        self._create = self._client.register_script(_CREATE_SCRIPT)
+        self._activity = self._client.register_script(_ACTIVITY_SCRIPT)
+        self._room = self._client.register_script(_ROOM_SCRIPT)
+
+    async def create(self, record: CallRecord) -> CallRecord:
+        fields: list[str | int] = [
+            "room_id",
+            record.room_id,
+            "source",
+            record.source,
+            "first_seen_ns",
+            record.first_seen_ns,
+            "last_seen_ns",
+            record.last_seen_ns,
+            "span_count",
+            record.span_count,
+            "skipped",
+            int(record.skipped),
+        ]
+        if record.room_name is not None:
+            fields += ["room_name", record.room_name]
+        if record.metadata is not None:
+            fields += ["metadata", record.metadata]
+        reply = await self._create(
+            keys=[self.key(record.project, record.call_id)], args=[self.ttl_ms, *fields]
+        )
+        return _record_from_hash(record.project, record.call_id, _pairs(reply))
+
+    async def record_activity(self, activity: list[CallActivity]) -> list[tuple[str, str]] | None:
+        if not activity:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for item in activity:
+            await self._activity(
+                keys=[self.key(item.project, item.call_id)],
+                args=[self.ttl_ms, item.spans, item.last_seen_ns],
+                client=pipe,
+            )
+        found = await pipe.execute()
+        return [(a.project, a.call_id) for a, ok in zip(activity, found, strict=True) if not ok]
+
+    async def get(self, project: str, call_id: str) -> CallRecord | None:
+        reply = await self._client.hgetall(self.key(project, call_id))
+        if not reply:
+            return None
+        return _record_from_hash(project, call_id, {_text(k): _text(v) for k, v in reply.items()})
+
+    async def record_room(self, event: RoomEvent) -> None:
+        fields: list[str | int] = []
+        for name, value in (
+            ("room_name", event.room_name),
+            ("metadata", event.metadata),
+            ("room_started_ns", event.started_ns),
+            ("room_finished_ns", event.finished_ns),
+        ):
+            if value is not None:
+                fields += [name, value]
+        await self._room(
+            keys=[self.key(event.project, event.call_id)],
+            args=[self.ttl_ms, time.time_ns(), event.room_id, int(event.skipped), *fields],
+        )
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+
+class MirroredCallStore:
+    """Records kept in a shared ``primary`` (Redis) and copied into a local ``mirror``
+    (the SQLite file the query API reads): the mirror stores the shared record as the
+    primary returned it, so every instance's copy agrees on first seen and source."""
+
+    def __init__(self, primary: CallStore, mirror: CallStore):
+        self.primary = primary
+        self.mirror = mirror
+
+    async def start(self) -> None:
+        await self.primary.start()
+        await self.mirror.start()
+
+    async def create(self, record: CallRecord) -> CallRecord:
+        shared = await self.primary.create(record)
+        await self.mirror.create(shared)
+        return shared
+
+    async def record_activity(self, activity: list[CallActivity]) -> list[tuple[str, str]] | None:
+        missing = await self.primary.record_activity(activity)
+        gone = set(missing or ())  # counted once the primary has the record again
+        try:
+            await self.mirror.record_activity(
+                [a for a in activity if (a.project, a.call_id) not in gone]
+            )
+        except Exception:  # a retry would count the shared record twice
+            log.exception("could not copy call activity to the local call store")
+        return missing
+
+    async def get(self, project: str, call_id: str) -> CallRecord | None:
+        return await self.primary.get(project, call_id)
+
+    async def record_room(self, event: RoomEvent) -> None:
+        await self.primary.record_room(event)
+        await self.mirror.record_room(event)
+
+    async def close(self) -> None:
+        try:
+            await self.primary.close()
+        finally:
+            await self.mirror.close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _pairs(reply: list[bytes | str]) -> dict[str, str]:
+    return {_text(reply[i]): _text(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+
+def _record_from_hash(project: str, call_id: str, fields: dict[str, str]) -> CallRecord:
+    return CallRecord(
+        project=project,
+        call_id=call_id,
+        room_id=fields.get("room_id", ""),
+        source=fields.get("source", ""),
+        first_seen_ns=int(fields.get("first_seen_ns", 0)),
+        last_seen_ns=int(fields.get("last_seen_ns", 0)),
+        span_count=int(fields.get("span_count", 0)),
+        skipped=fields.get("skipped", "0") not in ("0", ""),
+        room_name=fields.get("room_name"),
+        metadata=fields.get("metadata"),
+    )
+
+
+def make_call_store(
+    path: str | Path | None,
+    redis: RedisSettings | None = None,
+    ttl: float = 86400.0,
+    key_prefix: str = "calltrace:call:",
+) -> CallStore | None:
+    """The call store a component's config asks for: Redis (shared by every instance)
+    with a local SQLite copy, Redis alone, the SQLite file alone, or none."""
+    local = SQLiteCallStore(path) if path is not None else None
+    if redis is None:
+        return local
+    shared = RedisCallStore(redis, ttl, key_prefix)
+    return shared if local is None else MirroredCallStore(shared, local)

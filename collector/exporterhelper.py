@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import sqlite3
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,6 +72,9 @@ class ExporterConfig(ComponentConfig):
     timeout: Duration = 30.0
 
 
+_Outcome = Literal["sent", "permanent", "gave_up"]
+
+
 class _QueueItem:
     __slots__ = ("batch", "key", "spans")
 
@@ -86,7 +90,11 @@ class _DiskQueue:
     def __init__(self, directory: Path, name: str):
         directory.mkdir(parents=True, exist_ok=True)
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        self.path = directory / f"{safe}.queue.db"
+        # ``workers: N`` runs N processes with one config: each keeps its own file, or
+        # two workers would deliver (and delete) the same rows.
+        worker = os.environ.get("CALLTRACE_WORKER")
+        suffix = f".worker{worker}" if worker else ""
+        self.path = directory / f"{safe}{suffix}.queue.db"
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
@@ -226,9 +234,16 @@ class ExporterQueue:
                     items[0].batch.project,
                 )
             try:
-                await self._export_with_retry(batch, spans)
+                outcome = await self._export_with_retry(batch, spans, count_failed=len(items) == 1)
+                if outcome == "permanent" and len(items) > 1:
+                    # One request's bad data must not drop the others merged with it.
+                    for item in items:
+                        await self._export_with_retry(item.batch, item.spans)
                 if self._disk is not None:
-                    self._disk.delete([i.key for i in items if i.key is not None])
+                    try:
+                        self._disk.delete([i.key for i in items if i.key is not None])
+                    except sqlite3.Error:  # they will be delivered again after a restart
+                        log.exception("%s: could not remove delivered batches from disk", self.id)
             except asyncio.CancelledError:
                 # Shut down while retrying: put the items back (they stay on disk too).
                 for item in reversed(items):
@@ -241,7 +256,13 @@ class ExporterQueue:
             if not self._items and self._in_flight == 0:
                 self._idle.set()
 
-    async def _export_with_retry(self, batch: SpanBatch, spans: int) -> None:
+    async def _export_with_retry(
+        self, batch: SpanBatch, spans: int, count_failed: bool = True
+    ) -> _Outcome:
+        """Export until delivered, refused for good (a permanent error: logged, counted,
+        dropped) or given up on (the retry budget spent). ``count_failed=False`` leaves
+        logging and counting a permanent error to the caller, who then exports a merged
+        batch's parts one by one."""
         started = time.monotonic()
         interval = self.retry.initial_interval
         attempt = 0
@@ -251,9 +272,10 @@ class ExporterQueue:
             try:
                 await asyncio.wait_for(self.exporter.export(batch), self.timeout or None)
             except PermanentError as exc:
-                log.error("%s: dropping %d spans, permanent error: %s", self.id, spans, exc)
-                self._count_failed(spans)
-                return
+                if count_failed:
+                    log.error("%s: dropping %d spans, permanent error: %s", self.id, spans, exc)
+                    self._count_failed(spans)
+                return "permanent"
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # retryable, timeouts and unexpected errors alike
@@ -264,7 +286,7 @@ class ExporterQueue:
                         "%s: dropping %d spans after %d attempts: %r", self.id, spans, attempt, exc
                     )
                     self._count_failed(spans)
-                    return
+                    return "gave_up"
                 delay = interval * (1 + self.retry.randomization_factor * (2 * random.random() - 1))
                 log.warning(
                     "%s: export failed (attempt %d), retrying in %.2fs: %r",
@@ -280,7 +302,7 @@ class ExporterQueue:
                 continue
             if self.telemetry is not None:
                 self.telemetry.exporter_sent(self.id, spans, time.perf_counter() - t0)
-            return
+            return "sent"
 
     def _count_failed(self, spans: int) -> None:
         if self.telemetry is not None:
@@ -302,8 +324,13 @@ class ExporterQueue:
                 self._queued_spans,
                 " (kept in the persistent queue)" if self._disk else "",
             )
-        for task in self._consumers:
-            task.cancel()
+        # Cancel until done: a client library that swallows a cancellation (redis-py
+        # may, mid-reconnect) must not hang shutdown.
+        pending = {task for task in self._consumers if not task.done()}
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
         await asyncio.gather(*self._consumers, return_exceptions=True)
         self._consumers.clear()
         if self._disk is not None:

@@ -75,6 +75,18 @@ class Telemetry:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.memory_rss = Gauge(
+            "calltrace_memory_limiter_rss_bytes",
+            "Resident memory of the process as last measured by a memory_limiter.",
+            ["processor"],
+            registry=r,
+        )
+        self.memory_refusing = Gauge(
+            "calltrace_memory_limiter_refusing",
+            "1 while a memory_limiter refuses data, else 0.",
+            ["processor"],
+            registry=r,
+        )
 
     def accepted(self, receiver: str, transport: str, spans: int) -> None:
         self.receiver_accepted.labels(receiver, transport).inc(spans)
@@ -102,6 +114,10 @@ class Telemetry:
     def exporter_queue(self, exporter: str, size: int, capacity: int) -> None:
         self.exporter_queue_size.labels(exporter).set(size)
         self.exporter_queue_capacity.labels(exporter).set(capacity)
+
+    def memory_usage(self, processor: str, rss: int, refusing: bool) -> None:
+        self.memory_rss.labels(processor).set(rss)
+        self.memory_refusing.labels(processor).set(int(refusing))
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 if never set), for tests and the CLI."""

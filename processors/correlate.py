@@ -10,20 +10,37 @@ attribute name as ``calltrace.call.key`` / ``calltrace.call.source``), where exp
 find it. Spans without a key pass through without a call and are never dropped; spans
 of a trace whose call is already known (Pipecat's stt/llm/tts spans, which carry no
 ``conversation.id``) inherit the call of their trace.
+
+The call record (first seen, source, span count, skipped) lives in the embedded SQLite
+file (``store``), or, with ``redis:``, in Redis, shared by every collector instance
+(first writer wins; ``ttl`` after the last span it expires), copied into ``store``
+when that is set too. A local cache remembers which calls exist, so Redis is asked
+once per call and instance. The call id never depends on the store: while the store is
+unreachable, spans keep flowing with their call id, and the record writes are retried
+in the background.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
 from collector import ComponentConfig, Duration, Host, Processor, SpanBatch
-from collector.calls import CallActivity, CallRecord, CallStore, SQLiteCallStore, call_id_for
+from collector.calls import (
+    CallActivity,
+    CallRecord,
+    CallStore,
+    call_id_for,
+    make_call_store,
+)
+from collector.redisconn import CorrelateRedisConfig
 from collector.spans import (
     CALL_ID_ATTRIBUTE,
     CALL_KEY_ATTRIBUTE,
@@ -58,6 +75,18 @@ class CorrelateConfig(ComponentConfig):
     """Calls and traces remembered locally."""
     flush_interval: Duration = 1.0
     """How often last-seen times and span counts are written to the call store."""
+    redis: CorrelateRedisConfig | None = None
+    """Keep call records in Redis, shared by every instance (``store`` then holds a copy)."""
+    store_timeout: Duration = 0.5
+    """How long a request waits for its call's record to be created; past it the record
+    is created in the background and the request goes on."""
+    store_retry_interval: Duration = 1.0
+    """While the call store is unreachable, how long before it is tried again."""
+    drop_skipped_calls: bool = True
+    """Drop the spans of calls marked skipped in the call store (by a LiveKit webhook whose
+    room metadata carries ``roark.skip``); counted in ``calltrace_processor_dropped_spans``."""
+    skipped_check_interval: Duration = 5.0
+    """How long a call's skipped mark is cached before the store is asked again."""
 
 
 class _LRU(OrderedDict[tuple[str, ...] | tuple[str, bytes], tuple[str, str, str]]):
@@ -82,18 +111,31 @@ class CorrelateProcessor(Processor):
         ordered = [config.room_attribute, *[k for k in config.keys if k != config.room_attribute]]
         self._rank = {key: index for index, key in enumerate(ordered)}
         self._span_rank = {key: index for index, key in enumerate(config.keys)}
-        self._known_calls: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._known_calls: OrderedDict[tuple[str, str], CallRecord] = OrderedDict()
+        """Calls whose record exists in the store, with the record first written."""
         self._traces = _LRU(config.cache_size)
         self._activity: dict[tuple[str, str], CallActivity] = {}
         self._creating: dict[tuple[str, str], asyncio.Task[CallRecord]] = {}
+        self._unsaved: dict[tuple[str, str], CallRecord] = {}
+        """Records not yet created because the store was unreachable; retried by the flusher."""
+        self._store_down_until = 0.0
+        self._store_down = False
         self.store: CallStore | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._skipped_marks: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
+        self._telemetry: Any = None
 
     def make_store(self) -> CallStore | None:
         """The call store this config asks for (subclasses and plugins may override)."""
-        return SQLiteCallStore(self.config.store) if self.config.store is not None else None
+        config = self.config
+        if config.redis is None:
+            return make_call_store(config.store)
+        return make_call_store(
+            config.store, config.redis, config.redis.ttl, config.redis.key_prefix
+        )
 
     async def start(self, host: Host) -> None:
+        self._telemetry = host.telemetry
         self.store = self.make_store()
         if self.store is not None:
             await self.store.start()
@@ -128,28 +170,53 @@ class CorrelateProcessor(Processor):
         project = batch.project or ""
         now = time.time_ns()
         result: list[ResourceSpans] = []
+        dropped = 0
         for rs in batch.resource_spans:
             attributes = rs.resource.attributes
             for stamp in _STAMPS:  # never trust ids a client sent
                 remove_attribute(attributes, stamp)
             found = self._best_key(attributes, self._rank)
             if found is not None:
-                key_value, source = found
-                call_id = call_id_for(project, key_value)
-                _stamp(rs, call_id, key_value, source)
-                spans = sum(len(ss.spans) for ss in rs.scope_spans)
-                await self._seen(project, call_id, key_value, source, spans, now)
-                result.append(rs)
-                continue
-            for piece, call in self._split_by_span_keys(project, rs):
+                pieces = [(rs, (call_id_for(project, found[0]), *found))]
+            else:
+                pieces = self._split_by_span_keys(project, rs)
+            for piece, call in pieces:
                 if call is not None:
                     call_id, key_value, source = call
-                    _stamp(piece, call_id, key_value, source)
                     spans = sum(len(ss.spans) for ss in piece.scope_spans)
+                    if await self._is_skipped(project, call_id):
+                        dropped += spans
+                        continue
+                    _stamp(piece, call_id, key_value, source)
                     await self._seen(project, call_id, key_value, source, spans, now)
                 result.append(piece)
+        if dropped and self._telemetry is not None:
+            self._telemetry.dropped(self.id, dropped)
         batch.resource_spans = result
-        return batch
+        return batch if result else None
+
+    async def _is_skipped(self, project: str, call_id: str) -> bool:
+        """Whether the call store marks the call skipped (cached for a few seconds)."""
+        if self.store is None or not self.config.drop_skipped_calls:
+            return False
+        key = (project, call_id)
+        cached = self._skipped_marks.get(key)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        try:
+            record = await asyncio.wait_for(
+                self.store.get(project, call_id), self.config.store_timeout
+            )
+        except Exception as exc:  # an unreachable store never stops spans
+            log.debug("%s: could not read call %s: %r", self.id, call_id, exc)
+            return cached[0] if cached is not None else False
+        skipped = record is not None and record.skipped
+        self._skipped_marks[key] = (skipped, now + self.config.skipped_check_interval)
+        self._skipped_marks.move_to_end(key)
+        if len(self._skipped_marks) > self.config.cache_size:
+            self._skipped_marks.popitem(last=False)
+        return skipped
 
     def _split_by_span_keys(
         self, project: str, rs: ResourceSpans
@@ -191,47 +258,144 @@ class CorrelateProcessor(Processor):
         else:
             activity.spans += spans
             activity.last_seen_ns = now
-        if self.store is None or key in self._known_calls:
+        if self.store is None or key in self._known_calls or key in self._unsaved:
+            return
+        record = CallRecord(project, call_id, key_value, source, now, now)
+        if time.monotonic() < self._store_down_until:
+            self._defer(key, record)
             return
         task = self._creating.get(key)
         if task is None:
-            record = CallRecord(project, call_id, key_value, source, now, now)
             task = asyncio.ensure_future(self.store.create(record))
+            task.add_done_callback(_retrieve_exception)  # may outlive the wait below
             self._creating[key] = task
             try:
-                await task
+                await asyncio.wait_for(asyncio.shield(task), self.config.store_timeout or None)
+            except Exception as exc:  # unreachable, or too slow to wait for
+                self._store_failed(exc)
+                self._defer(key, record)
+                return
             finally:
                 del self._creating[key]
-            self._known_calls[key] = None
-            if len(self._known_calls) > self.config.cache_size:
-                self._known_calls.popitem(last=False)
+            self._remember(key, record)
+            self._store_reachable()
         else:
-            await task
+            with contextlib.suppress(Exception):  # the first caller handled it
+                await asyncio.wait_for(asyncio.shield(task), self.config.store_timeout or None)
+
+    def _defer(self, key: tuple[str, str], record: CallRecord) -> None:
+        """Keep a record to create once the store is back, at most ``cache_size`` of them:
+        past that the oldest is forgotten (the next span of its call brings it back)."""
+        self._unsaved[key] = record
+        if len(self._unsaved) > self.config.cache_size:
+            forgotten = next(iter(self._unsaved))
+            del self._unsaved[forgotten]
+            log.warning("%s: too many unsaved call records; forgot %s/%s", self.id, *forgotten)
+
+    def _remember(self, key: tuple[str, str], record: CallRecord) -> None:
+        self._known_calls[key] = record
+        if len(self._known_calls) > self.config.cache_size:
+            self._known_calls.popitem(last=False)
+
+    def _store_failed(self, exc: Exception) -> None:
+        """Note an unreachable store: records wait locally and are retried later."""
+        if not self._store_down:
+            log.warning(
+                "%s: call store unreachable, call records wait and are retried: %r", self.id, exc
+            )
+            self._store_down = True
+        self._store_down_until = time.monotonic() + self.config.store_retry_interval
+
+    def _store_reachable(self) -> None:
+        self._store_down_until = 0.0
+        if self._store_down:
+            log.info("%s: call store reachable again", self.id)
+            self._store_down = False
 
     async def flush(self) -> None:
-        """Write pending last-seen times and span counts to the call store."""
-        if self.store is None or not self._activity:
+        """Create records that are waiting, then write pending last-seen times and span
+        counts to the call store. What cannot be written stays pending for the next try."""
+        if self.store is None:
             return
-        activity, self._activity = list(self._activity.values()), {}
-        await self.store.record_activity(activity)
+        while self._unsaved:
+            key, record = next(iter(self._unsaved.items()))
+            await self.store.create(record)
+            del self._unsaved[key]
+            self._remember(key, record)
+            self._store_reachable()
+        # Counts of a call whose record is still being created wait for the next flush.
+        activity = {k: a for k, a in self._activity.items() if k in self._known_calls}
+        if not activity:
+            return
+        self._activity = {k: a for k, a in self._activity.items() if k not in activity}
+        try:
+            missing = await self.store.record_activity(list(activity.values()))
+        except BaseException:
+            for key, pending in activity.items():  # merge back what arrived meanwhile
+                newer = self._activity.get(key)
+                if newer is not None:
+                    pending.spans += newer.spans
+                    pending.last_seen_ns = max(pending.last_seen_ns, newer.last_seen_ns)
+                self._activity[key] = pending
+            raise
+        self._store_reachable()
+        now = time.time_ns()
+        for key in missing or ():
+            # The record expired or was lost with the store (a Redis restart without
+            # persistence): create it again; its counts follow on the next flush.
+            seed = self._known_calls.pop(key, None)
+            if seed is None:
+                continue
+            log.info("%s: call record %s/%s was missing; creating it again", self.id, *key)
+            self._unsaved[key] = CallRecord(
+                seed.project, seed.call_id, seed.room_id, seed.source, now, now
+            )
+            pending = activity[key]
+            newer = self._activity.get(key)
+            if newer is not None:
+                pending.spans += newer.spans
+                pending.last_seen_ns = max(pending.last_seen_ns, newer.last_seen_ns)
+            self._activity[key] = pending
 
     async def _flush_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.config.flush_interval)
             try:
                 await self.flush()
-            except Exception:
-                log.exception("%s: could not update call records", self.id)
+            except Exception as exc:
+                self._store_failed(exc)
 
     async def shutdown(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-            self._flusher = None
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            await _stop(flusher)
         if self.store is not None:
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception as exc:
+                log.error(
+                    "%s: call records not saved at shutdown (%d calls): %s",
+                    self.id,
+                    len(self._unsaved) + len(self._activity),
+                    exc,
+                )
             await self.store.close()
             self.store = None
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it. A client library that swallows the cancellation
+    (redis-py may, mid-reconnect) gets cancelled again rather than hanging shutdown."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    if not task.cancelled():
+        task.exception()
+
+
+def _retrieve_exception(task: asyncio.Future[CallRecord]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _stamp(rs: ResourceSpans, call_id: str, key_value: str, source: str) -> None:

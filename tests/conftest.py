@@ -236,3 +236,14 @@ def no_ca_bundle_override(monkeypatch: pytest.MonkeyPatch) -> None:
     ``certificate_file`` (the rule of ``requests``)."""
     monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Any:
+    """A throwaway ``redis-server`` on a free port (``tests.redis_support.RedisServer``)."""
+    from tests.redis_support import throwaway_redis
+
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    with throwaway_redis(directory) as server:
+        yield server

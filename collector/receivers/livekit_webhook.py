@@ -38,8 +38,9 @@ import jwt
 from aiohttp import web
 from pydantic import Field, SecretStr
 
-from collector.calls import CallStore, RoomEvent, SQLiteCallStore, call_id_for
+from collector.calls import CallStore, RoomEvent, call_id_for, make_call_store
 from collector.components import ComponentConfig, Consumer, Host, Receiver
+from collector.redisconn import CorrelateRedisConfig
 from collector.units import Duration
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class LiveKitWebhookConfig(ComponentConfig):
     path: str = Field(default="/webhooks/livekit", pattern=r"^/")
     store: Path | None = Path("./data/calltrace.db")
     """The call store (SQLite file) shared with ``correlate``."""
+    redis: CorrelateRedisConfig | None = None
+    """Call records in Redis, as ``correlate``'s ``redis`` (use the same settings)."""
     skip_attributes: list[str] = Field(default_factory=lambda: ["roark.skip"])
     """Keys in the room metadata (a JSON object) that mark the call skipped."""
     leeway: Duration = 60.0
@@ -91,7 +94,10 @@ class LiveKitWebhookReceiver(Receiver):
         self.store: CallStore | None = None
 
     def make_store(self) -> CallStore | None:
-        return SQLiteCallStore(self.config.store) if self.config.store is not None else None
+        redis = self.config.redis
+        if redis is None:
+            return make_call_store(self.config.store)
+        return make_call_store(self.config.store, redis, redis.ttl, redis.key_prefix)
 
     def routes(self) -> list[Any]:
         return [web.post(self.config.path, self._receive)]

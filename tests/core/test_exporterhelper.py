@@ -44,15 +44,94 @@ async def test_retries_retryable_errors_until_delivered():
     assert telemetry.value("calltrace_exporter_sent_spans_total", exporter="recorder") == 2
 
 
-async def test_permanent_error_is_counted_not_retried():
-    exporter = Recorder(fast_retry(), failures=[PermanentError("bad")])
+async def test_permanent_error_is_logged_counted_not_retried(caplog):
+    exporter = Recorder(fast_retry(), failures=[PermanentError("schema mismatch")])
+    exporter.attempts = 0
+    original = exporter.export
+
+    async def counting_export(b):
+        exporter.attempts += 1
+        await original(b)
+
+    exporter.export = counting_export
     telemetry = Telemetry()
     queue = ExporterQueue(exporter, telemetry)
     await queue.start()
-    await queue.put(batch(resource_spans({}, [{}])))
-    await queue.shutdown(5)
+    with caplog.at_level("ERROR", logger="collector.exporterhelper"):
+        await queue.put(batch(resource_spans({}, [{}])))
+        await queue.shutdown(5)
+    assert exporter.attempts == 1
     assert exporter.batches == []
     assert telemetry.value("calltrace_exporter_send_failed_spans_total", exporter="recorder") == 1
+    assert telemetry.value("calltrace_exporter_retries_total", exporter="recorder") == 0
+    assert any(
+        "permanent error" in r.getMessage() and "schema mismatch" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+async def test_permanent_error_in_a_merged_batch_drops_only_the_bad_request(tmp_path):
+    class RejectsPoison(Recorder):
+        async def export(self, b):
+            await self.gate.wait()
+            names = {s.name for rs in b.resource_spans for ss in rs.scope_spans for s in ss.spans}
+            if "poison" in names:
+                raise PermanentError("poison span")
+            self.batches.append(b)
+
+    exporter = RejectsPoison(fast_retry(storage=str(tmp_path)))
+    exporter.gate = asyncio.Event()
+    telemetry = Telemetry()
+    queue = ExporterQueue(exporter, telemetry)
+    await queue.start()
+    for name in ("a", "poison", "b"):
+        await queue.put(batch(resource_spans({}, [{"name": name}])))
+    exporter.gate.set()
+    await queue.shutdown(5)
+    delivered = sorted(
+        s.name
+        for b in exporter.batches
+        for rs in b.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    )
+    assert delivered == ["a", "b"]
+    assert telemetry.value("calltrace_exporter_send_failed_spans_total", exporter="recorder") == 1
+    # nothing is left on disk for the next start
+    again = Recorder(fast_retry(storage=str(tmp_path)))
+    queue2 = ExporterQueue(again)
+    await queue2.start()
+    await queue2.shutdown(5)
+    assert again.batches == []
+
+
+async def test_workers_keep_separate_persistent_queues(tmp_path, monkeypatch):
+    names = []
+    for worker in ("0", "1"):
+        monkeypatch.setenv("CALLTRACE_WORKER", worker)
+        exporter = Recorder(fast_retry(storage=str(tmp_path)))
+        exporter.gate = asyncio.Event()
+        queue = ExporterQueue(exporter)
+        await queue.start()
+        await queue.put(batch(resource_spans({}, [{"name": f"w{worker}"}])))
+        await queue.shutdown(0.05)
+    monkeypatch.setenv("CALLTRACE_WORKER", "1")
+    exporter = Recorder(fast_retry(storage=str(tmp_path)))
+    queue = ExporterQueue(exporter)
+    await queue.start()
+    await queue.shutdown(5)
+    names = [
+        s.name
+        for b in exporter.batches
+        for rs in b.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    ]
+    assert names == ["w1"]
+    assert sorted(p.name for p in tmp_path.glob("*.queue.db")) == [
+        "recorder.worker0.queue.db",
+        "recorder.worker1.queue.db",
+    ]
 
 
 async def test_full_queue_refuses_without_blocking():

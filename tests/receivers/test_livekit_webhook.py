@@ -13,8 +13,9 @@ from livekit import api
 from livekit.protocol import models, webhook
 
 from collector.calls import call_id_for
+from collector.keys import KeyStore
 from collector.receivers.livekit_webhook import room_metadata_skips
-from tests.support import pipeline_config, query
+from tests.support import fixture_requests, pipeline_config, query
 
 API_KEY = "APIfixturekey"
 API_SECRET = "fixture-secret-that-is-long-enough-for-hs256"
@@ -120,3 +121,53 @@ def test_metadata_skip_flag():
     assert not room_metadata_skips('{"roark.skip": false}', ["roark.skip"])
     assert not room_metadata_skips("plain text", ["roark.skip"])
     assert not room_metadata_skips("", ["roark.skip"])
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["sqlite", "redis"])
+async def test_room_marked_skipped_drops_its_spans(
+    make_service, free_port, tmp_path, request, shared
+):
+    """room_started with roark.skip in the room metadata: correlate drops the call's spans
+    (also when the mark lives in Redis, shared by every instance)."""
+    port = free_port()
+    db = tmp_path / "calltrace.db"
+    key, _ = KeyStore(db).create("acme")
+    config = pipeline_config(port, db)
+    webhook_config = {
+        "api_key": API_KEY,
+        "api_secret": API_SECRET,
+        "project": "acme",
+        "store": str(db),
+    }
+    if shared:
+        redis_url = request.getfixturevalue("redis_server").url
+        config["processors"]["correlate"]["redis"] = {"url": redis_url}
+        webhook_config["redis"] = {"url": redis_url}
+    config["receivers"]["livekit_webhook"] = webhook_config
+    config["service"]["pipelines"]["traces"]["receivers"].append("livekit_webhook")
+    service = await make_service(config)
+    base = f"http://127.0.0.1:{port}"
+
+    body = event_body("room_started", "RM_test123", {"roark.skip": True})
+    assert (await post(f"{base}/webhooks/livekit", body, livekit_token(body)))[0] == 200
+    headers = {"Content-Type": "application/x-protobuf", "Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession() as session:
+        for path in fixture_requests("livekit") + fixture_requests("pipecat"):
+            async with session.post(
+                f"{base}/v1/traces", data=path.read_bytes(), headers=headers
+            ) as response:
+                assert response.status == 200
+    await service.shutdown()
+    # The skipped LiveKit room stored nothing; the Pipecat call (another room) is kept.
+    assert (
+        query(
+            db, "SELECT count(*) FROM spans WHERE call_id = ?", call_id_for("acme", "RM_test123")
+        )[0][0]
+        == 0
+    )
+    assert query(db, "SELECT count(*) FROM spans")[0][0] == 14
+    assert (
+        service.telemetry.value("calltrace_processor_dropped_spans_total", processor="correlate")
+        == 53
+    )
+    assert query(db, "SELECT skipped FROM calls WHERE room_id = 'RM_test123'") == [(1,)]
