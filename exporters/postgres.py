@@ -9,6 +9,7 @@ with ``INSERT ... ON CONFLICT DO NOTHING``, so a retried batch stores nothing tw
 
 Connection problems are retryable (the exporter helper retries with backoff and keeps
 the data queued); a batch PostgreSQL refuses as invalid is a permanent error.
+``query_store()`` is the read side the query API uses (``exporters/postgres_query.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from collector import (
     any_value_to_python,
 )
 from collector.spans import CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE
+from exporters.postgres_query import PostgresQueryStore
 from exporters.sqlite import MAX_INDEXED_VALUE, STATUS_ERROR, TAG_PREFIX, attribute_text
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,9 @@ CREATE TABLE IF NOT EXISTS {s}.spans (
   scope_digest BYTEA NOT NULL, span BYTEA NOT NULL,
   PRIMARY KEY (project, trace_id, span_id));
 CREATE INDEX IF NOT EXISTS spans_by_call ON {s}.spans (project, call_id, start_ns);
-CREATE INDEX IF NOT EXISTS spans_by_name ON {s}.spans (project, name, start_ns);
+-- trace search by span name reads trace ids from this index alone (index-only scan)
+DROP INDEX IF EXISTS {s}.spans_by_name;
+CREATE INDEX IF NOT EXISTS spans_by_name_trace ON {s}.spans (project, name, trace_id);
 CREATE INDEX IF NOT EXISTS spans_by_start ON {s}.spans (start_ns);
 CREATE TABLE IF NOT EXISTS {s}.resources (
   digest BYTEA PRIMARY KEY, service TEXT, attributes JSONB NOT NULL, resource BYTEA NOT NULL);
@@ -81,7 +85,11 @@ CREATE TABLE IF NOT EXISTS {s}.calls (
   first_seen_ns BIGINT NOT NULL, last_seen_ns BIGINT NOT NULL,
   start_ns BIGINT, end_ns BIGINT, service TEXT, tags JSONB,
   skipped BOOLEAN NOT NULL DEFAULT false, room_name TEXT, metadata TEXT,
+  summary TEXT, summary_spans INTEGER,
   PRIMARY KEY (project, call_id));
+-- the query API's per-call turn summary cache (a schema made before it lacks these)
+ALTER TABLE {s}.calls ADD COLUMN IF NOT EXISTS summary TEXT,
+  ADD COLUMN IF NOT EXISTS summary_spans INTEGER;
 CREATE INDEX IF NOT EXISTS calls_by_start ON {s}.calls (project, start_ns DESC, call_id);
 """
 
@@ -138,10 +146,22 @@ class PostgresExporter(Exporter):
         self._retention_task: asyncio.Task[None] | None = None
         self._known_resources: set[bytes] = set()
         self._known_scopes: set[bytes] = set()
+        self._query_store: PostgresQueryStore | None = None
 
     @property
     def schema(self) -> str:
         return self.config.db_schema
+
+    def query_store(self) -> PostgresQueryStore:
+        """The read side of this exporter's schema, for the query API (its own pool)."""
+        if self._query_store is None:
+            self._query_store = PostgresQueryStore(
+                self.config.dsn.get_secret_value(),
+                self.schema,
+                pool_size=self.config.pool_size,
+                connect_timeout=self.config.connect_timeout,
+            )
+        return self._query_store
 
     async def start(self, host: Host) -> None:
         if self._pool is not None:
@@ -301,6 +321,9 @@ class PostgresExporter(Exporter):
             await asyncio.sleep(self.config.retention_check_interval)
 
     async def shutdown(self) -> None:
+        if self._query_store is not None:
+            await self._query_store.close()
+            self._query_store = None
         if self._retention_task is not None:
             self._retention_task.cancel()
             await asyncio.gather(self._retention_task, return_exceptions=True)

@@ -21,9 +21,15 @@ from collector.keys import KeyStore
 from exporters.postgres import PostgresConfig, PostgresExporter
 from tests.exporters.test_sqlite import add_span, call_resource
 from tests.processors._util import FakeTelemetryHost
-from tests.support import fixture_requests, free_port, pipeline_config, running_service
+from tests.support import (
+    POSTGRES_DSN,
+    fixture_requests,
+    free_port,
+    pipeline_config,
+    running_service,
+)
 
-DSN = os.environ.get("CALLTRACE_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+DSN = POSTGRES_DSN
 
 pytestmark = pytest.mark.postgres
 
