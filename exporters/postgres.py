@@ -36,6 +36,7 @@ from collector import (
     SpanBatch,
     any_value_to_python,
 )
+from collector.query import jsonable
 from collector.spans import CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE
 from exporters.postgres_query import PostgresQueryStore
 from exporters.sqlite import MAX_INDEXED_VALUE, STATUS_ERROR, TAG_PREFIX, attribute_text
@@ -354,11 +355,32 @@ def _indexable(kv: Any) -> tuple[str, str] | None:
     kind = value.WhichOneof("value")
     if kind == "string_value":
         text = value.string_value
-        return (kv.key, text) if len(text) <= MAX_INDEXED_VALUE else None
+        return (_text(kv.key), _text(text)) if len(text) <= MAX_INDEXED_VALUE else None
     if kind in ("bool_value", "int_value", "double_value"):
         text = attribute_text(getattr(value, kind))
-        return None if text is None else (kv.key, text)
+        return None if text is None else (_text(kv.key), text)
     return None
+
+
+def _text(value: str) -> str:
+    """``value`` as PostgreSQL text can hold it: NUL (which it refuses) as U+FFFD."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _json(value: Any, **options: Any) -> str:
+    """JSON that PostgreSQL's ``jsonb`` accepts: no NaN or Infinity tokens (they become
+    strings, as the query API shows them anyway), bytes as hex, no NUL characters."""
+    return json.dumps(_storable(jsonable(value)), default=str, **options)
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
+    if isinstance(value, dict):
+        return {_text(k): _storable(v) for k, v in value.items()}
+    return value
 
 
 def _build_rows(batch: SpanBatch, now: int) -> _Rows:
@@ -373,14 +395,14 @@ def _build_rows(batch: SpanBatch, now: int) -> _Rows:
         for kv in resource.attributes:
             key = kv.key
             if key == CALL_ID_ATTRIBUTE:
-                call_id = kv.value.string_value or None
+                call_id = _text(kv.value.string_value) or None
             elif key == CALL_KEY_ATTRIBUTE:
-                call_key = kv.value.string_value
+                call_key = _text(kv.value.string_value)
             elif key == CALL_SOURCE_ATTRIBUTE:
-                call_source = kv.value.string_value
+                call_source = _text(kv.value.string_value)
             else:
                 if key == "service.name":
-                    service = kv.value.string_value or None
+                    service = _text(kv.value.string_value) or None
                 elif key.startswith(TAG_PREFIX):
                     tags[key[len(TAG_PREFIX) :]] = any_value_to_python(kv.value)
                 pair = _indexable(kv)
@@ -392,10 +414,7 @@ def _build_rows(batch: SpanBatch, now: int) -> _Rows:
             (
                 resource_digest,
                 service,
-                json.dumps(
-                    {kv.key: any_value_to_python(kv.value) for kv in resource.attributes},
-                    default=lambda v: v.hex() if isinstance(v, bytes) else str(v),
-                ),
+                _json({kv.key: any_value_to_python(kv.value) for kv in resource.attributes}),
                 resource_payload,
             )
         )
@@ -405,11 +424,13 @@ def _build_rows(batch: SpanBatch, now: int) -> _Rows:
             scope_digest = hashlib.blake2b(scope_payload, digest_size=16).digest()
             if scope_digest not in seen_scopes:
                 seen_scopes.add(scope_digest)
-                rows.scopes.append((scope_digest, ss.scope.name, ss.scope.version, scope_payload))
+                rows.scopes.append(
+                    (scope_digest, _text(ss.scope.name), _text(ss.scope.version), scope_payload)
+                )
             for span in ss.spans:
                 trace_id = span.trace_id
                 parent = span.parent_span_id or None
-                name = span.name
+                name = _text(span.name)
                 start = span.start_time_unix_nano
                 end = max(span.end_time_unix_nano, start)
                 status = span.status.code
@@ -465,7 +486,7 @@ def _build_rows(batch: SpanBatch, now: int) -> _Rows:
                 start_min = start if start_min is None else min(start_min, start)
                 end_max = end if end_max is None else max(end_max, end)
         if call_id is not None and start_min is not None:
-            tags_json = json.dumps(tags, sort_keys=True) if tags else None
+            tags_json = _json(tags, sort_keys=True) if tags else None
             call = rows.calls.get(call_id)
             if call is None:
                 rows.calls[call_id] = [
@@ -486,5 +507,5 @@ def _build_rows(batch: SpanBatch, now: int) -> _Rows:
                 if tags_json is not None:
                     merged = json.loads(call[9]) if call[9] else {}
                     merged.update(tags)
-                    call[9] = json.dumps(merged, sort_keys=True)
+                    call[9] = _json(merged, sort_keys=True)
     return rows
