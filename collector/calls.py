@@ -12,11 +12,21 @@ import asyncio
 import hashlib
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["CALLS_DDL", "CallActivity", "CallRecord", "CallStore", "SQLiteCallStore", "call_id_for"]
+__all__ = [
+    "CALLS_DDL",
+    "CallActivity",
+    "CallRecord",
+    "CallStore",
+    "RoomEvent",
+    "SQLiteCallStore",
+    "call_id_for",
+    "ensure_calls_table",
+]
 
 CALLS_DDL = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -28,10 +38,24 @@ CREATE TABLE IF NOT EXISTS calls (
   -- (resource attributes roark.project.tag.KEY, as JSON) and a cached turn summary
   start_ns INTEGER, end_ns INTEGER, service TEXT, tags TEXT,
   summary TEXT, summary_spans INTEGER,
+  -- from LiveKit webhooks (room_started / room_finished)
+  room_started_ns INTEGER, room_finished_ns INTEGER,
   PRIMARY KEY (project, call_id));
 CREATE INDEX IF NOT EXISTS calls_by_start ON calls (project, start_ns DESC, call_id);
 CREATE INDEX IF NOT EXISTS calls_by_room ON calls (project, room_id);
 """
+
+_LATER_COLUMNS = {
+    "start_ns": "INTEGER",
+    "end_ns": "INTEGER",
+    "service": "TEXT",
+    "tags": "TEXT",
+    "summary": "TEXT",
+    "summary_spans": "INTEGER",
+    "room_started_ns": "INTEGER",
+    "room_finished_ns": "INTEGER",
+}
+"""Columns added to ``calls`` after its first release, with their types."""
 
 
 def call_id_for(project: str | None, key_value: str) -> str:
@@ -64,6 +88,31 @@ class CallActivity:
     spans: int
 
 
+@dataclass
+class RoomEvent:
+    """What a LiveKit webhook says of a room (``room_started`` / ``room_finished``)."""
+
+    project: str
+    call_id: str
+    room_id: str
+    room_name: str | None
+    metadata: str | None
+    skipped: bool
+    started_ns: int | None = None
+    finished_ns: int | None = None
+
+
+def ensure_calls_table(db: sqlite3.Connection) -> None:
+    """Create the ``calls`` table, or add the columns a file made by an older version
+    lacks (``CREATE TABLE IF NOT EXISTS`` leaves an existing table as it was)."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
+    if present:  # columns first: the indexes below may name them
+        for column, sql_type in _LATER_COLUMNS.items():
+            if column not in present:
+                db.execute(f"ALTER TABLE calls ADD COLUMN {column} {sql_type}")
+    db.executescript(CALLS_DDL)
+
+
 class CallStore(Protocol):
     async def start(self) -> None: ...
 
@@ -74,6 +123,10 @@ class CallStore(Protocol):
     async def record_activity(self, activity: list[CallActivity]) -> None: ...
 
     async def get(self, project: str, call_id: str) -> CallRecord | None: ...
+
+    async def record_room(self, event: RoomEvent) -> None:
+        """Record a room event on its call (created if unseen); skipped only ever turns on."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -91,7 +144,7 @@ class SQLiteCallStore:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA busy_timeout=10000")
-        db.executescript(CALLS_DDL)
+        ensure_calls_table(db)
         self._db = db
 
     def _create(self, r: CallRecord) -> CallRecord:
@@ -154,6 +207,37 @@ class SQLiteCallStore:
 
     async def get(self, project: str, call_id: str) -> CallRecord | None:
         return await asyncio.to_thread(self._get, project, call_id)
+
+    def _record_room(self, e: RoomEvent) -> None:
+        assert self._db is not None
+        now = time.time_ns()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO calls (project, call_id, room_id, source, first_seen_ns,"
+                " last_seen_ns, skipped, room_name, metadata, room_started_ns, room_finished_ns)"
+                " VALUES (?,?,?,'livekit.room.id',?,?,?,?,?,?,?)"
+                " ON CONFLICT (project, call_id) DO UPDATE SET"
+                " skipped = max(calls.skipped, excluded.skipped),"
+                " room_name = coalesce(excluded.room_name, calls.room_name),"
+                " metadata = coalesce(excluded.metadata, calls.metadata),"
+                " room_started_ns = coalesce(excluded.room_started_ns, calls.room_started_ns),"
+                " room_finished_ns = coalesce(excluded.room_finished_ns, calls.room_finished_ns)",
+                (
+                    e.project,
+                    e.call_id,
+                    e.room_id,
+                    now,
+                    now,
+                    int(e.skipped),
+                    e.room_name,
+                    e.metadata,
+                    e.started_ns,
+                    e.finished_ns,
+                ),
+            )
+
+    async def record_room(self, event: RoomEvent) -> None:
+        await asyncio.to_thread(self._record_room, event)
 
     async def close(self) -> None:
         if self._db is not None:

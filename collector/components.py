@@ -156,3 +156,7 @@ class Receiver(_Component):
     def __init__(self, component_id: str, config: ComponentConfig, consumer: Consumer):
         super().__init__(component_id, config)
         self.consumer = consumer
+
+    def routes(self) -> list[Any]:
+        """aiohttp routes to serve on every HTTP listener (a webhook, say). Default none."""
+        return []

@@ -28,12 +28,17 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+
+# Descriptors come from upb or from pure Python depending on the protobuf build, and
+# their stubs disagree; the code only reads fields both have.
+Descriptor = Any
+EnumDescriptor = Any
 
 __all__ = [
     "INVALID_HEX_ID",
@@ -158,7 +163,7 @@ def _message_converter(descriptor: Descriptor) -> Convert:
 _SKIP = object()  # an unknown enum name: leave the field unset, as for unknown fields
 
 
-def _is_repeated(field: FieldDescriptor) -> bool:
+def _is_repeated(field: Any) -> bool:
     # ``label`` is deprecated in newer protobuf releases in favour of ``is_repeated``.
     is_repeated = getattr(field, "is_repeated", None)
     if is_repeated is not None:
@@ -184,7 +189,7 @@ def _repeated(convert_item: Convert) -> Convert:
     return convert
 
 
-def _field_value_converter(field: FieldDescriptor) -> Convert:
+def _field_value_converter(field: Any) -> Convert:
     kind = field.type
     if kind == FieldDescriptor.TYPE_MESSAGE:
         return _message_converter(field.message_type)

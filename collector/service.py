@@ -80,15 +80,23 @@ class Service:
         if self._started:
             return
         self._started = True
-        for exporter in self.exporters.values():
-            await exporter.start(self)
-        for queue in self.queues.values():
-            await queue.start()
-        for processor in self.processors.values():
-            await processor.start(self)
-        self._mount_query_api()
-        for receiver in self.receivers.values():
-            await receiver.start(self)
+        try:
+            for exporter in self.exporters.values():
+                await exporter.start(self)
+            for queue in self.queues.values():
+                await queue.start()
+            for processor in self.processors.values():
+                await processor.start(self)
+            self._mount_query_api()
+            for receiver in self.receivers.values():
+                self.add_http_routes(receiver.routes())
+            for receiver in self.receivers.values():
+                await receiver.start(self)
+        except BaseException:
+            # Release what did start (files, connections, a bound port) before failing;
+            # components' shutdown is safe on a component that never started.
+            await self.shutdown()
+            raise
         self.ready = True
         log.info(
             "calltrace started: %d receivers, %d processors, %d exporters",

@@ -45,7 +45,7 @@ from collector import (
     SpanBatch,
     any_value_to_python,
 )
-from collector.calls import CALLS_DDL
+from collector.calls import ensure_calls_table
 from collector.spans import CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE
 from exporters.sqlite_query import SQLiteQueryStore
 
@@ -59,8 +59,8 @@ MAX_INDEXED_VALUE = 256
 """Attribute values longer than this (prompts, JSON payloads) are not indexed for search."""
 STATUS_ERROR = 2
 
-SCHEMA = (
-    """
+# The calls table comes from ``ensure_calls_table``, which also upgrades older files.
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS spans (
   project TEXT NOT NULL, trace_id BLOB NOT NULL, span_id BLOB NOT NULL,
   parent_span_id BLOB, name TEXT NOT NULL, kind INTEGER NOT NULL,
@@ -93,8 +93,6 @@ CREATE TABLE IF NOT EXISTS trace_attrs (
 CREATE TABLE IF NOT EXISTS span_names (
   project TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (project, name)) WITHOUT ROWID;
 """
-    + CALLS_DDL
-)
 
 _INSERT_SPAN = (
     "INSERT OR IGNORE INTO spans (project, trace_id, span_id, parent_span_id, name, kind,"
@@ -150,6 +148,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     db.execute("PRAGMA busy_timeout=10000")
     if not readonly:
         db.executescript(SCHEMA)
+        ensure_calls_table(db)
     return db
 
 

@@ -281,3 +281,27 @@ async def test_shutdown_waits_for_in_flight_requests(make_service, free_port):
     status, _, _ = await sending
     assert status == 200
     assert service.exporters["memory"].span_count == 2
+
+
+async def test_failed_start_releases_what_started(free_port, tmp_path):
+    """A port in use stops start-up with a clear error, and the exporters that did start
+    are shut down (the SQLite writer thread and file are released)."""
+    import socket
+
+    from collector.service import Service
+
+    port = free_port()
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    try:
+        config = memory_pipeline(http_receiver(port))
+        config["exporters"]["sqlite"] = {"path": str(tmp_path / "db.sqlite")}
+        config["service"]["pipelines"]["traces"]["exporters"].append("sqlite")
+        service = Service(parse_config(config, environ={}))
+        with pytest.raises(RuntimeError, match="address already in use"):
+            await service.start()
+        assert service.exporters["sqlite"]._db is None
+        assert not service.ready
+    finally:
+        blocker.close()
