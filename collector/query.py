@@ -116,7 +116,8 @@ class Page:
 
 
 class QueryStore(Protocol):
-    """What the query API reads. Every call is scoped to one project."""
+    """What the query API reads. Every call is scoped to one project; a store that
+    cannot answer now (locked, unreachable) raises ``StorageUnavailableError``."""
 
     async def calls(self, project: str, query: CallFilter) -> Page:
         """Calls, newest first, each with its summary totals."""

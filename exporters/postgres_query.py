@@ -128,23 +128,27 @@ class PostgresQueryStore:
         self, conn: asyncpg.Connection, project: str, fresh: dict[str, tuple[dict[str, Any], int]]
     ) -> None:
         """Cache summaries. Best effort: a call row a writer holds is skipped (never waited
-        on, so a writer is never blocked behind us for long) and recomputed next time."""
+        on, so a writer is never blocked behind us for long) and recomputed next time; a
+        refused write (a read-only server) only means recomputing every time."""
         if not fresh:
             return
         s = self.schema
         call_ids = sorted(fresh)
-        await conn.execute(
-            f"WITH free AS (SELECT call_id FROM {s}.calls WHERE project = $1"
-            " AND call_id = ANY($2::text[]) ORDER BY call_id FOR UPDATE SKIP LOCKED)"
-            f" UPDATE {s}.calls c SET summary = v.summary, summary_spans = v.spans"
-            " FROM unnest($2::text[], $3::text[], $4::int[]) AS v(call_id, summary, spans)"
-            " WHERE c.project = $1 AND c.call_id = v.call_id"
-            " AND c.call_id IN (SELECT call_id FROM free)",
-            project,
-            call_ids,
-            [summary_cache_text(fresh[c][0]) for c in call_ids],
-            [fresh[c][1] for c in call_ids],
-        )
+        try:
+            await conn.execute(
+                f"WITH free AS (SELECT call_id FROM {s}.calls WHERE project = $1"
+                " AND call_id = ANY($2::text[]) ORDER BY call_id FOR UPDATE SKIP LOCKED)"
+                f" UPDATE {s}.calls c SET summary = v.summary, summary_spans = v.spans"
+                " FROM unnest($2::text[], $3::text[], $4::int[]) AS v(call_id, summary, spans)"
+                " WHERE c.project = $1 AND c.call_id = v.call_id"
+                " AND c.call_id IN (SELECT call_id FROM free)",
+                project,
+                call_ids,
+                [summary_cache_text(fresh[c][0]) for c in call_ids],
+                [fresh[c][1] for c in call_ids],
+            )
+        except asyncpg.PostgresError as exc:
+            log.debug("summary cache not written: %s", exc)
 
     async def _spans(
         self, conn: asyncpg.Connection, where: str, *args: Any

@@ -152,6 +152,25 @@ async def test_summary_cache_is_kept_and_used(
     assert (livekit["turn_count"], livekit["worst_turn_ms"]) == (3, pytest.approx(710.510))
 
 
+async def test_a_call_row_a_writer_holds_is_summarised_without_waiting(
+    api: Api, dataset: Dataset, pg: asyncpg.Connection
+) -> None:
+    """The cache write skips a row locked by a writer (an exporter updating the call)
+    instead of waiting for it: the listing answers, and a later one fills the cache."""
+    schema = dataset.postgres_schema
+    calls = {c["room_id"]: c for c in (await api.ok("/api/v1/calls"))["calls"]}
+    call_id = calls["RM_errors"]["call_id"]
+    summary_spans = f"SELECT summary_spans FROM {schema}.calls WHERE call_id = $1"
+    await pg.execute(f"UPDATE {schema}.calls SET summary_spans = NULL WHERE call_id = $1", call_id)
+    async with pg.transaction():
+        await pg.execute(f"SELECT 1 FROM {schema}.calls WHERE call_id = $1 FOR UPDATE", call_id)
+        listed = {c["room_id"]: c for c in (await api.ok("/api/v1/calls"))["calls"]}
+        assert listed["RM_errors"] == calls["RM_errors"]  # recomputed, the same numbers
+    assert await pg.fetchval(summary_spans, call_id) is None  # skipped while held
+    await api.ok("/api/v1/calls")
+    assert await pg.fetchval(summary_spans, call_id) == calls["RM_errors"]["span_count"]
+
+
 async def test_summary_is_recomputed_when_spans_arrive(tmp_path: Path) -> None:
     from collector.keys import KeyStore
 
