@@ -269,6 +269,7 @@ async def test_queries_walk_indexes(dataset: Dataset, pg: asyncpg.Connection, nu
 
 
 async def test_an_unreachable_server_answers_503() -> None:
+    """Every endpoint answers 503 with Retry-After (the OpenAPI document's answer), not 500."""
     port = free_port()  # nothing listens there
     store = PostgresQueryStore(f"postgresql://postgres@127.0.0.1:{port}/test", "calltrace")
     with pytest.raises(StorageUnavailableError, match="PostgreSQL"):
@@ -278,12 +279,18 @@ async def test_an_unreachable_server_answers_503() -> None:
     app.add_routes(QueryAPI(store, None).routes())
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", free_port())
-    await site.start()
+    api_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", api_port).start()
     try:
-        base = f"http://127.0.0.1:{site._port}"  # type: ignore[attr-defined]
+        base = f"http://127.0.0.1:{api_port}"
+        paths = (
+            "/api/v1/calls",
+            "/api/v1/calls/call_x",
+            "/api/v1/traces",
+            "/api/v1/traces/" + "0" * 32,
+        )
         async with aiohttp.ClientSession() as session:
-            for path in ("/api/v1/calls", "/api/v1/traces", "/api/v1/traces/" + "0" * 32):
+            for path in paths:
                 async with session.get(base + path) as response:
                     body = await response.json()
                     assert response.status == 503 and response.headers["Retry-After"] == "1"
