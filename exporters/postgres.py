@@ -88,9 +88,15 @@ CREATE TABLE IF NOT EXISTS {s}.calls (
   skipped BOOLEAN NOT NULL DEFAULT false, room_name TEXT, metadata TEXT,
   summary TEXT, summary_spans INTEGER,
   PRIMARY KEY (project, call_id));
--- the query API's per-call turn summary cache (a schema made before it lacks these)
-ALTER TABLE {s}.calls ADD COLUMN IF NOT EXISTS summary TEXT,
-  ADD COLUMN IF NOT EXISTS summary_spans INTEGER;
+-- the query API's per-call turn summary cache: a schema made before it lacks these
+-- (checked first: ALTER TABLE would lock out every collector's writes even as a no-op)
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = '{s}'
+                 AND table_name = 'calls' AND column_name = 'summary_spans') THEN
+    ALTER TABLE {s}.calls ADD COLUMN IF NOT EXISTS summary TEXT,
+      ADD COLUMN IF NOT EXISTS summary_spans INTEGER;
+  END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS calls_by_start ON {s}.calls (project, start_ns DESC, call_id);
 """
 
