@@ -16,7 +16,7 @@ Routes (``collector/openapi.py`` documents every field):
 - ``GET /api/v1/openapi.json``; ``GET /``: the explorer (``collector/ui/``).
 
 Bad parameters answer 400 ``{"error": "..."}``, no or an unknown key 401, unknown ids
-404.
+404, a store that cannot answer now (``StorageUnavailableError``) 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import asyncio
 import json
 import logging
 import math
-import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from collector.query import (
     CallFilter,
     QueryError,
     QueryStore,
+    StorageUnavailableError,
     TraceFilter,
     build_tree,
     parse_time,
@@ -158,7 +158,7 @@ class QueryAPI:
                 body = await handler(request, project)
             except QueryError as exc:
                 return _error(400, str(exc))
-            except sqlite3.OperationalError as exc:
+            except StorageUnavailableError as exc:
                 log.warning("query failed: %s", exc)
                 return _error(503, f"storage unavailable: {exc}", {"Retry-After": "1"})
             if isinstance(body, web.StreamResponse):

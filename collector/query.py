@@ -17,6 +17,11 @@ Search semantics, shared by every store:
   start to last span end) and whether any span has status ERROR.
 - Results are newest first; a page's ``next_cursor`` (opaque) continues after its last
   item, so paging never repeats or skips an item that existed when paging began.
+
+Every store answers the same JSON: ``span_json``, ``trace_json`` and ``call_json`` build
+it from rows of the shape both storage exporters keep (the span's own protobuf bytes
+beside the columns queries filter on), and ``summary_cache_text`` / ``cached_summary``
+read and write the per-call turn summary cache (``calls.summary``, ``summary_spans``).
 """
 
 from __future__ import annotations
@@ -24,32 +29,56 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from collector.spans import any_value_to_python
+
 __all__ = [
     "DEFAULT_LIMIT",
     "MAX_LIMIT",
+    "SUMMARY_VERSION",
+    "TAG_PREFIX",
     "CallFilter",
     "Page",
     "QueryError",
     "QueryStore",
+    "StorageUnavailableError",
     "TraceFilter",
     "build_tree",
+    "cached_summary",
+    "call_json",
     "decode_cursor",
+    "decode_trace_cursor",
     "encode_cursor",
+    "jsonable",
     "parse_time",
+    "resource_key",
     "rfc3339",
+    "span_json",
+    "summary_cache_text",
+    "trace_json",
 ]
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
 
 
+TAG_PREFIX = "roark.project.tag."
+"""Resource attributes that are a call's custom tags (``roark.project.tag.KEY``)."""
+
+
 class QueryError(ValueError):
     """A bad query parameter; the message says which and what was expected (HTTP 400)."""
+
+
+class StorageUnavailableError(Exception):
+    """The store cannot answer now (locked, unreachable, shutting down): HTTP 503, retry."""
 
 
 @dataclass
@@ -87,7 +116,8 @@ class Page:
 
 
 class QueryStore(Protocol):
-    """What the query API reads. Every call is scoped to one project."""
+    """What the query API reads. Every call is scoped to one project; a store that
+    cannot answer now (locked, unreachable) raises ``StorageUnavailableError``."""
 
     async def calls(self, project: str, query: CallFilter) -> Page:
         """Calls, newest first, each with its summary totals."""
@@ -172,6 +202,16 @@ def decode_cursor(token: str, shape: tuple[type, ...]) -> list[Any]:
     return position
 
 
+def decode_trace_cursor(token: str) -> tuple[int, bytes]:
+    """``(start_ns, trace_id)`` of a trace search cursor; QueryError unless it is one."""
+    start, trace_hex = decode_cursor(token, (int, str))
+    try:
+        trace_id = bytes.fromhex(trace_hex)
+    except ValueError:
+        trace_id = b""
+    return start, trace_id
+
+
 # -- trees --------------------------------------------------------------------------
 
 
@@ -234,3 +274,144 @@ def _placeholder(trace_id: str, span_id: str) -> dict[str, Any]:
         "call_id": None,
         "children": [],
     }
+
+
+# -- rows to JSON ---------------------------------------------------------------------
+#
+# Rows are positional, in the column order each store selects:
+#   span:  trace_id, span_id, parent_span_id, name, start_ns, end_ns, status_code,
+#          call_id, resource key, scope name, scope version, span protobuf bytes
+#   trace: trace_id, call_id, service, start_ns, end_ns, duration_ns, root_name,
+#          root_span_id, has_error
+#   call:  call_id, room_id, source, room_name, service, start_ns, end_ns, tags (JSON
+#          text), ... (the summary cache columns follow; call_json ignores them)
+
+SUMMARY_VERSION = 1
+"""Bumped when the cached summary's shape changes, so old caches are recomputed."""
+
+
+def resource_key(value: Any) -> str:
+    """A resource's key in a response: a digest as hex, an integer id in decimal."""
+    return bytes(value).hex() if isinstance(value, bytes | memoryview) else str(value)
+
+
+def span_json(row: Any) -> dict[str, Any]:
+    """A span row as the API's span (attributes, events, links from its protobuf bytes)."""
+    trace_id, span_id, parent, name, start, end, status, call_id, resource, *rest = row
+    scope_name, scope_version, payload = rest
+    span = Span.FromString(payload)
+    return {
+        "trace_id": trace_id.hex(),
+        "span_id": span_id.hex(),
+        "parent_span_id": parent.hex() if parent else None,
+        "name": name,
+        "kind": span.kind,
+        "start_ns": start,
+        "end_ns": end,
+        "duration_ms": round((end - start) / 1e6, 3),
+        "status_code": status,
+        "status_message": span.status.message,
+        "attributes": _attributes(span.attributes),
+        "events": [
+            {
+                "name": event.name,
+                "time_ns": event.time_unix_nano,
+                "attributes": _attributes(event.attributes),
+            }
+            for event in span.events
+        ],
+        "links": [
+            {
+                "trace_id": link.trace_id.hex(),
+                "span_id": link.span_id.hex(),
+                "attributes": _attributes(link.attributes),
+            }
+            for link in span.links
+        ],
+        "resource_id": resource_key(resource),
+        "scope": {"name": scope_name or "", "version": scope_version or ""},
+        "call_id": call_id,
+        "placeholder": False,
+    }
+
+
+def _attributes(key_values: Any) -> dict[str, Any]:
+    return {kv.key: jsonable(any_value_to_python(kv.value)) for kv in key_values}
+
+
+def jsonable(value: Any) -> Any:
+    """Bytes as hex, non-finite floats as strings: what JSON can carry."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    return value
+
+
+def trace_json(row: Any, span_count: int) -> dict[str, Any]:
+    """A trace row as the API's trace summary."""
+    trace_id, call_id, service, start, end, duration, root_name, root_span_id, has_error = row
+    return {
+        "trace_id": trace_id.hex(),
+        "call_id": call_id,
+        "service": service,
+        "start": rfc3339(start),
+        "start_ns": start,
+        "end_ns": end,
+        "duration_ms": round(duration / 1e6, 3),
+        "root_name": root_name,
+        "root_span_id": root_span_id.hex() if root_span_id else None,
+        "has_error": bool(has_error),
+        "span_count": span_count,
+    }
+
+
+def call_json(row: Any, summary: dict[str, Any], span_count: int) -> dict[str, Any]:
+    """A call row and its summary (``framework``, ``totals``) as the API's call."""
+    call_id, room_id, source, room_name, service, start, end, tags = tuple(row)[:8]
+    totals = summary["totals"]
+    return {
+        "call_id": call_id,
+        "room_id": room_id,
+        "source": source,
+        "room_name": room_name,
+        "service": service,
+        "framework": summary["framework"],
+        "start": rfc3339(start),
+        "start_ns": start,
+        "end_ns": end,
+        "duration_ms": round((end - start) / 1e6, 3) if start is not None and end else None,
+        "turn_count": totals["turn_count"],
+        "median_turn_ms": totals["median_e2e_ms"],
+        "worst_turn_ms": totals["worst_e2e_ms"],
+        "tool_calls": totals["tool_calls"],
+        "error_count": totals["errors"],
+        "span_count": span_count,
+        "tags": jsonable(json.loads(tags)) if tags else {},
+    }
+
+
+def summary_cache_text(summary: dict[str, Any]) -> str:
+    """What ``calls.summary`` keeps of a summary: what the calls list shows."""
+    cached = {"version": SUMMARY_VERSION, "framework": summary["framework"]}
+    cached["totals"] = summary["totals"]
+    return json.dumps(cached, separators=(",", ":"))
+
+
+def cached_summary(
+    text: str | None, summary_spans: int | None, span_count: int
+) -> dict[str, Any] | None:
+    """The cached summary if it is current (made from ``span_count`` spans), else None."""
+    if not text or summary_spans != span_count:
+        return None
+    try:
+        cached = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(cached, dict) or cached.get("version") != SUMMARY_VERSION:
+        return None
+    return cached

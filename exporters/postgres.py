@@ -9,6 +9,7 @@ with ``INSERT ... ON CONFLICT DO NOTHING``, so a retried batch stores nothing tw
 
 Connection problems are retryable (the exporter helper retries with backoff and keeps
 the data queued); a batch PostgreSQL refuses as invalid is a permanent error.
+``query_store()`` is the read side the query API uses (``exporters/postgres_query.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from collector import (
     SpanBatch,
     any_value_to_python,
 )
+from collector.query import jsonable
 from collector.spans import CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE
+from exporters.postgres_query import PostgresQueryStore
 from exporters.sqlite import MAX_INDEXED_VALUE, STATUS_ERROR, TAG_PREFIX, attribute_text
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,9 @@ CREATE TABLE IF NOT EXISTS {s}.spans (
   scope_digest BYTEA NOT NULL, span BYTEA NOT NULL,
   PRIMARY KEY (project, trace_id, span_id));
 CREATE INDEX IF NOT EXISTS spans_by_call ON {s}.spans (project, call_id, start_ns);
-CREATE INDEX IF NOT EXISTS spans_by_name ON {s}.spans (project, name, start_ns);
+-- trace search by span name reads trace ids from this index alone (index-only scan)
+DROP INDEX IF EXISTS {s}.spans_by_name;
+CREATE INDEX IF NOT EXISTS spans_by_name_trace ON {s}.spans (project, name, trace_id);
 CREATE INDEX IF NOT EXISTS spans_by_start ON {s}.spans (start_ns);
 CREATE TABLE IF NOT EXISTS {s}.resources (
   digest BYTEA PRIMARY KEY, service TEXT, attributes JSONB NOT NULL, resource BYTEA NOT NULL);
@@ -81,7 +86,17 @@ CREATE TABLE IF NOT EXISTS {s}.calls (
   first_seen_ns BIGINT NOT NULL, last_seen_ns BIGINT NOT NULL,
   start_ns BIGINT, end_ns BIGINT, service TEXT, tags JSONB,
   skipped BOOLEAN NOT NULL DEFAULT false, room_name TEXT, metadata TEXT,
+  summary TEXT, summary_spans INTEGER,
   PRIMARY KEY (project, call_id));
+-- the query API's per-call turn summary cache: a schema made before it lacks these
+-- (checked first: ALTER TABLE would lock out every collector's writes even as a no-op)
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = '{s}'
+                 AND table_name = 'calls' AND column_name = 'summary_spans') THEN
+    ALTER TABLE {s}.calls ADD COLUMN IF NOT EXISTS summary TEXT,
+      ADD COLUMN IF NOT EXISTS summary_spans INTEGER;
+  END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS calls_by_start ON {s}.calls (project, start_ns DESC, call_id);
 """
 
@@ -138,10 +153,22 @@ class PostgresExporter(Exporter):
         self._retention_task: asyncio.Task[None] | None = None
         self._known_resources: set[bytes] = set()
         self._known_scopes: set[bytes] = set()
+        self._query_store: PostgresQueryStore | None = None
 
     @property
     def schema(self) -> str:
         return self.config.db_schema
+
+    def query_store(self) -> PostgresQueryStore:
+        """The read side of this exporter's schema, for the query API (its own pool)."""
+        if self._query_store is None:
+            self._query_store = PostgresQueryStore(
+                self.config.dsn.get_secret_value(),
+                self.schema,
+                pool_size=self.config.pool_size,
+                connect_timeout=self.config.connect_timeout,
+            )
+        return self._query_store
 
     async def start(self, host: Host) -> None:
         if self._pool is not None:
@@ -301,6 +328,9 @@ class PostgresExporter(Exporter):
             await asyncio.sleep(self.config.retention_check_interval)
 
     async def shutdown(self) -> None:
+        if self._query_store is not None:
+            await self._query_store.close()
+            self._query_store = None
         if self._retention_task is not None:
             self._retention_task.cancel()
             await asyncio.gather(self._retention_task, return_exceptions=True)
@@ -331,11 +361,32 @@ def _indexable(kv: Any) -> tuple[str, str] | None:
     kind = value.WhichOneof("value")
     if kind == "string_value":
         text = value.string_value
-        return (kv.key, text) if len(text) <= MAX_INDEXED_VALUE else None
+        return (_text(kv.key), _text(text)) if len(text) <= MAX_INDEXED_VALUE else None
     if kind in ("bool_value", "int_value", "double_value"):
         text = attribute_text(getattr(value, kind))
-        return None if text is None else (kv.key, text)
+        return None if text is None else (_text(kv.key), text)
     return None
+
+
+def _text(value: str) -> str:
+    """``value`` as PostgreSQL text can hold it: NUL (which it refuses) as U+FFFD."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _json(value: Any, **options: Any) -> str:
+    """JSON that PostgreSQL's ``jsonb`` accepts: no NaN or Infinity tokens (they become
+    strings, as the query API shows them anyway), bytes as hex, no NUL characters."""
+    return json.dumps(_storable(jsonable(value)), default=str, **options)
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
+    if isinstance(value, dict):
+        return {_text(k): _storable(v) for k, v in value.items()}
+    return value
 
 
 def _build_rows(batch: SpanBatch, now: int) -> _Rows:
@@ -350,14 +401,14 @@ def _build_rows(batch: SpanBatch, now: int) -> _Rows:
         for kv in resource.attributes:
             key = kv.key
             if key == CALL_ID_ATTRIBUTE:
-                call_id = kv.value.string_value or None
+                call_id = _text(kv.value.string_value) or None
             elif key == CALL_KEY_ATTRIBUTE:
-                call_key = kv.value.string_value
+                call_key = _text(kv.value.string_value)
             elif key == CALL_SOURCE_ATTRIBUTE:
-                call_source = kv.value.string_value
+                call_source = _text(kv.value.string_value)
             else:
                 if key == "service.name":
-                    service = kv.value.string_value or None
+                    service = _text(kv.value.string_value) or None
                 elif key.startswith(TAG_PREFIX):
                     tags[key[len(TAG_PREFIX) :]] = any_value_to_python(kv.value)
                 pair = _indexable(kv)
@@ -369,10 +420,7 @@ def _build_rows(batch: SpanBatch, now: int) -> _Rows:
             (
                 resource_digest,
                 service,
-                json.dumps(
-                    {kv.key: any_value_to_python(kv.value) for kv in resource.attributes},
-                    default=lambda v: v.hex() if isinstance(v, bytes) else str(v),
-                ),
+                _json({kv.key: any_value_to_python(kv.value) for kv in resource.attributes}),
                 resource_payload,
             )
         )
@@ -382,11 +430,13 @@ def _build_rows(batch: SpanBatch, now: int) -> _Rows:
             scope_digest = hashlib.blake2b(scope_payload, digest_size=16).digest()
             if scope_digest not in seen_scopes:
                 seen_scopes.add(scope_digest)
-                rows.scopes.append((scope_digest, ss.scope.name, ss.scope.version, scope_payload))
+                rows.scopes.append(
+                    (scope_digest, _text(ss.scope.name), _text(ss.scope.version), scope_payload)
+                )
             for span in ss.spans:
                 trace_id = span.trace_id
                 parent = span.parent_span_id or None
-                name = span.name
+                name = _text(span.name)
                 start = span.start_time_unix_nano
                 end = max(span.end_time_unix_nano, start)
                 status = span.status.code
@@ -442,7 +492,7 @@ def _build_rows(batch: SpanBatch, now: int) -> _Rows:
                 start_min = start if start_min is None else min(start_min, start)
                 end_max = end if end_max is None else max(end_max, end)
         if call_id is not None and start_min is not None:
-            tags_json = json.dumps(tags, sort_keys=True) if tags else None
+            tags_json = _json(tags, sort_keys=True) if tags else None
             call = rows.calls.get(call_id)
             if call is None:
                 rows.calls[call_id] = [
@@ -463,5 +513,5 @@ def _build_rows(batch: SpanBatch, now: int) -> _Rows:
                 if tags_json is not None:
                     merged = json.loads(call[9]) if call[9] else {}
                     merged.update(tags)
-                    call[9] = json.dumps(merged, sort_keys=True)
+                    call[9] = _json(merged, sort_keys=True)
     return rows

@@ -22,31 +22,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from opentelemetry.proto.trace.v1.trace_pb2 import Span
-
-from collector import any_value_to_python
 from collector.query import (
+    TAG_PREFIX,
     CallFilter,
     Page,
+    StorageUnavailableError,
     TraceFilter,
+    cached_summary,
+    call_json,
     decode_cursor,
+    decode_trace_cursor,
     encode_cursor,
-    rfc3339,
+    jsonable,
+    span_json,
+    summary_cache_text,
+    trace_json,
 )
 from collector.turns import summarize_call
 
 __all__ = ["SQLiteQueryStore", "calls_sql", "traces_sql"]
-
-TAG_PREFIX = "roark.project.tag."
-_SUMMARY_VERSION = 1
-"""Bumped when the cached summary's shape changes, so old caches are recomputed."""
 
 _SPAN_COLUMNS = (
     "s.trace_id, s.span_id, s.parent_span_id, s.name, s.start_ns, s.end_ns, s.status_code,"
@@ -74,7 +74,10 @@ class SQLiteQueryStore:
     # -- plumbing -------------------------------------------------------------------
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except sqlite3.OperationalError as exc:  # locked, busy, I/O: may pass
+            raise StorageUnavailableError(str(exc)) from exc
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -136,13 +139,13 @@ class SQLiteQueryStore:
         (span_count,) = db.execute(
             "SELECT count(*) FROM spans WHERE project = ? AND call_id = ?", (project, call_id)
         ).fetchone()
-        summary = _cached(summary_json) if summary_spans == span_count else None
+        summary = cached_summary(summary_json, summary_spans, span_count)
         if summary is None:
             spans, _ = self._spans(db, "s.project = ? AND s.call_id = ?", (project, call_id))
             summary = summarize_call(spans)
             span_count = len(spans)
-            self._store_summary(project, call_id, _cache_text(summary), span_count)
-        return _call_json(row, summary, span_count)
+            self._store_summary(project, call_id, summary_cache_text(summary), span_count)
+        return call_json(row, summary, span_count)
 
     async def call(self, project: str, call_id: str) -> dict[str, Any] | None:
         return await self._run(self._call, project, call_id)
@@ -158,9 +161,9 @@ class SQLiteQueryStore:
         spans, resources = self._spans(db, "s.project = ? AND s.call_id = ?", (project, call_id))
         summary = summarize_call(spans)
         if row[9] != len(spans):
-            self._store_summary(project, call_id, _cache_text(summary), len(spans))
+            self._store_summary(project, call_id, summary_cache_text(summary), len(spans))
         return {
-            "call": _call_json(row, summary, len(spans)),
+            "call": call_json(row, summary, len(spans)),
             "summary": summary,
             "spans": spans,
             "resources": resources,
@@ -177,7 +180,7 @@ class SQLiteQueryStore:
         rows = db.execute(sql, args).fetchall()
         more = len(rows) > query.limit
         rows = rows[: query.limit]
-        items = [_trace_json(row, self._span_count(db, project, row[0])) for row in rows]
+        items = [trace_json(row, self._span_count(db, project, row[0])) for row in rows]
         cursor = encode_cursor([rows[-1][3], rows[-1][0].hex()]) if more and rows else None
         return Page(items, cursor)
 
@@ -201,7 +204,7 @@ class SQLiteQueryStore:
             return None
         spans, resources = self._spans(db, "s.project = ? AND s.trace_id = ?", (project, trace_id))
         return {
-            "trace": _trace_json(row, len(spans)),
+            "trace": trace_json(row, len(spans)),
             "spans": spans,
             "resources": resources,
         }
@@ -217,7 +220,7 @@ class SQLiteQueryStore:
             f" WHERE {where}",
             args,
         ).fetchall()
-        spans = [_span_json(row) for row in rows]
+        spans = [span_json(row) for row in rows]
         resource_ids = sorted({row[8] for row in rows})
         resources: dict[str, dict[str, Any]] = {}
         for chunk in range(0, len(resource_ids), 500):
@@ -227,7 +230,7 @@ class SQLiteQueryStore:
                 f"SELECT resource_id, attributes FROM resources WHERE resource_id IN ({marks})",
                 ids,
             ):
-                resources[str(resource_id)] = _jsonable(json.loads(attributes))
+                resources[str(resource_id)] = jsonable(json.loads(attributes))
         return spans, resources
 
 
@@ -272,11 +275,7 @@ def traces_sql(project: str, query: TraceFilter) -> tuple[str, list[Any]]:
         sql.append("AND start_ns < ?")
         args.append(query.end_ns)
     if query.cursor is not None:
-        start, trace_hex = decode_cursor(query.cursor, (int, str))
-        try:
-            trace_id = bytes.fromhex(trace_hex)
-        except ValueError:
-            trace_id = b""
+        start, trace_id = decode_trace_cursor(query.cursor)
         sql.append("AND start_ns <= ? AND (start_ns < ? OR trace_id > ?)")
         args += [start, start, trace_id]
     if query.service is not None:
@@ -309,121 +308,3 @@ def traces_sql(project: str, query: TraceFilter) -> tuple[str, list[Any]]:
     sql.append("ORDER BY start_ns DESC, trace_id LIMIT ?")
     args.append(query.limit + 1)
     return " ".join(sql), args
-
-
-# -- rows to JSON ---------------------------------------------------------------------
-
-
-def _span_json(row: tuple[Any, ...]) -> dict[str, Any]:
-    trace_id, span_id, parent, name, start, end, status, call_id, resource_id = row[:9]
-    scope_name, scope_version, payload = row[9:]
-    span = Span.FromString(payload)
-    return {
-        "trace_id": trace_id.hex(),
-        "span_id": span_id.hex(),
-        "parent_span_id": parent.hex() if parent else None,
-        "name": name,
-        "kind": span.kind,
-        "start_ns": start,
-        "end_ns": end,
-        "duration_ms": round((end - start) / 1e6, 3),
-        "status_code": status,
-        "status_message": span.status.message,
-        "attributes": _attributes(span.attributes),
-        "events": [
-            {
-                "name": event.name,
-                "time_ns": event.time_unix_nano,
-                "attributes": _attributes(event.attributes),
-            }
-            for event in span.events
-        ],
-        "links": [
-            {
-                "trace_id": link.trace_id.hex(),
-                "span_id": link.span_id.hex(),
-                "attributes": _attributes(link.attributes),
-            }
-            for link in span.links
-        ],
-        "resource_id": str(resource_id),
-        "scope": {"name": scope_name or "", "version": scope_version or ""},
-        "call_id": call_id,
-        "placeholder": False,
-    }
-
-
-def _attributes(key_values: Any) -> dict[str, Any]:
-    return {kv.key: _jsonable(any_value_to_python(kv.value)) for kv in key_values}
-
-
-def _jsonable(value: Any) -> Any:
-    """Bytes as hex, non-finite floats as strings: what JSON can carry."""
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
-
-
-def _trace_json(row: tuple[Any, ...], span_count: int) -> dict[str, Any]:
-    trace_id, call_id, service, start, end, duration, root_name, root_span_id, has_error = row
-    return {
-        "trace_id": trace_id.hex(),
-        "call_id": call_id,
-        "service": service,
-        "start": rfc3339(start),
-        "start_ns": start,
-        "end_ns": end,
-        "duration_ms": round(duration / 1e6, 3),
-        "root_name": root_name,
-        "root_span_id": root_span_id.hex() if root_span_id else None,
-        "has_error": bool(has_error),
-        "span_count": span_count,
-    }
-
-
-def _call_json(row: tuple[Any, ...], summary: dict[str, Any], span_count: int) -> dict[str, Any]:
-    call_id, room_id, source, room_name, service, start, end, tags = row[:8]
-    totals = summary["totals"]
-    return {
-        "call_id": call_id,
-        "room_id": room_id,
-        "source": source,
-        "room_name": room_name,
-        "service": service,
-        "framework": summary["framework"],
-        "start": rfc3339(start),
-        "start_ns": start,
-        "end_ns": end,
-        "duration_ms": round((end - start) / 1e6, 3) if start is not None and end else None,
-        "turn_count": totals["turn_count"],
-        "median_turn_ms": totals["median_e2e_ms"],
-        "worst_turn_ms": totals["worst_e2e_ms"],
-        "tool_calls": totals["tool_calls"],
-        "error_count": totals["errors"],
-        "span_count": span_count,
-        "tags": _jsonable(json.loads(tags)) if tags else {},
-    }
-
-
-def _cache_text(summary: dict[str, Any]) -> str:
-    cached = {"version": _SUMMARY_VERSION, "framework": summary["framework"]}
-    cached["totals"] = summary["totals"]
-    return json.dumps(cached, separators=(",", ":"))
-
-
-def _cached(text: str | None) -> dict[str, Any] | None:
-    if not text:
-        return None
-    try:
-        cached = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(cached, dict) or cached.get("version") != _SUMMARY_VERSION:
-        return None
-    return cached

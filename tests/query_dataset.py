@@ -12,17 +12,25 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-import sqlite3
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 
 from collector.keys import KeyStore
 from collector.spans import ExportTraceServiceRequest
-from tests.support import FIXTURES, eventually, fixture_requests, free_port, pipeline_config
+from tests.support import (
+    FIXTURES,
+    POSTGRES_DSN,
+    fixture_requests,
+    free_port,
+    pipeline_config,
+    query,
+)
 
 PROJECT, OTHER_PROJECT = "acme", "globex"
 BASE_S = 1_795_510_800
@@ -45,8 +53,11 @@ def _rekey_module() -> Any:
 @dataclass
 class Dataset:
     db: Path
+    """The SQLite file: keys, call correlation, and the spans unless ``postgres_schema``."""
     key: str
     other_key: str
+    postgres_schema: str | None = None
+    """Store the spans in this schema of the test PostgreSQL server instead."""
     spans: int = 0
     rooms: dict[str, int] = field(default_factory=dict)
     """Room id -> start time (ns) of each call of ``PROJECT``."""
@@ -55,7 +66,25 @@ class Dataset:
     other_room: str = "RM_other"
 
     def config(self, port: int) -> dict[str, Any]:
-        return pipeline_config(port, self.db)
+        config = pipeline_config(port, self.db)
+        if self.postgres_schema is not None:
+            config["exporters"] = {
+                "postgres": {"dsn": POSTGRES_DSN, "schema": self.postgres_schema}
+            }
+            service = config["service"]
+            service["pipelines"]["traces"]["exporters"] = ["postgres"]
+            service["query"] = {"storage": "postgres"}
+        return config
+
+    async def stored_spans(self) -> int:
+        """How many spans the storage holds (every project)."""
+        if self.postgres_schema is None:
+            return int(query(self.db, "SELECT count(*) FROM spans")[0][0])
+        conn = await asyncpg.connect(POSTGRES_DSN, timeout=5)
+        try:
+            return int(await conn.fetchval(f"SELECT count(*) FROM {self.postgres_schema}.spans"))
+        finally:
+            await conn.close()
 
 
 def _requests(framework: str) -> list[ExportTraceServiceRequest]:
@@ -150,22 +179,21 @@ async def ingest(dataset: Dataset) -> None:
             ) as response:
                 assert response.status == 200, await response.text()
 
-        def stored() -> bool:
-            with sqlite3.connect(dataset.db) as db:
-                (count,) = db.execute("SELECT count(*) FROM spans").fetchone()
-            return bool(count == dataset.spans)
-
-        await eventually(stored, timeout=30)
+        deadline = time.monotonic() + 30
+        while (count := await dataset.stored_spans()) != dataset.spans:
+            assert time.monotonic() < deadline, f"{count} of {dataset.spans} spans stored"
+            await asyncio.sleep(0.05)
 
 
-def make_dataset(directory: Path) -> Dataset:
-    """Keys for two projects and every call above, stored in ``directory/calltrace.db``."""
+def make_dataset(directory: Path, postgres_schema: str | None = None) -> Dataset:
+    """Keys for two projects and every call above, stored in ``directory/calltrace.db``
+    (or the spans in ``postgres_schema`` of the test PostgreSQL server)."""
     db = directory / "calltrace.db"
     keys = KeyStore(db)
     key, _ = keys.create(PROJECT)
     other_key, _ = keys.create(OTHER_PROJECT)
     keys.close()
-    dataset = Dataset(db, key, other_key)
+    dataset = Dataset(db, key, other_key, postgres_schema)
     # Its own thread and loop: a module-scoped fixture runs outside the tests' loops.
     failure: list[BaseException] = []
 

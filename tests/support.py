@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,6 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 FIXTURES = SHARED / "fixtures"
+POSTGRES_DSN = os.environ.get(
+    "CALLTRACE_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 
 def free_port() -> int:
@@ -89,3 +93,42 @@ async def eventually(
 def query(db: Path, sql: str, *args: Any) -> list[tuple]:
     with contextlib.closing(sqlite3.connect(db)) as conn:
         return conn.execute(sql, args).fetchall()
+
+
+def postgres_execute(sql: str) -> None:
+    """Run ``sql`` on the test PostgreSQL server; skip, or fail when CI=true, if unreachable.
+
+    For module-scoped fixtures, which run outside the tests' event loops: it runs in a
+    thread with its own loop.
+    """
+    import asyncpg
+
+    unreachable: list[BaseException] = []
+    failure: list[BaseException] = []
+
+    async def run() -> None:
+        try:
+            conn = await asyncpg.connect(POSTGRES_DSN, timeout=5)
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            unreachable.append(exc)
+            return
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    def in_thread() -> None:
+        try:
+            asyncio.run(run())
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    if unreachable:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL at {POSTGRES_DSN} is unreachable in CI: {unreachable[0]}")
+        pytest.skip(f"PostgreSQL at {POSTGRES_DSN} is unreachable: {unreachable[0]}")
+    if failure:
+        raise failure[0]

@@ -7,6 +7,8 @@ unreachable server fails the tests; elsewhere they are skipped with the reason.
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import os
 import time
 import uuid
@@ -21,9 +23,15 @@ from collector.keys import KeyStore
 from exporters.postgres import PostgresConfig, PostgresExporter
 from tests.exporters.test_sqlite import add_span, call_resource
 from tests.processors._util import FakeTelemetryHost
-from tests.support import fixture_requests, free_port, pipeline_config, running_service
+from tests.support import (
+    POSTGRES_DSN,
+    fixture_requests,
+    free_port,
+    pipeline_config,
+    running_service,
+)
 
-DSN = os.environ.get("CALLTRACE_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+DSN = POSTGRES_DSN
 
 pytestmark = pytest.mark.postgres
 
@@ -157,3 +165,45 @@ async def test_fixture_calls_through_the_pipeline(tmp_path, pg_schema):
             == spans
         )
     assert await conn.fetchval(f"SELECT count(*) FROM {schema}.calls") == 2
+
+
+async def test_values_postgresql_cannot_hold_lose_nothing(exporter, pg_schema):
+    """A NaN resource attribute (jsonb has no NaN) or a NUL in a name (text refuses it)
+    is stored in a form PostgreSQL accepts; the rest of the batch is not lost with it."""
+    schema, conn = pg_schema
+    odd = call_resource("call_odd", **{"x.ratio": math.nan, "roark.project.tag.nul": "a\x00b"})
+    add_span(odd, os.urandom(16), "tts\x00node", 1_000, 2_000)
+    plain = call_resource("call_plain")
+    add_span(plain, os.urandom(16), "llm_node", 1_000, 2_000)
+    await exporter.export(SpanBatch([odd, plain], "p1"))
+    names = [r[0] for r in await conn.fetch(f"SELECT name FROM {schema}.spans ORDER BY name")]
+    assert names == ["llm_node", "tts\ufffdnode"]
+    attributes = await conn.fetchval(
+        f"SELECT r.attributes->>'x.ratio' FROM {schema}.resources r JOIN {schema}.spans s"
+        " ON s.resource_digest = r.digest WHERE s.call_id = 'call_odd'"
+    )
+    assert attributes == "nan"
+    tags = await conn.fetchval(f"SELECT tags FROM {schema}.calls WHERE call_id = 'call_odd'")
+    assert json.loads(tags) == {"nul": "a\ufffdb"}
+
+
+async def test_a_schema_made_before_the_summary_cache_gets_its_columns(pg_schema):
+    schema, conn = pg_schema
+    await conn.execute(
+        f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.calls (project TEXT NOT NULL,"
+        " call_id TEXT NOT NULL, room_id TEXT NOT NULL, source TEXT NOT NULL,"
+        " first_seen_ns BIGINT NOT NULL, last_seen_ns BIGINT NOT NULL, start_ns BIGINT,"
+        " end_ns BIGINT, service TEXT, tags JSONB, skipped BOOLEAN NOT NULL DEFAULT false,"
+        " room_name TEXT, metadata TEXT, PRIMARY KEY (project, call_id))"
+    )
+    exporter = PostgresExporter("postgres", PostgresConfig(dsn=DSN, schema=schema))
+    await exporter.start(FakeTelemetryHost())
+    try:
+        columns = await conn.fetch(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = $1 AND table_name = 'calls'",
+            schema,
+        )
+        assert {"summary", "summary_spans"} <= {r[0] for r in columns}
+    finally:
+        await exporter.shutdown()

@@ -1,0 +1,373 @@
+"""The read side of the ``postgres`` exporter's schema: what the query API asks of it.
+
+The same semantics and JSON as the SQLite store (``collector/query.py`` builds both), so
+a gateway of many collectors sharing PostgreSQL answers like one collector on SQLite.
+Reads use a pool of their own, opened on first use with at most ``pool_size``
+connections that close when idle, so queries never wait on the exporter's write
+connections. Every statement is scoped to a project and walks an index (the tests read
+``EXPLAIN``):
+
+- calls list: ``calls_by_start`` (project, start_ns DESC, call_id), the cursor a range
+  bound on it; each listed call's span count comes from ``spans_by_call`` alone
+  (index-only) in the same statement, and its turn totals from the ``calls.summary``
+  cache, recomputed when ``summary_spans`` differs from that count;
+- trace search: ``traces_by_start``, each condition a semi-join over an index:
+  ``trace_attrs`` (project, key, value) for ``attr.*``, ``spans_by_name_trace`` for
+  names, ``span_names`` for name substrings;
+- one call / one trace: ``spans_by_call`` / the spans primary key; resources by digest.
+
+Attributes, events and links are decoded from each span's stored protobuf bytes, off the
+event loop. A server that cannot be reached answers ``StorageUnavailableError`` (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from collector.query import (
+    TAG_PREFIX,
+    CallFilter,
+    Page,
+    StorageUnavailableError,
+    TraceFilter,
+    cached_summary,
+    call_json,
+    decode_cursor,
+    decode_trace_cursor,
+    encode_cursor,
+    jsonable,
+    resource_key,
+    span_json,
+    summary_cache_text,
+    trace_json,
+)
+from collector.turns import summarize_call
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PostgresQueryStore", "calls_sql", "traces_sql"]
+
+_SPAN_COLUMNS = (
+    "s.trace_id, s.span_id, s.parent_span_id, s.name, s.start_ns, s.end_ns, s.status_code,"
+    " s.call_id, s.resource_digest, sc.name, sc.version, s.span"
+)
+_TRACE_COLUMNS = (
+    "t.trace_id, t.call_id, t.service, t.start_ns, t.end_ns, t.duration_ns, t.root_name,"
+    " t.root_span_id, t.has_error"
+)
+_CALL_COLUMNS = (
+    "c.call_id, c.room_id, c.source, c.room_name, c.service, c.start_ns, c.end_ns,"
+    " c.tags::text, c.summary, c.summary_spans"
+)
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,  # the connection or the pool closed under a query
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # admin shutdown, cannot connect now, cancelled
+    asyncpg.InsufficientResourcesError,  # too many connections, disk full
+)
+_SUMMARY_CHUNK = 16
+"""Calls whose spans are read together when their cached summaries are stale."""
+
+
+class PostgresQueryStore:
+    """Queries over the schema the ``postgres`` exporter writes."""
+
+    def __init__(self, dsn: str, schema: str, *, pool_size: int = 4, connect_timeout: float = 10.0):
+        self.schema = schema
+        self._dsn = dsn  # holds a password: never logged
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock: asyncio.Lock | None = None
+        self._closed = False
+
+    # -- plumbing -------------------------------------------------------------------
+
+    async def _open_pool(self) -> asyncpg.Pool:
+        if self._closed:
+            raise StorageUnavailableError("PostgreSQL: the query store is closed")
+        if self._pool_lock is None:
+            self._pool_lock = asyncio.Lock()
+        async with self._pool_lock:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self._dsn,
+                    min_size=0,
+                    max_size=self._pool_size,
+                    timeout=self._connect_timeout,
+                    max_inactive_connection_lifetime=60.0,
+                )
+            return self._pool
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; an unreachable server is ``StorageUnavailableError``."""
+        try:
+            pool = self._pool or await self._open_pool()
+            async with pool.acquire(timeout=self._connect_timeout) as conn:
+                yield conn
+        except _UNAVAILABLE as exc:
+            raise StorageUnavailableError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    async def _store_summaries(
+        self, conn: asyncpg.Connection, project: str, fresh: dict[str, tuple[dict[str, Any], int]]
+    ) -> None:
+        """Cache summaries. Best effort: a call row a writer holds is skipped (never waited
+        on, so a writer is never blocked behind us for long) and recomputed next time; a
+        refused write (a read-only server) only means recomputing every time."""
+        if not fresh:
+            return
+        s = self.schema
+        call_ids = sorted(fresh)
+        try:
+            await conn.execute(
+                f"WITH free AS (SELECT call_id FROM {s}.calls WHERE project = $1"
+                " AND call_id = ANY($2::text[]) ORDER BY call_id FOR UPDATE SKIP LOCKED)"
+                f" UPDATE {s}.calls c SET summary = v.summary, summary_spans = v.spans"
+                " FROM unnest($2::text[], $3::text[], $4::int[]) AS v(call_id, summary, spans)"
+                " WHERE c.project = $1 AND c.call_id = v.call_id"
+                " AND c.call_id IN (SELECT call_id FROM free)",
+                project,
+                call_ids,
+                [summary_cache_text(fresh[c][0]) for c in call_ids],
+                [fresh[c][1] for c in call_ids],
+            )
+        except asyncpg.PostgresError as exc:
+            log.debug("summary cache not written: %s", exc)
+
+    async def _spans(
+        self, conn: asyncpg.Connection, where: str, *args: Any
+    ) -> list[asyncpg.Record]:
+        s = self.schema
+        return list(
+            await conn.fetch(
+                f"SELECT {_SPAN_COLUMNS} FROM {s}.spans s"
+                f" LEFT JOIN {s}.scopes sc ON sc.digest = s.scope_digest"
+                f" WHERE {where} ORDER BY s.start_ns, s.span_id",
+                *args,
+            )
+        )
+
+    async def _resources(
+        self, conn: asyncpg.Connection, rows: list[asyncpg.Record]
+    ) -> dict[str, dict[str, Any]]:
+        """The attributes of the resources of ``rows`` (span rows), by resource key."""
+        digests = sorted({bytes(row[8]) for row in rows})
+        found = await conn.fetch(
+            f"SELECT digest, attributes::text FROM {self.schema}.resources"
+            " WHERE digest = ANY($1::bytea[])",
+            digests,
+        )
+        return {resource_key(digest): jsonable(json.loads(text)) for digest, text in found}
+
+    # -- calls ----------------------------------------------------------------------
+
+    async def calls(self, project: str, query: CallFilter) -> Page:
+        sql, args = calls_sql(self.schema, project, query)
+        async with self._connection() as conn:
+            rows = await conn.fetch(sql, *args)
+            more = len(rows) > query.limit
+            rows = rows[: query.limit]
+            known: dict[str, tuple[dict[str, Any], int]] = {}
+            stale: list[str] = []
+            for row in rows:
+                call_id, span_count = row["call_id"], row["span_count"]
+                summary = cached_summary(row["summary"], row["summary_spans"], span_count)
+                if summary is None:
+                    stale.append(call_id)
+                else:
+                    known[call_id] = (summary, span_count)
+            for first in range(0, len(stale), _SUMMARY_CHUNK):
+                chunk = stale[first : first + _SUMMARY_CHUNK]
+                span_rows = await self._spans(
+                    conn, "s.project = $1 AND s.call_id = ANY($2::text[])", project, chunk
+                )
+                fresh = await asyncio.to_thread(_summaries, chunk, span_rows)
+                await self._store_summaries(conn, project, fresh)
+                known.update(fresh)
+        items = [call_json(row, *known[row["call_id"]]) for row in rows]
+        last = rows[-1] if more and rows else None
+        cursor = encode_cursor([last["start_ns"], last["call_id"]]) if last else None
+        return Page(items, cursor)
+
+    async def call(self, project: str, call_id: str) -> dict[str, Any] | None:
+        s = self.schema
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_CALL_COLUMNS} FROM {s}.calls c WHERE c.project = $1 AND c.call_id = $2",
+                project,
+                call_id,
+            )
+            if row is None:
+                return None
+            span_rows = await self._spans(
+                conn, "s.project = $1 AND s.call_id = $2", project, call_id
+            )
+            resources = await self._resources(conn, span_rows)
+            spans, summary = await asyncio.to_thread(_spans_and_summary, span_rows)
+            if row["summary_spans"] != len(spans):
+                await self._store_summaries(conn, project, {call_id: (summary, len(spans))})
+        return {
+            "call": call_json(row, summary, len(spans)),
+            "summary": summary,
+            "spans": spans,
+            "resources": resources,
+        }
+
+    # -- traces ---------------------------------------------------------------------
+
+    async def traces(self, project: str, query: TraceFilter) -> Page:
+        sql, args = traces_sql(self.schema, project, query)
+        async with self._connection() as conn:
+            rows = await conn.fetch(sql, *args)
+        more = len(rows) > query.limit
+        rows = rows[: query.limit]
+        items = [trace_json(tuple(row)[:9], row["span_count"]) for row in rows]
+        last = rows[-1] if more and rows else None
+        cursor = encode_cursor([last["start_ns"], last["trace_id"].hex()]) if last else None
+        return Page(items, cursor)
+
+    async def trace(self, project: str, trace_id: bytes) -> dict[str, Any] | None:
+        s = self.schema
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_TRACE_COLUMNS} FROM {s}.traces t"
+                " WHERE t.project = $1 AND t.trace_id = $2",
+                project,
+                trace_id,
+            )
+            if row is None:
+                return None
+            span_rows = await self._spans(
+                conn, "s.project = $1 AND s.trace_id = $2", project, trace_id
+            )
+            resources = await self._resources(conn, span_rows)
+        spans = await asyncio.to_thread(_decode, span_rows)
+        return {"trace": trace_json(row, len(spans)), "spans": spans, "resources": resources}
+
+
+# -- decoding (in a worker thread: big calls hold thousands of spans) -------------------
+
+
+def _decode(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
+    return [span_json(row) for row in rows]
+
+
+def _spans_and_summary(
+    rows: list[asyncpg.Record],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    spans = _decode(rows)
+    return spans, summarize_call(spans)
+
+
+def _summaries(
+    call_ids: list[str], rows: list[asyncpg.Record]
+) -> dict[str, tuple[dict[str, Any], int]]:
+    """Each call's summary and span count, from the span rows of all of them."""
+    spans: dict[str, list[dict[str, Any]]] = {call_id: [] for call_id in call_ids}
+    for row in rows:
+        spans[row["call_id"]].append(span_json(row))
+    return {call_id: (summarize_call(found), len(found)) for call_id, found in spans.items()}
+
+
+# -- statements -----------------------------------------------------------------------
+
+
+class _Args:
+    """Statement arguments, each added once and named by its ``$n`` placeholder."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def __call__(self, value: Any) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+
+def calls_sql(schema: str, project: str, query: CallFilter) -> tuple[str, list[Any]]:
+    """The calls list statement: a range scan of ``calls_by_start``, with span counts."""
+    s, arg = schema, _Args()
+    p = arg(project)
+    sql = [
+        f"SELECT {_CALL_COLUMNS}, (SELECT count(*) FROM {s}.spans s"
+        " WHERE s.project = c.project AND s.call_id = c.call_id) AS span_count"
+        f" FROM {s}.calls c WHERE c.project = {p} AND c.start_ns IS NOT NULL"
+    ]
+    if query.start_ns is not None:
+        sql.append(f"AND c.start_ns >= {arg(query.start_ns)}")
+    if query.end_ns is not None:
+        sql.append(f"AND c.start_ns < {arg(query.end_ns)}")
+    if query.cursor is not None:
+        start, call_id = decode_cursor(query.cursor, (int, str))
+        at = arg(start)
+        sql.append(f"AND c.start_ns <= {at} AND (c.start_ns < {at} OR c.call_id > {arg(call_id)})")
+    conditions = [*query.attributes, *((TAG_PREFIX + k, v) for k, v in query.tags)]
+    for key, value in conditions:
+        sql.append(
+            f"AND c.call_id IN (SELECT t.call_id FROM {s}.trace_attrs a JOIN {s}.traces t"
+            " ON t.project = a.project AND t.trace_id = a.trace_id"
+            f" WHERE a.project = {p} AND a.key = {arg(key)} AND a.value = {arg(value)})"
+        )
+    sql.append(f"ORDER BY c.start_ns DESC, c.call_id LIMIT {arg(query.limit + 1)}")
+    return " ".join(sql), arg.values
+
+
+def traces_sql(schema: str, project: str, query: TraceFilter) -> tuple[str, list[Any]]:
+    """The trace search statement: ``traces_by_start`` with one indexed semi-join per
+    condition, and each listed trace's span count from the spans primary key."""
+    s, arg = schema, _Args()
+    p = arg(project)
+    sql = [
+        f"SELECT {_TRACE_COLUMNS}, (SELECT count(*) FROM {s}.spans s"
+        " WHERE s.project = t.project AND s.trace_id = t.trace_id) AS span_count"
+        f" FROM {s}.traces t WHERE t.project = {p}"
+    ]
+    if query.start_ns is not None:
+        sql.append(f"AND t.start_ns >= {arg(query.start_ns)}")
+    if query.end_ns is not None:
+        sql.append(f"AND t.start_ns < {arg(query.end_ns)}")
+    if query.cursor is not None:
+        start, trace_id = decode_trace_cursor(query.cursor)
+        at = arg(start)
+        sql.append(
+            f"AND t.start_ns <= {at} AND (t.start_ns < {at} OR t.trace_id > {arg(trace_id)})"
+        )
+    if query.service is not None:
+        sql.append(f"AND t.service = {arg(query.service)}")
+    if query.min_duration_ns is not None:
+        sql.append(f"AND t.duration_ns >= {arg(query.min_duration_ns)}")
+    if query.status is not None:
+        sql.append(f"AND t.has_error = {arg(query.status == 'error')}")
+    if query.name is not None:
+        sql.append(
+            f"AND t.trace_id IN (SELECT n.trace_id FROM {s}.spans n"
+            f" WHERE n.project = {p} AND n.name = {arg(query.name)})"
+        )
+    if query.name_contains is not None:
+        sql.append(
+            f"AND t.trace_id IN (SELECT n.trace_id FROM {s}.spans n WHERE n.project = {p}"
+            f" AND n.name IN (SELECT sn.name FROM {s}.span_names sn WHERE sn.project = {p}"
+            f" AND strpos(lower(sn.name), lower({arg(query.name_contains)})) > 0))"
+        )
+    for key, value in query.attributes:
+        sql.append(
+            f"AND t.trace_id IN (SELECT a.trace_id FROM {s}.trace_attrs a"
+            f" WHERE a.project = {p} AND a.key = {arg(key)} AND a.value = {arg(value)})"
+        )
+    sql.append(f"ORDER BY t.start_ns DESC, t.trace_id LIMIT {arg(query.limit + 1)}")
+    return " ".join(sql), arg.values
