@@ -10,6 +10,7 @@ import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from collector.config import ConfigError, ServiceConfig, load_config
 
@@ -111,24 +112,34 @@ def _run_workers(workers: int) -> int:
     return max(codes, default=0)
 
 
-def _key_store_path(args: argparse.Namespace) -> Path:
+def _key_store_location(args: argparse.Namespace) -> tuple[str, str]:
+    """The key store (SQLite path or PostgreSQL DSN) and PostgreSQL schema to manage."""
     if args.db:
-        return Path(args.db)
+        return args.db, args.schema
     config = _load_or_exit(args.config)
     for spec in config.processors.values():
         store = getattr(spec.config, "key_store", None)
         if store:
-            return Path(store)
-    return Path(DEFAULT_KEY_STORE)
+            return str(store), getattr(spec.config, "key_store_schema", args.schema)
+    return DEFAULT_KEY_STORE, args.schema
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
-    from collector.keys import KeyStore
+async def _keys_command(args: argparse.Namespace) -> int:
+    from collector.keys import KeyStore, PostgresKeyStore, is_postgres_location
 
-    store = KeyStore(_key_store_path(args))
+    location, schema = _key_store_location(args)
+    shared = is_postgres_location(location)
+    store: Any = PostgresKeyStore(location, schema) if shared else KeyStore(Path(location))
+
+    async def call(method: str, *call_args: Any) -> Any:
+        result = getattr(store, method)(*call_args)
+        return await result if shared else result
+
+    if shared:
+        await store.open()
     try:
         if args.keys_command == "create":
-            key, record = store.create(args.project)
+            key, record = await call("create", args.project)
             print(key)
             print(
                 f"# key id {record.key_id}, project {record.project}; store it now, "
@@ -137,18 +148,26 @@ def cmd_keys(args: argparse.Namespace) -> int:
             )
         elif args.keys_command == "list":
             print(f"{'KEY ID':<14} {'PROJECT':<20} {'CREATED':<20} STATUS")
-            for rec in store.list(args.project):
+            for rec in await call("list", args.project):
                 created = datetime.fromtimestamp(rec.created_ns / 1e9, UTC)
                 status = "revoked" if rec.revoked else "active"
                 print(f"{rec.key_id:<14} {rec.project:<20} {created:%Y-%m-%d %H:%M:%S}  {status}")
         elif args.keys_command == "revoke":
-            if not store.revoke(args.key):
+            if not await call("revoke", args.key):
                 print(f"no active key {args.key!r}", file=sys.stderr)
                 return 1
             print(f"revoked {args.key}")
     finally:
-        store.close()
+        await call("close")
     return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_keys_command(args))
+    except (OSError, ValueError) as exc:
+        print(f"calltrace keys: {exc}", file=sys.stderr)
+        return 1
 
 
 def _setup_logging(level: str) -> None:
@@ -175,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys.add_argument("--config", "-c", help="config whose auth processor names the key store")
-    keys.add_argument("--db", help=f"key store SQLite file (default: {DEFAULT_KEY_STORE})")
+    keys.add_argument(
+        "--db",
+        help=f"key store: an SQLite file or postgresql://... (default: {DEFAULT_KEY_STORE})",
+    )
+    keys.add_argument("--schema", default="calltrace", help="PostgreSQL schema of the keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key and print it once")
     create.add_argument("--project", "-p", required=True)

@@ -14,8 +14,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["KeyRecord", "KeyStore", "hash_key"]
+__all__ = ["KeyRecord", "KeyStore", "PostgresKeyStore", "hash_key", "is_postgres_location"]
 
 KEY_PREFIX = "ct_"
 
@@ -106,3 +107,93 @@ class KeyStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+_PG_SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.api_keys (
+    key_id     TEXT PRIMARY KEY,
+    project    TEXT NOT NULL,
+    key_hash   TEXT NOT NULL UNIQUE,
+    created_ns BIGINT NOT NULL,
+    revoked_ns BIGINT
+);
+"""
+
+
+def is_postgres_location(location: str | Path) -> bool:
+    """Whether a ``key_store`` names a PostgreSQL database rather than an SQLite file."""
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+class PostgresKeyStore:
+    """Keys in PostgreSQL, shared by every collector of a gateway (``key_store:
+    postgresql://...``). The same hashes and ids as ``KeyStore``; async methods."""
+
+    def __init__(self, dsn: str, schema: str = "calltrace"):
+        if not schema.isidentifier() or schema.lower() != schema:
+            raise ValueError(f"expected a lower-case SQL identifier, got {schema!r}")
+        self.dsn = dsn
+        self.schema = schema
+        self._pool: Any = None
+
+    async def open(self) -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            await conn.execute("SELECT pg_advisory_lock(hashtext('calltrace-keys-schema'))")
+            await conn.execute(_PG_SCHEMA.format(schema=self.schema))
+            await conn.execute("SELECT pg_advisory_unlock(hashtext('calltrace-keys-schema'))")
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, timeout=10)
+
+    async def create(self, project: str) -> tuple[str, KeyRecord]:
+        if not project or not project.strip():
+            raise ValueError("project must not be empty")
+        secret = secrets.token_urlsafe(32)
+        key = KEY_PREFIX + secret
+        record = KeyRecord(KEY_PREFIX + secret[:8], project, time.time_ns(), None)
+        await self._pool.execute(
+            f"INSERT INTO {self.schema}.api_keys (key_id, project, key_hash, created_ns)"
+            " VALUES ($1, $2, $3, $4)",
+            record.key_id,
+            project,
+            hash_key(key),
+            record.created_ns,
+        )
+        return key, record
+
+    async def verify(self, key: str) -> str | None:
+        digest = hash_key(key)
+        row = await self._pool.fetchrow(
+            f"SELECT key_hash, project, revoked_ns FROM {self.schema}.api_keys WHERE key_hash = $1",
+            digest,
+        )
+        if row is None or row["revoked_ns"] is not None:
+            return None
+        return row["project"] if hmac.compare_digest(row["key_hash"], digest) else None
+
+    async def list(self, project: str | None = None) -> list[KeyRecord]:
+        rows = await self._pool.fetch(
+            f"SELECT key_id, project, created_ns, revoked_ns FROM {self.schema}.api_keys"
+            " WHERE $1::text IS NULL OR project = $1 ORDER BY created_ns",
+            project,
+        )
+        return [KeyRecord(*row) for row in rows]
+
+    async def revoke(self, key_or_id: str) -> bool:
+        status = await self._pool.execute(
+            f"UPDATE {self.schema}.api_keys SET revoked_ns = $1"
+            " WHERE (key_id = $2 OR key_hash = $3) AND revoked_ns IS NULL",
+            time.time_ns(),
+            key_or_id,
+            hash_key(key_or_id),
+        )
+        return status != "UPDATE 0"
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()

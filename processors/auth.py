@@ -20,8 +20,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from collector import ComponentConfig, Host, Processor, RequestInfo, UnauthenticatedError
-from collector.keys import KeyStore, hash_key
+from collector import (
+    ComponentConfig,
+    Host,
+    Processor,
+    RefusedError,
+    RequestInfo,
+    UnauthenticatedError,
+)
+from collector.keys import KeyStore, PostgresKeyStore, hash_key, is_postgres_location
 
 
 class ConfiguredKey(BaseModel):
@@ -38,8 +45,17 @@ class ConfiguredKey(BaseModel):
 
 
 class AuthConfig(ComponentConfig):
-    key_store: Path | None = Path("./data/calltrace.db")
-    """SQLite file of keys managed by ``calltrace keys``; null to use only ``keys``."""
+    key_store: str | None = "./data/calltrace.db"
+    """Keys managed by ``calltrace keys``: an SQLite file, or ``postgresql://...`` for
+    keys shared by every collector of a gateway; null to use only ``keys``."""
+    key_store_schema: str = "calltrace"
+    """PostgreSQL schema of the ``api_keys`` table (with a ``postgresql://`` key store)."""
+
+    @field_validator("key_store", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, Path) else value
+
     keys: list[ConfiguredKey] = Field(default_factory=list)
     header: str = "authorization"
 
@@ -64,10 +80,21 @@ class AuthProcessor(Processor):
         super().__init__(component_id, config)
         self._configured = [(hash_key(k.key.get_secret_value()), k.project) for k in config.keys]
         self._store: KeyStore | None = None
+        self._shared_store: PostgresKeyStore | None = None
 
     async def start(self, host: Host) -> None:
-        if self.config.key_store is not None:
-            self._store = KeyStore(self.config.key_store)
+        location = self.config.key_store
+        if location is None or self._store is not None or self._shared_store is not None:
+            return
+        if is_postgres_location(location):
+            store = PostgresKeyStore(location, self.config.key_store_schema)
+            try:
+                await store.open()
+            except Exception as exc:
+                raise RuntimeError(f"{self.id}: cannot open key store: {exc}") from None
+            self._shared_store = store
+        else:
+            self._store = KeyStore(Path(location))
 
     def authenticate(self, token: str) -> str | None:
         """The project a key belongs to, or None for an unknown or revoked key."""
@@ -86,6 +113,11 @@ class AuthProcessor(Processor):
         if token is None:
             raise UnauthenticatedError("missing bearer token")
         project = self.authenticate(token)
+        if project is None and self._shared_store is not None:
+            try:
+                project = await self._shared_store.verify(token)
+            except Exception as exc:  # the client retries a 503; a 401 it would not
+                raise RefusedError(f"key store unavailable: {exc}", retry_after=5.0) from None
         if project is None:
             raise UnauthenticatedError("unknown or revoked API key")
         request.project = project
@@ -94,3 +126,6 @@ class AuthProcessor(Processor):
         if self._store is not None:
             self._store.close()
             self._store = None
+        if self._shared_store is not None:
+            await self._shared_store.close()
+            self._shared_store = None
