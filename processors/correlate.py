@@ -85,7 +85,7 @@ class CorrelateProcessor(Processor):
         self._known_calls: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._traces = _LRU(config.cache_size)
         self._activity: dict[tuple[str, str], CallActivity] = {}
-        self._creating: dict[tuple[str, str], asyncio.Task[CallRecord]] = {}
+        self._creating: dict[tuple[str, str], asyncio.Future[None]] = {}
         self.store: CallStore | None = None
         self._flusher: asyncio.Task[None] | None = None
 
@@ -128,6 +128,8 @@ class CorrelateProcessor(Processor):
         project = batch.project or ""
         now = time.time_ns()
         result: list[ResourceSpans] = []
+        new: dict[tuple[str, str], CallRecord] = {}
+        waits: list[asyncio.Future[None]] = []
         for rs in batch.resource_spans:
             attributes = rs.resource.attributes
             for stamp in _STAMPS:  # never trust ids a client sent
@@ -138,7 +140,7 @@ class CorrelateProcessor(Processor):
                 call_id = call_id_for(project, key_value)
                 _stamp(rs, call_id, key_value, source)
                 spans = sum(len(ss.spans) for ss in rs.scope_spans)
-                await self._seen(project, call_id, key_value, source, spans, now)
+                self._seen(project, call_id, key_value, source, spans, now, new, waits)
                 result.append(rs)
                 continue
             for piece, call in self._split_by_span_keys(project, rs):
@@ -146,9 +148,14 @@ class CorrelateProcessor(Processor):
                     call_id, key_value, source = call
                     _stamp(piece, call_id, key_value, source)
                     spans = sum(len(ss.spans) for ss in piece.scope_spans)
-                    await self._seen(project, call_id, key_value, source, spans, now)
+                    self._seen(project, call_id, key_value, source, spans, now, new, waits)
                 result.append(piece)
         batch.resource_spans = result
+        if new:
+            waits.append(self._create(new))
+        for wait in waits:
+            # Shielded: a client that disconnects must not cancel a creation others await.
+            await asyncio.shield(wait)
         return batch
 
     def _split_by_span_keys(
@@ -181,9 +188,19 @@ class CorrelateProcessor(Processor):
                 scope.spans.add().CopyFrom(span)  # type: ignore[attr-defined]
         return list((piece, call) for call, piece in groups.items())
 
-    async def _seen(
-        self, project: str, call_id: str, key_value: str, source: str, spans: int, now: int
+    def _seen(
+        self,
+        project: str,
+        call_id: str,
+        key_value: str,
+        source: str,
+        spans: int,
+        now: int,
+        new: dict[tuple[str, str], CallRecord],
+        waits: list[asyncio.Future[None]],
     ) -> None:
+        """Count a call's spans; note a call to create (``new``) or a creation already
+        under way (``waits``) that the request must wait for."""
         key = (project, call_id)
         activity = self._activity.get(key)
         if activity is None:
@@ -191,22 +208,42 @@ class CorrelateProcessor(Processor):
         else:
             activity.spans += spans
             activity.last_seen_ns = now
-        if self.store is None or key in self._known_calls:
+        if self.store is None or key in self._known_calls or key in new:
             return
         task = self._creating.get(key)
         if task is None:
-            record = CallRecord(project, call_id, key_value, source, now, now)
-            task = asyncio.ensure_future(self.store.create(record))
+            new[key] = CallRecord(project, call_id, key_value, source, now, now)
+        elif task not in waits:
+            waits.append(task)
+
+    def _create(self, records: dict[tuple[str, str], CallRecord]) -> asyncio.Future[None]:
+        """Create the records in the store, all at once (one transaction or round trip
+        where the store supports it); the calls are known once it succeeds."""
+        task = asyncio.ensure_future(self._create_records(list(records.values())))
+        for key in records:
             self._creating[key] = task
-            try:
-                await task
-            finally:
-                del self._creating[key]
-            self._known_calls[key] = None
-            if len(self._known_calls) > self.config.cache_size:
+
+        def done(task: asyncio.Future[None]) -> None:
+            for key in records:
+                self._creating.pop(key, None)
+            if task.cancelled() or task.exception() is not None:
+                return  # not known: the next request tries again
+            for key in records:
+                self._known_calls[key] = None
+            while len(self._known_calls) > self.config.cache_size:
                 self._known_calls.popitem(last=False)
+
+        task.add_done_callback(done)
+        return task
+
+    async def _create_records(self, records: list[CallRecord]) -> None:
+        store = self.store
+        assert store is not None
+        create_many = getattr(store, "create_many", None)
+        if create_many is not None:
+            await create_many(records)
         else:
-            await task
+            await asyncio.gather(*(store.create(record) for record in records))
 
     async def flush(self) -> None:
         """Write pending last-seen times and span counts to the call store."""
