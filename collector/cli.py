@@ -78,6 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     workers = config.service.workers
     if workers > 1 and os.environ.get("CALLTRACE_WORKER") is None:
         return _run_workers(workers)
+    _tune_runtime()
     try:
         _run_loop(_serve(config))
     except OSError as exc:
@@ -87,6 +88,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", exc)
         return 1
     return 0
+
+
+def _tune_runtime() -> None:
+    """Interpreter settings for a long-running ingest process (measured in ``make bench``).
+
+    CALLTRACE_SWITCH_INTERVAL / CALLTRACE_GC override them (for experiments).
+    """
+    interval = os.environ.get("CALLTRACE_SWITCH_INTERVAL")
+    if interval:
+        sys.setswitchinterval(float(interval))
+    gc_setting = os.environ.get("CALLTRACE_GC")
+    if gc_setting:
+        import gc
+
+        gc.set_threshold(*(int(x) for x in gc_setting.split(",")))
 
 
 def _run_workers(workers: int) -> int:

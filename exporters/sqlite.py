@@ -56,6 +56,7 @@ TAG_PREFIX = "roark.project.tag."
 MAX_INDEXED_VALUE = 256
 """Attribute values longer than this (prompts, JSON payloads) are not indexed for search."""
 STATUS_ERROR = 2
+_NOT_INDEXED = frozenset(("array_value", "kvlist_value", "bytes_value"))
 
 SCHEMA = (
     """
@@ -295,13 +296,15 @@ class SQLiteExporter(Exporter):
 
         span_rows = rows.spans
         traces = rows.traces
-        trace_attrs = rows.trace_attrs
+        add_attr = rows.trace_attrs.add
         names = rows.names
         start_min = end_max = None
+        # The hottest loop of ingest: plain locals, no calls per attribute.
         for ss in rs.scope_spans:
             scope_id = self._scope_id(db, ss.scope)
             for span in ss.spans:
                 trace_id = span.trace_id
+                span_id = span.span_id
                 parent = span.parent_span_id or None
                 name = span.name
                 start = span.start_time_unix_nano
@@ -313,7 +316,7 @@ class SQLiteExporter(Exporter):
                     (
                         project,
                         trace_id,
-                        span.span_id,
+                        span_id,
                         parent,
                         name,
                         span.kind,
@@ -342,8 +345,8 @@ class SQLiteExporter(Exporter):
                         None,
                         0,
                     ]
-                    for key, value in resource_attrs:
-                        trace_attrs.add((key, value, trace_id))
+                    for key, text in resource_attrs:
+                        add_attr((key, text, trace_id))
                 else:
                     if trace[2] is None:
                         trace[2] = call_id
@@ -354,13 +357,25 @@ class SQLiteExporter(Exporter):
                     trace[5] = trace[4] - trace[3]
                 if parent is None:
                     trace[6] = name
-                    trace[7] = span.span_id
+                    trace[7] = span_id
                 if status == STATUS_ERROR:
                     trace[8] = 1
                 for kv in span.attributes:
-                    pair = _indexable(kv)
-                    if pair is not None:
-                        trace_attrs.add((pair[0], pair[1], trace_id))
+                    value = kv.value
+                    text = value.string_value  # most values are strings: one read decides
+                    if text:
+                        if len(text) <= MAX_INDEXED_VALUE:
+                            add_attr((kv.key, text, trace_id))
+                        continue
+                    kind = value.WhichOneof("value")
+                    if kind is None or kind in _NOT_INDEXED:
+                        continue
+                    if kind == "string_value":
+                        add_attr((kv.key, "", trace_id))
+                        continue
+                    text = attribute_text(getattr(value, kind))
+                    if text is not None:
+                        add_attr((kv.key, text, trace_id))
                 if start_min is None or start < start_min:
                     start_min = start
                 if end_max is None or end > end_max:

@@ -129,7 +129,6 @@ class CorrelateProcessor(Processor):
         now = time.time_ns()
         result: list[ResourceSpans] = []
         new: dict[tuple[str, str], CallRecord] = {}
-        waits: list[asyncio.Future[None]] = []
         for rs in batch.resource_spans:
             attributes = rs.resource.attributes
             for stamp in _STAMPS:  # never trust ids a client sent
@@ -140,7 +139,7 @@ class CorrelateProcessor(Processor):
                 call_id = call_id_for(project, key_value)
                 _stamp(rs, call_id, key_value, source)
                 spans = sum(len(ss.spans) for ss in rs.scope_spans)
-                self._seen(project, call_id, key_value, source, spans, now, new, waits)
+                self._seen(project, call_id, key_value, source, spans, now, new)
                 result.append(rs)
                 continue
             for piece, call in self._split_by_span_keys(project, rs):
@@ -148,14 +147,15 @@ class CorrelateProcessor(Processor):
                     call_id, key_value, source = call
                     _stamp(piece, call_id, key_value, source)
                     spans = sum(len(ss.spans) for ss in piece.scope_spans)
-                    self._seen(project, call_id, key_value, source, spans, now, new, waits)
+                    self._seen(project, call_id, key_value, source, spans, now, new)
                 result.append(piece)
         batch.resource_spans = result
         if new:
-            waits.append(self._create(new))
-        for wait in waits:
-            # Shielded: a client that disconnects must not cancel a creation others await.
-            await asyncio.shield(wait)
+            # Not awaited: the spans carry their call id whatever happens to the record, and
+            # waiting on the store (which shares SQLite's one write lock with the storage
+            # exporter) cost requests hundreds of milliseconds. ``flush`` and ``shutdown``
+            # wait for creations; a failed one is tried again when the call is next seen.
+            self._create(new)
         return batch
 
     def _split_by_span_keys(
@@ -197,10 +197,9 @@ class CorrelateProcessor(Processor):
         spans: int,
         now: int,
         new: dict[tuple[str, str], CallRecord],
-        waits: list[asyncio.Future[None]],
     ) -> None:
-        """Count a call's spans; note a call to create (``new``) or a creation already
-        under way (``waits``) that the request must wait for."""
+        """Count a call's spans; note a call to create in ``new`` unless it is known or
+        being created."""
         key = (project, call_id)
         activity = self._activity.get(key)
         if activity is None:
@@ -208,13 +207,9 @@ class CorrelateProcessor(Processor):
         else:
             activity.spans += spans
             activity.last_seen_ns = now
-        if self.store is None or key in self._known_calls or key in new:
+        if self.store is None or key in self._known_calls or key in new or key in self._creating:
             return
-        task = self._creating.get(key)
-        if task is None:
-            new[key] = CallRecord(project, call_id, key_value, source, now, now)
-        elif task not in waits:
-            waits.append(task)
+        new[key] = CallRecord(project, call_id, key_value, source, now, now)
 
     def _create(self, records: dict[tuple[str, str], CallRecord]) -> asyncio.Future[None]:
         """Create the records in the store, all at once (one transaction or round trip
@@ -226,8 +221,12 @@ class CorrelateProcessor(Processor):
         def done(task: asyncio.Future[None]) -> None:
             for key in records:
                 self._creating.pop(key, None)
-            if task.cancelled() or task.exception() is not None:
-                return  # not known: the next request tries again
+            if task.cancelled():
+                return
+            if task.exception() is not None:
+                # Not known: the next request of these calls tries again.
+                log.warning("%s: could not create call records: %r", self.id, task.exception())
+                return
             for key in records:
                 self._known_calls[key] = None
             while len(self._known_calls) > self.config.cache_size:
@@ -246,8 +245,14 @@ class CorrelateProcessor(Processor):
             await asyncio.gather(*(store.create(record) for record in records))
 
     async def flush(self) -> None:
-        """Write pending last-seen times and span counts to the call store."""
-        if self.store is None or not self._activity:
+        """Write pending last-seen times and span counts to the call store (after the
+        records being created exist)."""
+        if self.store is None:
+            return
+        creating = set(self._creating.values())
+        if creating:
+            await asyncio.gather(*creating, return_exceptions=True)
+        if not self._activity:
             return
         activity, self._activity = list(self._activity.values()), {}
         await self.store.record_activity(activity)
