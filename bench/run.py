@@ -100,7 +100,7 @@ def calltrace_config(port: int, workdir: Path, *, redis_url: str | None = None) 
         "processors": {
             "auth": {"key_store": None, "keys": [{"key": API_KEY, "project": "bench"}]},
             "skip": {"attributes": ["roark.skip"]},
-            "correlate": {"store": None if os.environ.get("BENCH_NOSTORE") else db},
+            "correlate": {"store": db},
             "batch": {"send_batch_size": 8192, "timeout": "5ms"},
         },
         "exporters": exporters,

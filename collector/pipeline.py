@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 
 from collector.components import Forward, Processor, RefusedError, RequestInfo
-from collector.exporterhelper import ExporterQueue
+from collector.exporterhelper import ExporterQueue, serialize_resource_spans
 from collector.spans import SpanBatch
 
 __all__ = ["FanOut", "Pipeline"]
@@ -38,8 +38,10 @@ class FanOut:
         full = [q.id for q in self.queues if not q.has_room(spans)]
         if full:
             raise RefusedError(f"sending queue full: {', '.join(full)}", retry_after=1.0)
+        # Serialized once for every queue: queues hold bytes, not parsed messages.
+        payload = serialize_resource_spans(batch.resource_spans)
         for queue in self.queues:
-            await queue.put(batch, spans)
+            await queue.put(batch, spans, payload)
 
 
 class Pipeline:
