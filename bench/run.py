@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building ~{total} spans of LiveKit/Pipecat calls...", flush=True)
     big = build_requests(total, 500)
     small = build_requests(small_total, 50, prefix="RM_small")
-    warm = build_requests(1000, 500, prefix="RM_warm")
+    warm = build_requests(100 if args.quick else 1000, 500, prefix="RM_warm")
     proto = [Body(r.SerializeToString(), span_count(r)) for r in big]
     small_proto = [Body(r.SerializeToString(), span_count(r)) for r in small]
     warm_proto = [Body(r.SerializeToString(), span_count(r)) for r in warm]
