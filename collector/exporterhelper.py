@@ -57,7 +57,7 @@ class QueueSettings(BaseModel):
     num_consumers: int = Field(default=1, ge=1, le=64)
     queue_size: int = Field(default=100_000, ge=1)
     """Capacity in spans."""
-    batch_max_spans: int = Field(default=16_384, ge=1)
+    batch_max_spans: int = Field(default=8192, ge=1)
     """A consumer merges queued batches of one project up to this many spans per export."""
     storage: Path | None = None
     """Directory for a persistent queue; None keeps the queue in memory."""
