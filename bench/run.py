@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     total = 600 if args.quick else args.spans
     small_total = 300 if args.quick else max(total // 5, 1000)
+    flood_total = total * 3 if args.quick else max(total * 5 // 2, 250_000)
     began = time.perf_counter()
     print(f"building ~{total} spans of LiveKit/Pipecat calls...", flush=True)
     big = build_requests(total, 500)
@@ -440,12 +441,24 @@ def main(argv: list[str] | None = None) -> int:
                     "calltrace default, 50-span requests", small_proto, warm_proto, rows[-1].name, c
                 )
             )
+            # More spans than the sending queue holds (100k), from many connections at once:
+            # calltrace must answer 503 + Retry-After and keep its memory flat.
             flood = args.flood_concurrency
+            flood_proto = [
+                Body(r.SerializeToString(), span_count(r))
+                for r in build_requests(flood_total, 500, prefix="RM_flood")
+            ]
+            flood_spans = sum(b.spans for b in flood_proto)
             rows.append(
                 calltrace(
-                    f"calltrace default, flood ({flood} conns)", proto, warm_proto, yard, flood
+                    f"calltrace default, flood ({flood} conns, {flood_spans:,} spans)",
+                    flood_proto,
+                    warm_proto,
+                    yard,
+                    flood,
                 )
             )
+            del flood_proto
         if args.profile:
             notes += profile_ingest(proto, c, headers, tmpdir / "profile", RESULTS)
 

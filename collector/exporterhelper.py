@@ -192,6 +192,12 @@ class ExporterQueue:
     def capacity(self) -> int:
         return self.queue_settings.queue_size
 
+    HIGH_WATER = 0.95
+    """Above this share of its capacity a queue refuses requests before they are read."""
+
+    def nearly_full(self) -> bool:
+        return self.queue_settings.enabled and self._queued_spans >= self.HIGH_WATER * self.capacity
+
     def has_room(self, spans: int) -> bool:
         if not self.queue_settings.enabled:
             return True
