@@ -205,6 +205,7 @@ class SQLiteExporter(Exporter):
         # One thread owns the writer connection: SQLite allows one writer anyway, and the
         # event loop never waits on disk.
         self._writer: ThreadPoolExecutor | None = None
+        # Ids of resources and scopes already written, by their serialized bytes.
         self._resource_ids: dict[bytes, int] = {}
         self._scope_ids: dict[bytes, int] = {}
         self._retention_task: asyncio.Task[None] | None = None
@@ -405,10 +406,10 @@ class SQLiteExporter(Exporter):
 
     def _resource_id(self, db: sqlite3.Connection, resource: Any, service: str | None) -> int:
         payload = resource.SerializeToString(deterministic=True)
-        digest = hashlib.blake2b(payload, digest_size=16).digest()
-        cached = self._resource_ids.get(digest)
+        cached = self._resource_ids.get(payload)  # keyed by the bytes: no digest to compute
         if cached is not None:
             return cached
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
         attributes = json.dumps(
             {kv.key: any_value_to_python(kv.value) for kv in resource.attributes},
             default=_bytes_hex,
@@ -421,17 +422,17 @@ class SQLiteExporter(Exporter):
         (resource_id,) = db.execute(
             "SELECT resource_id FROM resources WHERE digest = ?", (digest,)
         ).fetchone()
-        if len(self._resource_ids) > 100_000:
+        if len(self._resource_ids) > 10_000:
             self._resource_ids.clear()
-        self._resource_ids[digest] = resource_id
+        self._resource_ids[payload] = resource_id
         return int(resource_id)
 
     def _scope_id(self, db: sqlite3.Connection, scope: Any) -> int:
         payload = scope.SerializeToString(deterministic=True)
-        digest = hashlib.blake2b(payload, digest_size=16).digest()
-        cached = self._scope_ids.get(digest)
+        cached = self._scope_ids.get(payload)
         if cached is not None:
             return cached
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
         db.execute(
             "INSERT OR IGNORE INTO scopes (digest, name, version, scope) VALUES (?,?,?,?)",
             (digest, scope.name, scope.version, payload),
@@ -441,7 +442,7 @@ class SQLiteExporter(Exporter):
         ).fetchone()
         if len(self._scope_ids) > 10_000:
             self._scope_ids.clear()
-        self._scope_ids[digest] = scope_id
+        self._scope_ids[payload] = scope_id
         return int(scope_id)
 
     # -- retention ------------------------------------------------------------------
