@@ -149,7 +149,7 @@ class _DiskQueue:
         for key, project, spans, payload in self.db.execute(
             "SELECT id, project, spans, payload FROM queue ORDER BY id"
         ):
-            items.append(_QueueItem(payload, spans, project, key=key))
+            items.append(_QueueItem(payload, spans, project, received_ns=time.time_ns(), key=key))
         return items
 
     def delete(self, keys: list[int]) -> None:
@@ -302,7 +302,9 @@ class ExporterQueue:
             request.ParseFromString(item.payload)
             resource_spans.extend(request.resource_spans)
         first = items[0]
-        return SpanBatch(resource_spans, first.project, dict(first.metadata), first.received_ns)
+        # Request metadata describes one request: a merge of several carries none.
+        metadata = dict(first.metadata) if len(items) == 1 else {}
+        return SpanBatch(resource_spans, first.project, metadata, first.received_ns)
 
     async def _export_with_retry(self, batch: SpanBatch, spans: int) -> None:
         started = time.monotonic()

@@ -37,6 +37,7 @@ async def test_queued_batches_are_merged_and_keep_their_project_and_metadata():
     assert {b.project for b in exporter.batches} == {first.project}
     assert exporter.batches[0].metadata == {"transport": "http"}
     assert len(exporter.batches) == 2  # the three queued behind the gate went out as one
+    assert exporter.batches[1].metadata == {}  # a merge of several requests carries none
 
 
 async def test_nearly_full_queue_refuses_at_admission():
