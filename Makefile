@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= collector.yaml
 
-.PHONY: install install-test browser run test lint fmt bench clean
+.PHONY: install install-test browser run test lint fmt bench bench-query bench-profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +45,17 @@ fmt: install-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Ingest side by side with the bare-parser yardstick (< 10 min); writes bench/results/latest.md.
 bench: install-test
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Read latency on ~1M spans (builds the database first, ~2-3 min); bench/results/query.md.
+bench-query: install-test
+	$(BIN)/python -m bench.query $(BENCH_ARGS)
+
+# The default pipeline under load with py-spy attached: bench/results/profile-ingest.{txt,svg}.
+bench-profile: install-test
+	$(BIN)/python -m bench.run --only-default --profile --output bench/results/profile-run.md
 
 clean:
 	rm -rf $(VENV) data build *.egg-info

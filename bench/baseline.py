@@ -4,7 +4,10 @@ span's ids, name, times and attributes once, then answers an empty response.
 No Python pipeline that looks inside spans can beat it; calltrace's figures are quoted
 as ratios to it, measured side by side in one run.
 
-    python -m bench.baseline --port 4400 [--json]
+    python -m bench.baseline --port 4400 [--no-uvloop]
+
+Both encodings are served on ``/v1/traces``: ``application/x-protobuf`` and
+``application/json`` (OTLP/JSON, read with ``json.loads``), gzip bodies too.
 """
 
 from __future__ import annotations
@@ -89,8 +92,19 @@ def make_app() -> web.Application:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=4400)
+    parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio event loop")
     args = parser.parse_args()
-    web.run_app(make_app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    loop = None
+    if not args.no_uvloop:
+        try:  # calltrace runs on uvloop when it is installed; so does its yardstick
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:
+            pass
+    web.run_app(
+        make_app(), host="127.0.0.1", port=args.port, print=None, access_log=None, loop=loop
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
 import time
 from functools import cache
 from pathlib import Path
@@ -19,12 +20,22 @@ from google.protobuf import json_format
 
 from collector.spans import ExportTraceServiceRequest
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(
+    os.environ.get("CALLTRACE_FIXTURES")
+    or Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+)
+"""The captured fixtures (``livekit/``, ``pipecat/``, ``make_synthetic.py``); next to the
+repository as for the tests, or wherever ``CALLTRACE_FIXTURES`` points."""
 
 
 @cache
 def _make_synthetic():
     path = FIXTURES / "make_synthetic.py"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: the bench builds its requests from the captured fixtures;"
+            " set CALLTRACE_FIXTURES to their directory"
+        )
     spec = importlib.util.spec_from_file_location("make_synthetic", path)
     if spec is None or spec.loader is None:
         raise FileNotFoundError(path)

@@ -134,6 +134,10 @@ class CallStore(Protocol):
         creates again, or None when the store cannot tell."""
         ...
 
+    # Optional: ``async create_many(records: list[CallRecord]) -> None`` creates several
+    # records at once (first writer wins for each); ``correlate`` uses it when present and
+    # otherwise calls ``create`` for each record concurrently.
+
     async def get(self, project: str, call_id: str) -> CallRecord | None: ...
 
     async def record_room(self, event: RoomEvent) -> None:
@@ -155,36 +159,55 @@ class SQLiteCallStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
         db.execute("PRAGMA busy_timeout=10000")
         ensure_calls_table(db)
         self._db = db
 
-    def _create(self, r: CallRecord) -> CallRecord:
+    def _insert(self, records: list[CallRecord]) -> None:
         assert self._db is not None
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO calls (project, call_id, room_id, source, first_seen_ns,"
-                " last_seen_ns, span_count, skipped, room_name, metadata)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (project, call_id) DO NOTHING",
-                (
-                    r.project,
-                    r.call_id,
-                    r.room_id,
-                    r.source,
-                    r.first_seen_ns,
-                    r.last_seen_ns,
-                    r.span_count,
-                    int(r.skipped),
-                    r.room_name,
-                    r.metadata,
-                ),
+        rows = [
+            (
+                r.project,
+                r.call_id,
+                r.room_id,
+                r.source,
+                r.first_seen_ns,
+                r.last_seen_ns,
+                r.span_count,
+                int(r.skipped),
+                r.room_name,
+                r.metadata,
             )
+            for r in records
+        ]
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT INTO calls (project, call_id, room_id, source, first_seen_ns,"
+                    " last_seen_ns, span_count, skipped, room_name, metadata)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (project, call_id) DO NOTHING",
+                    rows,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _create(self, r: CallRecord) -> CallRecord:
+        self._insert([r])
         stored = self._get(r.project, r.call_id)
         assert stored is not None
         return stored
 
     async def create(self, record: CallRecord) -> CallRecord:
         return await asyncio.to_thread(self._create, record)
+
+    async def create_many(self, records: list[CallRecord]) -> None:
+        """Create every record that does not exist yet, in one transaction."""
+        if records:
+            await asyncio.to_thread(self._insert, records)
 
     def _record_activity(self, activity: list[CallActivity]) -> None:
         assert self._db is not None

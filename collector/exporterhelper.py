@@ -8,6 +8,11 @@ receiver or the other exporters. When a queue is full the pipeline refuses new d
 
 With ``sending_queue.storage: DIR`` queued batches are written to an SQLite file in DIR
 before the request is answered, so a crash or restart delivers them later.
+
+Queued batches are held serialized (an ``ExportTraceServiceRequest`` body), not as
+parsed messages: about a fifth of the memory, and no objects for the cyclic garbage
+collector to scan. Serialized requests concatenate into one valid request, so merging
+queued batches is a ``join``; the consumer parses them back just before exporting.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from collector.components import (
     PermanentError,
     RefusedError,
 )
-from collector.spans import SpanBatch
+from collector.spans import ExportTraceServiceRequest, SpanBatch
 from collector.units import Duration
 
 if TYPE_CHECKING:
@@ -38,7 +43,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExporterConfig", "ExporterQueue", "QueueSettings", "RetrySettings"]
+__all__ = [
+    "ExporterConfig",
+    "ExporterQueue",
+    "QueueSettings",
+    "RetrySettings",
+    "serialize_resource_spans",
+]
 
 
 class QueueSettings(BaseModel):
@@ -47,7 +58,7 @@ class QueueSettings(BaseModel):
     num_consumers: int = Field(default=1, ge=1, le=64)
     queue_size: int = Field(default=100_000, ge=1)
     """Capacity in spans."""
-    batch_max_spans: int = Field(default=16_384, ge=1)
+    batch_max_spans: int = Field(default=8192, ge=1)
     """A consumer merges queued batches of one project up to this many spans per export."""
     storage: Path | None = None
     """Directory for a persistent queue; None keeps the queue in memory."""
@@ -75,12 +86,42 @@ class ExporterConfig(ComponentConfig):
 _Outcome = Literal["sent", "permanent", "gave_up"]
 
 
-class _QueueItem:
-    __slots__ = ("batch", "key", "spans")
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
-    def __init__(self, batch: SpanBatch, spans: int, key: int | None = None):
-        self.batch = batch
+
+def serialize_resource_spans(resource_spans: list[Any]) -> bytes:
+    """The ``ExportTraceServiceRequest`` body holding ``resource_spans``, without copying
+    the messages into a request first (field 1, length-delimited, once per resource)."""
+    parts: list[bytes] = []
+    for rs in resource_spans:
+        body = rs.SerializeToString()
+        parts += (b"\n", _varint(len(body)), body)
+    return b"".join(parts)
+
+
+class _QueueItem:
+    __slots__ = ("key", "metadata", "payload", "project", "received_ns", "spans")
+
+    def __init__(
+        self,
+        payload: bytes,
+        spans: int,
+        project: str | None,
+        metadata: dict[str, str] | None = None,
+        received_ns: int = 0,
+        key: int | None = None,
+    ):
+        self.payload = payload  # a serialized ExportTraceServiceRequest
         self.spans = spans
+        self.project = project
+        self.metadata = metadata or {}
+        self.received_ns = received_ns
         self.key = key  # row id in the persistent queue
 
 
@@ -103,10 +144,10 @@ class _DiskQueue:
             " project TEXT, spans INTEGER NOT NULL, payload BLOB NOT NULL)"
         )
 
-    def append(self, batch: SpanBatch, spans: int) -> int:
+    def append(self, item: _QueueItem) -> int:
         cursor = self.db.execute(
             "INSERT INTO queue (project, spans, payload) VALUES (?, ?, ?)",
-            (batch.project, spans, batch.serialize()),
+            (item.project, item.spans, item.payload),
         )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
@@ -116,7 +157,7 @@ class _DiskQueue:
         for key, project, spans, payload in self.db.execute(
             "SELECT id, project, spans, payload FROM queue ORDER BY id"
         ):
-            items.append(_QueueItem(SpanBatch.parse(payload, project), spans, key))
+            items.append(_QueueItem(payload, spans, project, received_ns=time.time_ns(), key=key))
         return items
 
     def delete(self, keys: list[int]) -> None:
@@ -159,6 +200,12 @@ class ExporterQueue:
     def capacity(self) -> int:
         return self.queue_settings.queue_size
 
+    HIGH_WATER = 0.95
+    """Above this share of its capacity a queue refuses requests before they are read."""
+
+    def nearly_full(self) -> bool:
+        return self.queue_settings.enabled and self._queued_spans >= self.HIGH_WATER * self.capacity
+
     def has_room(self, spans: int) -> bool:
         if not self.queue_settings.enabled:
             return True
@@ -178,9 +225,13 @@ class ExporterQueue:
         for _ in range(self.queue_settings.num_consumers):
             self._consumers.append(asyncio.create_task(self._consume()))
 
-    async def put(self, batch: SpanBatch, spans: int | None = None) -> None:
+    async def put(
+        self, batch: SpanBatch, spans: int | None = None, payload: bytes | None = None
+    ) -> None:
         """Queue ``batch`` (persisted first when a storage dir is set), or export it now
-        when the queue is disabled."""
+        when the queue is disabled. ``payload`` is the batch already serialized (by
+        ``serialize_resource_spans``), when the caller fans one batch out to several
+        queues."""
         spans = batch.span_count if spans is None else spans
         if not self.queue_settings.enabled:
             await self._export_with_retry(batch, spans)
@@ -189,8 +240,12 @@ class ExporterQueue:
             raise RefusedError(f"exporter {self.id} is shutting down", retry_after=5.0)
         if not self.has_room(spans):
             raise RefusedError(f"sending queue of exporter {self.id} is full")
-        key = self._disk.append(batch, spans) if self._disk is not None else None
-        self._push(_QueueItem(batch, spans, key))
+        if payload is None:
+            payload = serialize_resource_spans(batch.resource_spans)
+        item = _QueueItem(payload, spans, batch.project, batch.metadata, batch.received_ns)
+        if self._disk is not None:
+            item.key = self._disk.append(item)
+        self._push(item)
 
     def _push(self, item: _QueueItem) -> None:
         self._items.append(item)
@@ -210,7 +265,7 @@ class ExporterQueue:
         limit = self.queue_settings.batch_max_spans
         while self._items:
             nxt = self._items[0]
-            if nxt.batch.project != first.batch.project or spans + nxt.spans > limit:
+            if nxt.project != first.project or spans + nxt.spans > limit:
                 break
             taken.append(self._items.popleft())
             spans += nxt.spans
@@ -226,19 +281,13 @@ class ExporterQueue:
             items = self._take()
             self._in_flight += 1
             spans = sum(item.spans for item in items)
-            if len(items) == 1:
-                batch = items[0].batch
-            else:
-                batch = SpanBatch(
-                    [rs for item in items for rs in item.batch.resource_spans],
-                    items[0].batch.project,
-                )
             try:
+                batch = await self._parse(items)
                 outcome = await self._export_with_retry(batch, spans, count_failed=len(items) == 1)
                 if outcome == "permanent" and len(items) > 1:
                     # One request's bad data must not drop the others merged with it.
                     for item in items:
-                        await self._export_with_retry(item.batch, item.spans)
+                        await self._export_with_retry(await self._parse([item]), item.spans)
                 if self._disk is not None:
                     try:
                         self._disk.delete([i.key for i in items if i.key is not None])
@@ -255,6 +304,22 @@ class ExporterQueue:
             self._report_size()
             if not self._items and self._in_flight == 0:
                 self._idle.set()
+
+    @staticmethod
+    async def _parse(items: list[_QueueItem]) -> SpanBatch:
+        """The queued items as one batch; parsed item by item, letting other tasks run in
+        between so a large merge does not hold up the event loop."""
+        resource_spans: list[Any] = []
+        for index, item in enumerate(items):
+            if index:
+                await asyncio.sleep(0)
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(item.payload)
+            resource_spans.extend(request.resource_spans)
+        first = items[0]
+        # Request metadata describes one request: a merge of several carries none.
+        metadata = dict(first.metadata) if len(items) == 1 else {}
+        return SpanBatch(resource_spans, first.project, metadata, first.received_ns)
 
     async def _export_with_retry(
         self, batch: SpanBatch, spans: int, count_failed: bool = True

@@ -148,8 +148,25 @@ def _message_converter(descriptor: Descriptor) -> Convert:
                 fields[name] = converted
         return fields
 
+    registered: Convert = convert
+    if descriptor.full_name == "opentelemetry.proto.common.v1.KeyValue":
+        generic = convert
+
+        def string_attribute(obj: Any) -> dict[str, Any]:
+            """Most attributes are ``{"key": k, "value": {"stringValue": s}}``: converted
+            here in one step, everything else (and every error) by the generic path."""
+            if type(obj) is dict and len(obj) == 2:
+                value = obj.get("value")
+                if type(value) is dict and len(value) == 1:
+                    text = value.get("stringValue")
+                    key = obj.get("key")
+                    if type(text) is str and type(key) is str:
+                        return {"key": key, "value": {"string_value": text}}
+            return generic(obj)
+
+        registered = string_attribute
     # Registered before the table is filled: message types may be recursive (AnyValue).
-    _converters[descriptor.full_name] = convert
+    _converters[descriptor.full_name] = registered
     hex_ids = _HEX_ID_FIELDS.get(descriptor.full_name, ())
     for field in descriptor.fields:
         value_converter = _hex_id if field.name in hex_ids else _field_value_converter(field)
@@ -157,7 +174,7 @@ def _message_converter(descriptor: Descriptor) -> Convert:
             value_converter = _repeated(value_converter)
         table[field.json_name] = (field.name, value_converter)
         table[field.name] = (field.name, value_converter)
-    return convert
+    return registered
 
 
 _SKIP = object()  # an unknown enum name: leave the field unset, as for unknown fields

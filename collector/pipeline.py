@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 
 from collector.components import Forward, Processor, RefusedError, RequestInfo
-from collector.exporterhelper import ExporterQueue
+from collector.exporterhelper import ExporterQueue, serialize_resource_spans
 from collector.spans import SpanBatch
 
 __all__ = ["FanOut", "Pipeline"]
@@ -31,6 +31,13 @@ class FanOut:
     def __init__(self, queues: list[ExporterQueue]):
         self.queues = queues
 
+    def refuse_if_full(self) -> None:
+        """Refuse before a request's body is read when a queue is nearly full: under a
+        flood, parsing bodies only to refuse them would cost CPU and memory."""
+        full = [q.id for q in self.queues if q.nearly_full()]
+        if full:
+            raise RefusedError(f"sending queue full: {', '.join(full)}", retry_after=1.0)
+
     async def __call__(self, batch: SpanBatch) -> None:
         spans = batch.span_count
         if spans == 0:
@@ -38,8 +45,10 @@ class FanOut:
         full = [q.id for q in self.queues if not q.has_room(spans)]
         if full:
             raise RefusedError(f"sending queue full: {', '.join(full)}", retry_after=1.0)
+        # Serialized once for every queue: queues hold bytes, not parsed messages.
+        payload = serialize_resource_spans(batch.resource_spans)
         for queue in self.queues:
-            await queue.put(batch, spans)
+            await queue.put(batch, spans, payload)
 
 
 class Pipeline:
@@ -53,9 +62,11 @@ class Pipeline:
         self._entry = forward
 
     async def admit(self, request: RequestInfo) -> None:
-        """Run every processor's header check; raises to refuse the request."""
+        """Run every processor's header check, then refuse early if an exporter's queue
+        is full; raises to refuse the request."""
         for processor in self.processors:
             await processor.admit(request)
+        self.fan_out.refuse_if_full()
 
     async def consume(self, batch: SpanBatch) -> None:
         """Push a batch through the processors to the exporters' queues."""

@@ -58,6 +58,7 @@ TAG_PREFIX = "roark.project.tag."
 MAX_INDEXED_VALUE = 256
 """Attribute values longer than this (prompts, JSON payloads) are not indexed for search."""
 STATUS_ERROR = 2
+_NOT_INDEXED = frozenset(("array_value", "kvlist_value", "bytes_value"))
 
 # The calls table comes from ``ensure_calls_table``, which also upgrades older files.
 SCHEMA = """
@@ -207,6 +208,7 @@ class SQLiteExporter(Exporter):
         # One thread owns the writer connection: SQLite allows one writer anyway, and the
         # event loop never waits on disk.
         self._writer: ThreadPoolExecutor | None = None
+        # Ids of resources and scopes already written, by their serialized bytes.
         self._resource_ids: dict[bytes, int] = {}
         self._scope_ids: dict[bytes, int] = {}
         self._retention_task: asyncio.Task[None] | None = None
@@ -305,13 +307,15 @@ class SQLiteExporter(Exporter):
 
         span_rows = rows.spans
         traces = rows.traces
-        trace_attrs = rows.trace_attrs
+        add_attr = rows.trace_attrs.add
         names = rows.names
         start_min = end_max = None
+        # The hottest loop of ingest: plain locals, no calls per attribute.
         for ss in rs.scope_spans:
             scope_id = self._scope_id(db, ss.scope)
             for span in ss.spans:
                 trace_id = span.trace_id
+                span_id = span.span_id
                 parent = span.parent_span_id or None
                 name = span.name
                 start = span.start_time_unix_nano
@@ -323,7 +327,7 @@ class SQLiteExporter(Exporter):
                     (
                         project,
                         trace_id,
-                        span.span_id,
+                        span_id,
                         parent,
                         name,
                         span.kind,
@@ -352,8 +356,8 @@ class SQLiteExporter(Exporter):
                         None,
                         0,
                     ]
-                    for key, value in resource_attrs:
-                        trace_attrs.add((key, value, trace_id))
+                    for key, text in resource_attrs:
+                        add_attr((key, text, trace_id))
                 else:
                     if trace[2] is None:
                         trace[2] = call_id
@@ -364,13 +368,25 @@ class SQLiteExporter(Exporter):
                     trace[5] = trace[4] - trace[3]
                 if parent is None:
                     trace[6] = name
-                    trace[7] = span.span_id
+                    trace[7] = span_id
                 if status == STATUS_ERROR:
                     trace[8] = 1
                 for kv in span.attributes:
-                    pair = _indexable(kv)
-                    if pair is not None:
-                        trace_attrs.add((pair[0], pair[1], trace_id))
+                    value = kv.value
+                    text = value.string_value  # most values are strings: one read decides
+                    if text:
+                        if len(text) <= MAX_INDEXED_VALUE:
+                            add_attr((kv.key, text, trace_id))
+                        continue
+                    kind = value.WhichOneof("value")
+                    if kind is None or kind in _NOT_INDEXED:
+                        continue
+                    if kind == "string_value":
+                        add_attr((kv.key, "", trace_id))
+                        continue
+                    text = attribute_text(getattr(value, kind))
+                    if text is not None:
+                        add_attr((kv.key, text, trace_id))
                 if start_min is None or start < start_min:
                     start_min = start
                 if end_max is None or end > end_max:
@@ -400,10 +416,10 @@ class SQLiteExporter(Exporter):
 
     def _resource_id(self, db: sqlite3.Connection, resource: Any, service: str | None) -> int:
         payload = resource.SerializeToString(deterministic=True)
-        digest = hashlib.blake2b(payload, digest_size=16).digest()
-        cached = self._resource_ids.get(digest)
+        cached = self._resource_ids.get(payload)  # keyed by the bytes: no digest to compute
         if cached is not None:
             return cached
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
         attributes = json.dumps(
             {kv.key: any_value_to_python(kv.value) for kv in resource.attributes},
             default=_bytes_hex,
@@ -416,17 +432,17 @@ class SQLiteExporter(Exporter):
         (resource_id,) = db.execute(
             "SELECT resource_id FROM resources WHERE digest = ?", (digest,)
         ).fetchone()
-        if len(self._resource_ids) > 100_000:
+        if len(self._resource_ids) > 10_000:
             self._resource_ids.clear()
-        self._resource_ids[digest] = resource_id
+        self._resource_ids[payload] = resource_id
         return int(resource_id)
 
     def _scope_id(self, db: sqlite3.Connection, scope: Any) -> int:
         payload = scope.SerializeToString(deterministic=True)
-        digest = hashlib.blake2b(payload, digest_size=16).digest()
-        cached = self._scope_ids.get(digest)
+        cached = self._scope_ids.get(payload)
         if cached is not None:
             return cached
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
         db.execute(
             "INSERT OR IGNORE INTO scopes (digest, name, version, scope) VALUES (?,?,?,?)",
             (digest, scope.name, scope.version, payload),
@@ -436,7 +452,7 @@ class SQLiteExporter(Exporter):
         ).fetchone()
         if len(self._scope_ids) > 10_000:
             self._scope_ids.clear()
-        self._scope_ids[digest] = scope_id
+        self._scope_ids[payload] = scope_id
         return int(scope_id)
 
     # -- retention ------------------------------------------------------------------

@@ -23,7 +23,6 @@ in the background.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -48,13 +47,11 @@ from collector.spans import (
     ResourceSpans,
     Span,
     any_value_to_python,
-    remove_attribute,
-    set_attribute,
 )
 
 log = logging.getLogger(__name__)
 
-_STAMPS = (CALL_ID_ATTRIBUTE, CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE)
+_STAMP_SET = frozenset((CALL_ID_ATTRIBUTE, CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE))
 
 
 class CorrelateConfig(ComponentConfig):
@@ -82,9 +79,11 @@ class CorrelateConfig(ComponentConfig):
     is created in the background and the request goes on."""
     store_retry_interval: Duration = 1.0
     """While the call store is unreachable, how long before it is tried again."""
-    drop_skipped_calls: bool = True
+    drop_skipped_calls: bool | None = None
     """Drop the spans of calls marked skipped in the call store (by a LiveKit webhook whose
-    room metadata carries ``roark.skip``); counted in ``calltrace_processor_dropped_spans``."""
+    room metadata carries ``roark.skip``); counted in ``calltrace_processor_dropped_spans``.
+    Unset: on when the service has a ``livekit_webhook`` receiver, which is what marks
+    calls (the check costs a store read per new call every ``skipped_check_interval``)."""
     skipped_check_interval: Duration = 5.0
     """How long a call's skipped mark is cached before the store is asked again."""
 
@@ -115,7 +114,7 @@ class CorrelateProcessor(Processor):
         """Calls whose record exists in the store, with the record first written."""
         self._traces = _LRU(config.cache_size)
         self._activity: dict[tuple[str, str], CallActivity] = {}
-        self._creating: dict[tuple[str, str], asyncio.Task[CallRecord]] = {}
+        self._creating: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._unsaved: dict[tuple[str, str], CallRecord] = {}
         """Records not yet created because the store was unreachable; retried by the flusher."""
         self._store_down_until = 0.0
@@ -124,6 +123,7 @@ class CorrelateProcessor(Processor):
         self._flusher: asyncio.Task[None] | None = None
         self._skipped_marks: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
         self._telemetry: Any = None
+        self._drop_skipped: bool | None = None
 
     def make_store(self) -> CallStore | None:
         """The call store this config asks for (subclasses and plugins may override)."""
@@ -136,6 +136,10 @@ class CorrelateProcessor(Processor):
 
     async def start(self, host: Host) -> None:
         self._telemetry = host.telemetry
+        self._drop_skipped = self.config.drop_skipped_calls
+        if self._drop_skipped is None:
+            receivers = getattr(host, "receivers", {}).values()
+            self._drop_skipped = any(r.type_name == "livekit_webhook" for r in receivers)
         self.store = self.make_store()
         if self.store is not None:
             await self.store.start()
@@ -171,10 +175,10 @@ class CorrelateProcessor(Processor):
         now = time.time_ns()
         result: list[ResourceSpans] = []
         dropped = 0
+        new: dict[tuple[str, str], CallRecord] = {}
         for rs in batch.resource_spans:
             attributes = rs.resource.attributes
-            for stamp in _STAMPS:  # never trust ids a client sent
-                remove_attribute(attributes, stamp)
+            _remove_stamps(attributes)  # never trust ids a client sent
             found = self._best_key(attributes, self._rank)
             if found is not None:
                 pieces = [(rs, (call_id_for(project, found[0]), *found))]
@@ -188,8 +192,10 @@ class CorrelateProcessor(Processor):
                         dropped += spans
                         continue
                     _stamp(piece, call_id, key_value, source)
-                    await self._seen(project, call_id, key_value, source, spans, now)
+                    self._seen(project, call_id, key_value, source, spans, now, new)
                 result.append(piece)
+        if new:
+            self._create(new)
         if dropped and self._telemetry is not None:
             self._telemetry.dropped(self.id, dropped)
         batch.resource_spans = result
@@ -197,7 +203,7 @@ class CorrelateProcessor(Processor):
 
     async def _is_skipped(self, project: str, call_id: str) -> bool:
         """Whether the call store marks the call skipped (cached for a few seconds)."""
-        if self.store is None or not self.config.drop_skipped_calls:
+        if self.store is None or not self._drop_skipped:
             return False
         key = (project, call_id)
         cached = self._skipped_marks.get(key)
@@ -248,9 +254,18 @@ class CorrelateProcessor(Processor):
                 scope.spans.add().CopyFrom(span)  # type: ignore[attr-defined]
         return list((piece, call) for call, piece in groups.items())
 
-    async def _seen(
-        self, project: str, call_id: str, key_value: str, source: str, spans: int, now: int
+    def _seen(
+        self,
+        project: str,
+        call_id: str,
+        key_value: str,
+        source: str,
+        spans: int,
+        now: int,
+        new: dict[tuple[str, str], CallRecord],
     ) -> None:
+        """Count a call's spans; note a call to create in ``new`` unless it is known,
+        being created or waiting for the store."""
         key = (project, call_id)
         activity = self._activity.get(key)
         if activity is None:
@@ -258,30 +273,55 @@ class CorrelateProcessor(Processor):
         else:
             activity.spans += spans
             activity.last_seen_ns = now
-        if self.store is None or key in self._known_calls or key in self._unsaved:
+        if (
+            self.store is None
+            or key in self._known_calls
+            or key in self._unsaved
+            or key in self._creating
+            or key in new
+        ):
             return
         record = CallRecord(project, call_id, key_value, source, now, now)
         if time.monotonic() < self._store_down_until:
             self._defer(key, record)
-            return
-        task = self._creating.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self.store.create(record))
-            task.add_done_callback(_retrieve_exception)  # may outlive the wait below
-            self._creating[key] = task
-            try:
-                await asyncio.wait_for(asyncio.shield(task), self.config.store_timeout or None)
-            except Exception as exc:  # unreachable, or too slow to wait for
-                self._store_failed(exc)
-                self._defer(key, record)
-                return
-            finally:
-                del self._creating[key]
-            self._remember(key, record)
-            self._store_reachable()
         else:
-            with contextlib.suppress(Exception):  # the first caller handled it
-                await asyncio.wait_for(asyncio.shield(task), self.config.store_timeout or None)
+            new[key] = record
+
+    def _create(self, records: dict[tuple[str, str], CallRecord]) -> None:
+        """Create a request's new call records in the background, all at once (one
+        transaction or round trip where the store supports it). Not awaited: the spans
+        carry their call id whatever happens to the record, and waiting on the store
+        (which shares SQLite's one write lock with the storage exporter) cost requests
+        hundreds of milliseconds. ``flush`` and ``shutdown`` wait for creations; records
+        a failed creation leaves wait in ``_unsaved`` for the flusher."""
+        task = asyncio.ensure_future(self._create_records(list(records.values())))
+        for key in records:
+            self._creating[key] = task
+
+        def done(task: asyncio.Future[None]) -> None:
+            for key in records:
+                self._creating.pop(key, None)
+            failure = None if task.cancelled() else task.exception()
+            if task.cancelled() or failure is not None:
+                if failure is not None:
+                    self._store_failed(failure)  # type: ignore[arg-type]
+                for key, record in records.items():
+                    self._defer(key, record)
+                return
+            for key, record in records.items():
+                self._remember(key, record)
+            self._store_reachable()
+
+        task.add_done_callback(done)
+
+    async def _create_records(self, records: list[CallRecord]) -> None:
+        store = self.store
+        assert store is not None
+        create_many = getattr(store, "create_many", None)
+        if create_many is not None:
+            await create_many(records)
+        else:
+            await asyncio.gather(*(store.create(record) for record in records))
 
     def _defer(self, key: tuple[str, str], record: CallRecord) -> None:
         """Keep a record to create once the store is back, at most ``cache_size`` of them:
@@ -317,6 +357,9 @@ class CorrelateProcessor(Processor):
         counts to the call store. What cannot be written stays pending for the next try."""
         if self.store is None:
             return
+        creating = set(self._creating.values())
+        if creating:
+            await asyncio.gather(*creating, return_exceptions=True)
         while self._unsaved:
             key, record = next(iter(self._unsaved.items()))
             await self.store.create(record)
@@ -393,13 +436,22 @@ async def _stop(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-def _retrieve_exception(task: asyncio.Future[CallRecord]) -> None:
-    if not task.cancelled():
-        task.exception()
+def _remove_stamps(attributes: Any) -> None:
+    """Drop every ``calltrace.call.*`` attribute, in one pass (fixture-shaped traffic has
+    a resource for every few spans, so this runs often)."""
+    found = [index for index, kv in enumerate(attributes) if kv.key in _STAMP_SET]
+    for index in reversed(found):
+        del attributes[index]
 
 
 def _stamp(rs: ResourceSpans, call_id: str, key_value: str, source: str) -> None:
+    """Add the call attributes (``_remove_stamps`` ran first, so none is there yet)."""
     attributes = rs.resource.attributes
-    set_attribute(attributes, CALL_ID_ATTRIBUTE, call_id)
-    set_attribute(attributes, CALL_KEY_ATTRIBUTE, key_value)
-    set_attribute(attributes, CALL_SOURCE_ATTRIBUTE, source)
+    for key, value in (
+        (CALL_ID_ATTRIBUTE, call_id),
+        (CALL_KEY_ATTRIBUTE, key_value),
+        (CALL_SOURCE_ATTRIBUTE, source),
+    ):
+        kv = attributes.add()
+        kv.key = key
+        kv.value.string_value = value

@@ -78,6 +78,9 @@ class HTTPSettings(_ListenerSettings):
     )
     max_request_body_size: ByteSize = 4 * MiB
     """Largest body accepted, compressed and after decompression (413 above it)."""
+    max_concurrent_requests: int = Field(default=16, ge=1)
+    """Export requests read, decoded and handed on at once; more wait (unread, in the
+    socket) for a turn. Bounds the memory of parsed requests under a flood."""
 
     @field_validator("traces_paths")
     @classmethod

@@ -17,6 +17,7 @@ Error bodies are ``google.rpc.Status`` messages in the request's encoding.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import math
@@ -57,6 +58,7 @@ class HTTPListener:
         self.port: int | None = None
         """The port listened on (useful with port 0), once started."""
         self._runner: web.AppRunner | None = None
+        self._in_flight = asyncio.Semaphore(settings.max_concurrent_requests)
 
     async def start(self, routes: list[Any]) -> None:
         settings = self.settings
@@ -152,7 +154,14 @@ class HTTPListener:
         coding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if coding not in _DECODERS:
             return _error(reply_as, 415, f"unsupported content encoding {coding!r}; expected gzip")
+        async with self._in_flight:
+            return await self._decode_and_export(request, info, content_type, reply_as, coding)
 
+    async def _decode_and_export(
+        self, request: web.Request, info: RequestInfo, content_type: str, reply_as: str, coding: str
+    ) -> web.Response:
+        ingest = self.ingest
+        limit = self.settings.max_request_body_size
         body = await _read_capped(request, limit)
         if body is None:
             return _too_large(reply_as, limit)

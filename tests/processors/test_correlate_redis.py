@@ -35,9 +35,9 @@ async def test_two_instances_share_one_call_record(redis_server, tmp_path):
     await second.start(FakeTelemetryHost())
     try:
         a = await first.process(batch(resource_spans({"livekit.room.id": "RM_1"}, [{}, {}])))
+        await first.flush()  # records are created in the background; this one is first
         # The second instance meets the same room through another attribute, later.
         b = await second.process(batch(resource_spans({"roark.external_id": "RM_1"}, [{}] * 3)))
-        await first.flush()
         await second.flush()
         call_id = call_id_for("p1", "RM_1")
         assert call_of(a) == call_of(b) == call_id
@@ -122,6 +122,10 @@ async def test_records_waiting_for_redis_are_bounded(redis_server):
         redis_server.kill()
         for room in ("RM_a", "RM_b", "RM_c"):
             await processor.process(batch(resource_spans({"livekit.room.id": room}, [{}])))
+        # Records are created in the background: let those creations fail while Redis is
+        # down (the flush itself fails too, and says so).
+        with pytest.raises(Exception):  # noqa: B017 - any connection error will do
+            await processor.flush()
         redis_server.start()
         await processor.flush()
         stored = {
@@ -132,6 +136,7 @@ async def test_records_waiting_for_redis_are_bounded(redis_server):
         assert stored == {"RM_b", "RM_c"}  # the oldest was forgotten
         # ... until its call shows up again
         await processor.process(batch(resource_spans({"livekit.room.id": "RM_a"}, [{}])))
+        await processor.flush()
         assert await processor.store.get("p1", call_id_for("p1", "RM_a")) is not None
     finally:
         await processor.shutdown()

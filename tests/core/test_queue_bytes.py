@@ -1,0 +1,58 @@
+"""Sending queues hold serialized batches and refuse early when nearly full."""
+
+import asyncio
+
+import pytest
+
+from collector import RefusedError, RequestInfo
+from collector.exporterhelper import ExporterQueue, serialize_resource_spans
+from collector.pipeline import Pipeline
+from collector.spans import ExportTraceServiceRequest
+from tests.core.test_exporterhelper import Recorder, fast_retry
+from tests.processors._util import batch, resource_spans
+
+
+def test_serialized_resource_spans_parse_back_and_concatenate():
+    first = resource_spans({"service.name": "a"}, [{"name": "x"}, {"name": "y"}])
+    second = resource_spans({"service.name": "b"}, [{"name": "z"}])
+    merged = ExportTraceServiceRequest()
+    merged.ParseFromString(serialize_resource_spans([first]) + serialize_resource_spans([second]))
+    assert list(merged.resource_spans) == [first, second]
+
+
+async def test_queued_batches_are_merged_and_keep_their_project_and_metadata():
+    exporter = Recorder(fast_retry())
+    exporter.gate = asyncio.Event()
+    queue = ExporterQueue(exporter)
+    await queue.start()
+    first = batch(resource_spans({"k": "1"}, [{"name": "a"}]))
+    first.metadata["transport"] = "http"
+    await queue.put(first)
+    await asyncio.sleep(0)  # the consumer takes the first batch and waits at the gate
+    for index in range(3):
+        await queue.put(batch(resource_spans({"k": str(index)}, [{"name": "b"}, {"name": "c"}])))
+    exporter.gate.set()
+    await queue.shutdown(5)
+    assert sum(b.span_count for b in exporter.batches) == 7
+    assert {b.project for b in exporter.batches} == {first.project}
+    assert exporter.batches[0].metadata == {"transport": "http"}
+    assert len(exporter.batches) == 2  # the three queued behind the gate went out as one
+    assert exporter.batches[1].metadata == {}  # a merge of several requests carries none
+
+
+async def test_nearly_full_queue_refuses_at_admission():
+    exporter = Recorder(fast_retry(queue_size=20))
+    exporter.gate = asyncio.Event()
+    queue = ExporterQueue(exporter)
+    await queue.start()
+    pipeline = Pipeline("traces", [], [queue])
+    await pipeline.admit(RequestInfo(headers={}, transport="http"))
+    await queue.put(batch(resource_spans({}, [{}] * 19)))
+    assert queue.nearly_full()
+    with pytest.raises(RefusedError) as refused:
+        await pipeline.admit(RequestInfo(headers={}, transport="http"))
+    assert refused.value.retry_after > 0
+    exporter.gate.set()
+    await queue.shutdown(5)
+    assert not queue.nearly_full()
+    await pipeline.admit(RequestInfo(headers={}, transport="http"))
