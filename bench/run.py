@@ -83,38 +83,30 @@ class Row:
 
 
 def calltrace_config(port: int, workdir: Path, *, redis_url: str | None = None) -> dict:
-    """The default pipeline of ``collector.yaml`` (auth, skip, correlate, batch -> SQLite),
-    with the key in the config instead of the key store and a larger body limit."""
-    db = str(workdir / "calltrace.db")
-    exporters: dict = {"sqlite": {"path": db, "retention": "720h"}}
+    """The default pipeline as ``collector.yaml`` has it (auth, skip, correlate, batch ->
+    SQLite, with its sending queue), on a bench port and in a scratch directory, with the
+    key in the config instead of the key store and a larger body limit."""
+    config = yaml.safe_load((ROOT / "collector.yaml").read_text())
+    data = str(workdir / "data")
+    http = config["receivers"]["otlp"]["protocols"]["http"]
+    http["endpoint"] = f"127.0.0.1:{port}"
+    http["max_request_body_size"] = "64MiB"
+    processors = config["processors"]
+    processors["auth"] = {"key_store": None, "keys": [{"key": API_KEY, "project": "bench"}]}
+    exporters = config["exporters"]
+    for component in (*processors.values(), *exporters.values()):
+        # Every ./data/... path of the default config lands in the scratch directory.
+        for key, value in list(component.items()):
+            if isinstance(value, str) and value.startswith("./data/"):
+                component[key] = value.replace("./data", data, 1)
+        queue = component.get("sending_queue", {})
+        if isinstance(queue.get("storage"), str):
+            queue["storage"] = queue["storage"].replace("./data", data, 1)
     if redis_url:
         exporters[REDIS_EXPORTER] = {"url": redis_url}
-    return {
-        "receivers": {
-            "otlp": {
-                "protocols": {
-                    "http": {"endpoint": f"127.0.0.1:{port}", "max_request_body_size": "64MiB"}
-                }
-            }
-        },
-        "processors": {
-            "auth": {"key_store": None, "keys": [{"key": API_KEY, "project": "bench"}]},
-            "skip": {"attributes": ["roark.skip"]},
-            "correlate": {"store": db},
-            "batch": {"send_batch_size": 8192, "timeout": "5ms"},
-        },
-        "exporters": exporters,
-        "service": {
-            "telemetry": {"log_level": "warning"},
-            "pipelines": {
-                "traces": {
-                    "receivers": ["otlp"],
-                    "processors": ["auth", "skip", "correlate", "batch"],
-                    "exporters": list(exporters),
-                }
-            },
-        },
-    }
+        config["service"]["pipelines"]["traces"]["exporters"] = list(exporters)
+    config["service"]["telemetry"] = {"log_level": "warning"}
+    return config
 
 
 def _ready(port: int, path: str) -> bool:
@@ -317,7 +309,7 @@ def profile_ingest(
         time.sleep(1.0)  # let them attach
         try:
             result = run_load(f"http://127.0.0.1:{port}/v1/traces", bodies, concurrency, headers)
-            asyncio.run(wait_stored(workdir / "calltrace.db", result.accepted_spans))
+            asyncio.run(wait_stored(workdir / "data" / "calltrace.db", result.accepted_spans))
         finally:
             for spy in spies:
                 spy.send_signal(signal.SIGINT)
@@ -400,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup,
                 c,
                 workdir,
-                workdir / "calltrace.db",
+                workdir / "data" / "calltrace.db",
                 yardstick,
                 headers,
                 "/readyz",
