@@ -26,7 +26,6 @@ import asyncpg
 from pydantic import Field, SecretStr, field_validator
 
 from collector import (
-    CALL_ID_ATTRIBUTE,
     Duration,
     Exporter,
     ExporterConfig,
@@ -37,9 +36,8 @@ from collector import (
     any_value_to_python,
 )
 from collector.query import jsonable
-from collector.spans import CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE
+from collector.storage import build_rows
 from exporters.postgres_query import PostgresQueryStore
-from exporters.sqlite import MAX_INDEXED_VALUE, STATUS_ERROR, TAG_PREFIX, attribute_text
 
 log = logging.getLogger(__name__)
 
@@ -216,10 +214,10 @@ class PostgresExporter(Exporter):
     async def export(self, batch: SpanBatch) -> None:
         if self._pool is None:
             raise RetryableError(f"{self.id} is not started")
-        rows = _build_rows(batch, time.time_ns())
+        prepared = _Prepared(batch, time.time_ns())
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                await self._write(conn, rows)
+                await self._write(conn, batch.project or "", prepared)
         except (
             asyncpg.DataError,
             asyncpg.IntegrityConstraintViolationError,
@@ -231,23 +229,30 @@ class PostgresExporter(Exporter):
             self._known_scopes.clear()
             raise RetryableError(f"{self.id}: {type(exc).__name__}: {exc}") from exc
 
-    async def _write(self, conn: asyncpg.Connection, rows: _Rows) -> None:
+    async def _write(self, conn: asyncpg.Connection, project: str, prepared: _Prepared) -> None:
+        # PostgreSQL text refuses NUL characters, which SQLite and protobuf allow: every
+        # string from the batch goes through _text (a no-op without NUL).
         s = self.schema
-        new_resources = [r for r in rows.resources if r[0] not in self._known_resources]
+        rows = prepared.rows
+        new_resources = [r for d, r in prepared.resources.items() if d not in self._known_resources]
         if new_resources:
             await conn.executemany(
                 f"INSERT INTO {s}.resources (digest, service, attributes, resource)"
                 " VALUES ($1, $2, $3::jsonb, $4) ON CONFLICT (digest) DO NOTHING",
                 new_resources,
             )
-        new_scopes = [r for r in rows.scopes if r[0] not in self._known_scopes]
+        new_scopes = [r for d, r in prepared.scopes.items() if d not in self._known_scopes]
         if new_scopes:
             await conn.executemany(
                 f"INSERT INTO {s}.scopes (digest, name, version, scope)"
                 " VALUES ($1, $2, $3, $4) ON CONFLICT (digest) DO NOTHING",
                 new_scopes,
             )
-        await conn.copy_records_to_table("spans_in", records=rows.spans, columns=_SPAN_COLUMNS)
+        spans = [
+            row if "\x00" not in row[4] else (*row[:4], _text(row[4]), *row[5:])
+            for row in rows.spans
+        ]
+        await conn.copy_records_to_table("spans_in", records=spans, columns=_SPAN_COLUMNS)
         await conn.execute(
             f"INSERT INTO {s}.spans SELECT * FROM spans_in"
             " ON CONFLICT (project, trace_id, span_id) DO NOTHING"
@@ -266,12 +271,15 @@ class PostgresExporter(Exporter):
             " root_name = coalesce(excluded.root_name, traces.root_name),"
             " root_span_id = coalesce(excluded.root_span_id, traces.root_span_id),"
             " has_error = traces.has_error OR excluded.has_error",
-            rows.traces_rows(),
+            [
+                (project, t[0], t[1], _maybe_text(t[2]), *t[3:6], _maybe_text(t[6]), t[7], t[8])
+                for t in rows.traces.values()
+            ],
         )
         if rows.trace_attrs:
             await conn.copy_records_to_table(
                 "trace_attrs_in",
-                records=list(rows.trace_attrs),
+                records=[(project, _text(k), _text(v), t) for k, v, t in rows.trace_attrs],
                 columns=("project", "key", "value", "trace_id"),
             )
             await conn.execute(
@@ -279,7 +287,7 @@ class PostgresExporter(Exporter):
             )
         await conn.executemany(
             f"INSERT INTO {s}.span_names (project, name) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            sorted(rows.names),
+            [(project, _text(name)) for name in sorted(rows.names)],
         )
         if rows.calls:
             await conn.executemany(
@@ -293,7 +301,18 @@ class PostgresExporter(Exporter):
                 " service = coalesce(calls.service, excluded.service),"
                 " tags = CASE WHEN excluded.tags IS NULL THEN calls.tags"
                 " ELSE coalesce(calls.tags, '{}'::jsonb) || excluded.tags END",
-                [tuple(c) for c in rows.calls.values()],
+                [
+                    (
+                        project,
+                        c[0],
+                        _text(c[1]),
+                        _text(c[2]),
+                        *c[3:7],
+                        _maybe_text(c[7]),
+                        _json(c[8], sort_keys=True) if c[8] else None,
+                    )
+                    for c in rows.calls.values()
+                ],
             )
         self._known_resources.update(r[0] for r in new_resources)
         self._known_scopes.update(r[0] for r in new_scopes)
@@ -340,34 +359,6 @@ class PostgresExporter(Exporter):
             await pool.close()
 
 
-class _Rows:
-    __slots__ = ("calls", "names", "resources", "scopes", "spans", "trace_attrs", "traces")
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[Any, ...]] = []
-        self.traces: dict[bytes, list[Any]] = {}
-        self.trace_attrs: set[tuple[str, str, str, bytes]] = set()
-        self.calls: dict[str, list[Any]] = {}
-        self.names: set[tuple[str, str]] = set()
-        self.resources: list[tuple[bytes, str | None, str, bytes]] = []
-        self.scopes: list[tuple[bytes, str, str, bytes]] = []
-
-    def traces_rows(self) -> list[tuple[Any, ...]]:
-        return [tuple(t) for t in self.traces.values()]
-
-
-def _indexable(kv: Any) -> tuple[str, str] | None:
-    value = kv.value
-    kind = value.WhichOneof("value")
-    if kind == "string_value":
-        text = value.string_value
-        return (_text(kv.key), _text(text)) if len(text) <= MAX_INDEXED_VALUE else None
-    if kind in ("bool_value", "int_value", "double_value"):
-        text = attribute_text(getattr(value, kind))
-        return None if text is None else (_text(kv.key), text)
-    return None
-
-
 def _text(value: str) -> str:
     """``value`` as PostgreSQL text can hold it: NUL (which it refuses) as U+FFFD."""
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
@@ -389,129 +380,34 @@ def _storable(value: Any) -> Any:
     return value
 
 
-def _build_rows(batch: SpanBatch, now: int) -> _Rows:
-    project = batch.project or ""
-    rows = _Rows()
-    seen_scopes: set[bytes] = set()
-    for rs in batch.resource_spans:
-        resource = rs.resource
-        call_id = call_key = call_source = service = None
-        tags: dict[str, Any] = {}
-        resource_attrs: list[tuple[str, str]] = []
-        for kv in resource.attributes:
-            key = kv.key
-            if key == CALL_ID_ATTRIBUTE:
-                call_id = _text(kv.value.string_value) or None
-            elif key == CALL_KEY_ATTRIBUTE:
-                call_key = _text(kv.value.string_value)
-            elif key == CALL_SOURCE_ATTRIBUTE:
-                call_source = _text(kv.value.string_value)
-            else:
-                if key == "service.name":
-                    service = _text(kv.value.string_value) or None
-                elif key.startswith(TAG_PREFIX):
-                    tags[key[len(TAG_PREFIX) :]] = any_value_to_python(kv.value)
-                pair = _indexable(kv)
-                if pair is not None:
-                    resource_attrs.append(pair)
-        resource_payload = resource.SerializeToString(deterministic=True)
-        resource_digest = hashlib.blake2b(resource_payload, digest_size=16).digest()
-        rows.resources.append(
-            (
-                resource_digest,
-                service,
-                _json({kv.key: any_value_to_python(kv.value) for kv in resource.attributes}),
-                resource_payload,
+class _Prepared:
+    """A batch's rows, plus the resources and scopes they point at (by digest)."""
+
+    def __init__(self, batch: SpanBatch, now: int):
+        self.resources: dict[bytes, tuple[bytes, str | None, str, bytes]] = {}
+        self.scopes: dict[bytes, tuple[bytes, str, str, bytes]] = {}
+        self.rows = build_rows(batch, now, self._resource, self._scope)
+
+    def _resource(self, resource: Any, service: str | None) -> bytes:
+        payload = resource.SerializeToString(deterministic=True)
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        if digest not in self.resources:
+            attributes = {kv.key: any_value_to_python(kv.value) for kv in resource.attributes}
+            self.resources[digest] = (
+                digest,
+                _text(service) if service else None,
+                _json(attributes),
+                payload,
             )
-        )
-        start_min = end_max = None
-        for ss in rs.scope_spans:
-            scope_payload = ss.scope.SerializeToString(deterministic=True)
-            scope_digest = hashlib.blake2b(scope_payload, digest_size=16).digest()
-            if scope_digest not in seen_scopes:
-                seen_scopes.add(scope_digest)
-                rows.scopes.append(
-                    (scope_digest, _text(ss.scope.name), _text(ss.scope.version), scope_payload)
-                )
-            for span in ss.spans:
-                trace_id = span.trace_id
-                parent = span.parent_span_id or None
-                name = _text(span.name)
-                start = span.start_time_unix_nano
-                end = max(span.end_time_unix_nano, start)
-                status = span.status.code
-                rows.spans.append(
-                    (
-                        project,
-                        trace_id,
-                        span.span_id,
-                        parent,
-                        name,
-                        span.kind,
-                        start,
-                        end,
-                        end - start,
-                        status,
-                        call_id,
-                        resource_digest,
-                        scope_digest,
-                        span.SerializeToString(),
-                    )
-                )
-                rows.names.add((project, name))
-                trace = rows.traces.get(trace_id)
-                if trace is None:
-                    trace = rows.traces[trace_id] = [
-                        project,
-                        trace_id,
-                        call_id,
-                        service,
-                        start,
-                        end,
-                        end - start,
-                        None,
-                        None,
-                        False,
-                    ]
-                    for key, value in resource_attrs:
-                        rows.trace_attrs.add((project, key, value, trace_id))
-                else:
-                    trace[2] = trace[2] or call_id
-                    trace[4] = min(trace[4], start)
-                    trace[5] = max(trace[5], end)
-                    trace[6] = trace[5] - trace[4]
-                if parent is None:
-                    trace[7] = name
-                    trace[8] = span.span_id
-                if status == STATUS_ERROR:
-                    trace[9] = True
-                for kv in span.attributes:
-                    pair = _indexable(kv)
-                    if pair is not None:
-                        rows.trace_attrs.add((project, pair[0], pair[1], trace_id))
-                start_min = start if start_min is None else min(start_min, start)
-                end_max = end if end_max is None else max(end_max, end)
-        if call_id is not None and start_min is not None:
-            tags_json = _json(tags, sort_keys=True) if tags else None
-            call = rows.calls.get(call_id)
-            if call is None:
-                rows.calls[call_id] = [
-                    project,
-                    call_id,
-                    call_key or call_id,
-                    call_source or "",
-                    now,
-                    now,
-                    start_min,
-                    end_max,
-                    service,
-                    tags_json,
-                ]
-            else:
-                call[6] = min(call[6], start_min)
-                call[7] = max(call[7], end_max)
-                if tags_json is not None:
-                    merged = json.loads(call[9]) if call[9] else {}
-                    merged.update(tags)
-                    call[9] = _json(merged, sort_keys=True)
-    return rows
+        return digest
+
+    def _scope(self, scope: Any) -> bytes:
+        payload = scope.SerializeToString(deterministic=True)
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        if digest not in self.scopes:
+            self.scopes[digest] = (digest, _text(scope.name), _text(scope.version), payload)
+        return digest
+
+
+def _maybe_text(value: str | None) -> str | None:
+    return None if value is None else _text(value)

@@ -35,7 +35,6 @@ from typing import Any
 from pydantic import Field
 
 from collector import (
-    CALL_ID_ATTRIBUTE,
     Duration,
     Exporter,
     ExporterConfig,
@@ -46,19 +45,27 @@ from collector import (
     any_value_to_python,
 )
 from collector.calls import ensure_calls_table
-from collector.spans import CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE
+from collector.storage import (  # re-exported: the query side and plugins read them here
+    MAX_INDEXED_VALUE,
+    STATUS_ERROR,
+    TAG_PREFIX,
+    attribute_text,
+    build_rows,
+)
 from exporters.sqlite_query import SQLiteQueryStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA", "SQLiteConfig", "SQLiteExporter", "attribute_text", "connect"]
-
-TAG_PREFIX = "roark.project.tag."
-"""Resource attributes that are a call's custom tags (``roark.project.tag.KEY``)."""
-MAX_INDEXED_VALUE = 256
-"""Attribute values longer than this (prompts, JSON payloads) are not indexed for search."""
-STATUS_ERROR = 2
-_NOT_INDEXED = frozenset(("array_value", "kvlist_value", "bytes_value"))
+__all__ = [
+    "MAX_INDEXED_VALUE",
+    "SCHEMA",
+    "STATUS_ERROR",
+    "TAG_PREFIX",
+    "SQLiteConfig",
+    "SQLiteExporter",
+    "attribute_text",
+    "connect",
+]
 
 # The calls table comes from ``ensure_calls_table``, which also upgrades older files.
 SCHEMA = """
@@ -153,48 +160,6 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     return db
 
 
-def attribute_text(value: Any) -> str | None:
-    """The text an attribute value is indexed and searched as; None if not indexed.
-
-    Strings as they are, booleans ``true``/``false``, numbers in decimal. Arrays, maps,
-    bytes and long strings are not indexed.
-    """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value if len(value) <= MAX_INDEXED_VALUE else None
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value) if not value.is_integer() else str(int(value))
-    return None
-
-
-def _indexable(kv: Any) -> tuple[str, str] | None:
-    value = kv.value
-    kind = value.WhichOneof("value")
-    if kind == "string_value":
-        text = value.string_value
-        return (kv.key, text) if len(text) <= MAX_INDEXED_VALUE else None
-    if kind in ("bool_value", "int_value", "double_value"):
-        text = attribute_text(getattr(value, kind))
-        return None if text is None else (kv.key, text)
-    return None
-
-
-class _Rows:
-    """The rows one batch writes, built from its protobuf messages."""
-
-    __slots__ = ("calls", "names", "spans", "trace_attrs", "traces")
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[Any, ...]] = []
-        self.traces: dict[bytes, list[Any]] = {}
-        self.trace_attrs: set[tuple[str, str, bytes]] = set()
-        self.calls: dict[str, list[Any]] = {}
-        self.names: set[str] = set()
-
-
 class SQLiteExporter(Exporter):
     """Writes batches to SQLite; the query API reads the same file."""
 
@@ -253,12 +218,15 @@ class SQLiteExporter(Exporter):
         db = self._db
         assert db is not None
         project = batch.project or ""
-        rows = _Rows()
         now = time.time_ns()
         db.execute("BEGIN")
         try:
-            for rs in batch.resource_spans:
-                self._collect_resource(db, project, rs, rows, now)
+            rows = build_rows(
+                batch,
+                now,
+                lambda resource, service: self._resource_id(db, resource, service),
+                lambda scope: self._scope_id(db, scope),
+            )
             db.executemany(_INSERT_SPAN, rows.spans)
             db.executemany(_UPSERT_TRACE, [(project, *t) for t in rows.traces.values()])
             db.executemany(
@@ -270,7 +238,13 @@ class SQLiteExporter(Exporter):
                 "INSERT OR IGNORE INTO span_names (project, name) VALUES (?,?)",
                 [(project, name) for name in rows.names],
             )
-            db.executemany(_UPSERT_CALL, [(project, *c) for c in rows.calls.values()])
+            db.executemany(
+                _UPSERT_CALL,
+                [
+                    (project, *c[:8], json.dumps(c[8], sort_keys=True) if c[8] else None)
+                    for c in rows.calls.values()
+                ],
+            )
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -279,140 +253,6 @@ class SQLiteExporter(Exporter):
             self._resource_ids.clear()
             self._scope_ids.clear()
             raise
-
-    def _collect_resource(
-        self, db: sqlite3.Connection, project: str, rs: Any, rows: _Rows, now: int
-    ) -> None:
-        resource = rs.resource
-        call_id = call_key = call_source = service = None
-        tags: dict[str, Any] = {}
-        resource_attrs: list[tuple[str, str]] = []
-        for kv in resource.attributes:
-            key = kv.key
-            if key == CALL_ID_ATTRIBUTE:
-                call_id = kv.value.string_value or None
-            elif key == CALL_KEY_ATTRIBUTE:
-                call_key = kv.value.string_value
-            elif key == CALL_SOURCE_ATTRIBUTE:
-                call_source = kv.value.string_value
-            else:
-                if key == "service.name":
-                    service = kv.value.string_value or None
-                elif key.startswith(TAG_PREFIX):
-                    tags[key[len(TAG_PREFIX) :]] = any_value_to_python(kv.value)
-                pair = _indexable(kv)
-                if pair is not None:
-                    resource_attrs.append(pair)
-        resource_id = self._resource_id(db, resource, service)
-
-        span_rows = rows.spans
-        traces = rows.traces
-        add_attr = rows.trace_attrs.add
-        names = rows.names
-        start_min = end_max = None
-        # The hottest loop of ingest: plain locals, no calls per attribute.
-        for ss in rs.scope_spans:
-            scope_id = self._scope_id(db, ss.scope)
-            for span in ss.spans:
-                trace_id = span.trace_id
-                span_id = span.span_id
-                parent = span.parent_span_id or None
-                name = span.name
-                start = span.start_time_unix_nano
-                end = span.end_time_unix_nano
-                if end < start:
-                    end = start  # a clock glitch must not produce negative durations
-                status = span.status.code
-                span_rows.append(
-                    (
-                        project,
-                        trace_id,
-                        span_id,
-                        parent,
-                        name,
-                        span.kind,
-                        start,
-                        end,
-                        end - start,
-                        status,
-                        call_id,
-                        resource_id,
-                        scope_id,
-                        span.SerializeToString(),
-                    )
-                )
-                names.add(name)
-                trace = traces.get(trace_id)
-                if trace is None:
-                    # call_id, service, start, end, duration, root name, root id, error
-                    trace = traces[trace_id] = [
-                        trace_id,
-                        call_id,
-                        service,
-                        start,
-                        end,
-                        end - start,
-                        None,
-                        None,
-                        0,
-                    ]
-                    for key, text in resource_attrs:
-                        add_attr((key, text, trace_id))
-                else:
-                    if trace[2] is None:
-                        trace[2] = call_id
-                    if start < trace[3]:
-                        trace[3] = start
-                    if end > trace[4]:
-                        trace[4] = end
-                    trace[5] = trace[4] - trace[3]
-                if parent is None:
-                    trace[6] = name
-                    trace[7] = span_id
-                if status == STATUS_ERROR:
-                    trace[8] = 1
-                for kv in span.attributes:
-                    value = kv.value
-                    text = value.string_value  # most values are strings: one read decides
-                    if text:
-                        if len(text) <= MAX_INDEXED_VALUE:
-                            add_attr((kv.key, text, trace_id))
-                        continue
-                    kind = value.WhichOneof("value")
-                    if kind is None or kind in _NOT_INDEXED:
-                        continue
-                    if kind == "string_value":
-                        add_attr((kv.key, "", trace_id))
-                        continue
-                    text = attribute_text(getattr(value, kind))
-                    if text is not None:
-                        add_attr((kv.key, text, trace_id))
-                if start_min is None or start < start_min:
-                    start_min = start
-                if end_max is None or end > end_max:
-                    end_max = end
-        if call_id is not None and start_min is not None:
-            call = rows.calls.get(call_id)
-            tags_json = json.dumps(tags, sort_keys=True) if tags else None
-            if call is None:
-                rows.calls[call_id] = [
-                    call_id,
-                    call_key or call_id,
-                    call_source or "",
-                    now,
-                    now,
-                    start_min,
-                    end_max,
-                    service,
-                    tags_json,
-                ]
-            else:
-                call[5] = min(call[5], start_min)
-                call[6] = max(call[6], end_max)
-                if tags_json is not None:
-                    merged = json.loads(call[8]) if call[8] else {}
-                    merged.update(tags)
-                    call[8] = json.dumps(merged, sort_keys=True)
 
     def _resource_id(self, db: sqlite3.Connection, resource: Any, service: str | None) -> int:
         payload = resource.SerializeToString(deterministic=True)

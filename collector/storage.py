@@ -1,0 +1,225 @@
+"""The rows a storage exporter writes for a batch, built once from its protobuf messages.
+
+Every storage exporter (``sqlite``, ``postgres``, a plugin's) stores the same things:
+one row per span (the columns queries filter on plus the span's protobuf bytes), a
+trace's extent and root, a (key, value) -> trace index of short scalar attributes for
+search, the span names, and each call's extent, service and custom tags. ``build_rows``
+walks a batch once and produces them; the exporter only turns them into writes. How a
+resource and a scope are referred to (an integer id, a digest) is the exporter's choice,
+through two callbacks.
+
+This is the hottest loop of ingest: it reads each field once, builds tuples and lists,
+and calls nothing per attribute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from collector.spans import (
+    CALL_ID_ATTRIBUTE,
+    CALL_KEY_ATTRIBUTE,
+    CALL_SOURCE_ATTRIBUTE,
+    SpanBatch,
+    any_value_to_python,
+)
+
+__all__ = [
+    "MAX_INDEXED_VALUE",
+    "STATUS_ERROR",
+    "TAG_PREFIX",
+    "BatchRows",
+    "attribute_text",
+    "build_rows",
+]
+
+TAG_PREFIX = "roark.project.tag."
+"""Resource attributes that are a call's custom tags (``roark.project.tag.KEY``)."""
+MAX_INDEXED_VALUE = 256
+"""Attribute values longer than this (prompts, JSON payloads) are not indexed for search."""
+STATUS_ERROR = 2
+_NOT_INDEXED = frozenset(("array_value", "kvlist_value", "bytes_value"))
+
+
+def attribute_text(value: Any) -> str | None:
+    """The text an attribute value is indexed and searched as; None if not indexed.
+
+    Strings as they are, booleans ``true``/``false``, numbers in decimal. Arrays, maps,
+    bytes and long strings are not indexed.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if len(value) <= MAX_INDEXED_VALUE else None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if not value.is_integer() else str(int(value))
+    return None
+
+
+def _indexable(kv: Any) -> tuple[str, str] | None:
+    value = kv.value
+    kind = value.WhichOneof("value")
+    if kind is None or kind in _NOT_INDEXED:
+        return None
+    text = attribute_text(getattr(value, kind))
+    return None if text is None else (kv.key, text)
+
+
+class BatchRows:
+    """What one batch writes. Rows carry no project except ``spans`` (its first column)."""
+
+    __slots__ = ("calls", "names", "spans", "trace_attrs", "traces")
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[Any, ...]] = []
+        """(project, trace_id, span_id, parent_span_id, name, kind, start_ns, end_ns,
+        duration_ns, status_code, call_id, resource ref, scope ref, span bytes)"""
+        self.traces: dict[bytes, list[Any]] = {}
+        """trace id -> [trace_id, call_id, service, start_ns, end_ns, duration_ns,
+        root_name, root_span_id, has_error]"""
+        self.trace_attrs: set[tuple[str, str, bytes]] = set()
+        """(key, value text, trace_id) of span and resource attributes."""
+        self.calls: dict[str, list[Any]] = {}
+        """call id -> [call_id, room_id, source, first_seen_ns, last_seen_ns, start_ns,
+        end_ns, service, tags (a dict)]"""
+        self.names: set[str] = set()
+
+
+def build_rows(
+    batch: SpanBatch,
+    now: int,
+    resource_ref: Callable[[Any, str | None], Any],
+    scope_ref: Callable[[Any], Any],
+) -> BatchRows:
+    """The rows of ``batch``. ``resource_ref(resource, service)`` and ``scope_ref(scope)``
+    return what a span row stores to point at its resource and scope."""
+    project = batch.project or ""
+    rows = BatchRows()
+    span_rows = rows.spans
+    traces = rows.traces
+    add_attr = rows.trace_attrs.add
+    names = rows.names
+    for rs in batch.resource_spans:
+        resource = rs.resource
+        call_id = call_key = call_source = service = None
+        tags: dict[str, Any] = {}
+        resource_attrs: list[tuple[str, str]] = []
+        for kv in resource.attributes:
+            key = kv.key
+            if key == CALL_ID_ATTRIBUTE:
+                call_id = kv.value.string_value or None
+            elif key == CALL_KEY_ATTRIBUTE:
+                call_key = kv.value.string_value
+            elif key == CALL_SOURCE_ATTRIBUTE:
+                call_source = kv.value.string_value
+            else:
+                if key == "service.name":
+                    service = kv.value.string_value or None
+                elif key.startswith(TAG_PREFIX):
+                    tags[key[len(TAG_PREFIX) :]] = any_value_to_python(kv.value)
+                pair = _indexable(kv)
+                if pair is not None:
+                    resource_attrs.append(pair)
+        resource_id = resource_ref(resource, service)
+        start_min = end_max = None
+        for ss in rs.scope_spans:
+            scope_id = scope_ref(ss.scope)
+            for span in ss.spans:
+                trace_id = span.trace_id
+                span_id = span.span_id
+                parent = span.parent_span_id or None
+                name = span.name
+                start = span.start_time_unix_nano
+                end = span.end_time_unix_nano
+                if end < start:
+                    end = start  # a clock glitch must not produce negative durations
+                status = span.status.code
+                span_rows.append(
+                    (
+                        project,
+                        trace_id,
+                        span_id,
+                        parent,
+                        name,
+                        span.kind,
+                        start,
+                        end,
+                        end - start,
+                        status,
+                        call_id,
+                        resource_id,
+                        scope_id,
+                        span.SerializeToString(),
+                    )
+                )
+                names.add(name)
+                trace = traces.get(trace_id)
+                if trace is None:
+                    trace = traces[trace_id] = [
+                        trace_id,
+                        call_id,
+                        service,
+                        start,
+                        end,
+                        end - start,
+                        None,
+                        None,
+                        False,
+                    ]
+                    for key, text in resource_attrs:
+                        add_attr((key, text, trace_id))
+                else:
+                    if trace[1] is None:
+                        trace[1] = call_id
+                    if start < trace[3]:
+                        trace[3] = start
+                    if end > trace[4]:
+                        trace[4] = end
+                    trace[5] = trace[4] - trace[3]
+                if parent is None:
+                    trace[6] = name
+                    trace[7] = span_id
+                if status == STATUS_ERROR:
+                    trace[8] = True
+                for kv in span.attributes:
+                    value = kv.value
+                    text = value.string_value  # most values are strings: one read decides
+                    if text:
+                        if len(text) <= MAX_INDEXED_VALUE:
+                            add_attr((kv.key, text, trace_id))
+                        continue
+                    kind = value.WhichOneof("value")
+                    if kind is None or kind in _NOT_INDEXED:
+                        continue
+                    if kind == "string_value":
+                        add_attr((kv.key, "", trace_id))
+                        continue
+                    scalar = attribute_text(getattr(value, kind))
+                    if scalar is not None:
+                        add_attr((kv.key, scalar, trace_id))
+                if start_min is None or start < start_min:
+                    start_min = start
+                if end_max is None or end > end_max:
+                    end_max = end
+        if call_id is not None and start_min is not None:
+            call = rows.calls.get(call_id)
+            if call is None:
+                rows.calls[call_id] = [
+                    call_id,
+                    call_key or call_id,
+                    call_source or "",
+                    now,
+                    now,
+                    start_min,
+                    end_max,
+                    service,
+                    tags,
+                ]
+            else:
+                call[5] = min(call[5], start_min)
+                call[6] = max(call[6], end_max)
+                call[8].update(tags)
+    return rows
