@@ -14,7 +14,10 @@ and calls nothing per attribute.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from collector.spans import (
@@ -32,7 +35,10 @@ __all__ = [
     "BatchRows",
     "attribute_text",
     "build_rows",
+    "expire_periodically",
 ]
+
+log = logging.getLogger(__name__)
 
 TAG_PREFIX = "roark.project.tag."
 """Resource attributes that are a call's custom tags (``roark.project.tag.KEY``)."""
@@ -223,3 +229,21 @@ def build_rows(
                 call[6] = max(call[6], end_max)
                 call[8].update(tags)
     return rows
+
+
+async def expire_periodically(
+    component_id: str,
+    retention: float,
+    check_interval: float,
+    expire: Callable[[int], Awaitable[int]],
+) -> None:
+    """Call ``expire(cutoff_ns)`` every ``check_interval`` seconds with the time before
+    which data is older than ``retention`` seconds; failures are logged, never fatal."""
+    while True:
+        try:
+            deleted = await expire(time.time_ns() - int(retention * 1e9))
+            if deleted:
+                log.info("%s: retention deleted %d spans", component_id, deleted)
+        except Exception:
+            log.exception("%s: retention failed", component_id)
+        await asyncio.sleep(check_interval)

@@ -36,7 +36,7 @@ from collector import (
     any_value_to_python,
 )
 from collector.query import jsonable
-from collector.storage import build_rows
+from collector.storage import build_rows, expire_periodically
 from exporters.postgres_query import PostgresQueryStore
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,14 @@ class PostgresExporter(Exporter):
             timeout=self.config.connect_timeout,
         )
         if self.config.retention:
-            self._retention_task = asyncio.create_task(self._expire_periodically())
+            self._retention_task = asyncio.create_task(
+                expire_periodically(
+                    self.id,
+                    self.config.retention,
+                    self.config.retention_check_interval,
+                    self.expire,
+                )
+            )
 
     async def export(self, batch: SpanBatch) -> None:
         if self._pool is None:
@@ -335,16 +342,6 @@ class PostgresExporter(Exporter):
                 f"DELETE FROM {s}.calls WHERE coalesce(end_ns, last_seen_ns) < $1", older_than_ns
             )
         return int(status.rsplit(" ", 1)[-1])
-
-    async def _expire_periodically(self) -> None:
-        while True:
-            try:
-                deleted = await self.expire(time.time_ns() - int(self.config.retention * 1e9))
-                if deleted:
-                    log.info("%s: retention deleted %d spans", self.id, deleted)
-            except Exception:
-                log.exception("%s: retention failed", self.id)
-            await asyncio.sleep(self.config.retention_check_interval)
 
     async def shutdown(self) -> None:
         if self._query_store is not None:

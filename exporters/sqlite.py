@@ -51,6 +51,7 @@ from collector.storage import (  # re-exported: the query side and plugins read 
     TAG_PREFIX,
     attribute_text,
     build_rows,
+    expire_periodically,
 )
 from exporters.sqlite_query import SQLiteQueryStore
 
@@ -196,7 +197,14 @@ class SQLiteExporter(Exporter):
         self._db = await self._run(connect, self.config.path)
         await self._run(self._db.execute, f"PRAGMA cache_size=-{self.config.cache_size_mib * 1024}")
         if self.config.retention:
-            self._retention_task = asyncio.create_task(self._expire_periodically())
+            self._retention_task = asyncio.create_task(
+                expire_periodically(
+                    self.id,
+                    self.config.retention,
+                    self.config.retention_check_interval,
+                    lambda cutoff: self._run(self.expire, cutoff),
+                )
+            )
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         assert self._writer is not None
@@ -319,17 +327,6 @@ class SQLiteExporter(Exporter):
                 db.execute("ROLLBACK")
             raise
         return int(deleted)
-
-    async def _expire_periodically(self) -> None:
-        while True:
-            try:
-                cutoff = time.time_ns() - int(self.config.retention * 1e9)
-                deleted = await self._run(self.expire, cutoff)
-                if deleted:
-                    log.info("%s: retention deleted %d spans", self.id, deleted)
-            except Exception:
-                log.exception("%s: retention failed", self.id)
-            await asyncio.sleep(self.config.retention_check_interval)
 
     async def shutdown(self) -> None:
         if self._query_store is not None:

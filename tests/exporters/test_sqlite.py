@@ -156,3 +156,26 @@ def test_attribute_text():
     assert attribute_text(0.25) == "0.25"
     assert attribute_text("x" * 300) is None
     assert attribute_text([1]) is None
+
+
+async def test_retention_runs_on_its_own(tmp_path):
+    from tests.support import eventually
+
+    exporter = SQLiteExporter(
+        "sqlite",
+        SQLiteConfig.model_validate(
+            {"path": str(tmp_path / "r.db"), "retention": "1h", "retention_check_interval": "50ms"}
+        ),
+    )
+    await exporter.start(FakeTelemetryHost())
+    try:
+        now = time.time_ns()
+        rs = call_resource("call_r")
+        add_span(
+            rs, os.urandom(16), "two-hours-old", now - 2 * 3600 * 10**9, now - 2 * 3600 * 10**9
+        )
+        add_span(rs, os.urandom(16), "fresh", now, now + 5)
+        await exporter.export(SpanBatch([rs], "p1"))
+        await eventually(lambda: query(exporter.path, "SELECT name FROM spans") == [("fresh",)])
+    finally:
+        await exporter.shutdown()
