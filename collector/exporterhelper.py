@@ -110,14 +110,14 @@ class _QueueItem:
 
     def __init__(
         self,
-        payload: bytes,
+        payload: bytes | None,
         spans: int,
         project: str | None,
         metadata: dict[str, str] | None = None,
         received_ns: int = 0,
         key: int | None = None,
     ):
-        self.payload = payload  # a serialized ExportTraceServiceRequest
+        self.payload = payload  # a serialized ExportTraceServiceRequest; None: on disk only
         self.spans = spans
         self.project = project
         self.metadata = metadata or {}
@@ -153,12 +153,18 @@ class _DiskQueue:
         return cursor.lastrowid
 
     def load(self) -> list[_QueueItem]:
-        items = []
-        for key, project, spans, payload in self.db.execute(
-            "SELECT id, project, spans, payload FROM queue ORDER BY id"
-        ):
-            items.append(_QueueItem(payload, spans, project, received_ns=time.time_ns(), key=key))
-        return items
+        """What a previous run left, without the payloads (read when exported)."""
+        now = time.time_ns()
+        return [
+            _QueueItem(None, spans, project, received_ns=now, key=key)
+            for key, project, spans in self.db.execute(
+                "SELECT id, project, spans FROM queue ORDER BY id"
+            )
+        ]
+
+    def payload(self, key: int) -> bytes:
+        (payload,) = self.db.execute("SELECT payload FROM queue WHERE id = ?", (key,)).fetchone()
+        return bytes(payload)
 
     def delete(self, keys: list[int]) -> None:
         self.db.executemany("DELETE FROM queue WHERE id = ?", [(k,) for k in keys])
@@ -245,6 +251,10 @@ class ExporterQueue:
         item = _QueueItem(payload, spans, batch.project, batch.metadata, batch.received_ns)
         if self._disk is not None:
             item.key = self._disk.append(item)
+            if self._queued_spans >= 2 * self.queue_settings.batch_max_spans:
+                # Far from the head: the bytes wait on disk only, so a persistent queue
+                # can hold a long outage's worth of spans in bounded memory.
+                item.payload = None
         self._push(item)
 
     def _push(self, item: _QueueItem) -> None:
@@ -305,16 +315,19 @@ class ExporterQueue:
             if not self._items and self._in_flight == 0:
                 self._idle.set()
 
-    @staticmethod
-    async def _parse(items: list[_QueueItem]) -> SpanBatch:
+    async def _parse(self, items: list[_QueueItem]) -> SpanBatch:
         """The queued items as one batch; parsed item by item, letting other tasks run in
         between so a large merge does not hold up the event loop."""
         resource_spans: list[Any] = []
         for index, item in enumerate(items):
             if index:
                 await asyncio.sleep(0)
+            payload = item.payload
+            if payload is None:
+                assert self._disk is not None and item.key is not None
+                payload = self._disk.payload(item.key)
             request = ExportTraceServiceRequest()
-            request.ParseFromString(item.payload)
+            request.ParseFromString(payload)
             resource_spans.extend(request.resource_spans)
         first = items[0]
         # Request metadata describes one request: a merge of several carries none.

@@ -192,6 +192,27 @@ async def test_persistent_queue_survives_restart(tmp_path):
     assert exporter3.batches == []  # delivered items were removed from disk
 
 
+async def test_persistent_queue_keeps_the_backlog_on_disk_not_in_memory(tmp_path):
+    exporter = Recorder(fast_retry(storage=str(tmp_path), batch_max_spans=2, queue_size=1000))
+    exporter.gate = asyncio.Event()  # the destination is down while a backlog builds
+    queue = ExporterQueue(exporter)
+    await queue.start()
+    for index in range(20):
+        await queue.put(batch(resource_spans({}, [{"name": f"s{index}"}])))
+    in_memory = [item for item in queue._items if item.payload is not None]
+    assert len(in_memory) <= 5  # only the head of the queue holds its bytes
+    exporter.gate.set()
+    await queue.shutdown(5)
+    names = [
+        s.name
+        for b in exporter.batches
+        for rs in b.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    ]
+    assert names == [f"s{index}" for index in range(20)]  # every span, in order
+
+
 async def test_gives_up_after_max_elapsed_time():
     config = ExporterConfig(
         retry_on_failure={
