@@ -358,6 +358,86 @@ def run_queries(
     return results
 
 
+def run_store_queries(
+    db_path: Path, repeat: int, end_ns: int
+) -> list[tuple[str, float, float, int, int, list]]:
+    """The same questions through the query API's own store (``SQLiteQueryStore``, what
+    ``GET /api/v1/...`` runs), timed as the API awaits it, with the plans of its SQL."""
+    from collector.query import CallFilter, TraceFilter
+    from exporters.sqlite_query import SQLiteQueryStore, calls_sql, traces_sql
+
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    q = SQLQueries(db)
+    sixty = db.execute(
+        "SELECT call_id, span_count FROM calls WHERE project = ?"
+        " ORDER BY abs(span_count - 60), call_id LIMIT 200",
+        (PROJECT,),
+    ).fetchall()
+    window = (end_ns - 10 * DAY_NS, end_ns)
+    rng = random.Random(11)
+    rooms = [c for (c,) in db.execute("SELECT room_id FROM calls LIMIT 500")]
+    traces = {
+        "by name `llm_request`": TraceFilter(*window, name="llm_request"),
+        "by name `function_tool`": TraceFilter(*window, name="function_tool"),
+        "by name containing `tool`": TraceFilter(*window, name_contains="tool"),
+        "by attribute gen_ai.tool.name=get_weather": TraceFilter(
+            *window, attributes=[("gen_ai.tool.name", "get_weather")]
+        ),
+        "by attribute lk.room_sid=<one room> (selective)": TraceFilter(
+            *window, attributes=[("lk.room_sid", rooms[0])]
+        ),
+        "by duration >= 20 s": TraceFilter(*window, min_duration_ns=20 * 10**9),
+    }
+
+    async def measure() -> list[tuple[str, float, float, int, int, list]]:
+        store = SQLiteQueryStore(db_path)
+        results = []
+
+        async def timed_async(label: str, make: Callable[[], Any], sql: tuple[str, list]) -> None:
+            await make()  # warm: also fills the calls list's summary cache once
+            latencies = []
+            result: Any = None
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                result = await make()
+                latencies.append((time.perf_counter() - t0) * 1000)
+            latencies.sort()
+            p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+            size = result["call"]["span_count"] if isinstance(result, dict) else len(result.items)
+            plan = q.plan(*sql) if sql[0] else []
+            results.append((label, statistics.median(latencies), p99, size, repeat, plan))
+
+        calls = CallFilter(*window)
+        await timed_async(
+            "API calls list, newest 50",
+            lambda: store.calls(PROJECT, calls),
+            _as_args(calls_sql(PROJECT, calls)),
+        )
+        ids = [c for c, _ in sixty]
+        await timed_async(
+            "API call detail of a ~60-span call: tree and turn summary (rows: its spans)",
+            lambda: store.call(PROJECT, rng.choice(ids)),
+            ("", []),
+        )
+        for label, query in traces.items():
+            await timed_async(
+                f"API trace search {label}",
+                lambda query=query: store.traces(PROJECT, query),
+                _as_args(traces_sql(PROJECT, query)),
+            )
+        await store.close()
+        return results
+
+    try:
+        return asyncio.run(measure())
+    finally:
+        db.close()
+
+
+def _as_args(statement: tuple[str, list[Any]]) -> tuple[str, tuple]:
+    return statement[0], tuple(statement[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=10_000)
@@ -382,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             end_ns = db.execute("SELECT max(end_ns) FROM calls").fetchone()[0] + 1
         size_mib = path.stat().st_size / 2**20
         results = run_queries(path, args.repeat, end_ns)
+        store_results = run_store_queries(path, min(args.repeat, 100), end_ns)
     lines = [
         "# calltrace query benchmark",
         "",
@@ -401,10 +482,23 @@ def main(argv: list[str] | None = None) -> int:
             for label, median, p99, size, runs, _ in results
         ],
         "",
+        "The same questions through the query API's store (`SQLiteQueryStore`, what",
+        "`GET /api/v1/calls`, `/calls/{id}` and `/traces` run; the call detail includes",
+        "building the tree and the per-turn summary):",
+        "",
+        "| query | rows | median ms | p99 ms | runs |",
+        "|---|---:|---:|---:|---:|",
+        *[
+            f"| {label} | {size} | {median:.2f} | {p99:.2f} | {runs} |"
+            for label, median, p99, size, runs, _ in store_results
+        ],
+        "",
         "## Query plans",
         "",
     ]
-    for label, _median, _p99, _size, _runs, plan in results:
+    for label, _median, _p99, _size, _runs, plan in [*results, *store_results]:
+        if not plan:
+            continue
         lines += [f"**{label}**", "", "```", *plan, "```", ""]
     text = "\n".join(lines)
     print(text)
