@@ -375,7 +375,10 @@ def run_store_queries(
     ).fetchall()
     window = (end_ns - 10 * DAY_NS, end_ns)
     rng = random.Random(11)
-    rooms = [c for (c,) in db.execute("SELECT room_id FROM calls LIMIT 500")]
+    (room_sid,) = db.execute(
+        "SELECT value FROM trace_attrs WHERE project = ? AND key = 'lk.room_sid' LIMIT 1",
+        (PROJECT,),
+    ).fetchone()
     traces = {
         "by name `llm_request`": TraceFilter(*window, name="llm_request"),
         "by name `function_tool`": TraceFilter(*window, name="function_tool"),
@@ -383,8 +386,8 @@ def run_store_queries(
         "by attribute gen_ai.tool.name=get_weather": TraceFilter(
             *window, attributes=[("gen_ai.tool.name", "get_weather")]
         ),
-        "by attribute lk.room_sid=<one room> (selective)": TraceFilter(
-            *window, attributes=[("lk.room_sid", rooms[0])]
+        "by attribute lk.room_sid=<one room> (selective, no time range)": TraceFilter(
+            attributes=[("lk.room_sid", room_sid)]
         ),
         "by duration >= 20 s": TraceFilter(*window, min_duration_ns=20 * 10**9),
     }
