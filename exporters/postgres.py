@@ -61,7 +61,7 @@ CREATE INDEX IF NOT EXISTS spans_by_call ON {s}.spans (project, call_id, start_n
 -- trace search by span name reads trace ids from this index alone (index-only scan)
 DROP INDEX IF EXISTS {s}.spans_by_name;
 CREATE INDEX IF NOT EXISTS spans_by_name_trace ON {s}.spans (project, name, trace_id);
-CREATE INDEX IF NOT EXISTS spans_by_start ON {s}.spans (start_ns);
+DROP INDEX IF EXISTS {s}.spans_by_start;
 CREATE TABLE IF NOT EXISTS {s}.resources (
   digest BYTEA PRIMARY KEY, service TEXT, attributes JSONB NOT NULL, resource BYTEA NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.scopes (
@@ -331,7 +331,12 @@ class PostgresExporter(Exporter):
         assert self._pool is not None
         s = self.schema
         async with self._pool.acquire() as conn, conn.transaction():
-            status = await conn.execute(f"DELETE FROM {s}.spans WHERE start_ns < $1", older_than_ns)
+            # Whole traces go, spans first (found by the primary key's prefix).
+            status = await conn.execute(
+                f"DELETE FROM {s}.spans sp USING {s}.traces t WHERE t.project = sp.project"
+                " AND t.trace_id = sp.trace_id AND t.end_ns < $1",
+                older_than_ns,
+            )
             await conn.execute(
                 f"DELETE FROM {s}.trace_attrs a USING {s}.traces t WHERE t.project = a.project"
                 " AND t.trace_id = a.trace_id AND t.end_ns < $1",

@@ -81,7 +81,8 @@ CREATE INDEX IF NOT EXISTS spans_by_call ON spans (project, call_id, start_ns);
 -- trace search by span name reads trace ids from this index alone (covering)
 DROP INDEX IF EXISTS spans_by_name;
 CREATE INDEX IF NOT EXISTS spans_by_name_trace ON spans (project, name, trace_id);
-CREATE INDEX IF NOT EXISTS spans_by_start ON spans (start_ns);
+-- Retention finds old spans through their traces; an index on start_ns cost every insert.
+DROP INDEX IF EXISTS spans_by_start;
 CREATE TABLE IF NOT EXISTS resources (
   resource_id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, service TEXT,
   attributes TEXT NOT NULL, resource BLOB NOT NULL);
@@ -306,12 +307,17 @@ class SQLiteExporter(Exporter):
     # -- retention ------------------------------------------------------------------
 
     def expire(self, older_than_ns: int) -> int:
-        """Delete spans that ended before ``older_than_ns`` (and their traces, calls)."""
+        """Delete traces that ended before ``older_than_ns`` with their spans, and old calls."""
         db = self._db
         assert db is not None
         db.execute("BEGIN")
         try:
-            deleted = db.execute("DELETE FROM spans WHERE start_ns < ?", (older_than_ns,)).rowcount
+            # Whole traces go, spans first (found by their identity index's prefix).
+            deleted = db.execute(
+                "DELETE FROM spans WHERE rowid IN (SELECT s.rowid FROM traces t JOIN spans s"
+                " ON s.project = t.project AND s.trace_id = t.trace_id WHERE t.end_ns < ?)",
+                (older_than_ns,),
+            ).rowcount
             db.execute("DELETE FROM traces WHERE end_ns < ?", (older_than_ns,))
             # trace_attrs is keyed by value for search; one pass drops rows of gone traces.
             db.execute(
