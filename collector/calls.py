@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from collector.redisconn import RedisSettings, redis_client
+from collector.storage import open_sqlite
 
 __all__ = [
     "CALLS_DDL",
@@ -157,10 +158,7 @@ class SQLiteCallStore:
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
-        db.execute("PRAGMA busy_timeout=10000")
+        db = open_sqlite(self.path)
         ensure_calls_table(db)
         self._db = db
 

@@ -36,6 +36,7 @@ from collector.components import (
     RefusedError,
 )
 from collector.spans import ExportTraceServiceRequest, SpanBatch
+from collector.storage import open_sqlite
 from collector.units import Duration
 
 if TYPE_CHECKING:
@@ -136,9 +137,7 @@ class _DiskQueue:
         worker = os.environ.get("CALLTRACE_WORKER")
         suffix = f".worker{worker}" if worker else ""
         self.path = directory / f"{safe}{suffix}.queue.db"
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
+        self.db = open_sqlite(self.path)
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " project TEXT, spans INTEGER NOT NULL, payload BLOB NOT NULL)"

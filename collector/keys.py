@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from collector.storage import open_sqlite
 
 __all__ = ["KeyRecord", "KeyStore", "PostgresKeyStore", "hash_key", "is_postgres_location"]
 
@@ -54,9 +55,7 @@ class KeyStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db = open_sqlite(self.path, busy_timeout_ms=5000)
         self._db.executescript(_SCHEMA)
 
     def create(self, project: str) -> tuple[str, KeyRecord]:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from collector.spans import (
@@ -36,6 +38,7 @@ __all__ = [
     "attribute_text",
     "build_rows",
     "expire_periodically",
+    "open_sqlite",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,22 @@ MAX_INDEXED_VALUE = 256
 """Attribute values longer than this (prompts, JSON payloads) are not indexed for search."""
 STATUS_ERROR = 2
 _NOT_INDEXED = frozenset(("array_value", "kvlist_value", "bytes_value"))
+
+
+def open_sqlite(path: str | Path, busy_timeout_ms: int = 10_000) -> sqlite3.Connection:
+    """A writable connection with calltrace's SQLite settings, shared by every file it
+    keeps (spans, keys, call records, persistent queues): autocommit (transactions are
+    explicit), usable from a worker thread, WAL with ``synchronous=NORMAL`` (durable
+    across a crash of the process), and 16 KiB pages for a new file (span rows carry
+    ~600 bytes of protobuf: inserts measured ~15% cheaper than with 4 KiB pages)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA page_size=16384")  # only takes effect while the file is empty
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    return db
 
 
 def attribute_text(value: Any) -> str | None:

@@ -52,6 +52,7 @@ from collector.storage import (  # re-exported: the query side and plugins read 
     attribute_text,
     build_rows,
     expire_periodically,
+    open_sqlite,
 )
 from exporters.sqlite_query import SQLiteQueryStore
 
@@ -151,10 +152,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        db = open_sqlite(path)
     db.execute("PRAGMA busy_timeout=10000")
     if not readonly:
         db.executescript(SCHEMA)
