@@ -43,9 +43,10 @@ def add_span(
     return span
 
 
-@pytest.fixture
-async def exporter(tmp_path):
-    exporter = SQLiteExporter("sqlite", SQLiteConfig(path=tmp_path / "db.sqlite"))
+@pytest.fixture(params=["process", "thread"])
+async def exporter(tmp_path, request):
+    config = SQLiteConfig(path=tmp_path / "db.sqlite", writer=request.param)
+    exporter = SQLiteExporter("sqlite", config)
     await exporter.start(FakeTelemetryHost())
     yield exporter
     await exporter.shutdown()
@@ -131,7 +132,7 @@ async def test_retention_deletes_old_data(exporter):
     add_span(old, os.urandom(16), "old", now - 10**12, now - 10**12 + 5, **{"k": "v1"})
     add_span(new, os.urandom(16), "new", now, now + 5, **{"k": "v2"})
     await exporter.export(SpanBatch([old, new], "p1"))
-    deleted = await exporter._run(exporter.expire, now - 10**9)
+    deleted = await exporter.expire(now - 10**9)
     assert deleted == 1
     db = exporter.path
     assert query(db, "SELECT name FROM spans") == [("new",)]
@@ -179,3 +180,27 @@ async def test_retention_runs_on_its_own(tmp_path):
         await eventually(lambda: query(exporter.path, "SELECT name FROM spans") == [("fresh",)])
     finally:
         await exporter.shutdown()
+
+
+async def test_a_killed_writer_process_is_replaced_and_the_batch_retried(tmp_path):
+    from collector import RetryableError
+
+    exporter = SQLiteExporter("sqlite", SQLiteConfig(path=tmp_path / "k.db", writer="process"))
+    await exporter.start(FakeTelemetryHost())
+    try:
+        rs = call_resource("call_k")
+        add_span(rs, os.urandom(16), "s", 1, 2)
+        batch = SpanBatch([rs], "p1")
+        await exporter.export(batch)
+        for process in list(exporter._pool._processes.values()):  # type: ignore[union-attr]
+            process.kill()
+            process.join()
+        with pytest.raises(RetryableError, match="writer process died"):
+            await exporter.export(batch)
+        await exporter.export(batch)  # what the exporter helper does next: retry
+        rs2 = call_resource("call_k")
+        add_span(rs2, os.urandom(16), "after", 3, 4)
+        await exporter.export(SpanBatch([rs2], "p1"))
+    finally:
+        await exporter.shutdown()
+    assert sorted(query(exporter.path, "SELECT name FROM spans")) == [("after",), ("s",)]

@@ -301,7 +301,7 @@ async def test_failed_start_releases_what_started(free_port, tmp_path):
         service = Service(parse_config(config, environ={}))
         with pytest.raises(RuntimeError, match="address already in use"):
             await service.start()
-        assert service.exporters["sqlite"]._db is None
+        assert service.exporters["sqlite"]._pool is None
         assert not service.ready
     finally:
         blocker.close()
