@@ -8,7 +8,6 @@ skipped with the reason otherwise.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -17,10 +16,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 
-from tests.support import free_port
+from tests.support import free_port, missing_service
 
 __all__ = ["RedisServer", "redis_server_binary", "throwaway_redis"]
 
@@ -28,10 +26,7 @@ __all__ = ["RedisServer", "redis_server_binary", "throwaway_redis"]
 def redis_server_binary() -> str:
     binary = shutil.which("redis-server")
     if binary is None:
-        reason = "redis-server is not installed (apt-get install redis-server)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing_service("redis-server is not installed (apt-get install redis-server)")
     return binary
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -21,6 +21,14 @@ FIXTURES = SHARED / "fixtures"
 POSTGRES_DSN = os.environ.get(
     "CALLTRACE_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
 )
+
+
+def missing_service(reason: str) -> NoReturn:
+    """A test needs a server or tool that is not here: in CI (``CI=true``), where it must
+    be, the test fails; on a developer's machine it is skipped with the reason."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (required in CI)")
+    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -127,8 +135,6 @@ def postgres_execute(sql: str) -> None:
     thread.start()
     thread.join()
     if unreachable:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL at {POSTGRES_DSN} is unreachable in CI: {unreachable[0]}")
-        pytest.skip(f"PostgreSQL at {POSTGRES_DSN} is unreachable: {unreachable[0]}")
+        missing_service(f"PostgreSQL at {POSTGRES_DSN} is unreachable: {unreachable[0]}")
     if failure:
         raise failure[0]

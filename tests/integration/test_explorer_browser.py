@@ -3,7 +3,6 @@ running collector holding the calls of ``tests/query_dataset.py``."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.query_dataset import XSS_ATTRIBUTE, XSS_NAME, Dataset, make_dataset
-from tests.support import ROOT, free_port, running_service
+from tests.support import ROOT, free_port, missing_service, running_service
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
@@ -32,10 +31,7 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 def _need_chromium() -> None:
     if Path(CHROMIUM).exists() or shutil.which("chromium"):
         return
-    reason = "Debian chromium is not installed (make browser installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    missing_service("Debian chromium is not installed (make browser installs it)")
 
 
 @pytest.fixture(scope="module")
