@@ -185,7 +185,15 @@ class SQLiteCallStore:
                 self._db.executemany(
                     "INSERT INTO calls (project, call_id, room_id, source, first_seen_ns,"
                     " last_seen_ns, span_count, skipped, room_name, metadata)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (project, call_id) DO NOTHING",
+                    " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (project, call_id) DO UPDATE SET"
+                    # The storage exporter may have written the row first, from a batch
+                    # with its own clock: the record (shared through Redis) says when the
+                    # call was first seen, and what a webhook learnt about it.
+                    " first_seen_ns = min(calls.first_seen_ns, excluded.first_seen_ns),"
+                    " span_count = max(calls.span_count, excluded.span_count),"
+                    " skipped = max(calls.skipped, excluded.skipped),"
+                    " room_name = coalesce(calls.room_name, excluded.room_name),"
+                    " metadata = coalesce(calls.metadata, excluded.metadata)",
                     rows,
                 )
                 self._db.execute("COMMIT")
