@@ -65,13 +65,14 @@ class SQLQueries:
     )
     CALL_SPANS = (
         "SELECT trace_id, span_id, parent_span_id, name, kind, start_ns, end_ns, status_code,"
-        " resource_id, span FROM spans WHERE project = ? AND call_id = ? ORDER BY start_ns"
+        " resource_id, span FROM spans WHERE project = ? AND trace_id IN"
+        " (SELECT trace_id FROM call_traces WHERE project = ? AND call_id = ?) ORDER BY start_ns"
     )
 
     def call_detail(self, call_id: str) -> dict[str, Any]:
         """The call and its spans as trees (children nested under parents by span id)."""
         call = self.db.execute(self.CALL, (self.project, call_id)).fetchone()
-        rows = self.db.execute(self.CALL_SPANS, (self.project, call_id)).fetchall()
+        rows = self.db.execute(self.CALL_SPANS, (self.project, self.project, call_id)).fetchall()
         nodes: dict[bytes, dict[str, Any]] = {}
         for trace_id, span_id, parent, name, kind, start, end, status, resource_id, blob in rows:
             span = Span.FromString(blob)
@@ -99,8 +100,8 @@ class SQLQueries:
     )
     TRACES_BY_NAME = (
         f"SELECT {_TRACE_COLUMNS} FROM traces t WHERE t.project = ? AND t.trace_id IN"
-        " (SELECT s.trace_id FROM spans s WHERE s.project = ? AND s.name = ?"
-        " AND s.start_ns >= ? AND s.start_ns < ?)"
+        " (SELECT n.trace_id FROM trace_names n WHERE n.project = ? AND n.name = ?)"
+        " AND t.start_ns >= ? AND t.start_ns < ?"
         " ORDER BY t.start_ns DESC LIMIT ?"
     )
 
@@ -285,7 +286,7 @@ def run_queries(
             f"call detail, {sixty[0][1]}-span call, spans parsed into a tree",
             lambda: q.call_detail(rng.choice(sixty_ids)),
             q.CALL_SPANS,
-            (PROJECT, sixty_ids[0]),
+            (PROJECT, PROJECT, sixty_ids[0]),
         ),
         (
             "traces by span name `llm_request` (common)",

@@ -96,7 +96,7 @@ def _indexable(kv: Any) -> tuple[str, str] | None:
 class BatchRows:
     """What one batch writes. Rows carry no project except ``spans`` (its first column)."""
 
-    __slots__ = ("calls", "names", "spans", "trace_attrs", "traces")
+    __slots__ = ("call_traces", "calls", "spans", "trace_attrs", "trace_names", "traces")
 
     def __init__(self) -> None:
         self.spans: list[tuple[Any, ...]] = []
@@ -110,7 +110,15 @@ class BatchRows:
         self.calls: dict[str, list[Any]] = {}
         """call id -> [call_id, room_id, source, first_seen_ns, last_seen_ns, start_ns,
         end_ns, service, tags (a dict)]"""
-        self.names: set[str] = set()
+        self.trace_names: set[tuple[str, bytes]] = set()
+        """(span name, trace_id) of every span."""
+        self.call_traces: set[tuple[str, bytes]] = set()
+        """(call_id, trace_id) of every span that belongs to a call."""
+
+    @property
+    def names(self) -> set[str]:
+        """The span names."""
+        return {name for name, _ in self.trace_names}
 
 
 def build_rows(
@@ -126,7 +134,8 @@ def build_rows(
     span_rows = rows.spans
     traces = rows.traces
     add_attr = rows.trace_attrs.add
-    names = rows.names
+    add_name = rows.trace_names.add
+    add_call_trace = rows.call_traces.add
     for rs in batch.resource_spans:
         resource = rs.resource
         call_id = call_key = call_source = service = None
@@ -180,7 +189,9 @@ def build_rows(
                         span.SerializeToString(),
                     )
                 )
-                names.add(name)
+                add_name((name, trace_id))
+                if call_id is not None:
+                    add_call_trace((call_id, trace_id))
                 trace = traces.get(trace_id)
                 if trace is None:
                     trace = traces[trace_id] = [

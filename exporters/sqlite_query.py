@@ -8,11 +8,14 @@ and walks an index (see ``EXPLAIN QUERY PLAN`` in the tests):
 - calls list: ``calls_by_start`` (project, start_ns DESC, call_id), the cursor a
   range bound on it; each call's turn totals come from the ``calls.summary`` cache,
   recomputed when ``summary_spans`` differs from the call's stored span count
-  (``spans_by_call``);
+  (``call_traces`` then ``spans_identity``, both covering);
 - trace search: ``traces_by_start``, each condition an ``IN`` over an index:
-  ``trace_attrs`` (project, key, value) for ``attr.*``, ``spans_by_name_trace`` (covering) for names,
+  ``trace_attrs`` (project, key, value) for ``attr.*``, ``trace_names`` for names,
   ``span_names`` for name substrings;
-- one call / one trace: ``spans_by_call`` / ``spans_identity``.
+- one call: its traces from ``call_traces``, their spans from ``spans_identity``; a
+  call is every span of every trace that holds one of its spans (its full trace
+  tree, a span of another service in the trace included);
+- one trace: ``spans_identity``.
 
 Attributes, events and links are decoded from each span's stored protobuf bytes.
 """
@@ -58,6 +61,12 @@ _TRACE_COLUMNS = (
 _CALL_COLUMNS = (
     "call_id, room_id, source, room_name, service, start_ns, end_ns, tags, summary, summary_spans"
 )
+_CALL_SPANS = (
+    "s.project = ? AND s.trace_id IN"
+    " (SELECT trace_id FROM call_traces WHERE project = ? AND call_id = ?)"
+)
+"""A call's spans: those of the traces holding one of its spans (args: project, project,
+call id)."""
 
 
 class SQLiteQueryStore:
@@ -137,11 +146,11 @@ class SQLiteQueryStore:
     ) -> dict[str, Any]:
         call_id, summary_json, summary_spans = row[0], row[8], row[9]
         (span_count,) = db.execute(
-            "SELECT count(*) FROM spans WHERE project = ? AND call_id = ?", (project, call_id)
+            f"SELECT count(*) FROM spans s WHERE {_CALL_SPANS}", (project, project, call_id)
         ).fetchone()
         summary = cached_summary(summary_json, summary_spans, span_count)
         if summary is None:
-            spans, _ = self._spans(db, "s.project = ? AND s.call_id = ?", (project, call_id))
+            spans, _ = self._spans(db, _CALL_SPANS, (project, project, call_id))
             summary = summarize_call(spans)
             span_count = len(spans)
             self._store_summary(project, call_id, summary_cache_text(summary), span_count)
@@ -158,7 +167,7 @@ class SQLiteQueryStore:
         ).fetchone()
         if row is None:
             return None
-        spans, resources = self._spans(db, "s.project = ? AND s.call_id = ?", (project, call_id))
+        spans, resources = self._spans(db, _CALL_SPANS, (project, project, call_id))
         summary = summarize_call(spans)
         if row[9] != len(spans):
             self._store_summary(project, call_id, summary_cache_text(summary), len(spans))
@@ -290,11 +299,13 @@ def traces_sql(project: str, query: TraceFilter) -> tuple[str, list[Any]]:
         sql.append("AND has_error = ?")
         args.append(1 if query.status == "error" else 0)
     if query.name is not None:
-        sql.append("AND trace_id IN (SELECT trace_id FROM spans WHERE project = ? AND name = ?)")
+        sql.append(
+            "AND trace_id IN (SELECT trace_id FROM trace_names WHERE project = ? AND name = ?)"
+        )
         args += [project, query.name]
     if query.name_contains is not None:
         sql.append(
-            "AND trace_id IN (SELECT trace_id FROM spans WHERE project = ? AND name IN"
+            "AND trace_id IN (SELECT trace_id FROM trace_names WHERE project = ? AND name IN"
             " (SELECT name FROM span_names WHERE project = ?"
             " AND instr(lower(name), lower(?)) > 0))"
         )

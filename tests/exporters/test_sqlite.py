@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -9,7 +10,7 @@ import pytest
 
 from collector import CALL_ID_ATTRIBUTE, SpanBatch, set_attribute
 from collector.spans import CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE, ResourceSpans, Span
-from exporters.sqlite import SQLiteConfig, SQLiteExporter, attribute_text
+from exporters.sqlite import SQLiteConfig, SQLiteExporter, attribute_text, connect
 from tests.processors._util import FakeTelemetryHost
 from tests.support import query
 
@@ -95,6 +96,13 @@ async def test_children_before_parents_and_every_field_kept(exporter):
     assert query(db, "SELECT room_id, source, start_ns, end_ns, service, tags FROM calls") == [
         ("RM_x", "livekit.room.id", 1_000, 9_000, "agent", '{"customer": "acme"}')
     ]
+    assert set(query(db, "SELECT project, name, trace_id FROM trace_names")) == {
+        ("p1", "llm_node", trace),
+        ("p1", "agent_session", trace),
+    }
+    assert query(db, "SELECT project, call_id, trace_id FROM call_traces") == [
+        ("p1", "call_1", trace)
+    ]
     attrs = set(query(db, "SELECT key, value FROM trace_attrs"))
     assert {
         ("gen_ai.request.model", "gpt-4.1"),
@@ -139,6 +147,61 @@ async def test_retention_deletes_old_data(exporter):
     assert query(db, "SELECT call_id FROM calls") == [("call_new",)]
     assert ("k", "v1") not in set(query(db, "SELECT key, value FROM trace_attrs"))
     assert query(db, "SELECT count(*) FROM traces")[0][0] == 1
+    assert query(db, "SELECT name FROM trace_names") == [("new",)]
+    assert query(db, "SELECT call_id FROM call_traces") == [("call_new",)]
+
+
+async def test_a_call_is_the_whole_of_its_traces(exporter):
+    """A span of another service in the call's trace (no room id on its resource) is
+    part of the call's tree; a trace of another call is not."""
+    trace, other = os.urandom(16), os.urandom(16)
+    agent, tool, next_call = call_resource("call_1"), call_resource(None), call_resource("call_2")
+    root = add_span(agent, trace, "agent_session", 1_000, 9_000)
+    add_span(tool, trace, "tool_backend", 2_000, 3_000, parent=root.span_id)
+    add_span(next_call, other, "agent_session", 10_000, 19_000)
+    await exporter.export(SpanBatch([agent, tool, next_call], "p1"))
+    store = exporter.query_store()
+    call = await store.call("p1", "call_1")
+    assert call is not None
+    assert sorted(span["name"] for span in call["spans"]) == ["agent_session", "tool_backend"]
+    assert call["call"]["span_count"] == 2
+
+
+async def test_the_checkpointer_copies_the_wal_into_the_database(exporter):
+    """Checkpoints run on their own thread while the writer keeps the file open (the
+    writer's own automatic checkpoint is off): the database file grows without a
+    shutdown."""
+    rs = call_resource("call_1")
+    trace = os.urandom(16)
+    for i in range(2_000):
+        add_span(rs, trace, f"span {i}", i, i + 10, **{"text": "x" * 200})
+    before = exporter.path.stat().st_size
+    await exporter.export(SpanBatch([rs], "p1"))
+    deadline = time.monotonic() + 10
+    while exporter.path.stat().st_size <= before + 400_000 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert exporter.path.stat().st_size > before + 400_000  # 2,000 spans of 200+ bytes
+
+
+def test_files_with_per_span_indexes_are_migrated(tmp_path):
+    """A file from before trace_names and call_traces gets their rows from its spans,
+    and loses the per-span indexes they replace."""
+    path = tmp_path / "old.db"
+    db = connect(path)
+    db.execute(
+        "INSERT INTO spans (project, trace_id, span_id, name, kind, start_ns, end_ns,"
+        " duration_ns, status_code, call_id, resource_id, scope_id, span)"
+        " VALUES ('p1', x'01', x'02', 'llm_node', 1, 1, 2, 1, 0, 'call_1', 1, 1, x'')"
+    )
+    db.execute("CREATE INDEX spans_by_call ON spans (project, call_id, start_ns)")
+    db.execute("CREATE INDEX spans_by_name_trace ON spans (project, name, trace_id)")
+    db.close()
+    db = connect(path)
+    indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert not indexes & {"spans_by_call", "spans_by_name_trace"}
+    assert db.execute("SELECT * FROM trace_names").fetchall() == [("p1", "llm_node", b"\x01")]
+    assert db.execute("SELECT * FROM call_traces").fetchall() == [("p1", "call_1", b"\x01")]
+    db.close()
 
 
 def test_wal_mode_and_retention_config(tmp_path):
