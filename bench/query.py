@@ -36,6 +36,7 @@ from typing import Any
 from bench.workload import synthetic_call
 from collector.spans import Span, SpanBatch
 from exporters.sqlite import SQLiteConfig, SQLiteExporter
+from exporters.sqlite_query import search_term
 from processors.correlate import CorrelateConfig, CorrelateProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,32 +124,20 @@ class SQLQueries:
         return self.db.execute(self.TRACES_BY_NAME_PROBE, args).fetchall()
 
     TRACES_BY_ATTR = (
-        f"SELECT {_TRACE_COLUMNS} FROM trace_attrs a"
-        " JOIN traces t ON t.project = a.project AND t.trace_id = a.trace_id"
-        " WHERE a.project = ? AND a.key = ? AND a.value = ? AND t.start_ns >= ?"
-        " AND t.start_ns < ? ORDER BY t.start_ns DESC LIMIT ?"
+        f"SELECT {_TRACE_COLUMNS} FROM traces t WHERE t.project = ? AND t.trace_id IN"
+        " (SELECT f.trace_id FROM trace_search f WHERE trace_search MATCH ?)"
+        " AND t.start_ns >= ? AND t.start_ns < ? ORDER BY t.start_ns DESC LIMIT ?"
     )
 
     def traces_by_attr(
         self, key: str, value: str, start_ns: int, end_ns: int, limit: int = 50
     ) -> list:
-        args = (self.project, key, value, start_ns, end_ns, limit)
+        args = (self.project, self.match(key, value), start_ns, end_ns, limit)
         return self.db.execute(self.TRACES_BY_ATTR, args).fetchall()
 
-    TRACES_BY_ATTR_FIRST = (
-        f"SELECT {_TRACE_COLUMNS} FROM trace_attrs a"
-        " CROSS JOIN traces t ON t.project = a.project AND t.trace_id = a.trace_id"
-        " WHERE a.project = ? AND a.key = ? AND a.value = ? AND t.start_ns >= ?"
-        " AND t.start_ns < ? ORDER BY t.start_ns DESC LIMIT ?"
-    )
-
-    def traces_by_attr_first(
-        self, key: str, value: str, start_ns: int, end_ns: int, limit: int = 50
-    ) -> list:
-        """The same search reading ``trace_attrs`` first (``CROSS JOIN`` fixes the join
-        order): fast when the value is rare, a sort of every match when it is common."""
-        args = (self.project, key, value, start_ns, end_ns, limit)
-        return self.db.execute(self.TRACES_BY_ATTR_FIRST, args).fetchall()
+    def match(self, key: str, value: str) -> str:
+        """The ``trace_search`` query for ``key`` = ``value`` (one exact term)."""
+        return f'"{search_term(self.project, key, value)}"'
 
     TRACES_BY_DURATION = (
         f"SELECT {_TRACE_COLUMNS} FROM traces t WHERE t.project = ? AND t.duration_ns >= ?"
@@ -316,25 +305,13 @@ def run_queries(
             "traces by attribute gen_ai.tool.name=get_weather (common)",
             lambda: q.traces_by_attr("gen_ai.tool.name", "get_weather", *window),
             q.TRACES_BY_ATTR,
-            (PROJECT, "gen_ai.tool.name", "get_weather", *window, 50),
+            (PROJECT, q.match("gen_ai.tool.name", "get_weather"), *window, 50),
         ),
         (
             "traces by attribute lk.room_sid=<one room> (selective)",
             lambda: q.traces_by_attr("lk.room_sid", rng.choice(rooms), *window),
             q.TRACES_BY_ATTR,
-            (PROJECT, "lk.room_sid", rooms[0], *window, 50),
-        ),
-        (
-            "traces by attribute gen_ai.tool.name=get_weather (common), trace_attrs first",
-            lambda: q.traces_by_attr_first("gen_ai.tool.name", "get_weather", *window),
-            q.TRACES_BY_ATTR_FIRST,
-            (PROJECT, "gen_ai.tool.name", "get_weather", *window, 50),
-        ),
-        (
-            "traces by attribute lk.room_sid=<one room> (selective), trace_attrs first",
-            lambda: q.traces_by_attr_first("lk.room_sid", rng.choice(rooms), *window),
-            q.TRACES_BY_ATTR_FIRST,
-            (PROJECT, "lk.room_sid", rooms[0], *window, 50),
+            (PROJECT, q.match("lk.room_sid", rooms[0]), *window, 50),
         ),
         (
             "traces by duration >= 20 s",
@@ -376,10 +353,8 @@ def run_store_queries(
     ).fetchall()
     window = (end_ns - 10 * DAY_NS, end_ns)
     rng = random.Random(11)
-    (room_sid,) = db.execute(
-        "SELECT value FROM trace_attrs WHERE project = ? AND key = 'lk.room_sid' LIMIT 1",
-        (PROJECT,),
-    ).fetchone()
+    (calls,) = db.execute("SELECT count(*) FROM calls WHERE project = ?", (PROJECT,)).fetchone()
+    room_sid = f"RM_q{rng.randrange(calls):06d}"  # as build_database names rooms
     traces = {
         "by name `llm_request`": TraceFilter(*window, name="llm_request"),
         "by name `function_tool`": TraceFilter(*window, name="function_tool"),
@@ -462,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             spans = db.execute("SELECT count(*) FROM spans").fetchone()[0]
             traces = db.execute("SELECT count(*) FROM traces").fetchone()[0]
             calls = db.execute("SELECT count(*) FROM calls").fetchone()[0]
-            attrs = db.execute("SELECT count(*) FROM trace_attrs").fetchone()[0]
+            documents = db.execute("SELECT count(*) FROM trace_search").fetchone()[0]
             end_ns = db.execute("SELECT max(end_ns) FROM calls").fetchone()[0] + 1
         size_mib = path.stat().st_size / 2**20
         results = run_queries(path, args.repeat, end_ns)
@@ -472,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()},"
         f" SQLite {sqlite3.sqlite_version}. Database: {spans:,} spans, {traces:,} traces,"
-        f" {calls:,} calls, {attrs:,} trace_attrs rows, {size_mib:,.0f} MiB"
+        f" {calls:,} calls, {documents:,} trace_search documents, {size_mib:,.0f} MiB"
         + (f", written in {build_s:.0f} s ({spans / build_s:,.0f} spans/s)" if build_s else "")
         + f". Each query {args.repeat} times or for 8 s, whichever ends first (varying"
         " arguments where the label says so),"

@@ -10,7 +10,8 @@ and walks an index (see ``EXPLAIN QUERY PLAN`` in the tests):
   recomputed when ``summary_spans`` differs from the call's stored span count
   (``call_traces`` then ``spans_identity``, both covering);
 - trace search: ``traces_by_start``, each condition an ``IN`` over an index:
-  ``trace_attrs`` (project, key, value) for ``attr.*``, ``trace_names`` for names,
+  ``trace_search`` (full text, one term per project, key and value) for ``attr.*``,
+  ``trace_names`` for names,
   ``span_names`` for name substrings;
 - one call: its traces from ``call_traces``, their spans from ``spans_identity``; a
   call is every span of every trace that holds one of its spans (its full trace
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import sqlite3
 import threading
@@ -49,7 +51,22 @@ from collector.query import (
 )
 from collector.turns import summarize_call
 
-__all__ = ["SQLiteQueryStore", "calls_sql", "traces_sql"]
+__all__ = ["SQLiteQueryStore", "calls_sql", "search_term", "traces_sql"]
+
+
+def search_term(project: str, key: str, value: str) -> str:
+    """The ``trace_search`` term standing for attribute ``key`` = ``value`` in
+    ``project``: an 80-bit digest in hex, so any key and value (spaces, punctuation,
+    case) is one exact token to the full-text index, and no project's term matches
+    another's."""
+    text = f"{project}\0{key}\0{value}".encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(text, digest_size=10).hexdigest()
+
+
+def _match(project: str, key: str, value: str) -> str:
+    """The FTS5 query matching the documents of traces with that attribute."""
+    return f'"{search_term(project, key, value)}"'
+
 
 _SPAN_COLUMNS = (
     "s.trace_id, s.span_id, s.parent_span_id, s.name, s.start_ns, s.end_ns, s.status_code,"
@@ -263,11 +280,11 @@ def calls_sql(project: str, query: CallFilter) -> tuple[str, list[Any]]:
     conditions = [*query.attributes, *((TAG_PREFIX + k, v) for k, v in query.tags)]
     for key, value in conditions:
         sql.append(
-            "AND call_id IN (SELECT t.call_id FROM trace_attrs a JOIN traces t"
-            " ON t.project = a.project AND t.trace_id = a.trace_id"
-            " WHERE a.project = ? AND a.key = ? AND a.value = ?)"
+            "AND call_id IN (SELECT t.call_id FROM trace_search f JOIN traces t"
+            " ON t.project = f.project AND t.trace_id = f.trace_id"
+            " WHERE trace_search MATCH ?)"
         )
-        args += [project, key, value]
+        args.append(_match(project, key, value))
     sql.append("ORDER BY start_ns DESC, call_id LIMIT ?")
     args.append(query.limit + 1)
     return " ".join(sql), args
@@ -311,11 +328,8 @@ def traces_sql(project: str, query: TraceFilter) -> tuple[str, list[Any]]:
         )
         args += [project, project, query.name_contains]
     for key, value in query.attributes:
-        sql.append(
-            "AND trace_id IN (SELECT trace_id FROM trace_attrs"
-            " WHERE project = ? AND key = ? AND value = ?)"
-        )
-        args += [project, key, value]
+        sql.append("AND trace_id IN (SELECT trace_id FROM trace_search WHERE trace_search MATCH ?)")
+        args.append(_match(project, key, value))
     sql.append("ORDER BY start_ns DESC, trace_id LIMIT ?")
     args.append(query.limit + 1)
     return " ".join(sql), args

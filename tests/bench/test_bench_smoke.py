@@ -40,7 +40,7 @@ def test_query_bench_on_a_small_database(tmp_path):
         assert db.execute("SELECT count(*) FROM calls").fetchone()[0] == 12
         end = db.execute("SELECT max(end_ns) FROM calls").fetchone()[0] + 1
     results = {label: rows for label, _m, _p, rows, _n, _plan in query.run_queries(path, 2, end)}
-    assert len(results) == 13
+    assert len(results) == 11
     detail = next(rows for label, rows in results.items() if label.startswith("call detail"))
     assert detail > 0
     assert all(rows > 0 for label, rows in results.items() if "common" in label)

@@ -9,8 +9,10 @@ import time
 import pytest
 
 from collector import CALL_ID_ATTRIBUTE, SpanBatch, set_attribute
+from collector.query import CallFilter, TraceFilter
 from collector.spans import CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE, ResourceSpans, Span
 from exporters.sqlite import SQLiteConfig, SQLiteExporter, attribute_text, connect
+from exporters.sqlite_query import SQLiteQueryStore
 from tests.processors._util import FakeTelemetryHost
 from tests.support import query
 
@@ -103,13 +105,20 @@ async def test_children_before_parents_and_every_field_kept(exporter):
     assert query(db, "SELECT project, call_id, trace_id FROM call_traces") == [
         ("p1", "call_1", trace)
     ]
-    attrs = set(query(db, "SELECT key, value FROM trace_attrs"))
-    assert {
+    store = exporter.query_store()
+    for pair in [
         ("gen_ai.request.model", "gpt-4.1"),
         ("lk.response.ttft", "0.1"),
         ("service.name", "agent"),
         ("roark.project.tag.customer", "acme"),
-    } <= attrs
+    ]:
+        found = await store.traces("p1", TraceFilter(attributes=[pair]))
+        assert [t["trace_id"] for t in found.items] == [trace.hex()], pair
+        # Exact, and per project: no near value, no other project's trace.
+        assert not (await store.traces("p1", TraceFilter(attributes=[(pair[0], "x")]))).items
+        assert not (await store.traces("p2", TraceFilter(attributes=[pair]))).items
+    by_tag = await store.calls("p1", CallFilter(tags=[("customer", "acme")]))
+    assert [c["call_id"] for c in by_tag.items] == ["call_1"]
 
 
 async def test_retried_batch_stores_nothing_twice(exporter):
@@ -145,7 +154,10 @@ async def test_retention_deletes_old_data(exporter):
     db = exporter.path
     assert query(db, "SELECT name FROM spans") == [("new",)]
     assert query(db, "SELECT call_id FROM calls") == [("call_new",)]
-    assert ("k", "v1") not in set(query(db, "SELECT key, value FROM trace_attrs"))
+    store = exporter.query_store()
+    assert not (await store.traces("p1", TraceFilter(attributes=[("k", "v1")]))).items
+    assert (await store.traces("p1", TraceFilter(attributes=[("k", "v2")]))).items
+    assert query(db, "SELECT count(*) FROM trace_search")[0][0] == 1
     assert query(db, "SELECT count(*) FROM traces")[0][0] == 1
     assert query(db, "SELECT name FROM trace_names") == [("new",)]
     assert query(db, "SELECT call_id FROM call_traces") == [("call_new",)]
@@ -267,3 +279,31 @@ async def test_a_killed_writer_process_is_replaced_and_the_batch_retried(tmp_pat
     finally:
         await exporter.shutdown()
     assert sorted(query(exporter.path, "SELECT name FROM spans")) == [("after",), ("s",)]
+
+
+async def test_files_with_a_trace_attrs_table_are_migrated(tmp_path):
+    """A file from before ``trace_search`` kept a row per (key, value, trace): opening
+    it turns them into search documents, and search finds the traces."""
+    path = tmp_path / "old.db"
+    db = connect(path)
+    db.executescript(
+        "CREATE TABLE trace_attrs (project TEXT NOT NULL, key TEXT NOT NULL,"
+        " value TEXT NOT NULL, trace_id BLOB NOT NULL,"
+        " PRIMARY KEY (project, key, value, trace_id)) WITHOUT ROWID;"
+        "INSERT INTO trace_attrs VALUES ('p1', 'k', 'v 1', x'01'), ('p1', 'j', 'w', x'01'),"
+        " ('p1', 'k', 'v 1', x'02'), ('p2', 'k', 'v 1', x'03');"
+        "INSERT INTO traces (project, trace_id, start_ns, end_ns, duration_ns)"
+        " VALUES ('p1', x'01', 1, 2, 1), ('p1', x'02', 3, 4, 1), ('p2', x'03', 5, 6, 1);"
+    )
+    db.close()
+    connect(path).close()
+    assert not query(path, "SELECT name FROM sqlite_master WHERE name = 'trace_attrs'")
+    assert query(path, "SELECT count(*) FROM trace_search")[0][0] == 3  # one per trace
+    store = SQLiteQueryStore(path)
+    try:
+        found = await store.traces("p1", TraceFilter(attributes=[("k", "v 1")]))
+        assert [t["trace_id"] for t in found.items] == ["02", "01"]
+        found = await store.traces("p1", TraceFilter(attributes=[("k", "v 1"), ("j", "w")]))
+        assert [t["trace_id"] for t in found.items] == ["01"]
+    finally:
+        await store.close()
