@@ -207,7 +207,8 @@ async def build_database(path: Path, calls: int, *, end_ns: int, quiet: bool = F
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute(
             "UPDATE calls SET span_count = (SELECT count(*) FROM spans s"
-            " WHERE s.project = calls.project AND s.call_id = calls.call_id)"
+            " WHERE s.project = calls.project AND s.trace_id IN (SELECT c.trace_id"
+            " FROM call_traces c WHERE c.project = calls.project AND c.call_id = calls.call_id))"
         )
         db.commit()
     return spans
