@@ -93,6 +93,31 @@ async def test_streams_are_trimmed_approximately(redis_server):
     assert 100 <= length < 2000
 
 
+@pytest.mark.parametrize("maxlen", [0, 10_000])
+async def test_a_batch_larger_than_a_script_call_arrives_whole_and_in_order(redis_server, maxlen):
+    """Entries go to Redis a script call per ENTRIES_PER_COMMAND; several resources
+    (each with its own fields) span the chunk boundaries."""
+    exporter = await started(url=redis_server.url, maxlen=maxlen)
+    per_call = exporter.ENTRIES_PER_COMMAND
+    services = [f"agent-{i}" for i in range(3)]
+    batches = [
+        resource_spans({"service.name": service}, [{"name": f"{service} {j}"} for j in range(per_call // 2 + 107)])
+        for service in services
+    ]  # fmt: skip
+    try:
+        await exporter.export(batch(*batches, project="acme"))
+    finally:
+        await exporter.shutdown()
+    got = entries(redis_server, "calltrace:spans:acme")
+    sent = [(rs, span) for rs in batches for span in rs.scope_spans[0].spans]
+    assert len(got) == len(sent) > 2 * per_call
+    for entry, (rs, span) in zip(got, sent, strict=True):
+        assert entry["name"] == span.name.encode()
+        assert entry["service"] == rs.resource.attributes[0].value.string_value.encode()
+        assert entry["span_id"] == span.span_id.hex().encode()
+        assert Span.FromString(entry["span"]) == span
+
+
 async def test_unreachable_redis_is_retryable():
     exporter = await started(url=f"redis://127.0.0.1:{free_port()}/0", connect_timeout="200ms")
     try:
