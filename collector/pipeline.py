@@ -11,6 +11,7 @@ answers success.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 
 from collector.components import Forward, Processor, RefusedError, RequestInfo
@@ -47,8 +48,21 @@ class FanOut:
             raise RefusedError(f"sending queue full: {', '.join(full)}", retry_after=1.0)
         # Serialized once for every queue: queues hold bytes, not parsed messages.
         payload = serialize_resource_spans(batch.resource_spans)
+        # Queued on every queue before the first await, so no queue can fill up (or
+        # start shutting down) between the check above and its turn.
+        writes = [
+            queue.enqueue(batch, spans, payload)
+            for queue in self.queues
+            if queue.queue_settings.enabled
+        ]
         for queue in self.queues:
-            await queue.put(batch, spans, payload)
+            if not queue.queue_settings.enabled:  # no queue: exported here and now
+                await queue.put(batch, spans, payload)
+        # Persistent queues: answer once the batch is on disk in each of them. Shielded:
+        # a client that hangs up must not cancel the writes (they finish regardless).
+        on_disk = [write for write in writes if write is not None]
+        if on_disk:
+            await asyncio.shield(asyncio.gather(*on_disk))
 
 
 class Pipeline:
