@@ -16,6 +16,9 @@ Queued batches are held serialized (an ``ExportTraceServiceRequest`` body), not 
 parsed messages: about a fifth of the memory, and no objects for the cyclic garbage
 collector to scan. Serialized requests concatenate into one valid request, so merging
 queued batches is a ``join``; the consumer parses them back just before exporting.
+The one exception is the head of one queue per pipeline: there the batch's own
+messages wait (they are about to be exported, and parsing them back would cost as much
+as receiving them did), so that exporter gets them without a parse.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def serialize_resource_spans(resource_spans: list[Any]) -> bytes:
 
 
 class _QueueItem:
-    __slots__ = ("key", "metadata", "payload", "project", "received_ns", "spans")
+    __slots__ = ("key", "messages", "metadata", "payload", "project", "received_ns", "spans")
 
     def __init__(
         self,
@@ -130,6 +133,7 @@ class _QueueItem:
         self.metadata = metadata or {}
         self.received_ns = received_ns
         self.key = key  # row id in the persistent queue
+        self.messages: list[Any] | None = None  # the batch's ResourceSpans, handed over
 
 
 class _DiskQueue:
@@ -250,26 +254,36 @@ class ExporterQueue:
             self._consumers.append(asyncio.create_task(self._consume()))
 
     async def put(
-        self, batch: SpanBatch, spans: int | None = None, payload: bytes | None = None
+        self,
+        batch: SpanBatch,
+        spans: int | None = None,
+        payload: bytes | None = None,
+        hand_over: bool = False,
     ) -> None:
         """Queue ``batch`` (persisted first when a storage dir is set), or export it now
         when the queue is disabled. ``payload`` is the batch already serialized (by
         ``serialize_resource_spans``), when the caller fans one batch out to several
-        queues."""
+        queues. ``hand_over``: the caller gives up ``batch``'s messages (edits them no
+        more, gives them to no other queue), so the queue may export them as they are."""
         spans = batch.span_count if spans is None else spans
         if not self.queue_settings.enabled:
             await self._export_with_retry(batch, spans)
             return
-        stored = self.enqueue(batch, spans, payload)
+        stored = self.enqueue(batch, spans, payload, hand_over)
         if stored is not None:
             await asyncio.shield(stored)
 
     def enqueue(
-        self, batch: SpanBatch, spans: int, payload: bytes | None = None
+        self,
+        batch: SpanBatch,
+        spans: int,
+        payload: bytes | None = None,
+        hand_over: bool = False,
     ) -> asyncio.Future[None] | None:
         """Queue ``batch`` on an enabled queue, checking for room and counting its spans
         at once; with a persistent queue, returns a future done once the batch is on
         disk (the item joins the queue then, whoever waits for it or not), else None.
+        ``hand_over`` as for ``put``.
 
         Refuses (``RefusedError``) before any await, so ``FanOut`` can queue a batch on
         every exporter's queue or on none."""
@@ -277,15 +291,26 @@ class ExporterQueue:
             raise RefusedError(f"exporter {self.id} is shutting down", retry_after=5.0)
         if not self.has_room(spans):
             raise RefusedError(f"sending queue of exporter {self.id} is full")
-        if payload is None:
-            payload = serialize_resource_spans(batch.resource_spans)
         item = _QueueItem(payload, spans, batch.project, batch.metadata, batch.received_ns)
+        near_head = self._queued_spans < 2 * self.queue_settings.batch_max_spans
+        if hand_over and near_head:
+            # Exported soon: keep the messages rather than parse the bytes back. They
+            # hold about what the bytes would (protobuf's parser points into the
+            # request body instead of copying it).
+            item.messages = batch.resource_spans
+            if self._disk is None:
+                item.payload = None  # in memory only: the bytes are not needed at all
+                self._push(item)
+                return None
+        if payload is None:
+            payload = item.payload = serialize_resource_spans(batch.resource_spans)
         if self._disk is None:
             self._push(item)
             return None
-        # Far from the head: the bytes wait on disk only, so a persistent queue can hold
-        # a long outage's worth of spans in bounded memory.
-        keep_payload = self._queued_spans < 2 * self.queue_settings.batch_max_spans
+        # Far from the head the bytes wait on disk only, so a persistent queue can hold
+        # a long outage's worth of spans in bounded memory; near it, they are in memory
+        # (as bytes or as messages) for the consumer.
+        keep_payload = near_head and item.messages is None
         self._queued_spans += spans  # room is taken now; the item joins once on disk
         self._storing += 1
         self._idle.clear()
@@ -386,6 +411,9 @@ class ExporterQueue:
         between so a large merge does not hold up the event loop."""
         resource_spans: list[Any] = []
         for index, item in enumerate(items):
+            if item.messages is not None:
+                resource_spans.extend(item.messages)
+                continue
             if index:
                 await asyncio.sleep(0)
             payload = item.payload
