@@ -16,9 +16,8 @@ Queued batches are held serialized (an ``ExportTraceServiceRequest`` body), not 
 parsed messages: about a fifth of the memory, and no objects for the cyclic garbage
 collector to scan. Serialized requests concatenate into one valid request, so merging
 queued batches is a ``join``; the consumer parses them back just before exporting.
-The one exception is the head of one queue per pipeline: there the batch's own
-messages wait (they are about to be exported, and parsing them back would cost as much
-as receiving them did), so that exporter gets them without a parse.
+The one exception is a batch put on a queue where nothing waits (the first queue of a
+pipeline): it is exported next, so its own messages are handed over, without a parse.
 """
 
 from __future__ import annotations
@@ -293,10 +292,10 @@ class ExporterQueue:
             raise RefusedError(f"sending queue of exporter {self.id} is full")
         item = _QueueItem(payload, spans, batch.project, batch.metadata, batch.received_ns)
         near_head = self._queued_spans < 2 * self.queue_settings.batch_max_spans
-        if hand_over and near_head:
-            # Exported soon: keep the messages rather than parse the bytes back. They
-            # hold about what the bytes would (protobuf's parser points into the
-            # request body instead of copying it).
+        if hand_over and not self._items and not self._storing:
+            # Nothing waits: the consumer exports this batch next, parsed, so keep its
+            # messages rather than parse the bytes back. Only then: parsed messages
+            # take about three times the memory of their bytes, too much for a backlog.
             item.messages = batch.resource_spans
             if self._disk is None:
                 item.payload = None  # in memory only: the bytes are not needed at all
