@@ -7,12 +7,17 @@ receiver or the other exporters. When a queue is full the pipeline refuses new d
 (503 + Retry-After) instead of dropping accepted data or growing memory.
 
 With ``sending_queue.storage: DIR`` queued batches are written to an SQLite file in DIR
-before the request is answered, so a crash or restart delivers them later.
+before the request is answered, so a crash or restart delivers them later. Every read
+and write of that file runs on a thread of its own: SQLite releases the GIL while it
+writes, and its WAL checkpoints wait on the disk, so the event loop goes on receiving
+in the meantime.
 
 Queued batches are held serialized (an ``ExportTraceServiceRequest`` body), not as
 parsed messages: about a fifth of the memory, and no objects for the cyclic garbage
 collector to scan. Serialized requests concatenate into one valid request, so merging
 queued batches is a ``join``; the consumer parses them back just before exporting.
+The one exception is a batch put on a queue where nothing waits (the first queue of a
+pipeline): it is exported next, so its own messages are handed over, without a parse.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import random
 import sqlite3
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -85,6 +92,7 @@ class ExporterConfig(ComponentConfig):
 
 
 _Outcome = Literal["sent", "permanent", "gave_up"]
+_T = TypeVar("_T")
 
 
 def _varint(value: int) -> bytes:
@@ -107,7 +115,7 @@ def serialize_resource_spans(resource_spans: list[Any]) -> bytes:
 
 
 class _QueueItem:
-    __slots__ = ("key", "metadata", "payload", "project", "received_ns", "spans")
+    __slots__ = ("key", "messages", "metadata", "payload", "project", "received_ns", "spans")
 
     def __init__(
         self,
@@ -124,10 +132,15 @@ class _QueueItem:
         self.metadata = metadata or {}
         self.received_ns = received_ns
         self.key = key  # row id in the persistent queue
+        self.messages: list[Any] | None = None  # the batch's ResourceSpans, handed over
 
 
 class _DiskQueue:
-    """Append-only SQLite table of serialized batches; rows are deleted once exported."""
+    """Append-only SQLite table of serialized batches; rows are deleted once exported.
+
+    The methods block; ``ExporterQueue`` calls them through ``run`` (all but ``load`` at
+    start-up), so they run one at a time, in order, on the queue's own thread.
+    """
 
     def __init__(self, directory: Path, name: str):
         directory.mkdir(parents=True, exist_ok=True)
@@ -142,11 +155,16 @@ class _DiskQueue:
             "CREATE TABLE IF NOT EXISTS queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " project TEXT, spans INTEGER NOT NULL, payload BLOB NOT NULL)"
         )
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"calltrace-queue-{safe}")
 
-    def append(self, item: _QueueItem) -> int:
+    def run(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """``fn(*args)`` on the queue's thread, after every call submitted before it."""
+        return asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def append(self, project: str | None, spans: int, payload: bytes) -> int:
         cursor = self.db.execute(
             "INSERT INTO queue (project, spans, payload) VALUES (?, ?, ?)",
-            (item.project, item.spans, item.payload),
+            (project, spans, payload),
         )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
@@ -168,8 +186,10 @@ class _DiskQueue:
     def delete(self, keys: list[int]) -> None:
         self.db.executemany("DELETE FROM queue WHERE id = ?", [(k,) for k in keys])
 
-    def close(self) -> None:
-        self.db.close()
+    async def close(self) -> None:
+        """Close the file once the calls already submitted are done, then the thread."""
+        await self.run(self.db.close)
+        self._thread.shutdown()
 
 
 class ExporterQueue:
@@ -185,6 +205,8 @@ class ExporterQueue:
         self._items: deque[_QueueItem] = deque()
         self._queued_spans = 0
         self._in_flight = 0
+        self._storing = 0
+        """Items being written to the persistent queue (counted in ``_queued_spans``)."""
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -231,37 +253,106 @@ class ExporterQueue:
             self._consumers.append(asyncio.create_task(self._consume()))
 
     async def put(
-        self, batch: SpanBatch, spans: int | None = None, payload: bytes | None = None
+        self,
+        batch: SpanBatch,
+        spans: int | None = None,
+        payload: bytes | None = None,
+        hand_over: bool = False,
     ) -> None:
         """Queue ``batch`` (persisted first when a storage dir is set), or export it now
         when the queue is disabled. ``payload`` is the batch already serialized (by
         ``serialize_resource_spans``), when the caller fans one batch out to several
-        queues."""
+        queues. ``hand_over``: the caller gives up ``batch``'s messages (edits them no
+        more, gives them to no other queue), so the queue may export them as they are."""
         spans = batch.span_count if spans is None else spans
         if not self.queue_settings.enabled:
             await self._export_with_retry(batch, spans)
             return
+        stored = self.enqueue(batch, spans, payload, hand_over)
+        if stored is not None:
+            await asyncio.shield(stored)
+
+    def enqueue(
+        self,
+        batch: SpanBatch,
+        spans: int,
+        payload: bytes | None = None,
+        hand_over: bool = False,
+    ) -> asyncio.Future[None] | None:
+        """Queue ``batch`` on an enabled queue, checking for room and counting its spans
+        at once; with a persistent queue, returns a future done once the batch is on
+        disk (the item joins the queue then, whoever waits for it or not), else None.
+        ``hand_over`` as for ``put``.
+
+        Refuses (``RefusedError``) before any await, so ``FanOut`` can queue a batch on
+        every exporter's queue or on none."""
         if self._closing:
             raise RefusedError(f"exporter {self.id} is shutting down", retry_after=5.0)
         if not self.has_room(spans):
             raise RefusedError(f"sending queue of exporter {self.id} is full")
-        if payload is None:
-            payload = serialize_resource_spans(batch.resource_spans)
         item = _QueueItem(payload, spans, batch.project, batch.metadata, batch.received_ns)
-        if self._disk is not None:
-            item.key = self._disk.append(item)
-            if self._queued_spans >= 2 * self.queue_settings.batch_max_spans:
-                # Far from the head: the bytes wait on disk only, so a persistent queue
-                # can hold a long outage's worth of spans in bounded memory.
-                item.payload = None
-        self._push(item)
+        near_head = self._queued_spans < 2 * self.queue_settings.batch_max_spans
+        if hand_over and not self._items and not self._storing:
+            # Nothing waits: the consumer exports this batch next, parsed, so keep its
+            # messages rather than parse the bytes back. Only then: parsed messages
+            # take about three times the memory of their bytes, too much for a backlog.
+            item.messages = batch.resource_spans
+            if self._disk is None:
+                item.payload = None  # in memory only: the bytes are not needed at all
+                self._push(item)
+                return None
+        if payload is None:
+            payload = item.payload = serialize_resource_spans(batch.resource_spans)
+        if self._disk is None:
+            self._push(item)
+            return None
+        # Far from the head the bytes wait on disk only, so a persistent queue can hold
+        # a long outage's worth of spans in bounded memory; near it, they are in memory
+        # (as bytes or as messages) for the consumer.
+        keep_payload = near_head and item.messages is None
+        self._queued_spans += spans  # room is taken now; the item joins once on disk
+        self._storing += 1
+        self._idle.clear()
+        written = self._disk.run(self._disk.append, item.project, spans, payload)
+        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def _push(self, item: _QueueItem) -> None:
+        def on_disk(written: asyncio.Future[int]) -> None:
+            self._storing -= 1
+            failure = None if written.cancelled() else written.exception()
+            if written.cancelled() or failure is not None:
+                self._queued_spans -= spans
+                self._report_size()
+                self._set_idle_if_idle()
+                if stored.done():  # cancelled by its waiter
+                    pass
+                elif failure is not None:
+                    stored.set_exception(failure)
+                else:
+                    stored.cancel()
+                return
+            item.key = written.result()
+            if not keep_payload:
+                item.payload = None
+            self._push(item, counted=True)
+            if not stored.done():
+                stored.set_result(None)
+
+        # Callbacks of one thread's futures run in the order the writes finished, which
+        # is the order they were submitted: items join the queue in order.
+        written.add_done_callback(on_disk)
+        return stored
+
+    def _push(self, item: _QueueItem, counted: bool = False) -> None:
         self._items.append(item)
-        self._queued_spans += item.spans
+        if not counted:
+            self._queued_spans += item.spans
         self._idle.clear()
         self._wakeup.set()
         self._report_size()
+
+    def _set_idle_if_idle(self) -> None:
+        if not self._items and self._in_flight == 0 and self._storing == 0:
+            self._idle.set()
 
     def _report_size(self) -> None:
         if self.telemetry is not None:
@@ -297,9 +388,10 @@ class ExporterQueue:
                     # One request's bad data must not drop the others merged with it.
                     for item in items:
                         await self._export_with_retry(await self._parse([item]), item.spans)
-                if self._disk is not None:
+                disk = self._disk
+                if disk is not None:
                     try:
-                        self._disk.delete([i.key for i in items if i.key is not None])
+                        await disk.run(disk.delete, [i.key for i in items if i.key is not None])
                     except sqlite3.Error:  # they will be delivered again after a restart
                         log.exception("%s: could not remove delivered batches from disk", self.id)
             except asyncio.CancelledError:
@@ -311,20 +403,23 @@ class ExporterQueue:
                 self._in_flight -= 1
             self._queued_spans -= spans
             self._report_size()
-            if not self._items and self._in_flight == 0:
-                self._idle.set()
+            self._set_idle_if_idle()
 
     async def _parse(self, items: list[_QueueItem]) -> SpanBatch:
         """The queued items as one batch; parsed item by item, letting other tasks run in
         between so a large merge does not hold up the event loop."""
         resource_spans: list[Any] = []
         for index, item in enumerate(items):
+            if item.messages is not None:
+                resource_spans.extend(item.messages)
+                continue
             if index:
                 await asyncio.sleep(0)
             payload = item.payload
             if payload is None:
-                assert self._disk is not None and item.key is not None
-                payload = self._disk.payload(item.key)
+                disk = self._disk
+                assert disk is not None and item.key is not None
+                payload = await disk.run(disk.payload, item.key)
             request = ExportTraceServiceRequest()
             request.ParseFromString(payload)
             resource_spans.extend(request.resource_spans)
@@ -410,6 +505,6 @@ class ExporterQueue:
             _, pending = await asyncio.wait(pending, timeout=0.5)
         await asyncio.gather(*self._consumers, return_exceptions=True)
         self._consumers.clear()
-        if self._disk is not None:
-            self._disk.close()
-            self._disk = None
+        disk, self._disk = self._disk, None
+        if disk is not None:
+            await disk.close()

@@ -10,26 +10,30 @@ OTLP/JSON is proto3 JSON with a few rules of its own
 - 64-bit integers may be numbers or decimal strings;
 - unknown fields are ignored, at any level, so newer senders work with older receivers.
 
-Decoding walks the parsed JSON once, renaming keys and converting values with a table
-built per message type from the protobuf descriptors, then builds the whole request in
-one constructor call. This is several times faster than ``json_format.ParseDict`` on
-span-heavy requests. An id that is not valid hex decodes to ``INVALID_HEX_ID``, a value
-of no valid id length, so the receiver rejects that span alone (``partial_success``)
-rather than the whole request.
+Decoding parses the JSON with orjson and walks it once, writing the protobuf wire
+format with an encoder built per message type from the protobuf descriptors; protobuf's
+parser then reads those bytes into the message. This is several times faster than
+``json_format.ParseDict`` on span-heavy requests, and about twice as fast as building
+the message from constructor arguments. An id that is not valid hex decodes to
+``INVALID_HEX_ID``, a value of no valid id length, so the receiver rejects that span
+alone (``partial_success``) rather than the whole request.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import gc
 import json
 import math
+import struct
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import orjson
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -83,8 +87,14 @@ class _Bad(Exception):
 
 
 # -- decoding -------------------------------------------------------------------------
+#
+# A JSON document is turned straight into the protobuf wire format, which protobuf's
+# parser (C) then reads: no intermediate dicts of constructor arguments, no
+# per-message constructor calls. An encoder per message type, built once from its
+# descriptor, maps each JSON key to the field's tag and a function writing its value.
 
-Convert = Callable[[Any], Any]
+Encode = Callable[[Any], Any]
+"""A JSON value -> the field's bytes after its tag (``_SKIP`` to leave it out)."""
 
 
 def decode_request(body: bytes | str) -> ExportTraceServiceRequest:
@@ -94,90 +104,187 @@ def decode_request(body: bytes | str) -> ExportTraceServiceRequest:
 
 def decode(body: bytes | str, message_type: type[M]) -> M:
     """A message of ``message_type`` from an OTLP/JSON document."""
+    # A request's document is tens of thousands of dicts and lists, which would set off
+    # the cyclic garbage collector several times, each a walk over every object the
+    # process holds. They form no cycles (refcounting frees them), so it is paused.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        document = json.loads(body)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise OTLPJSONError(f"invalid JSON: {exc}") from None
-    return from_dict(document, message_type)
+        try:
+            document = orjson.loads(body)
+        except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError: a ValueError
+            raise OTLPJSONError(f"invalid JSON: {exc}") from None
+        return from_dict(document, message_type)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def from_dict(document: Any, message_type: type[M]) -> M:
     """A message of ``message_type`` from parsed OTLP/JSON (dicts, lists, scalars)."""
     if not isinstance(document, dict):
         raise OTLPJSONError(f"expected a JSON object, got {_json_type(document)}")
-    convert = _message_converter(message_type.DESCRIPTOR)
+    encode_message = _message_encoder(message_type.DESCRIPTOR)
     try:
-        fields = convert(document)
+        wire = encode_message(document)
     except _Bad as exc:
         where = "".join(reversed(exc.path)).lstrip(".")
         raise OTLPJSONError(f"{where}: {exc.message}" if where else exc.message) from None
     except RecursionError:
         raise OTLPJSONError("nested too deeply") from None
+    message = message_type()
     try:
-        return message_type(**fields)
-    except (ValueError, TypeError) as exc:  # e.g. an integer out of its field's range
+        message.ParseFromString(wire)
+    except DecodeError as exc:  # protobuf's own nesting limit (100 levels)
         raise OTLPJSONError(f"invalid value: {exc}") from None
+    return message
 
 
-_converters: dict[str, Convert] = {}
+_encoders: dict[str, Encode] = {}
+_field_encoders: dict[str, Encode] = {}
 
 
-def _message_converter(descriptor: Descriptor) -> Convert:
-    """A function turning a JSON object into constructor keyword arguments."""
-    cached = _converters.get(descriptor.full_name)
+def _message_encoder(descriptor: Descriptor) -> Encode:
+    """A function turning a JSON object into the message's serialized fields."""
+    cached = _encoders.get(descriptor.full_name)
     if cached is not None:
         return cached
 
-    table: dict[str, tuple[str, Convert]] = {}
+    table: dict[str, tuple[bytes, Encode, bool]] = {}
 
-    def convert(obj: Any) -> dict[str, Any]:
-        if not isinstance(obj, dict):
+    def encode(obj: Any) -> bytes:
+        if type(obj) is not dict:
             raise _Bad(f"expected an object, got {_json_type(obj)}")
-        fields = {}
+        parts: list[bytes] = []
+        append = parts.append
         for key, value in obj.items():
             entry = table.get(key)
             if entry is None or value is None:
                 continue  # unknown fields are ignored; null means the default
-            name, convert_value = entry
+            tag, encode_value, repeated = entry
             try:
-                converted = convert_value(value)
+                if not repeated:
+                    data = encode_value(value)
+                    if data is not _SKIP:
+                        append(tag)
+                        append(data)
+                    continue
+                if type(value) is not list:
+                    raise _Bad(f"expected an array, got {_json_type(value)}")
+                for index, item in enumerate(value):
+                    try:
+                        data = encode_value(item)
+                    except _Bad as exc:
+                        exc.path.append(f"[{index}]")
+                        raise
+                    if data is not _SKIP:
+                        append(tag)
+                        append(data)
             except _Bad as exc:
                 exc.path.append(f".{key}")
                 raise
-            if converted is not _SKIP:
-                fields[name] = converted
-        return fields
+        return b"".join(parts)
 
-    registered: Convert = convert
-    if descriptor.full_name == "opentelemetry.proto.common.v1.KeyValue":
-        generic = convert
-
-        def string_attribute(obj: Any) -> dict[str, Any]:
-            """Most attributes are ``{"key": k, "value": {"stringValue": s}}``: converted
-            here in one step, everything else (and every error) by the generic path."""
-            if type(obj) is dict and len(obj) == 2:
-                value = obj.get("value")
-                if type(value) is dict and len(value) == 1:
-                    text = value.get("stringValue")
-                    key = obj.get("key")
-                    if type(text) is str and type(key) is str:
-                        return {"key": key, "value": {"string_value": text}}
-            return generic(obj)
-
-        registered = string_attribute
     # Registered before the table is filled: message types may be recursive (AnyValue).
-    _converters[descriptor.full_name] = registered
+    _encoders[descriptor.full_name] = encode
     hex_ids = _HEX_ID_FIELDS.get(descriptor.full_name, ())
     for field in descriptor.fields:
-        value_converter = _hex_id if field.name in hex_ids else _field_value_converter(field)
-        if _is_repeated(field):
-            value_converter = _repeated(value_converter)
-        table[field.json_name] = (field.name, value_converter)
-        table[field.name] = (field.name, value_converter)
+        wire_type: int
+        value_encoder: Encode
+        if field.name in hex_ids:
+            wire_type, value_encoder = _LEN, _hex_id
+        else:
+            wire_type, value_encoder = _field_value_encoder(field)
+        entry = (_varint(field.number << 3 | wire_type), value_encoder, _is_repeated(field))
+        table[field.json_name] = entry
+        table[field.name] = entry
+    return encode
+
+
+def _message_field_encoder(descriptor: Descriptor) -> Encode:
+    """A function writing a JSON object as a message field's value: length, then fields."""
+    name = descriptor.full_name
+    cached = _field_encoders.get(name)
+    if cached is not None:
+        return cached
+
+    def message(value: Any) -> bytes:
+        body = encode_body(value)
+        return _varint(len(body)) + body
+
+    registered: Encode = message
+    if name == "opentelemetry.proto.common.v1.KeyValue":
+        registered = _string_attribute_encoder(message)
+    _field_encoders[name] = registered  # before the body encoder: AnyValue contains itself
+    encode_body = _message_encoder(descriptor)
     return registered
 
 
-_SKIP = object()  # an unknown enum name: leave the field unset, as for unknown fields
+_CACHE_SIZE = 4096
+_CACHED_TEXT = 64
+
+
+def _string_attribute_encoder(generic: Encode) -> Encode:
+    """Most attributes are ``{"key": k, "value": {"stringValue": s}}`` or another single
+    scalar, and many repeat (every resource of an agent's requests carries the same
+    ones): such an attribute is written here, from a cache of recent ones when it can;
+    everything else (and every error) goes the ``generic`` way."""
+    written: dict[tuple[str, str, type, Any], bytes] = {}
+    key_prefixes: dict[str, bytes] = {}  # key's tag, length, UTF-8; the value's tag
+
+    def remember(cache_key: tuple[str, str, type, Any], field: bytes) -> None:
+        if len(written) >= _CACHE_SIZE:
+            written.clear()
+        written[cache_key] = field
+
+    def attribute(obj: Any) -> bytes:
+        if type(obj) is not dict or len(obj) != 2:
+            return generic(obj)
+        key = obj.get("key")
+        value = obj.get("value")
+        if type(key) is not str or type(value) is not dict or len(value) != 1:
+            return generic(obj)
+        ((kind, scalar),) = value.items()
+        scalar_type = type(scalar)
+        if scalar_type not in _SCALAR_TYPES:
+            return generic(obj)
+        # The type is part of the key: True == 1, but true is no valid intValue.
+        cache_key = (key, kind, scalar_type, scalar)
+        cached = written.get(cache_key)
+        if cached is not None:
+            return cached
+        if kind != "stringValue" or scalar_type is not str:
+            field = generic(obj)  # raises on a bad value: nothing is cached then
+            remember(cache_key, field)
+            return field
+        prefix = key_prefixes.get(key)
+        try:
+            if prefix is None:
+                key_bytes = key.encode()
+                prefix = b"\n" + _varint(len(key_bytes)) + key_bytes + b"\x12"
+                if len(key_prefixes) >= _CACHE_SIZE:
+                    key_prefixes.clear()
+                key_prefixes[key] = prefix
+            text_bytes = scalar.encode()
+        except UnicodeEncodeError:
+            return generic(obj)  # reports which string
+        text_length = _varint(len(text_bytes))
+        any_value_length = _varint(1 + len(text_length) + len(text_bytes))
+        key_value = b"".join((prefix, any_value_length, b"\n", text_length, text_bytes))
+        field = _varint(len(key_value)) + key_value
+        if len(scalar) <= _CACHED_TEXT:
+            remember(cache_key, field)
+        return field
+
+    return attribute
+
+
+_SCALAR_TYPES = frozenset((str, int, float, bool))
+
+
+_SKIP: Any = object()  # an unknown enum name: leave the field unset, as for unknown fields
+
+_VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
 
 
 def _is_repeated(field: Any) -> bool:
@@ -188,51 +295,102 @@ def _is_repeated(field: Any) -> bool:
     return field.label == FieldDescriptor.LABEL_REPEATED
 
 
-def _repeated(convert_item: Convert) -> Convert:
-    def convert(value: Any) -> list[Any]:
-        if not isinstance(value, list):
-            raise _Bad(f"expected an array, got {_json_type(value)}")
-        items = []
-        for index, item in enumerate(value):
-            try:
-                converted = convert_item(item)
-            except _Bad as exc:
-                exc.path.append(f"[{index}]")
-                raise
-            if converted is not _SKIP:
-                items.append(converted)
-        return items
-
-    return convert
+_SMALL_VARINTS = [
+    bytes((n,)) if n < 0x80 else bytes((n & 0x7F | 0x80, n >> 7)) for n in range(1 << 14)
+]
+"""The varints of 0 .. 16383 (lengths of almost every string and message)."""
 
 
-def _field_value_converter(field: Any) -> Convert:
+def _varint(value: int) -> bytes:
+    """The varint of ``value`` (0 <= value < 2**64)."""
+    if value < 16384:
+        return _SMALL_VARINTS[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field_value_encoder(field: Any) -> tuple[int, Encode]:
+    """The wire type of ``field`` and the function writing one of its values."""
     kind = field.type
     if kind == FieldDescriptor.TYPE_MESSAGE:
-        return _message_converter(field.message_type)
-    if kind == FieldDescriptor.TYPE_ENUM:
-        return _enum_converter(field.enum_type)
+        return _LEN, _message_field_encoder(field.message_type)
     if kind == FieldDescriptor.TYPE_STRING:
-        return _string
+        return _LEN, _string
     if kind == FieldDescriptor.TYPE_BYTES:
-        return _base64
+        return _LEN, _base64
     if kind == FieldDescriptor.TYPE_BOOL:
-        return _bool
-    if kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
-        return _float
-    return _integer  # every integer type; the constructor checks the range
+        return _VARINT, _bool
+    if kind == FieldDescriptor.TYPE_ENUM:
+        return _VARINT, _enum_encoder(field.enum_type)
+    if kind == FieldDescriptor.TYPE_DOUBLE:
+        return _FIXED64, _packer("<d", _float)
+    if kind == FieldDescriptor.TYPE_FLOAT:
+        return _FIXED32, _packer("<f", _float)
+    wire_type, low, high, write = _INTEGER_TYPES[kind]
+
+    def integer(value: Any) -> bytes:
+        number = _integer(value)
+        if not low <= number <= high:
+            raise _Bad(f"integer {number} out of range [{low}, {high}]")
+        return write(number)
+
+    return wire_type, integer
 
 
-def _string(value: Any) -> str:
-    if not isinstance(value, str):
+def _signed_varint(number: int) -> bytes:
+    return _varint(number & 0xFFFFFFFFFFFFFFFF)  # negatives: ten bytes, two's complement
+
+
+def _zigzag(number: int) -> bytes:
+    return _varint((number << 1) ^ (number >> 63))
+
+
+def _packer(layout: str, convert: Callable[[Any], Any]) -> Encode:
+    pack = struct.Struct(layout).pack
+
+    def write(value: Any) -> bytes:
+        try:
+            return pack(convert(value))
+        except OverflowError:  # a double too large for a float field
+            raise _Bad(f"number out of range: {value!r}") from None
+
+    return write
+
+
+_I32 = (-(1 << 31), (1 << 31) - 1)
+_I64 = (-(1 << 63), (1 << 63) - 1)
+_INTEGER_TYPES: dict[int, tuple[int, int, int, Callable[[int], bytes]]] = {
+    FieldDescriptor.TYPE_INT32: (_VARINT, *_I32, _signed_varint),
+    FieldDescriptor.TYPE_INT64: (_VARINT, *_I64, _signed_varint),
+    FieldDescriptor.TYPE_UINT32: (_VARINT, 0, (1 << 32) - 1, _varint),
+    FieldDescriptor.TYPE_UINT64: (_VARINT, 0, (1 << 64) - 1, _varint),
+    FieldDescriptor.TYPE_SINT32: (_VARINT, *_I32, _zigzag),
+    FieldDescriptor.TYPE_SINT64: (_VARINT, *_I64, _zigzag),
+    FieldDescriptor.TYPE_FIXED32: (_FIXED32, 0, (1 << 32) - 1, struct.Struct("<I").pack),
+    FieldDescriptor.TYPE_SFIXED32: (_FIXED32, *_I32, struct.Struct("<i").pack),
+    FieldDescriptor.TYPE_FIXED64: (_FIXED64, 0, (1 << 64) - 1, struct.Struct("<Q").pack),
+    FieldDescriptor.TYPE_SFIXED64: (_FIXED64, *_I64, struct.Struct("<q").pack),
+}
+
+
+def _string(value: Any) -> bytes:
+    if type(value) is not str:
         raise _Bad(f"expected a string, got {_json_type(value)}")
-    return value
+    try:
+        data = value.encode()
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") is no Unicode text
+        raise _Bad(f"expected a string of Unicode text, got {value!r}") from None
+    return _varint(len(data)) + data
 
 
-def _bool(value: Any) -> bool:
+def _bool(value: Any) -> bytes:
     if not isinstance(value, bool):
         raise _Bad(f"expected true or false, got {_json_type(value)}")
-    return value
+    return b"\x01" if value else b"\x00"
 
 
 def _integer(value: Any) -> int:
@@ -276,33 +434,42 @@ def _base64(value: Any) -> bytes:
     padded = value + "=" * (-len(value) % 4)
     try:
         if "-" in value or "_" in value:
-            return base64.urlsafe_b64decode(padded)
-        return base64.b64decode(padded)
+            data = base64.urlsafe_b64decode(padded)
+        else:
+            data = base64.b64decode(padded)
     except (binascii.Error, ValueError):
         raise _Bad(f"expected a base64 string, got {value!r}") from None
+    return _varint(len(data)) + data
+
+
+_INVALID_HEX_ID_FIELD = _varint(len(INVALID_HEX_ID)) + INVALID_HEX_ID
 
 
 def _hex_id(value: Any) -> bytes:
     """A trace or span id from hex; anything else gives ``INVALID_HEX_ID``."""
-    if not isinstance(value, str):
-        return INVALID_HEX_ID
+    if type(value) is not str:
+        return _INVALID_HEX_ID_FIELD
     try:
-        return bytes.fromhex(value)
+        data = bytes.fromhex(value)
     except ValueError:
-        return INVALID_HEX_ID
+        return _INVALID_HEX_ID_FIELD
+    return _varint(len(data)) + data
 
 
-def _enum_converter(enum: EnumDescriptor) -> Convert:
-    by_name = {value.name: value.number for value in enum.values}
+def _enum_encoder(enum: EnumDescriptor) -> Encode:
+    by_name = {value.name: _signed_varint(value.number) for value in enum.values}
+    low, high = _I32
 
-    def convert(value: Any) -> Any:
+    def encode(value: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value  # proto3 enums are open: unknown numbers are kept
+            if not low <= value <= high:
+                raise _Bad(f"enum number {value} out of range")
+            return _signed_varint(value)  # proto3 enums are open: unknown numbers are kept
         if isinstance(value, str):
             return by_name.get(value, _SKIP)
         raise _Bad(f"expected an enum number or name, got {_json_type(value)}")
 
-    return convert
+    return encode
 
 
 def _json_type(value: Any) -> str:

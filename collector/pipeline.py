@@ -11,6 +11,7 @@ answers success.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 
 from collector.components import Forward, Processor, RefusedError, RequestInfo
@@ -30,6 +31,7 @@ class FanOut:
 
     def __init__(self, queues: list[ExporterQueue]):
         self.queues = queues
+        self._hand_over = all(queue.queue_settings.enabled for queue in queues)
 
     def refuse_if_full(self) -> None:
         """Refuse before a request's body is read when a queue is nearly full: under a
@@ -45,10 +47,26 @@ class FanOut:
         full = [q.id for q in self.queues if not q.has_room(spans)]
         if full:
             raise RefusedError(f"sending queue full: {', '.join(full)}", retry_after=1.0)
-        # Serialized once for every queue: queues hold bytes, not parsed messages.
-        payload = serialize_resource_spans(batch.resource_spans)
+        # Serialized once for every queue: queues hold bytes, not parsed messages. A
+        # lone queue serializes only if it needs the bytes (see ExporterQueue.enqueue).
+        payload = serialize_resource_spans(batch.resource_spans) if len(self.queues) > 1 else None
+        # Queued on every queue before the first await, so no queue can fill up (or
+        # start shutting down) between the check above and its turn. The first queue
+        # is handed the batch's messages to export as they are; the others parse their
+        # own copy, so no two exporters share a message (an exporter without a queue
+        # gets the batch itself, so then no queue is handed it).
+        writes = [
+            queue.enqueue(batch, spans, payload, hand_over=self._hand_over and index == 0)
+            for index, queue in enumerate(q for q in self.queues if q.queue_settings.enabled)
+        ]
         for queue in self.queues:
-            await queue.put(batch, spans, payload)
+            if not queue.queue_settings.enabled:  # no queue: exported here and now
+                await queue.put(batch, spans, payload)
+        # Persistent queues: answer once the batch is on disk in each of them. Shielded:
+        # a client that hangs up must not cancel the writes (they finish regardless).
+        on_disk = [write for write in writes if write is not None]
+        if on_disk:
+            await asyncio.shield(asyncio.gather(*on_disk))
 
 
 class Pipeline:

@@ -6,6 +6,8 @@ way. Dropped spans are counted in ``calltrace_processor_dropped_spans``.
 
 from __future__ import annotations
 
+import operator
+
 from pydantic import Field
 
 from collector import ComponentConfig, Host, Processor, SpanBatch
@@ -14,6 +16,10 @@ from collector import ComponentConfig, Host, Processor, SpanBatch
 class SkipConfig(ComponentConfig):
     attributes: list[str] = Field(default_factory=lambda: ["roark.skip"], min_length=1)
     """Resource attributes that mark a resource's spans to be dropped."""
+
+
+_KEY = operator.attrgetter("key")
+_SPANS = operator.attrgetter("spans")
 
 
 def _is_true(value: object) -> bool:
@@ -39,8 +45,13 @@ class SkipProcessor(Processor):
         self._telemetry = host.telemetry
 
     def _skipped(self, resource_attributes: object) -> bool:
+        # Runs for every resource (a few spans each): the keys are compared in C, and
+        # only a resource that has a skip attribute is looked at further.
+        keys = self._keys
+        if keys.isdisjoint(map(_KEY, resource_attributes)):  # type: ignore[call-overload]
+            return False
         return any(
-            kv.key in self._keys and _is_true(kv.value)
+            kv.key in keys and _is_true(kv.value)
             for kv in resource_attributes  # type: ignore[attr-defined]
         )
 
@@ -49,7 +60,7 @@ class SkipProcessor(Processor):
         dropped = 0
         for rs in batch.resource_spans:
             if self._skipped(rs.resource.attributes):
-                dropped += sum(len(ss.spans) for ss in rs.scope_spans)
+                dropped += sum(map(len, map(_SPANS, rs.scope_spans)))
             else:
                 kept.append(rs)
         if dropped:

@@ -228,3 +228,28 @@ async def test_gives_up_after_max_elapsed_time():
     await queue.put(batch(resource_spans({}, [{}])))
     await queue.shutdown(5)
     assert telemetry.value("calltrace_exporter_send_failed_spans_total", exporter="recorder") == 1
+
+
+async def test_persistent_queue_writes_off_the_loop_in_order_and_counts_room_at_once(tmp_path):
+    exporter = Recorder(fast_retry(storage=str(tmp_path), queue_size=10))
+    exporter.gate = asyncio.Event()  # the destination is down: everything stays queued
+    queue = ExporterQueue(exporter)
+    await queue.start()
+    puts = [
+        asyncio.ensure_future(queue.put(batch(resource_spans({}, [{"name": f"s{index}"}] * 3))))
+        for index in range(3)
+    ]
+    await asyncio.sleep(0)  # the puts are writing to disk
+    assert queue.size == 9  # their room is taken before they are on disk
+    with pytest.raises(RefusedError):
+        await queue.put(batch(resource_spans({}, [{}, {}])))
+    puts[1].cancel()  # a client hangs up: its batch is queued all the same
+    await asyncio.gather(*puts, return_exceptions=True)
+    rows = queue._disk.db.execute("SELECT spans FROM queue ORDER BY id").fetchall()
+    assert rows == [(3,), (3,), (3,)]
+    exporter.gate.set()
+    await queue.shutdown(5)
+    names = [
+        s.name for b in exporter.batches for rs in b.resource_spans for s in rs.scope_spans[0].spans
+    ]
+    assert names == [f"s{index}" for index in range(3) for _ in range(3)]

@@ -56,3 +56,22 @@ async def test_nearly_full_queue_refuses_at_admission():
     await queue.shutdown(5)
     assert not queue.nearly_full()
     await pipeline.admit(RequestInfo(headers={}, transport="http"))
+
+
+async def test_fan_out_hands_the_messages_to_one_queue_and_copies_to_the_others(tmp_path):
+    first, second = Recorder(fast_retry(storage=str(tmp_path))), Recorder(fast_retry())
+    first.gate, second.gate = asyncio.Event(), asyncio.Event()
+    queues = [ExporterQueue(first), ExporterQueue(second)]
+    for queue in queues:
+        await queue.start()
+    pipeline = Pipeline("traces", [], queues)
+    sent = batch(resource_spans({"k": "v"}, [{"name": "a"}, {"name": "b"}]))
+    await pipeline.consume(sent)
+    first.gate.set()
+    second.gate.set()
+    for queue in queues:
+        await queue.shutdown(5)
+    [exported], [copied] = first.batches, second.batches
+    assert exported.resource_spans[0] is sent.resource_spans[0]  # exported without a parse
+    assert copied.resource_spans[0] is not sent.resource_spans[0]
+    assert copied.resource_spans == exported.resource_spans

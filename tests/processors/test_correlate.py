@@ -99,3 +99,23 @@ async def test_client_supplied_call_id_is_replaced(correlate):
         batch(resource_spans({CALL_ID_ATTRIBUTE: "call_forged", "service.name": "x"}, [{}]))
     )
     assert call_of(out.resource_spans[0]) is None
+
+
+async def test_repeated_resources_are_stamped_alike_and_forged_stamps_removed(correlate, tmp_path):
+    # A request repeats its resources (one per exported batch of an agent); the outcome
+    # of the first is replayed on the others, client-sent call attributes included.
+    forged = {"livekit.room.id": "RM_1", CALL_ID_ATTRIBUTE: "call_forged"}
+    first = await correlate.process(
+        batch(*(resource_spans(forged, [{}]) for _ in range(3)), resource_spans({}, [{}]))
+    )
+    again = await correlate.process(batch(resource_spans(forged, [{}, {}])))
+    other = await correlate.process(batch(resource_spans(forged, [{}]), project="p2"))
+    stamped = [*first.resource_spans[:3], *again.resource_spans]
+    for rs in stamped:
+        assert [kv.key for kv in rs.resource.attributes].count(CALL_ID_ATTRIBUTE) == 1
+        assert call_of(rs) == call_id_for("p1", "RM_1")
+    assert call_of(first.resource_spans[3]) is None
+    assert call_of(other.resource_spans[0]) == call_id_for("p2", "RM_1")
+    await correlate.flush()
+    counts = sqlite3.connect(tmp_path / "c.db").execute("SELECT project, span_count FROM calls")
+    assert sorted(counts) == [("p1", 5), ("p2", 1)]
