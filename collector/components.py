@@ -139,6 +139,12 @@ class Processor(_Component):
 
 
 class Exporter(_Component, ABC):
+    serialized_batches: bool = False
+    """True: ``export`` reads only ``batch.payload`` (the spans as a serialized
+    ``ExportTraceServiceRequest``; ``batch.resource_spans`` is then empty), so the sending
+    queue hands over the bytes it holds and never parses them. For an exporter that
+    ships bytes on (to another process, over the network) without looking inside."""
+
     @abstractmethod
     async def export(self, batch: SpanBatch) -> None:
         """Write one batch. Raise ``RetryableError`` or ``PermanentError`` on failure."""

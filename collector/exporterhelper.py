@@ -292,7 +292,7 @@ class ExporterQueue:
             raise RefusedError(f"sending queue of exporter {self.id} is full")
         item = _QueueItem(payload, spans, batch.project, batch.metadata, batch.received_ns)
         near_head = self._queued_spans < 2 * self.queue_settings.batch_max_spans
-        if hand_over and not self._items and not self._storing:
+        if hand_over and self.takes_messages and not self._items and not self._storing:
             # Nothing waits: the consumer exports this batch next, parsed, so keep its
             # messages rather than parse the bytes back. Only then: parsed messages
             # take about three times the memory of their bytes, too much for a backlog.
@@ -405,9 +405,32 @@ class ExporterQueue:
             self._report_size()
             self._set_idle_if_idle()
 
+    @property
+    def takes_messages(self) -> bool:
+        """Whether the exporter reads parsed spans (else only ``SpanBatch.payload``)."""
+        return not self.exporter.serialized_batches
+
     async def _parse(self, items: list[_QueueItem]) -> SpanBatch:
         """The queued items as one batch; parsed item by item, letting other tasks run in
-        between so a large merge does not hold up the event loop."""
+        between so a large merge does not hold up the event loop. For an exporter with
+        ``serialized_batches``, their bytes joined instead (serialized requests
+        concatenate into one), never parsed."""
+        first = items[0]
+        # Request metadata describes one request: a merge of several carries none.
+        metadata = dict(first.metadata) if len(items) == 1 else {}
+        if not self.takes_messages:
+            payloads = []
+            for item in items:
+                if item.payload is not None:
+                    payloads.append(item.payload)
+                elif item.messages is not None:  # queued before the exporter said so
+                    payloads.append(serialize_resource_spans(item.messages))
+                else:
+                    disk = self._disk
+                    assert disk is not None and item.key is not None
+                    payloads.append(await disk.run(disk.payload, item.key))
+            joined = b"".join(payloads)
+            return SpanBatch([], first.project, metadata, first.received_ns, joined)
         resource_spans: list[Any] = []
         for index, item in enumerate(items):
             if item.messages is not None:
@@ -423,9 +446,6 @@ class ExporterQueue:
             request = ExportTraceServiceRequest()
             request.ParseFromString(payload)
             resource_spans.extend(request.resource_spans)
-        first = items[0]
-        # Request metadata describes one request: a merge of several carries none.
-        metadata = dict(first.metadata) if len(items) == 1 else {}
         return SpanBatch(resource_spans, first.project, metadata, first.received_ns)
 
     async def _export_with_retry(

@@ -31,7 +31,10 @@ class FanOut:
 
     def __init__(self, queues: list[ExporterQueue]):
         self.queues = queues
-        self._hand_over = all(queue.queue_settings.enabled for queue in queues)
+        # The batch's own messages go to one queue, the first whose exporter reads them.
+        self._hand_over_to: ExporterQueue | None = None
+        if all(queue.queue_settings.enabled for queue in queues):
+            self._hand_over_to = next((q for q in queues if q.takes_messages), None)
 
     def refuse_if_full(self) -> None:
         """Refuse before a request's body is read when a queue is nearly full: under a
@@ -51,13 +54,15 @@ class FanOut:
         # lone queue serializes only if it needs the bytes (see ExporterQueue.enqueue).
         payload = serialize_resource_spans(batch.resource_spans) if len(self.queues) > 1 else None
         # Queued on every queue before the first await, so no queue can fill up (or
-        # start shutting down) between the check above and its turn. The first queue
-        # is handed the batch's messages to export as they are; the others parse their
-        # own copy, so no two exporters share a message (an exporter without a queue
-        # gets the batch itself, so then no queue is handed it).
+        # start shutting down) between the check above and its turn. One queue (the
+        # first whose exporter reads messages) is handed the batch's messages to export
+        # as they are; the others parse their own copy, so no two exporters share a
+        # message (an exporter without a queue gets the batch itself, so then no queue
+        # is handed it).
         writes = [
-            queue.enqueue(batch, spans, payload, hand_over=self._hand_over and index == 0)
-            for index, queue in enumerate(q for q in self.queues if q.queue_settings.enabled)
+            queue.enqueue(batch, spans, payload, hand_over=queue is self._hand_over_to)
+            for queue in self.queues
+            if queue.queue_settings.enabled
         ]
         for queue in self.queues:
             if not queue.queue_settings.enabled:  # no queue: exported here and now

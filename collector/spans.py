@@ -54,6 +54,10 @@ class SpanBatch:
     project: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     received_ns: int = field(default_factory=time.time_ns)
+    payload: bytes | None = None
+    """The spans serialized as an ``ExportTraceServiceRequest``, for an exporter with
+    ``serialized_batches`` (its sending queue sets it and leaves ``resource_spans``
+    empty); None elsewhere."""
 
     @classmethod
     def from_request(

@@ -468,6 +468,9 @@ class SQLiteExporter(Exporter):
 
     def __init__(self, component_id: str, config: SQLiteConfig):
         super().__init__(component_id, config)
+        # The writer process parses batches itself: the queue's bytes go to it as they
+        # are, and the event loop neither parses nor serializes them.
+        self.serialized_batches = config.writer == "process"
         self._writer: _Writer | None = None
         self._pool: Executor | None = None
         self._retention_task: asyncio.Task[None] | None = None
@@ -520,7 +523,9 @@ class SQLiteExporter(Exporter):
             if self._writer is not None:
                 await self._run(self._writer.write, batch)
             else:
-                payload = serialize_resource_spans(batch.resource_spans)
+                payload = batch.payload
+                if payload is None:  # no sending queue: the batch itself
+                    payload = serialize_resource_spans(batch.resource_spans)
                 await self._run(_write_in_process, batch.project, payload)
         except BrokenProcessPool as exc:
             self._restart_process()

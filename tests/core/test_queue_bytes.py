@@ -75,3 +75,41 @@ async def test_fan_out_hands_the_messages_to_one_queue_and_copies_to_the_others(
     assert exported.resource_spans[0] is sent.resource_spans[0]  # exported without a parse
     assert copied.resource_spans[0] is not sent.resource_spans[0]
     assert copied.resource_spans == exported.resource_spans
+
+
+class BytesRecorder(Recorder):
+    """An exporter that ships bytes on (like the sqlite exporter's writer process)."""
+
+    serialized_batches = True
+
+
+async def test_an_exporter_of_serialized_batches_gets_the_queued_bytes(tmp_path):
+    """Its queue hands over the bytes it holds (from memory or disk, merged by joining
+    them) and never parses them; the batch's messages go to a queue that reads them."""
+    reader = Recorder(fast_retry())
+    shipper = BytesRecorder(fast_retry(storage=str(tmp_path), batch_max_spans=2))
+    reader.gate, shipper.gate = asyncio.Event(), asyncio.Event()
+    queues = [ExporterQueue(shipper), ExporterQueue(reader)]
+    for queue in queues:
+        await queue.start()
+    pipeline = Pipeline("traces", [], queues)
+    sent = [batch(resource_spans({"k": "v"}, [{"name": f"s{i}"}])) for i in range(5)]
+    for one in sent:
+        await pipeline.consume(one)
+    shipper.gate.set()
+    reader.gate.set()
+    for queue in queues:
+        await queue.shutdown(5)
+    assert all(b.resource_spans == [] and b.payload for b in shipper.batches)
+    names = []
+    for shipped in shipper.batches:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(shipped.payload)
+        names += [
+            s.name for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans
+        ]
+    assert names == [f"s{i}" for i in range(5)]
+    assert len(shipper.batches) < 5  # merged: the joined bytes of several requests
+    # The messages went to the reading queue, exported without a parse.
+    assert reader.batches[0].resource_spans[0] is sent[0].resource_spans[0]
+    assert all(b.payload is None for b in reader.batches)
