@@ -110,6 +110,9 @@ class CorrelateProcessor(Processor):
     Config = CorrelateConfig
     config: CorrelateConfig
 
+    WRITE_WAIT = 10.0
+    """Seconds a flush waits for a previous flush's write to the store to finish."""
+
     def __init__(self, component_id: str, config: CorrelateConfig):
         super().__init__(component_id, config)
         ordered = [config.room_attribute, *[k for k in config.keys if k != config.room_attribute]]
@@ -123,6 +126,7 @@ class CorrelateProcessor(Processor):
         (see ``_correlate_resource``)."""
         self._activity: dict[tuple[str, str], CallActivity] = {}
         self._creating: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._writing: asyncio.Future[None] | None = None
         self._unsaved: dict[tuple[str, str], CallRecord] = {}
         """Records not yet created because the store was unreachable; retried by the flusher."""
         self._store_down_until = 0.0
@@ -395,6 +399,12 @@ class CorrelateProcessor(Processor):
         counts to the call store. What cannot be written stays pending for the next try."""
         if self.store is None:
             return
+        if self._writing is not None and not self._writing.done():
+            # The previous write, left running by a cancelled flush: its outcome first.
+            done, _ = await asyncio.wait({self._writing}, timeout=self.WRITE_WAIT)
+            if not done:  # hung: cancelled, its counts go back to pending
+                self._writing.cancel()
+            await asyncio.gather(self._writing, return_exceptions=True)
         creating = set(self._creating.values())
         if creating:
             await asyncio.gather(*creating, return_exceptions=True)
@@ -409,6 +419,14 @@ class CorrelateProcessor(Processor):
         if not activity:
             return
         self._activity = {k: a for k, a in self._activity.items() if k not in activity}
+        # Shielded, and awaited by the next flush: cancelling the periodic flush (at
+        # shutdown) must not put back counts the store may already have applied, or the
+        # final flush would count those spans twice.
+        self._writing = asyncio.ensure_future(self._write_activity(activity))
+        await asyncio.shield(self._writing)
+
+    async def _write_activity(self, activity: dict[tuple[str, str], CallActivity]) -> None:
+        assert self.store is not None
         try:
             missing = await self.store.record_activity(list(activity.values()))
         except BaseException:

@@ -1,3 +1,4 @@
+import asyncio
 import sqlite3
 
 import pytest
@@ -119,3 +120,33 @@ async def test_repeated_resources_are_stamped_alike_and_forged_stamps_removed(co
     await correlate.flush()
     counts = sqlite3.connect(tmp_path / "c.db").execute("SELECT project, span_count FROM calls")
     assert sorted(counts) == [("p1", 5), ("p2", 1)]
+
+
+async def test_a_flush_cancelled_mid_write_counts_its_spans_once(correlate, tmp_path):
+    """Shutdown cancels the periodic flush. If the store already applied its counts and
+    only the reply was pending (Redis over the network), putting the counts back would
+    make the final flush count those spans twice."""
+    room = {"livekit.room.id": "RM_once"}
+    await correlate.process(batch(resource_spans(room, [{}, {}, {}])))
+    await correlate.flush()  # the record exists, with 3 spans
+    store = correlate.store
+    applied, reply = asyncio.Event(), asyncio.Event()
+    record_activity = store.record_activity
+
+    async def applied_then_slow_reply(activity):
+        missing = await record_activity(activity)
+        applied.set()
+        await reply.wait()
+        return missing
+
+    store.record_activity = applied_then_slow_reply
+    await correlate.process(batch(resource_spans(room, [{}, {}])))
+    flushing = asyncio.create_task(correlate.flush())
+    await applied.wait()
+    flushing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    reply.set()
+    await correlate.flush()
+    counts = sqlite3.connect(tmp_path / "c.db").execute("SELECT span_count FROM calls")
+    assert list(counts) == [(5,)]
