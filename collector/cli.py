@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -56,6 +57,9 @@ async def _serve(config: ServiceConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await service.start()
+        # Everything built so far (modules, config, components) lives as long as the
+        # process: out of the collector's sight, a full collection does not walk it.
+        gc.freeze()
         log.info("ready (config %s)", config.path)
         await stop.wait()
         log.info("signal received: draining accepted data")
@@ -108,8 +112,6 @@ def _tune_runtime() -> None:
     sys.setswitchinterval(float(os.environ.get("CALLTRACE_SWITCH_INTERVAL") or SWITCH_INTERVAL))
     gc_setting = os.environ.get("CALLTRACE_GC")
     if gc_setting:
-        import gc
-
         gc.set_threshold(*(int(x) for x in gc_setting.split(",")))
 
 
