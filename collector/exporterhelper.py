@@ -43,7 +43,7 @@ from collector.components import (
     RefusedError,
 )
 from collector.spans import ExportTraceServiceRequest, SpanBatch
-from collector.storage import open_sqlite
+from collector.storage import BackgroundCheckpointer, open_sqlite
 from collector.units import Duration
 
 if TYPE_CHECKING:
@@ -155,6 +155,7 @@ class _DiskQueue:
             "CREATE TABLE IF NOT EXISTS queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " project TEXT, spans INTEGER NOT NULL, payload BLOB NOT NULL)"
         )
+        self._checkpointer = BackgroundCheckpointer(self.db, self.path)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"calltrace-queue-{safe}")
 
     def run(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
@@ -166,6 +167,7 @@ class _DiskQueue:
             "INSERT INTO queue (project, spans, payload) VALUES (?, ?, ?)",
             (project, spans, payload),
         )
+        self._checkpointer.poke()
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
@@ -185,9 +187,11 @@ class _DiskQueue:
 
     def delete(self, keys: list[int]) -> None:
         self.db.executemany("DELETE FROM queue WHERE id = ?", [(k,) for k in keys])
+        self._checkpointer.poke()
 
     async def close(self) -> None:
         """Close the file once the calls already submitted are done, then the thread."""
+        await self.run(self._checkpointer.close)
         await self.run(self.db.close)
         self._thread.shutdown()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "MAX_INDEXED_VALUE",
     "STATUS_ERROR",
     "TAG_PREFIX",
+    "BackgroundCheckpointer",
     "BatchRows",
     "attribute_text",
     "build_rows",
@@ -65,6 +67,50 @@ def open_sqlite(path: str | Path, busy_timeout_ms: int = 10_000) -> sqlite3.Conn
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     return db
+
+
+class BackgroundCheckpointer:
+    """Copies a WAL file back into its database on a thread and connection of its own.
+
+    SQLite's automatic checkpoint runs inside a writer's COMMIT, every ~1,000 pages, and
+    ends with an fsync: measured, it was most of the sqlite exporter's commit cost
+    (10-18 of 12-23 us a span) and the persistent queue's latency spikes (a 50-span
+    request's p99 ~56-61 ms with the queue on disk, 13 ms with it in memory). Here the
+    writer's automatic checkpoint is off and ``PASSIVE`` checkpoints, which never block
+    a writer and run in C without the GIL, follow its commits on another thread. The
+    WAL file is cut back to ``wal_limit`` bytes once a checkpoint caught up with it.
+    """
+
+    def __init__(self, writer: sqlite3.Connection, path: str | Path, wal_limit: int = 64 << 20):
+        writer.execute("PRAGMA wal_autocheckpoint=0")
+        writer.execute(f"PRAGMA journal_size_limit={int(wal_limit)}")
+        self._db = open_sqlite(path)
+        self._due = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="calltrace-checkpoint", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        """A transaction was committed: checkpoint what it added, soon."""
+        self._due.set()
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            if self._stopping:
+                return
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as exc:  # busy or I/O: the next commit pokes again
+                log.debug("checkpoint: %s", exc)
+
+    def close(self) -> None:
+        """Stop the thread (the writer's own close checkpoints what is left)."""
+        self._stopping = True
+        self._due.set()
+        self._thread.join()
+        self._db.close()
 
 
 def attribute_text(value: Any) -> str | None:

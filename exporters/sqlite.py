@@ -32,7 +32,6 @@ import json
 import logging
 import multiprocessing
 import sqlite3
-import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -57,6 +56,7 @@ from collector.storage import (  # re-exported: the query side and plugins read 
     MAX_INDEXED_VALUE,
     STATUS_ERROR,
     TAG_PREFIX,
+    BackgroundCheckpointer,
     attribute_text,
     build_rows,
     expire_periodically,
@@ -226,58 +226,14 @@ def _migrate_trace_attrs(db: sqlite3.Connection) -> None:
         raise
 
 
-class _Checkpointer:
-    """Copies the WAL back into the database file on a thread and connection of its own.
-
-    SQLite's automatic checkpoint runs inside the writer's COMMIT: measured, it was most
-    of the commit cost (10-18 of 12-23 µs a span over 100k spans). A ``PASSIVE``
-    checkpoint never blocks the writer and runs in SQLite's C code without the GIL, so
-    here it overlaps with the writer building the next batch, on the other core.
-    """
-
-    def __init__(self, path: Path):
-        self._db = open_sqlite(path)
-        self._due = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="calltrace-checkpoint", daemon=True)
-        self._thread.start()
-
-    def poke(self) -> None:
-        """A transaction was committed: checkpoint what it added, soon."""
-        self._due.set()
-
-    def _run(self) -> None:
-        while True:
-            self._due.wait()
-            self._due.clear()
-            if self._stopping:
-                return
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except sqlite3.Error as exc:  # busy or I/O: the next commit pokes again
-                log.debug("checkpoint: %s", exc)
-
-    def close(self) -> None:
-        self._stopping = True
-        self._due.set()
-        self._thread.join()
-        self._db.close()
-
-
 class _Writer:
     """The writer connection and what it caches; used from one thread (or, with
     ``writer: process``, inside the writer process)."""
 
-    WAL_LIMIT = 64 << 20
-    """The WAL file is cut back to this size after a checkpoint caught up with it."""
-
     def __init__(self, path: Path, cache_size_mib: int):
         self.db = connect(path)
         self.db.execute(f"PRAGMA cache_size=-{cache_size_mib * 1024}")
-        # Checkpoints happen off the commit path (see _Checkpointer).
-        self.db.execute("PRAGMA wal_autocheckpoint=0")
-        self.db.execute(f"PRAGMA journal_size_limit={self.WAL_LIMIT}")
-        self._checkpointer = _Checkpointer(path)
+        self._checkpointer = BackgroundCheckpointer(self.db, path)
         # Ids of resources and scopes already written, by their serialized bytes.
         self._resource_ids: dict[bytes, int] = {}
         self._scope_ids: dict[bytes, int] = {}

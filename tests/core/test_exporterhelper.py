@@ -253,3 +253,24 @@ async def test_persistent_queue_writes_off_the_loop_in_order_and_counts_room_at_
         s.name for b in exporter.batches for rs in b.resource_spans for s in rs.scope_spans[0].spans
     ]
     assert names == [f"s{index}" for index in range(3) for _ in range(3)]
+
+
+async def test_persistent_queue_checkpoints_off_the_append_path(tmp_path):
+    """The queue file's WAL is copied back into it by a checkpointer thread (the
+    appending connection's own automatic checkpoint, with its fsync, is off): the
+    database file grows while the queue is open."""
+    exporter = Recorder(fast_retry(storage=str(tmp_path)))
+    exporter.gate = asyncio.Event()  # nothing is delivered (or deleted) meanwhile
+    queue = ExporterQueue(exporter)
+    await queue.start()
+    [path] = tmp_path.glob("*.queue.db")
+    before = path.stat().st_size
+    spans = [{"name": "x" * 2_000}] * 50
+    for _ in range(10):
+        await queue.put(batch(resource_spans({}, spans)))
+    deadline = asyncio.get_running_loop().time() + 10
+    while path.stat().st_size < before + 500_000 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert path.stat().st_size >= before + 500_000  # 10 x 50 spans of 2 kB, checkpointed
+    exporter.gate.set()
+    await queue.shutdown(5)
