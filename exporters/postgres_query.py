@@ -195,7 +195,11 @@ class PostgresQueryStore:
             for first in range(0, len(stale), _SUMMARY_CHUNK):
                 chunk = stale[first : first + _SUMMARY_CHUNK]
                 span_rows = await self._spans(
-                    conn, "s.project = $1 AND s.call_id = ANY($2::text[])", project, chunk
+                    conn,
+                    f"s.project = $1 AND s.trace_id IN (SELECT t.trace_id FROM {self.schema}.spans t"
+                    " WHERE t.project = $1 AND t.call_id = ANY($2::text[]))",
+                    project,
+                    chunk,
                 )
                 fresh = await asyncio.to_thread(_summaries, chunk, span_rows)
                 await self._store_summaries(conn, project, fresh)
@@ -216,7 +220,11 @@ class PostgresQueryStore:
             if row is None:
                 return None
             span_rows = await self._spans(
-                conn, "s.project = $1 AND s.call_id = $2", project, call_id
+                conn,
+                f"s.project = $1 AND s.trace_id IN (SELECT t.trace_id FROM {s}.spans t"
+                " WHERE t.project = $1 AND t.call_id = $2)",
+                project,
+                call_id,
             )
             resources = await self._resources(conn, span_rows)
             spans, summary = await asyncio.to_thread(_spans_and_summary, span_rows)
@@ -278,10 +286,17 @@ def _spans_and_summary(
 def _summaries(
     call_ids: list[str], rows: list[asyncpg.Record]
 ) -> dict[str, tuple[dict[str, Any], int]]:
-    """Each call's summary and span count, from the span rows of all of them."""
+    """Each call's summary and span count, from the span rows of all of them: a call
+    is every span of every trace holding one of its spans (as in the sqlite store)."""
     spans: dict[str, list[dict[str, Any]]] = {call_id: [] for call_id in call_ids}
+    calls_of_trace: dict[bytes, set[str]] = {}
     for row in rows:
-        spans[row["call_id"]].append(span_json(row))
+        if row["call_id"] in spans:
+            calls_of_trace.setdefault(bytes(row["trace_id"]), set()).add(row["call_id"])
+    for row in rows:
+        span = span_json(row)
+        for call_id in calls_of_trace.get(bytes(row["trace_id"]), ()):
+            spans[call_id].append(span)
     return {call_id: (summarize_call(found), len(found)) for call_id, found in spans.items()}
 
 
@@ -305,7 +320,8 @@ def calls_sql(schema: str, project: str, query: CallFilter) -> tuple[str, list[A
     p = arg(project)
     sql = [
         f"SELECT {_CALL_COLUMNS}, (SELECT count(*) FROM {s}.spans s"
-        " WHERE s.project = c.project AND s.call_id = c.call_id) AS span_count"
+        f" WHERE s.project = c.project AND s.trace_id IN (SELECT t.trace_id FROM {s}.spans t"
+        " WHERE t.project = c.project AND t.call_id = c.call_id)) AS span_count"
         f" FROM {s}.calls c WHERE c.project = {p} AND c.start_ns IS NOT NULL"
     ]
     if query.start_ns is not None:

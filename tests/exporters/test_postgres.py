@@ -206,3 +206,22 @@ async def test_a_schema_made_before_the_summary_cache_gets_its_columns(pg_schema
         assert {"summary", "summary_spans"} <= {r[0] for r in columns}
     finally:
         await exporter.shutdown()
+
+
+async def test_a_call_is_the_whole_of_its_traces(exporter):
+    """As in the sqlite store: a span of another service in the call's trace (no room id
+    on its resource) is part of the call's tree and count; another call's trace is not."""
+    from collector.query import CallFilter
+
+    trace, other = os.urandom(16), os.urandom(16)
+    agent, tool, next_call = call_resource("call_1"), call_resource(None), call_resource("call_2")
+    root = add_span(agent, trace, "agent_session", 1_000, 9_000)
+    add_span(tool, trace, "tool_backend", 2_000, 3_000, parent=root.span_id)
+    add_span(next_call, other, "agent_session", 10_000, 19_000)
+    await exporter.export(SpanBatch([agent, tool, next_call], "p1"))
+    store = exporter.query_store()
+    call = await store.call("p1", "call_1")
+    assert call is not None
+    assert sorted(span["name"] for span in call["spans"]) == ["agent_session", "tool_backend"]
+    listed = {c["call_id"]: c["span_count"] for c in (await store.calls("p1", CallFilter())).items}
+    assert listed == {"call_1": 2, "call_2": 1}
