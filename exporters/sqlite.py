@@ -384,6 +384,11 @@ class _Writer:
 
 # -- the writer process (``writer: process``) -----------------------------------------
 
+
+def _create_file(path: Path) -> None:
+    connect(path).close()
+
+
 _process_writer: _Writer | None = None
 
 
@@ -447,14 +452,17 @@ class SQLiteExporter(Exporter):
             return
         path, cache = self.config.path, self.config.cache_size_mib
         if self.config.writer == "process":
+            # Schema and pragmas are created here, so a bad path fails start-up; the
+            # writer process (~0.7 s to start an interpreter and import) starts in the
+            # background and the first batch waits for it, not readiness.
+            await asyncio.to_thread(_create_file, path)
             self._pool = ProcessPoolExecutor(
                 1,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_process_writer,
                 initargs=(path, cache),
             )
-            # Schema and pragmas are created here, so a bad path fails start-up.
-            await self._run(_expire_in_process, 0)
+            self._pool.submit(_expire_in_process, 0).add_done_callback(self._writer_started)
         else:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"calltrace-{self.id}")
             self._writer = await self._run(_Writer, path, cache)
@@ -467,6 +475,11 @@ class SQLiteExporter(Exporter):
                     self.expire,
                 )
             )
+
+    def _writer_started(self, started: Any) -> None:
+        if not started.cancelled() and started.exception() is not None:
+            # The next export meets the same failure and retries (a new process).
+            log.warning("%s: the writer process failed to start: %s", self.id, started.exception())
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         assert self._pool is not None
