@@ -151,8 +151,8 @@ class BatchRows:
         self.traces: dict[bytes, list[Any]] = {}
         """trace id -> [trace_id, call_id, service, start_ns, end_ns, duration_ns,
         root_name, root_span_id, has_error]"""
-        self.trace_attrs: set[tuple[str, str, bytes]] = set()
-        """(key, value text, trace_id) of span and resource attributes."""
+        self.trace_attrs: dict[bytes, set[tuple[str, str]]] = {}
+        """trace_id -> (key, value text) of its spans' and resources' attributes."""
         self.calls: dict[str, list[Any]] = {}
         """call id -> [call_id, room_id, source, first_seen_ns, last_seen_ns, start_ns,
         end_ns, service, tags (a dict)]"""
@@ -160,6 +160,10 @@ class BatchRows:
         """(span name, trace_id) of every span."""
         self.call_traces: set[tuple[str, bytes]] = set()
         """(call_id, trace_id) of every span that belongs to a call."""
+
+    def attribute_rows(self) -> list[tuple[str, str, bytes]]:
+        """``trace_attrs`` as (key, value text, trace_id) rows."""
+        return [(k, v, t) for t, pairs in self.trace_attrs.items() for k, v in pairs]
 
     @property
     def names(self) -> set[str]:
@@ -227,7 +231,7 @@ def build_rows(
     rows = BatchRows()
     span_rows = rows.spans
     traces = rows.traces
-    add_attr = rows.trace_attrs.add
+    trace_attrs = rows.trace_attrs
     add_name = rows.trace_names.add
     add_call_trace = rows.call_traces.add
     for rs in batch.resource_spans:
@@ -237,6 +241,7 @@ def build_rows(
         service, tags, resource_attrs = facts.service, facts.tags, facts.attrs
         resource_id = resource_ref(resource, service)
         start_min = end_max = None
+        traces_of_resource: set[bytes] = set()  # each gets the resource's attributes
         for ss in rs.scope_spans:
             scope_id = scope_ref(ss.scope)
             for span in ss.spans:
@@ -283,8 +288,6 @@ def build_rows(
                         None,
                         False,
                     ]
-                    for key, text in resource_attrs:
-                        add_attr((key, text, trace_id))
                 else:
                     if trace[1] is None:
                         trace[1] = call_id
@@ -298,13 +301,20 @@ def build_rows(
                     trace[7] = span_id
                 if status == STATUS_ERROR:
                     trace[8] = True
+                attrs = trace_attrs.get(trace_id)
+                if attrs is None:
+                    attrs = trace_attrs[trace_id] = set()
+                if trace_id not in traces_of_resource:
+                    traces_of_resource.add(trace_id)
+                    attrs.update(resource_attrs)
+                add_attr = attrs.add
                 # attribute_text, inlined: this loop runs for every attribute.
                 for kv in span.attributes:
                     value = kv.value
                     text = value.string_value  # most values are strings: one read decides
                     if text:
                         if len(text) <= MAX_INDEXED_VALUE:
-                            add_attr((kv.key, text, trace_id))
+                            add_attr((kv.key, text))
                         continue
                     kind = value.WhichOneof("value")
                     if kind == "double_value":
@@ -316,7 +326,7 @@ def build_rows(
                         text = "true" if value.bool_value else "false"
                     elif kind != "string_value":  # unset, bytes, arrays, maps
                         continue
-                    add_attr((kv.key, text, trace_id))
+                    add_attr((kv.key, text))
                 if start_min is None or start < start_min:
                     start_min = start
                 if end_max is None or end > end_max:

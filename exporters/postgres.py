@@ -286,7 +286,7 @@ class PostgresExporter(Exporter):
         if rows.trace_attrs:
             await conn.copy_records_to_table(
                 "trace_attrs_in",
-                records=[(project, _text(k), _text(v), t) for k, v, t in rows.trace_attrs],
+                records=[(project, _text(k), _text(v), t) for k, v, t in rows.attribute_rows()],
                 columns=("project", "key", "value", "trace_id"),
             )
             await conn.execute(

@@ -237,7 +237,8 @@ class _Writer:
         # Ids of resources and scopes already written, by their serialized bytes.
         self._resource_ids: dict[bytes, int] = {}
         self._scope_ids: dict[bytes, int] = {}
-        self._terms: dict[tuple[str, str, str], str] = {}
+        self._terms: dict[str, dict[tuple[str, str], str]] = {}
+        """Search terms already computed, by project and (key, value)."""
 
     def write(self, batch: SpanBatch) -> None:
         db = self.db
@@ -287,24 +288,22 @@ class _Writer:
         self._checkpointer.poke()
 
     def _search_documents(
-        self, project: str, attributes: set[tuple[str, str, bytes]]
+        self, project: str, attributes: dict[bytes, set[tuple[str, str]]]
     ) -> list[tuple[str, bytes, str]]:
         """One ``trace_search`` row per trace: its attributes' terms, space-separated."""
-        terms_by_trace: dict[bytes, list[str]] = {}
-        known = self._terms
-        if len(known) > 50_000:
-            known.clear()
-        for key, value, trace_id in attributes:
-            pair = (project, key, value)
-            term = known.get(pair)
-            if term is None:  # repeated values (models, providers, services) hash once
-                term = known[pair] = search_term(project, key, value)
-            terms = terms_by_trace.get(trace_id)
-            if terms is None:
-                terms_by_trace[trace_id] = [term]
-            else:
+        known = self._terms.get(project)
+        if known is None or len(known) > 50_000:
+            known = self._terms[project] = {}
+        documents = []
+        for trace_id, pairs in attributes.items():
+            terms = []
+            for pair in pairs:
+                term = known.get(pair)
+                if term is None:  # repeated values (models, providers, services) hash once
+                    term = known[pair] = search_term(project, *pair)
                 terms.append(term)
-        return [(project, t, " ".join(terms)) for t, terms in terms_by_trace.items()]
+            documents.append((project, trace_id, " ".join(terms)))
+        return documents
 
     def _resource_id(self, db: sqlite3.Connection, resource: Any, service: str | None) -> int:
         payload = resource.SerializeToString(deterministic=True)

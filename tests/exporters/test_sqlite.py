@@ -179,6 +179,20 @@ async def test_a_call_is_the_whole_of_its_traces(exporter):
     assert call["call"]["span_count"] == 2
 
 
+async def test_every_resource_of_a_trace_is_searchable(exporter):
+    """A trace with spans under two resources in one batch is found by either
+    resource's attributes."""
+    trace = os.urandom(16)
+    agent, tool = call_resource("call_1"), call_resource(None, **{"service.name": "tools"})
+    add_span(agent, trace, "agent_session", 1_000, 9_000)
+    add_span(tool, trace, "tool_backend", 2_000, 3_000)
+    await exporter.export(SpanBatch([agent, tool], "p1"))
+    store = exporter.query_store()
+    for service in ("agent", "tools"):
+        found = await store.traces("p1", TraceFilter(attributes=[("service.name", service)]))
+        assert [t["trace_id"] for t in found.items] == [trace.hex()], service
+
+
 async def test_the_checkpointer_copies_the_wal_into_the_database(exporter):
     """Checkpoints run on their own thread while the writer keeps the file open (the
     writer's own automatic checkpoint is off): the database file grows without a
