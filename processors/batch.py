@@ -26,8 +26,10 @@ class BatchConfig(ComponentConfig):
     """Spans that trigger sending a batch."""
     send_batch_max_size: int = Field(default=0, ge=0)
     """Upper bound of a sent batch in spans; 0 means no bound."""
-    timeout: Duration = 0.01
-    """How long a batch may wait for more spans after its first request."""
+    timeout: Duration = 0.001
+    """How long a batch may wait for more spans after its first request: every caller
+    waits for its batch, so this is added to a lone request's latency (the sending queue
+    merges queued batches for the exporter anyway)."""
 
     @model_validator(mode="after")
     def _max_not_below_size(self) -> BatchConfig:
