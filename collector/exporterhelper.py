@@ -42,6 +42,7 @@ from collector.components import (
     PermanentError,
     RefusedError,
 )
+from collector.otlp_json import varint
 from collector.spans import ExportTraceServiceRequest, SpanBatch
 from collector.storage import BackgroundCheckpointer, open_sqlite
 from collector.units import Duration
@@ -95,22 +96,13 @@ _Outcome = Literal["sent", "permanent", "gave_up"]
 _T = TypeVar("_T")
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def serialize_resource_spans(resource_spans: list[Any]) -> bytes:
     """The ``ExportTraceServiceRequest`` body holding ``resource_spans``, without copying
     the messages into a request first (field 1, length-delimited, once per resource)."""
     parts: list[bytes] = []
     for rs in resource_spans:
         body = rs.SerializeToString()
-        parts += (b"\n", _varint(len(body)), body)
+        parts += (b"\n", varint(len(body)), body)
     return b"".join(parts)
 
 

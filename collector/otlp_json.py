@@ -54,6 +54,7 @@ __all__ = [
     "encode_response",
     "from_dict",
     "to_dict",
+    "varint",
 ]
 
 M = TypeVar("M", bound=Message)
@@ -195,7 +196,7 @@ def _message_encoder(descriptor: Descriptor) -> Encode:
             wire_type, value_encoder = _LEN, _hex_id
         else:
             wire_type, value_encoder = _field_value_encoder(field)
-        entry = (_varint(field.number << 3 | wire_type), value_encoder, _is_repeated(field))
+        entry = (varint(field.number << 3 | wire_type), value_encoder, _is_repeated(field))
         table[field.json_name] = entry
         table[field.name] = entry
     return encode
@@ -210,7 +211,7 @@ def _message_field_encoder(descriptor: Descriptor) -> Encode:
 
     def message(value: Any) -> bytes:
         body = encode_body(value)
-        return _varint(len(body)) + body
+        return varint(len(body)) + body
 
     registered: Encode = message
     if name == "opentelemetry.proto.common.v1.KeyValue":
@@ -261,17 +262,17 @@ def _string_attribute_encoder(generic: Encode) -> Encode:
         try:
             if prefix is None:
                 key_bytes = key.encode()
-                prefix = b"\n" + _varint(len(key_bytes)) + key_bytes + b"\x12"
+                prefix = b"\n" + varint(len(key_bytes)) + key_bytes + b"\x12"
                 if len(key_prefixes) >= _CACHE_SIZE:
                     key_prefixes.clear()
                 key_prefixes[key] = prefix
             text_bytes = scalar.encode()
         except UnicodeEncodeError:
             return generic(obj)  # reports which string
-        text_length = _varint(len(text_bytes))
-        any_value_length = _varint(1 + len(text_length) + len(text_bytes))
+        text_length = varint(len(text_bytes))
+        any_value_length = varint(1 + len(text_length) + len(text_bytes))
         key_value = b"".join((prefix, any_value_length, b"\n", text_length, text_bytes))
-        field = _varint(len(key_value)) + key_value
+        field = varint(len(key_value)) + key_value
         if len(scalar) <= _CACHED_TEXT:
             remember(cache_key, field)
         return field
@@ -301,8 +302,8 @@ _SMALL_VARINTS = [
 """The varints of 0 .. 16383 (lengths of almost every string and message)."""
 
 
-def _varint(value: int) -> bytes:
-    """The varint of ``value`` (0 <= value < 2**64)."""
+def varint(value: int) -> bytes:
+    """The protobuf varint of ``value`` (0 <= value < 2**64)."""
     if value < 16384:
         return _SMALL_VARINTS[value]
     out = bytearray()
@@ -342,11 +343,11 @@ def _field_value_encoder(field: Any) -> tuple[int, Encode]:
 
 
 def _signed_varint(number: int) -> bytes:
-    return _varint(number & 0xFFFFFFFFFFFFFFFF)  # negatives: ten bytes, two's complement
+    return varint(number & 0xFFFFFFFFFFFFFFFF)  # negatives: ten bytes, two's complement
 
 
 def _zigzag(number: int) -> bytes:
-    return _varint((number << 1) ^ (number >> 63))
+    return varint((number << 1) ^ (number >> 63))
 
 
 def _packer(layout: str, convert: Callable[[Any], Any]) -> Encode:
@@ -366,8 +367,8 @@ _I64 = (-(1 << 63), (1 << 63) - 1)
 _INTEGER_TYPES: dict[int, tuple[int, int, int, Callable[[int], bytes]]] = {
     FieldDescriptor.TYPE_INT32: (_VARINT, *_I32, _signed_varint),
     FieldDescriptor.TYPE_INT64: (_VARINT, *_I64, _signed_varint),
-    FieldDescriptor.TYPE_UINT32: (_VARINT, 0, (1 << 32) - 1, _varint),
-    FieldDescriptor.TYPE_UINT64: (_VARINT, 0, (1 << 64) - 1, _varint),
+    FieldDescriptor.TYPE_UINT32: (_VARINT, 0, (1 << 32) - 1, varint),
+    FieldDescriptor.TYPE_UINT64: (_VARINT, 0, (1 << 64) - 1, varint),
     FieldDescriptor.TYPE_SINT32: (_VARINT, *_I32, _zigzag),
     FieldDescriptor.TYPE_SINT64: (_VARINT, *_I64, _zigzag),
     FieldDescriptor.TYPE_FIXED32: (_FIXED32, 0, (1 << 32) - 1, struct.Struct("<I").pack),
@@ -384,7 +385,7 @@ def _string(value: Any) -> bytes:
         data = value.encode()
     except UnicodeEncodeError:  # a lone surrogate ("\ud800") is no Unicode text
         raise _Bad(f"expected a string of Unicode text, got {value!r}") from None
-    return _varint(len(data)) + data
+    return varint(len(data)) + data
 
 
 def _bool(value: Any) -> bytes:
@@ -439,10 +440,10 @@ def _base64(value: Any) -> bytes:
             data = base64.b64decode(padded)
     except (binascii.Error, ValueError):
         raise _Bad(f"expected a base64 string, got {value!r}") from None
-    return _varint(len(data)) + data
+    return varint(len(data)) + data
 
 
-_INVALID_HEX_ID_FIELD = _varint(len(INVALID_HEX_ID)) + INVALID_HEX_ID
+_INVALID_HEX_ID_FIELD = varint(len(INVALID_HEX_ID)) + INVALID_HEX_ID
 
 
 def _hex_id(value: Any) -> bytes:
@@ -453,7 +454,7 @@ def _hex_id(value: Any) -> bytes:
         data = bytes.fromhex(value)
     except ValueError:
         return _INVALID_HEX_ID_FIELD
-    return _varint(len(data)) + data
+    return varint(len(data)) + data
 
 
 def _enum_encoder(enum: EnumDescriptor) -> Encode:

@@ -21,7 +21,11 @@ from collector import SpanBatch
 from collector.calls import call_id_for
 from collector.keys import KeyStore
 from exporters.postgres import PostgresConfig, PostgresExporter
-from tests.exporters.test_sqlite import add_span, call_resource
+from tests.exporters.test_sqlite import (
+    a_call_with_another_service_in_its_trace,
+    add_span,
+    call_resource,
+)
 from tests.processors._util import FakeTelemetryHost
 from tests.support import (
     POSTGRES_DSN,
@@ -213,12 +217,7 @@ async def test_a_call_is_the_whole_of_its_traces(exporter):
     on its resource) is part of the call's tree and count; another call's trace is not."""
     from collector.query import CallFilter
 
-    trace, other = os.urandom(16), os.urandom(16)
-    agent, tool, next_call = call_resource("call_1"), call_resource(None), call_resource("call_2")
-    root = add_span(agent, trace, "agent_session", 1_000, 9_000)
-    add_span(tool, trace, "tool_backend", 2_000, 3_000, parent=root.span_id)
-    add_span(next_call, other, "agent_session", 10_000, 19_000)
-    await exporter.export(SpanBatch([agent, tool, next_call], "p1"))
+    await exporter.export(a_call_with_another_service_in_its_trace())
     store = exporter.query_store()
     call = await store.call("p1", "call_1")
     assert call is not None

@@ -163,15 +163,20 @@ async def test_retention_deletes_old_data(exporter):
     assert query(db, "SELECT call_id FROM call_traces") == [("call_new",)]
 
 
-async def test_a_call_is_the_whole_of_its_traces(exporter):
-    """A span of another service in the call's trace (no room id on its resource) is
-    part of the call's tree; a trace of another call is not."""
+def a_call_with_another_service_in_its_trace() -> SpanBatch:
+    """call_1's trace holds a span of a service without a room id; call_2 is apart."""
     trace, other = os.urandom(16), os.urandom(16)
     agent, tool, next_call = call_resource("call_1"), call_resource(None), call_resource("call_2")
     root = add_span(agent, trace, "agent_session", 1_000, 9_000)
     add_span(tool, trace, "tool_backend", 2_000, 3_000, parent=root.span_id)
     add_span(next_call, other, "agent_session", 10_000, 19_000)
-    await exporter.export(SpanBatch([agent, tool, next_call], "p1"))
+    return SpanBatch([agent, tool, next_call], "p1")
+
+
+async def test_a_call_is_the_whole_of_its_traces(exporter):
+    """A span of another service in the call's trace (no room id on its resource) is
+    part of the call's tree; a trace of another call is not."""
+    await exporter.export(a_call_with_another_service_in_its_trace())
     store = exporter.query_store()
     call = await store.call("p1", "call_1")
     assert call is not None
