@@ -176,9 +176,11 @@ class _ResourceFacts:
     agent process exports a few spans at a time under the same resource, so most
     batches repeat resources seen before (measured ~5 spans per ``ResourceSpans``)."""
 
-    __slots__ = ("attrs", "call_id", "call_key", "call_source", "service", "tags")
+    __slots__ = ("attrs", "call_id", "call_key", "call_source", "payload", "service", "tags")
 
-    def __init__(self, resource: Any):
+    def __init__(self, resource: Any, payload: bytes):
+        self.payload = payload
+        """The resource serialized (deterministically: no map fields, so always so)."""
         self.call_id: str | None = None
         self.call_key: str | None = None
         self.call_source: str | None = None
@@ -210,23 +212,24 @@ _RESOURCE_FACTS_LIMIT = 4096
 
 
 def _resource_facts(resource: Any) -> _ResourceFacts:
-    payload = resource.SerializeToString()
+    payload = resource.SerializeToString(deterministic=True)
     facts = _RESOURCE_FACTS.get(payload)
     if facts is None:
         if len(_RESOURCE_FACTS) >= _RESOURCE_FACTS_LIMIT:
             _RESOURCE_FACTS.clear()
-        facts = _RESOURCE_FACTS[payload] = _ResourceFacts(resource)
+        facts = _RESOURCE_FACTS[payload] = _ResourceFacts(resource, payload)
     return facts
 
 
 def build_rows(
     batch: SpanBatch,
     now: int,
-    resource_ref: Callable[[Any, str | None], Any],
+    resource_ref: Callable[[Any, str | None, bytes], Any],
     scope_ref: Callable[[Any], Any],
 ) -> BatchRows:
-    """The rows of ``batch``. ``resource_ref(resource, service)`` and ``scope_ref(scope)``
-    return what a span row stores to point at its resource and scope."""
+    """The rows of ``batch``. ``resource_ref(resource, service, payload)`` (``payload``:
+    the resource serialized deterministically) and ``scope_ref(scope)`` return what a
+    span row stores to point at its resource and scope."""
     project = batch.project or ""
     rows = BatchRows()
     span_rows = rows.spans
@@ -239,7 +242,7 @@ def build_rows(
         facts = _resource_facts(resource)
         call_id, call_key, call_source = facts.call_id, facts.call_key, facts.call_source
         service, tags, resource_attrs = facts.service, facts.tags, facts.attrs
-        resource_id = resource_ref(resource, service)
+        resource_id = resource_ref(resource, service, facts.payload)
         start_min = end_max = None
         traces_of_resource: set[bytes] = set()  # each gets the resource's attributes
         for ss in rs.scope_spans:

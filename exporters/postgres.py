@@ -390,8 +390,7 @@ class _Prepared:
         self.scopes: dict[bytes, tuple[bytes, str, str, bytes]] = {}
         self.rows = build_rows(batch, now, self._resource, self._scope)
 
-    def _resource(self, resource: Any, service: str | None) -> bytes:
-        payload = resource.SerializeToString(deterministic=True)
+    def _resource(self, resource: Any, service: str | None, payload: bytes) -> bytes:
         digest = hashlib.blake2b(payload, digest_size=16).digest()
         if digest not in self.resources:
             attributes = {kv.key: any_value_to_python(kv.value) for kv in resource.attributes}

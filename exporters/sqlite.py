@@ -249,7 +249,9 @@ class _Writer:
             rows = build_rows(
                 batch,
                 now,
-                lambda resource, service: self._resource_id(db, resource, service),
+                lambda resource, service, payload: self._resource_id(
+                    db, resource, service, payload
+                ),
                 lambda scope: self._scope_id(db, scope),
             )
             db.executemany(_INSERT_SPAN, rows.spans)
@@ -305,8 +307,9 @@ class _Writer:
             documents.append((project, trace_id, " ".join(terms)))
         return documents
 
-    def _resource_id(self, db: sqlite3.Connection, resource: Any, service: str | None) -> int:
-        payload = resource.SerializeToString(deterministic=True)
+    def _resource_id(
+        self, db: sqlite3.Connection, resource: Any, service: str | None, payload: bytes
+    ) -> int:
         cached = self._resource_ids.get(payload)  # keyed by the bytes: no digest to compute
         if cached is not None:
             return cached
