@@ -2,9 +2,10 @@
 
 The stream of a project is ``calltrace:spans:{project}`` (the ``stream`` template),
 trimmed with ``XADD ... MAXLEN ~ maxlen``. A batch is written in one pipelined round trip
-(no MULTI: entries are independent), a script adding a few hundred entries per call. Delivery is at least once: a batch retried after a
-connection dropped mid-write may add some entries twice, so consumers de-duplicate by
-(``trace_id``, ``span_id``), as the README's consumer example does.
+(no MULTI: entries are independent), a script adding a few hundred entries per call.
+Delivery is at least once: a batch retried after a connection dropped mid-write may add
+some entries twice, so consumers de-duplicate by (``trace_id``, ``span_id``), as the
+README's consumer example does.
 
 Entry fields (all strings, ids in lowercase hex, times in Unix nanoseconds):
 
@@ -159,13 +160,14 @@ class RedisStreamsExporter(Exporter):
         head = [b"EVAL", _XADD_MANY, b"1", stream, b"%d" % config.maxlen]
         packed_head = b"".join(_resp_bulk(arg) for arg in head)
         out: list[bytes] = []
-        step = self.ENTRIES_PER_COMMAND
-        for first in range(0, len(entries), step):
-            chunk = entries[first : first + step]
+        commands = 0
+        for first in range(0, len(entries), self.ENTRIES_PER_COMMAND):
+            chunk = entries[first : first + self.ENTRIES_PER_COMMAND]
             out.append(b"*%d\r\n" % (len(head) + sum(n for n, _ in chunk)))
             out.append(packed_head)
             out += (packed for _, packed in chunk)
-        return b"".join(out), -(-len(entries) // step)
+            commands += 1
+        return b"".join(out), commands
 
     async def export(self, batch: SpanBatch) -> None:
         if self._client is None:
