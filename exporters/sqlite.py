@@ -298,6 +298,8 @@ class _Writer:
             known = self._terms[project] = {}
         documents = []
         for trace_id, pairs in attributes.items():
+            if not pairs:  # nothing indexable: no document
+                continue
             terms = []
             for pair in pairs:
                 term = known.get(pair)
