@@ -392,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="calltrace-bench-") as tmp:
         tmpdir = Path(tmp)
 
-        def baseline(name: str, bodies: list[Body], warmup: list[Body], c: int) -> Row:
+        def baseline(
+            name: str, bodies: list[Body], warmup: list[Body], c: int, compare_to: str = ""
+        ) -> Row:
             print(f"  {name} ...", flush=True)
             port = free_port()
             return measure(
@@ -404,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                 c,
                 ROOT,
                 None,
-                name,
+                compare_to or name,
                 {},
             )
 
@@ -503,11 +505,22 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             del flood_proto
+            # The same yardstick again at the end: on a shared machine how far it moved
+            # within the run says how far to trust the ratios.
+            again = baseline(f"{yard}, again at the end", proto, warm_proto, c, yard)
+            rows.append(again)
+            first = by_name_of(rows)[yard].persisted_per_s
+            notes.append(
+                f"the protobuf yardstick measured {first:,.0f} spans/s at the start of this run"
+                f" and {again.persisted_per_s:,.0f} at the end"
+                f" ({again.persisted_per_s / first:.2f}x): the machine's speed moved by that"
+                " much while the rows were measured."
+            )
         if args.profile:
             notes += profile_ingest(proto, c, headers, tmpdir / "profile", RESULTS)
 
     elapsed = time.perf_counter() - began
-    by_name = {r.name: r for r in rows}
+    by_name = by_name_of(rows)
     lines = [
         "# calltrace ingest benchmark",
         "",
@@ -555,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(table)
     return 0
+
+
+def by_name_of(rows: list[Row]) -> dict[str, Row]:
+    return {r.name: r for r in rows}
 
 
 def _bytes_per_span(bodies: list[Body]) -> float:
