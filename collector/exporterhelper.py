@@ -414,18 +414,8 @@ class ExporterQueue:
         first = items[0]
         # Request metadata describes one request: a merge of several carries none.
         metadata = dict(first.metadata) if len(items) == 1 else {}
-        if not self.takes_messages:
-            payloads = []
-            for item in items:
-                if item.payload is not None:
-                    payloads.append(item.payload)
-                elif item.messages is not None:  # queued before the exporter said so
-                    payloads.append(serialize_resource_spans(item.messages))
-                else:
-                    disk = self._disk
-                    assert disk is not None and item.key is not None
-                    payloads.append(await disk.run(disk.payload, item.key))
-            joined = b"".join(payloads)
+        if not self.takes_messages:  # (such a queue is never handed messages)
+            joined = b"".join([await self._bytes(item) for item in items])
             return SpanBatch([], first.project, metadata, first.received_ns, joined)
         resource_spans: list[Any] = []
         for index, item in enumerate(items):
@@ -434,15 +424,18 @@ class ExporterQueue:
                 continue
             if index:
                 await asyncio.sleep(0)
-            payload = item.payload
-            if payload is None:
-                disk = self._disk
-                assert disk is not None and item.key is not None
-                payload = await disk.run(disk.payload, item.key)
             request = ExportTraceServiceRequest()
-            request.ParseFromString(payload)
+            request.ParseFromString(await self._bytes(item))
             resource_spans.extend(request.resource_spans)
         return SpanBatch(resource_spans, first.project, metadata, first.received_ns)
+
+    async def _bytes(self, item: _QueueItem) -> bytes:
+        """An item's serialized batch: kept in memory, or read back from the queue file."""
+        if item.payload is not None:
+            return item.payload
+        disk = self._disk
+        assert disk is not None and item.key is not None
+        return await disk.run(disk.payload, item.key)
 
     async def _export_with_retry(
         self, batch: SpanBatch, spans: int, count_failed: bool = True
