@@ -7,6 +7,7 @@ Python object. The helpers below read and set attributes on the protobuf
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterable, Iterator, MutableSequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ __all__ = [
     "iter_spans",
     "remove_attribute",
     "set_attribute",
+    "span_count",
 ]
 
 CALL_ID_ATTRIBUTE = "calltrace.call.id"
@@ -67,7 +69,7 @@ class SpanBatch:
 
     @property
     def span_count(self) -> int:
-        return sum(len(ss.spans) for rs in self.resource_spans for ss in rs.scope_spans)
+        return sum(map(span_count, self.resource_spans))
 
     def to_request(self) -> ExportTraceServiceRequest:
         """A standalone ``ExportTraceServiceRequest`` (copies the messages)."""
@@ -81,6 +83,15 @@ class SpanBatch:
         request = ExportTraceServiceRequest()
         request.ParseFromString(payload)
         return cls.from_request(request, project)
+
+
+_SPANS = operator.attrgetter("spans")
+
+
+def span_count(resource_spans: ResourceSpans) -> int:
+    """The spans of one ``ResourceSpans``, counted in C (this runs for every resource
+    several times on the way in)."""
+    return sum(map(len, map(_SPANS, resource_spans.scope_spans)))
 
 
 def iter_spans(resource_spans: ResourceSpans) -> Iterator[Span]:

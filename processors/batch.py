@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pydantic import Field, model_validator
 
 from collector import ComponentConfig, Duration, Forward, Processor, SpanBatch
-from collector.spans import ResourceSpans
+from collector.spans import ResourceSpans, span_count
 
 
 class BatchConfig(ComponentConfig):
@@ -61,7 +61,7 @@ def split_resource_spans(
     current: list[ResourceSpans] = []
     room = limit
     for rs in resource_spans:
-        count = sum(len(ss.spans) for ss in rs.scope_spans)
+        count = span_count(rs)
         if count <= room:
             current.append(rs)
             room -= count

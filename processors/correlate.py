@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import operator
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -48,12 +47,12 @@ from collector.spans import (
     ResourceSpans,
     Span,
     any_value_to_python,
+    span_count,
 )
 
 log = logging.getLogger(__name__)
 
 _STAMP_SET = frozenset((CALL_ID_ATTRIBUTE, CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE))
-_SPANS = operator.attrgetter("spans")
 
 _ResourceOutcome = tuple[tuple[str, str, str] | None, bytes | None]
 """The call a resource names (or None) and its bytes once edited (None: unchanged)."""
@@ -196,7 +195,7 @@ class CorrelateProcessor(Processor):
             for piece, call in pieces:
                 if call is not None:
                     call_id, key_value, source = call
-                    spans = sum(map(len, map(_SPANS, piece.scope_spans)))
+                    spans = span_count(piece)
                     if check_skipped and await self._is_skipped(project, call_id):
                         dropped += spans
                         continue

@@ -11,6 +11,7 @@ import operator
 from pydantic import Field
 
 from collector import ComponentConfig, Host, Processor, SpanBatch
+from collector.spans import span_count
 
 
 class SkipConfig(ComponentConfig):
@@ -19,7 +20,6 @@ class SkipConfig(ComponentConfig):
 
 
 _KEY = operator.attrgetter("key")
-_SPANS = operator.attrgetter("spans")
 
 
 def _is_true(value: object) -> bool:
@@ -60,7 +60,7 @@ class SkipProcessor(Processor):
         dropped = 0
         for rs in batch.resource_spans:
             if self._skipped(rs.resource.attributes):
-                dropped += sum(map(len, map(_SPANS, rs.scope_spans)))
+                dropped += span_count(rs)
             else:
                 kept.append(rs)
         if dropped:
