@@ -36,7 +36,7 @@ from typing import Any
 from bench.workload import synthetic_call
 from collector.spans import Span, SpanBatch
 from exporters.sqlite import SQLiteConfig, SQLiteExporter
-from exporters.sqlite_query import search_term
+from exporters.sqlite_query import search_match
 from processors.correlate import CorrelateConfig, CorrelateProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ class SQLQueries:
 
     def match(self, key: str, value: str) -> str:
         """The ``trace_search`` query for ``key`` = ``value`` (one exact term)."""
-        return f'"{search_term(self.project, key, value)}"'
+        return search_match(self.project, key, value)
 
     TRACES_BY_DURATION = (
         f"SELECT {_TRACE_COLUMNS} FROM traces t WHERE t.project = ? AND t.duration_ns >= ?"

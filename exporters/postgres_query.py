@@ -196,8 +196,7 @@ class PostgresQueryStore:
                 chunk = stale[first : first + _SUMMARY_CHUNK]
                 span_rows = await self._spans(
                     conn,
-                    f"s.project = $1 AND s.trace_id IN (SELECT t.trace_id FROM {self.schema}.spans t"
-                    " WHERE t.project = $1 AND t.call_id = ANY($2::text[]))",
+                    f"s.project = $1 AND {_in_calls(self.schema, '$1', '= ANY($2::text[])')}",
                     project,
                     chunk,
                 )
@@ -221,8 +220,7 @@ class PostgresQueryStore:
                 return None
             span_rows = await self._spans(
                 conn,
-                f"s.project = $1 AND s.trace_id IN (SELECT t.trace_id FROM {s}.spans t"
-                " WHERE t.project = $1 AND t.call_id = $2)",
+                f"s.project = $1 AND {_in_calls(s, '$1', '= $2')}",
                 project,
                 call_id,
             )
@@ -303,6 +301,16 @@ def _summaries(
 # -- statements -----------------------------------------------------------------------
 
 
+def _in_calls(schema: str, project: str, call: str) -> str:
+    """The condition that span ``s`` belongs to a call: its trace holds a span of the
+    call (``t.call_id {call}``) in ``project``. A call is every span of every trace that
+    holds one of its spans, as in the sqlite store."""
+    return (
+        f"s.trace_id IN (SELECT t.trace_id FROM {schema}.spans t"
+        f" WHERE t.project = {project} AND t.call_id {call})"
+    )
+
+
 class _Args:
     """Statement arguments, each added once and named by its ``$n`` placeholder."""
 
@@ -320,8 +328,8 @@ def calls_sql(schema: str, project: str, query: CallFilter) -> tuple[str, list[A
     p = arg(project)
     sql = [
         f"SELECT {_CALL_COLUMNS}, (SELECT count(*) FROM {s}.spans s"
-        f" WHERE s.project = c.project AND s.trace_id IN (SELECT t.trace_id FROM {s}.spans t"
-        " WHERE t.project = c.project AND t.call_id = c.call_id)) AS span_count"
+        f" WHERE s.project = c.project AND {_in_calls(s, 'c.project', '= c.call_id')})"
+        " AS span_count"
         f" FROM {s}.calls c WHERE c.project = {p} AND c.start_ns IS NOT NULL"
     ]
     if query.start_ns is not None:

@@ -51,7 +51,7 @@ from collector.query import (
 )
 from collector.turns import summarize_call
 
-__all__ = ["SQLiteQueryStore", "calls_sql", "search_term", "traces_sql"]
+__all__ = ["SQLiteQueryStore", "calls_sql", "search_match", "search_term", "traces_sql"]
 
 
 def search_term(project: str, key: str, value: str) -> str:
@@ -63,7 +63,7 @@ def search_term(project: str, key: str, value: str) -> str:
     return hashlib.blake2b(text, digest_size=10).hexdigest()
 
 
-def _match(project: str, key: str, value: str) -> str:
+def search_match(project: str, key: str, value: str) -> str:
     """The FTS5 query matching the documents of traces with that attribute."""
     return f'"{search_term(project, key, value)}"'
 
@@ -284,7 +284,7 @@ def calls_sql(project: str, query: CallFilter) -> tuple[str, list[Any]]:
             " ON t.project = f.project AND t.trace_id = f.trace_id"
             " WHERE trace_search MATCH ?)"
         )
-        args.append(_match(project, key, value))
+        args.append(search_match(project, key, value))
     sql.append("ORDER BY start_ns DESC, call_id LIMIT ?")
     args.append(query.limit + 1)
     return " ".join(sql), args
@@ -329,7 +329,7 @@ def traces_sql(project: str, query: TraceFilter) -> tuple[str, list[Any]]:
         args += [project, project, query.name_contains]
     for key, value in query.attributes:
         sql.append("AND trace_id IN (SELECT trace_id FROM trace_search WHERE trace_search MATCH ?)")
-        args.append(_match(project, key, value))
+        args.append(search_match(project, key, value))
     sql.append("ORDER BY start_ns DESC, trace_id LIMIT ?")
     args.append(query.limit + 1)
     return " ".join(sql), args
