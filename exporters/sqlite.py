@@ -460,12 +460,7 @@ class SQLiteExporter(Exporter):
             # writer process (~0.7 s to start an interpreter and import) starts in the
             # background and the first batch waits for it, not readiness.
             await asyncio.to_thread(_create_file, path)
-            self._pool = ProcessPoolExecutor(
-                1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_process_writer,
-                initargs=(path, cache),
-            )
+            self._pool = self._writer_process()
             self._pool.submit(_expire_in_process, 0).add_done_callback(self._writer_started)
         else:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"calltrace-{self.id}")
@@ -508,18 +503,19 @@ class SQLiteExporter(Exporter):
         except sqlite3.DatabaseError as exc:
             raise PermanentError(f"{self.config.path}: {exc}") from exc
 
+    def _writer_process(self) -> ProcessPoolExecutor:
+        """A pool of one process that owns the writer connection (spawned on first use)."""
+        return ProcessPoolExecutor(
+            1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_process_writer,
+            initargs=(self.config.path, self.config.cache_size_mib),
+        )
+
     def _restart_process(self) -> None:
         """A new writer process after one died (killed, out of memory): the batch is
         retried by the exporter helper; SQLite rolled back its half-written transaction."""
-        old, self._pool = (
-            self._pool,
-            ProcessPoolExecutor(
-                1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_process_writer,
-                initargs=(self.config.path, self.config.cache_size_mib),
-            ),
-        )
+        old, self._pool = self._pool, self._writer_process()
         if old is not None:
             old.shutdown(wait=False, cancel_futures=True)
 
