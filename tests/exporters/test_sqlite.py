@@ -326,3 +326,20 @@ async def test_files_with_a_trace_attrs_table_are_migrated(tmp_path):
         assert [t["trace_id"] for t in found.items] == ["01"]
     finally:
         await store.close()
+
+
+def test_span_attributes_are_indexed_as_attribute_text_says():
+    """build_rows converts span attribute values inline (its hot loop); the text must be
+    what attribute_text gives, which resource attributes and searches use."""
+    from collector.storage import build_rows
+
+    values = {"b": True, "i": -3, "whole": 2.0, "frac": 0.25, "s": "x", "empty": ""}
+    values |= {"long": "y" * 300, "list": [1, 2]}
+    rs = call_resource(None)
+    trace = os.urandom(16)
+    add_span(rs, trace, "s", 1, 2, **values)
+    rows = build_rows(SpanBatch([rs], "p1"), 0, lambda *_: 1, lambda _: 1)
+    expected = {(k, attribute_text(v)) for k, v in values.items() if attribute_text(v) is not None}
+    span_pairs = rows.trace_attrs[trace] - {("service.name", "agent")}
+    assert span_pairs == expected
+    assert ("empty", "") in expected and ("whole", "2") in expected
