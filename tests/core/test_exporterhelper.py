@@ -24,6 +24,12 @@ class Recorder(Exporter):
             raise self.failures.pop(0)
         self.batches.append(b)
 
+    def span_names(self) -> list[str]:
+        """The names of every span exported, in order."""
+        return [
+            s.name for b in self.batches for rs in b.resource_spans for ss in rs.scope_spans for s in ss.spans
+        ]  # fmt: skip
+
 
 def fast_retry(**queue):
     return ExporterConfig(
@@ -88,13 +94,7 @@ async def test_permanent_error_in_a_merged_batch_drops_only_the_bad_request(tmp_
         await queue.put(batch(resource_spans({}, [{"name": name}])))
     exporter.gate.set()
     await queue.shutdown(5)
-    delivered = sorted(
-        s.name
-        for b in exporter.batches
-        for rs in b.resource_spans
-        for ss in rs.scope_spans
-        for s in ss.spans
-    )
+    delivered = sorted(exporter.span_names())
     assert delivered == ["a", "b"]
     assert telemetry.value("calltrace_exporter_send_failed_spans_total", exporter="recorder") == 1
     # nothing is left on disk for the next start
@@ -120,13 +120,7 @@ async def test_workers_keep_separate_persistent_queues(tmp_path, monkeypatch):
     queue = ExporterQueue(exporter)
     await queue.start()
     await queue.shutdown(5)
-    names = [
-        s.name
-        for b in exporter.batches
-        for rs in b.resource_spans
-        for ss in rs.scope_spans
-        for s in ss.spans
-    ]
+    names = exporter.span_names()
     assert names == ["w1"]
     assert sorted(p.name for p in tmp_path.glob("*.queue.db")) == [
         "recorder.worker0.queue.db",
@@ -177,13 +171,7 @@ async def test_persistent_queue_survives_restart(tmp_path):
     queue2 = ExporterQueue(exporter2)
     await queue2.start()
     await queue2.shutdown(5)
-    names = [
-        s.name
-        for b in exporter2.batches
-        for rs in b.resource_spans
-        for ss in rs.scope_spans
-        for s in ss.spans
-    ]
+    names = exporter2.span_names()
     assert names == ["a", "b"]
     exporter3 = Recorder(fast_retry(storage=str(tmp_path)))
     queue3 = ExporterQueue(exporter3)
@@ -203,13 +191,7 @@ async def test_persistent_queue_keeps_the_backlog_on_disk_not_in_memory(tmp_path
     assert len(in_memory) <= 5  # only the head of the queue holds its bytes
     exporter.gate.set()
     await queue.shutdown(5)
-    names = [
-        s.name
-        for b in exporter.batches
-        for rs in b.resource_spans
-        for ss in rs.scope_spans
-        for s in ss.spans
-    ]
+    names = exporter.span_names()
     assert names == [f"s{index}" for index in range(20)]  # every span, in order
 
 
