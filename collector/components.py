@@ -143,7 +143,8 @@ class Exporter(_Component, ABC):
     """True: ``export`` reads only ``batch.payload`` (the spans as a serialized
     ``ExportTraceServiceRequest``; ``batch.resource_spans`` is then empty), so the sending
     queue hands over the bytes it holds and never parses them. For an exporter that
-    ships bytes on (to another process, over the network) without looking inside."""
+    ships bytes on (to another process, over the network) without looking inside, or
+    reads the wire format itself (the storage exporters' ``collector.storage.build_rows``)."""
 
     @abstractmethod
     async def export(self, batch: SpanBatch) -> None:

@@ -42,8 +42,7 @@ from collector.components import (
     PermanentError,
     RefusedError,
 )
-from collector.otlp_json import varint
-from collector.spans import ExportTraceServiceRequest, SpanBatch
+from collector.spans import ExportTraceServiceRequest, SpanBatch, serialize_resource_spans
 from collector.storage import BackgroundCheckpointer, open_sqlite
 from collector.units import Duration
 
@@ -94,16 +93,6 @@ class ExporterConfig(ComponentConfig):
 
 _Outcome = Literal["sent", "permanent", "gave_up"]
 _T = TypeVar("_T")
-
-
-def serialize_resource_spans(resource_spans: list[Any]) -> bytes:
-    """The ``ExportTraceServiceRequest`` body holding ``resource_spans``, without copying
-    the messages into a request first (field 1, length-delimited, once per resource)."""
-    parts: list[bytes] = []
-    for rs in resource_spans:
-        body = rs.SerializeToString()
-        parts += (b"\n", varint(len(body)), body)
-    return b"".join(parts)
 
 
 class _QueueItem:

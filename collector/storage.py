@@ -23,22 +23,38 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+
 from collector.spans import (
     CALL_ID_ATTRIBUTE,
     CALL_KEY_ATTRIBUTE,
     CALL_SOURCE_ATTRIBUTE,
+    ExportTraceServiceRequest,
     SpanBatch,
     any_value_to_python,
+    serialize_resource_spans,
 )
+
+try:
+    from collector import _rows  # type: ignore[attr-defined]
+except ImportError:  # not built (no C compiler at install): the Python loop does it
+    _rows = None
+
+NATIVE_ROWS = _rows is not None
+"""Whether ``build_rows`` reads the wire format in C: a storage exporter then takes
+serialized batches (``Exporter.serialized_batches``), which it reads without parsing."""
 
 __all__ = [
     "MAX_INDEXED_VALUE",
+    "NATIVE_ROWS",
     "STATUS_ERROR",
     "TAG_PREFIX",
     "BackgroundCheckpointer",
     "BatchRows",
     "attribute_text",
     "build_rows",
+    "build_rows_native",
+    "build_rows_python",
     "expire_periodically",
     "open_sqlite",
 ]
@@ -176,11 +192,21 @@ class _ResourceFacts:
     agent process exports a few spans at a time under the same resource, so most
     batches repeat resources seen before (measured ~5 spans per ``ResourceSpans``)."""
 
-    __slots__ = ("attrs", "call_id", "call_key", "call_source", "payload", "service", "tags")
+    __slots__ = (
+        "attrs",
+        "call_id",
+        "call_key",
+        "call_source",
+        "payload",
+        "resource",
+        "service",
+        "tags",
+    )
 
-    def __init__(self, resource: Any, payload: bytes):
+    def __init__(self, resource: Resource, payload: bytes):
+        self.resource = resource
         self.payload = payload
-        """The resource serialized (deterministically: no map fields, so always so)."""
+        """The resource serialized (no map fields, so the same bytes however written)."""
         self.call_id: str | None = None
         self.call_key: str | None = None
         self.call_source: str | None = None
@@ -211,25 +237,105 @@ _RESOURCE_FACTS: dict[bytes, _ResourceFacts] = {}
 _RESOURCE_FACTS_LIMIT = 4096
 
 
-def _resource_facts(resource: Any) -> _ResourceFacts:
-    payload = resource.SerializeToString(deterministic=True)
+def _facts_of(payload: bytes, resource: Resource | None = None) -> _ResourceFacts:
+    """The facts of the resource serialized as ``payload`` (parsed from it unless given)."""
     facts = _RESOURCE_FACTS.get(payload)
     if facts is None:
         if len(_RESOURCE_FACTS) >= _RESOURCE_FACTS_LIMIT:
             _RESOURCE_FACTS.clear()
+        if resource is None:
+            resource = Resource.FromString(payload)
         facts = _RESOURCE_FACTS[payload] = _ResourceFacts(resource, payload)
     return facts
 
 
+ResourceRef = Callable[[Resource, "str | None", bytes], Any]
+"""``resource_ref(resource, service, payload)``: what a span row stores to point at its
+resource (``payload``: the resource serialized)."""
+ScopeRef = Callable[[bytes], Any]
+"""``scope_ref(payload)``: what a span row stores to point at its instrumentation scope,
+given the scope serialized (``InstrumentationScope.FromString`` reads it back)."""
+
+
 def build_rows(
-    batch: SpanBatch,
-    now: int,
-    resource_ref: Callable[[Any, str | None, bytes], Any],
-    scope_ref: Callable[[Any], Any],
+    batch: SpanBatch, now: int, resource_ref: ResourceRef, scope_ref: ScopeRef
 ) -> BatchRows:
-    """The rows of ``batch``. ``resource_ref(resource, service, payload)`` (``payload``:
-    the resource serialized deterministically) and ``scope_ref(scope)`` return what a
-    span row stores to point at its resource and scope."""
+    """The rows of ``batch``: read off its serialized form by ``collector._rows`` (C)
+    where that module is built, else by the Python loop below; both give the same rows
+    (tests/core/test_rows.py holds them to it). A span row's bytes are the span's own
+    bytes in the batch's serialized form."""
+    if _rows is not None:
+        payload = batch.payload
+        if payload is None:
+            payload = serialize_resource_spans(batch.resource_spans)
+        try:
+            return build_rows_native(payload, batch.project, now, resource_ref, scope_ref)
+        except ValueError:
+            if batch.payload is None:
+                raise  # upb wrote it: not a wire format problem
+            # Not well-formed protobuf: the Python path parses it and says what is wrong.
+    return build_rows_python(batch, now, resource_ref, scope_ref)
+
+
+def build_rows_native(
+    payload: bytes,
+    project: str | None,
+    now: int,
+    resource_ref: ResourceRef,
+    scope_ref: ScopeRef,
+) -> BatchRows:
+    """``build_rows`` of a serialized ``ExportTraceServiceRequest`` by ``collector._rows``
+    (ValueError if it is not well-formed protobuf)."""
+    assert _rows is not None
+
+    def resource_cb(resource_payload: bytes) -> tuple[Any, ...]:
+        facts = _facts_of(resource_payload)
+        ref = resource_ref(facts.resource, facts.service, resource_payload)
+        return (ref, facts.call_id, facts.service, facts.attrs, facts)
+
+    rows = BatchRows()
+    (
+        rows.spans,
+        rows.traces,
+        rows.trace_attrs,
+        rows.trace_names,
+        rows.call_traces,
+        extents,
+    ) = _rows.build_rows(payload, project or "", resource_cb, scope_ref)
+    for (_, call_id, _, _, facts), start_min, end_max in extents:
+        if call_id is not None:
+            _add_call(rows.calls, facts, now, start_min, end_max)
+    return rows
+
+
+def _add_call(
+    calls: dict[str, list[Any]], facts: _ResourceFacts, now: int, start_min: int, end_max: int
+) -> None:
+    """One resource's spans (from ``start_min`` to ``end_max``) in its call's row."""
+    assert facts.call_id is not None
+    call = calls.get(facts.call_id)
+    if call is None:
+        calls[facts.call_id] = [
+            facts.call_id,
+            facts.call_key or facts.call_id,
+            facts.call_source or "",
+            now,
+            now,
+            start_min,
+            end_max,
+            facts.service,
+            dict(facts.tags),  # updated by later resources: not the cached facts
+        ]
+    else:
+        call[5] = min(call[5], start_min)
+        call[6] = max(call[6], end_max)
+        call[8].update(facts.tags)
+
+
+def build_rows_python(
+    batch: SpanBatch, now: int, resource_ref: ResourceRef, scope_ref: ScopeRef
+) -> BatchRows:
+    """``build_rows`` over the batch's protobuf messages, in Python (the reference)."""
     project = batch.project or ""
     rows = BatchRows()
     span_rows = rows.spans
@@ -237,16 +343,19 @@ def build_rows(
     trace_attrs = rows.trace_attrs
     add_name = rows.trace_names.add
     add_call_trace = rows.call_traces.add
-    for rs in batch.resource_spans:
+    resource_spans = batch.resource_spans
+    if not resource_spans and batch.payload is not None:
+        resource_spans = list(ExportTraceServiceRequest.FromString(batch.payload).resource_spans)
+    for rs in resource_spans:
         resource = rs.resource
-        facts = _resource_facts(resource)
-        call_id, call_key, call_source = facts.call_id, facts.call_key, facts.call_source
-        service, tags, resource_attrs = facts.service, facts.tags, facts.attrs
+        facts = _facts_of(resource.SerializeToString(), resource)
+        call_id = facts.call_id
+        service, resource_attrs = facts.service, facts.attrs
         resource_id = resource_ref(resource, service, facts.payload)
         start_min = end_max = None
         traces_of_resource: set[bytes] = set()  # each gets the resource's attributes
         for ss in rs.scope_spans:
-            scope_id = scope_ref(ss.scope)
+            scope_id = scope_ref(ss.scope.SerializeToString())
             for span in ss.spans:
                 trace_id = span.trace_id
                 span_id = span.span_id
@@ -334,24 +443,8 @@ def build_rows(
                     start_min = start
                 if end_max is None or end > end_max:
                     end_max = end
-        if call_id is not None and start_min is not None:
-            call = rows.calls.get(call_id)
-            if call is None:
-                rows.calls[call_id] = [
-                    call_id,
-                    call_key or call_id,
-                    call_source or "",
-                    now,
-                    now,
-                    start_min,
-                    end_max,
-                    service,
-                    dict(tags),  # updated below: not the cached resource facts
-                ]
-            else:
-                call[5] = min(call[5], start_min)
-                call[6] = max(call[6], end_max)
-                call[8].update(tags)
+        if call_id is not None and start_min is not None and end_max is not None:
+            _add_call(rows.calls, facts, now, start_min, end_max)
     return rows
 
 

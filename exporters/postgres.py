@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import asyncpg
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from pydantic import Field, SecretStr, field_validator
 
 from collector import (
@@ -36,7 +37,7 @@ from collector import (
     any_value_to_python,
 )
 from collector.query import jsonable
-from collector.storage import build_rows, expire_periodically
+from collector.storage import NATIVE_ROWS, build_rows, expire_periodically
 from exporters.postgres_query import PostgresQueryStore
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,8 @@ class PostgresExporter(Exporter):
 
     def __init__(self, component_id: str, config: PostgresConfig):
         super().__init__(component_id, config)
+        # build_rows reads the queue's bytes in C: nothing to parse on the event loop.
+        self.serialized_batches = NATIVE_ROWS
         self._pool: asyncpg.Pool | None = None
         self._retention_task: asyncio.Task[None] | None = None
         self._known_resources: set[bytes] = set()
@@ -402,10 +405,10 @@ class _Prepared:
             )
         return digest
 
-    def _scope(self, scope: Any) -> bytes:
-        payload = scope.SerializeToString(deterministic=True)
+    def _scope(self, payload: bytes) -> bytes:
         digest = hashlib.blake2b(payload, digest_size=16).digest()
         if digest not in self.scopes:
+            scope = InstrumentationScope.FromString(payload)
             self.scopes[digest] = (digest, _text(scope.name), _text(scope.version), payload)
         return digest
 

@@ -38,6 +38,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Literal
 
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from pydantic import Field
 
 from collector import (
@@ -54,6 +55,7 @@ from collector.calls import ensure_calls_table
 from collector.exporterhelper import serialize_resource_spans
 from collector.storage import (  # re-exported: the query side and plugins read them here
     MAX_INDEXED_VALUE,
+    NATIVE_ROWS,
     STATUS_ERROR,
     TAG_PREFIX,
     BackgroundCheckpointer,
@@ -333,11 +335,11 @@ class _Writer:
         self._resource_ids[payload] = resource_id
         return int(resource_id)
 
-    def _scope_id(self, db: sqlite3.Connection, scope: Any) -> int:
-        payload = scope.SerializeToString(deterministic=True)
+    def _scope_id(self, db: sqlite3.Connection, payload: bytes) -> int:
         cached = self._scope_ids.get(payload)
         if cached is not None:
             return cached
+        scope = InstrumentationScope.FromString(payload)
         digest = hashlib.blake2b(payload, digest_size=16).digest()
         db.execute(
             "INSERT OR IGNORE INTO scopes (digest, name, version, scope) VALUES (?,?,?,?)",
@@ -433,9 +435,10 @@ class SQLiteExporter(Exporter):
 
     def __init__(self, component_id: str, config: SQLiteConfig):
         super().__init__(component_id, config)
-        # The writer process parses batches itself: the queue's bytes go to it as they
-        # are, and the event loop neither parses nor serializes them.
-        self.serialized_batches = config.writer == "process"
+        # The queue's bytes go to the writer as they are, and the event loop neither
+        # parses nor serializes them: build_rows reads them in C, and the writer process
+        # gets bytes anyway.
+        self.serialized_batches = config.writer == "process" or NATIVE_ROWS
         self._writer: _Writer | None = None
         self._pool: Executor | None = None
         self._retention_task: asyncio.Task[None] | None = None

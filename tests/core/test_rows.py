@@ -1,0 +1,193 @@
+"""build_rows in C (collector._rows) gives exactly the rows of the Python reference loop."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from collector import storage
+from collector.spans import (
+    CALL_ID_ATTRIBUTE,
+    CALL_KEY_ATTRIBUTE,
+    ExportTraceServiceRequest,
+    SpanBatch,
+    serialize_resource_spans,
+    set_attribute,
+)
+from collector.storage import BatchRows, build_rows, build_rows_native, build_rows_python
+from tests.support import fixture_requests
+
+pytestmark = pytest.mark.skipif(
+    not storage.NATIVE_ROWS and os.environ.get("CI") != "true",
+    reason="collector._rows is not built (no C compiler at install)",
+)
+
+
+def test_the_extension_is_built():
+    """`make install` builds it; in CI its absence is a broken install, not a skip."""
+    assert storage.NATIVE_ROWS, "collector._rows did not build: is a C compiler installed?"
+
+
+def _refs():
+    """Callbacks that record what they were given and return stable refs."""
+    resources: list[bytes] = []
+    scopes: list[bytes] = []
+
+    def resource_ref(resource, service, payload):
+        assert resource.SerializeToString() == payload
+        resources.append(payload)
+        return (service, len(payload))
+
+    def scope_ref(payload):
+        scopes.append(payload)
+        return len(payload)
+
+    return resource_ref, scope_ref, resources, scopes
+
+
+def _both(request: ExportTraceServiceRequest, project: str = "p1") -> tuple[BatchRows, BatchRows]:
+    payload = serialize_resource_spans(request.resource_spans)
+    r_ref, s_ref, r_seen, s_seen = _refs()
+    python = build_rows_python(SpanBatch(list(request.resource_spans), project), 7, r_ref, s_ref)
+    r_ref2, s_ref2, r_seen2, s_seen2 = _refs()
+    native = build_rows_native(payload, project, 7, r_ref2, s_ref2)
+    assert r_seen == r_seen2 and s_seen == s_seen2  # the same callbacks, in the same order
+    return python, native
+
+
+def _assert_same(python: BatchRows, native: BatchRows) -> None:
+    assert native.spans == python.spans
+    assert native.traces == python.traces
+    assert list(native.traces) == list(python.traces)
+    assert native.trace_attrs == python.trace_attrs
+    assert native.trace_names == python.trace_names
+    assert native.call_traces == python.call_traces
+    assert native.calls == python.calls
+
+
+@pytest.mark.parametrize("framework", ["livekit", "pipecat"])
+def test_fixture_requests_give_the_same_rows(framework):
+    for path in fixture_requests(framework):
+        request = ExportTraceServiceRequest.FromString(path.read_bytes())
+        for rs in request.resource_spans:  # as correlate leaves them: with a call
+            set_attribute(rs.resource.attributes, CALL_ID_ATTRIBUTE, "call-1")
+            set_attribute(rs.resource.attributes, CALL_KEY_ATTRIBUTE, "RM_1")
+        python, native = _both(request)
+        assert native.spans, path
+        _assert_same(python, native)
+
+
+def test_span_bytes_are_the_spans_own():
+    [path, *_] = fixture_requests("livekit")
+    request = ExportTraceServiceRequest.FromString(path.read_bytes())
+    _, native = _both(request)
+    spans = [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert [row[-1] for row in native.spans] == [s.SerializeToString() for s in spans]
+
+
+attribute_values = st.one_of(
+    st.text(max_size=8),
+    st.text(min_size=250, max_size=262),  # around MAX_INDEXED_VALUE characters
+    st.text(alphabet="é€😀a", min_size=60, max_size=300),  # more bytes than characters
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 2.0, 1e300, -1e22, 0.1, 5e-324]),
+    st.binary(max_size=4),
+    st.lists(st.integers(0, 3), max_size=2),
+    st.dictionaries(st.sampled_from("ab"), st.booleans(), max_size=1),
+)
+span_shapes = st.fixed_dictionaries(
+    {
+        "trace": st.sampled_from([b"\x01" * 16, b"\x02" * 16, b"\x03" * 16]),
+        "parent": st.sampled_from([b"", b"\x05" * 8]),
+        "name": st.sampled_from(["llm_node", "tts", "stt", "é"]),
+        "kind": st.integers(0, 5),
+        "start": st.integers(0, 2**64 - 1),
+        "end": st.integers(0, 2**64 - 1),
+        "status": st.sampled_from([0, 1, 2]),
+        "attributes": st.dictionaries(
+            st.sampled_from(["k", "gen_ai.x", "", "ü"]), attribute_values, max_size=4
+        ),
+    }
+)
+resource_shapes = st.fixed_dictionaries(
+    {
+        "call": st.sampled_from([None, "call-a", "call-b"]),
+        "service": st.sampled_from([None, "agent", ""]),
+        "tag": st.one_of(st.none(), st.text(max_size=3), st.integers(0, 9)),
+        "scopes": st.lists(
+            st.tuples(st.sampled_from(["", "livekit-agents"]), st.lists(span_shapes, max_size=4)),
+            max_size=2,
+        ),
+    }
+)
+
+
+def _request(resources: list[dict]) -> ExportTraceServiceRequest:
+    request = ExportTraceServiceRequest()
+    for index, shape in enumerate(resources):
+        rs = request.resource_spans.add()
+        attributes = rs.resource.attributes
+        if shape["service"] is not None:
+            set_attribute(attributes, "service.name", shape["service"])
+        if shape["call"] is not None:
+            set_attribute(attributes, CALL_ID_ATTRIBUTE, shape["call"])
+        if shape["tag"] is not None:
+            set_attribute(attributes, "roark.project.tag.customer", shape["tag"])
+        set_attribute(attributes, "index", index)
+        for scope_name, spans in shape["scopes"]:
+            ss = rs.scope_spans.add()
+            ss.scope.name = scope_name
+            for n, s in enumerate(spans):
+                span = ss.spans.add(
+                    trace_id=s["trace"],
+                    span_id=bytes([n + 1]) * 8,
+                    parent_span_id=s["parent"],
+                    name=s["name"],
+                    kind=s["kind"],
+                    start_time_unix_nano=s["start"],
+                    end_time_unix_nano=s["end"],
+                )
+                span.status.code = s["status"]
+                for key, value in s["attributes"].items():
+                    set_attribute(span.attributes, key, value)
+    return request
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(resource_shapes, max_size=4))
+def test_any_batch_gives_the_same_rows(resources):
+    python, native = _both(_request(resources))
+    _assert_same(python, native)
+
+
+def test_float_texts_match_attribute_text():
+    values = [2.0, 0.25, -0.0, math.inf, -math.inf, math.nan, 1e300, 123456789.5]
+    request = _request([{"call": None, "service": None, "tag": None, "scopes": [("", [])]}])
+    span = (
+        request.resource_spans[0]
+        .scope_spans[0]
+        .spans.add(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name="x")
+    )
+    for index, value in enumerate(values):
+        set_attribute(span.attributes, f"v{index}", value)
+    _, native = _both(request)
+    pairs = native.trace_attrs[b"\x01" * 16]
+    for index, value in enumerate(values):
+        assert (f"v{index}", storage.attribute_text(value)) in pairs
+
+
+def test_malformed_bytes_are_reported_by_the_protobuf_parser():
+    """A queue's bytes that are not protobuf fall back to the Python path, whose parser
+    raises the error the exporter turns into a permanent failure."""
+    with pytest.raises(ValueError):
+        build_rows_native(b"\x0a\xff", "p", 0, lambda *a: 1, lambda p: 1)
+    batch = SpanBatch([], "p", payload=b"\x0a\xff")
+    with pytest.raises(DecodeError):
+        build_rows(batch, 0, lambda *a: 1, lambda p: 1)
