@@ -675,8 +675,86 @@ done:
     return result;
 }
 
+static int
+all_zero(const uint8_t *p, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (p[i])
+            return 0;
+    return 1;
+}
+
+/* Whether every span of the ScopeSpans in [p, end) has well-formed ids (see
+ * collector.receivers.otlp.drop_invalid_spans) and no all-zero parent; counts them. */
+static int
+check_scope_spans(const uint8_t *p, const uint8_t *end, Py_ssize_t *count, int *clean)
+{
+    Field f, g;
+    int r, s;
+    while ((r = next_field(&p, end, &f)) > 0) {
+        if (f.number != 2 || f.type != WT_LEN)
+            continue;
+        const uint8_t *q = f.data, *qend = f.data + f.len;
+        const uint8_t *trace = NULL, *span = NULL, *parent = NULL;
+        Py_ssize_t trace_len = 0, span_len = 0, parent_len = 0;
+        while ((s = next_field(&q, qend, &g)) > 0) {
+            if (g.type != WT_LEN)
+                continue;
+            if (g.number == 1)
+                trace = g.data, trace_len = g.len;
+            else if (g.number == 2)
+                span = g.data, span_len = g.len;
+            else if (g.number == 4)
+                parent = g.data, parent_len = g.len;
+        }
+        if (s < 0)
+            return -1;
+        (*count)++;
+        if (trace_len != 16 || all_zero(trace, 16) || span_len != 8 || all_zero(span, 8) ||
+            (parent_len != 0 && (parent_len != 8 || all_zero(parent, 8))))
+            *clean = 0;
+    }
+    return r;
+}
+
+PyDoc_STRVAR(check_spans_doc,
+"check_spans(payload)\n--\n\n"
+"(spans, clean) of a serialized ExportTraceServiceRequest: how many spans it holds and\n"
+"whether all of them have valid ids and none an all-zero parent span id, so that\n"
+"drop_invalid_spans has nothing to do. ValueError if it is not well-formed protobuf.");
+
+static PyObject *
+check_spans(PyObject *self, PyObject *arg)
+{
+    Py_buffer payload;
+    if (PyObject_GetBuffer(arg, &payload, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const uint8_t *p = payload.buf, *end = p + payload.len;
+    Py_ssize_t count = 0;
+    int clean = 1, r;
+    Field f, g;
+    while ((r = next_field(&p, end, &f)) > 0) {
+        if (f.number != 1 || f.type != WT_LEN)
+            continue;
+        const uint8_t *q = f.data, *qend = f.data + f.len;
+        while ((r = next_field(&q, qend, &g)) > 0)
+            if (g.number == 2 && g.type == WT_LEN &&
+                check_scope_spans(g.data, g.data + g.len, &count, &clean) < 0) {
+                r = -1;
+                break;
+            }
+        if (r < 0)
+            break;
+    }
+    PyBuffer_Release(&payload);
+    if (r < 0)
+        return NULL;
+    return Py_BuildValue("(nO)", count, clean ? Py_True : Py_False);
+}
+
 static PyMethodDef methods[] = {
     {"build_rows", build_rows, METH_VARARGS, build_rows_doc},
+    {"check_spans", check_spans, METH_O, check_spans_doc},
     {NULL, NULL, 0, NULL},
 };
 

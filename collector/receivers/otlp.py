@@ -32,6 +32,10 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from collector.components import ComponentConfig, Consumer, Host, Receiver, RequestInfo
 from collector.otlp_json import INVALID_HEX_ID
 from collector.spans import ExportTraceServiceRequest, SpanBatch
+from collector.storage import NATIVE_ROWS
+
+if NATIVE_ROWS:
+    from collector import _rows  # type: ignore[attr-defined]
 from collector.tls import TLSSettings, check_listener
 from collector.units import ByteSize
 
@@ -182,11 +186,12 @@ class TraceIngest:
         await self.consumer.admit(request)
 
     async def export(
-        self, request: ExportTraceServiceRequest, info: RequestInfo
+        self, request: ExportTraceServiceRequest, info: RequestInfo, body: bytes | None = None
     ) -> ExportTraceServiceResponse:
         """Hand the valid spans of ``request`` to the pipeline; raises what ``consume``
-        raises (``RefusedError`` ...), after counting the spans as refused."""
-        kept, rejected, reason = drop_invalid_spans(request)
+        raises (``RefusedError`` ...), after counting the spans as refused. ``body``: the
+        protobuf bytes ``request`` was parsed from, if the transport has them."""
+        kept, rejected, reason = drop_invalid_spans(request, body)
         response = ExportTraceServiceResponse()
         if rejected:
             self.refused(rejected)
@@ -215,14 +220,25 @@ _ZERO_TRACE_ID = bytes(16)
 _ZERO_SPAN_ID = bytes(8)
 
 
-def drop_invalid_spans(request: ExportTraceServiceRequest) -> tuple[int, int, str]:
+def drop_invalid_spans(
+    request: ExportTraceServiceRequest, body: bytes | None = None
+) -> tuple[int, int, str]:
     """Remove spans whose ids are malformed, in place.
 
     A trace id must be 16 bytes and not all zero, a span id 8 bytes and not all zero, a
     parent span id empty or 8 bytes (an all-zero parent, which some SDKs send for a
     root, is cleared). Returns ``(kept, rejected, reason)``. This runs on every span, so
-    it only compares lengths and bytes.
+    it only compares lengths and bytes; given the ``body`` the request was parsed from,
+    ``collector._rows`` checks its bytes in C first (~10x faster), and the spans are
+    walked here only if one needs a change.
     """
+    if body is not None and NATIVE_ROWS:
+        try:
+            spans, clean = _rows.check_spans(body)
+        except ValueError:  # upb parsed it, so this does not happen; the loop decides
+            clean = False
+        if clean:
+            return spans, 0, ""
     kept = rejected = 0
     reason = ""
     for resource_spans in request.resource_spans:

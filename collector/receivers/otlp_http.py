@@ -185,7 +185,9 @@ class HTTPListener:
             return _error(reply_as, 400, f"malformed {content_type} request: {exc}")
 
         try:
-            result = await ingest.export(export_request, info)
+            result = await ingest.export(
+                export_request, info, body if content_type == PROTOBUF else None
+            )
         except RefusedError as exc:
             return _refused(reply_as, exc)
         except Exception:

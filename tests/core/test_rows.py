@@ -191,3 +191,41 @@ def test_malformed_bytes_are_reported_by_the_protobuf_parser():
     batch = SpanBatch([], "p", payload=b"\x0a\xff")
     with pytest.raises(DecodeError):
         build_rows(batch, 0, lambda *a: 1, lambda p: 1)
+
+
+def _ids_request(*spans: tuple[bytes, bytes, bytes]) -> ExportTraceServiceRequest:
+    request = ExportTraceServiceRequest()
+    ss = request.resource_spans.add().scope_spans.add()
+    for trace_id, span_id, parent in spans:
+        ss.spans.add(trace_id=trace_id, span_id=span_id, parent_span_id=parent, name="s")
+    request.resource_spans.add()  # a resource without spans counts none
+    return request
+
+
+GOOD = (b"\x01" * 16, b"\x02" * 8, b"")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        (b"\x01" * 15, b"\x02" * 8, b""),
+        (bytes(16), b"\x02" * 8, b""),
+        (b"\x01" * 16, b"\x02" * 7, b""),
+        (b"\x01" * 16, bytes(8), b""),
+        (b"\x01" * 16, b"\x02" * 8, b"\x03" * 9),
+        (b"\x01" * 16, b"\x02" * 8, bytes(8)),  # valid, but drop_invalid_spans clears it
+    ],
+)
+def test_check_spans_finds_what_drop_invalid_spans_would_change(bad):
+    from collector import _rows
+    from collector.receivers.otlp import drop_invalid_spans
+
+    good = _ids_request(GOOD, GOOD)
+    assert _rows.check_spans(good.SerializeToString()) == (2, True)
+    request = _ids_request(GOOD, bad)
+    body = request.SerializeToString()
+    assert _rows.check_spans(body) == (2, False)
+    # With the body, the same outcome as the Python loop, edits included.
+    reference = ExportTraceServiceRequest.FromString(body)
+    assert drop_invalid_spans(request, body) == drop_invalid_spans(reference)
+    assert request == reference
