@@ -66,8 +66,9 @@ class SQLQueries:
     )
     CALL_SPANS = (
         "SELECT trace_id, span_id, parent_span_id, name, kind, start_ns, end_ns, status_code,"
-        " resource_id, span FROM spans WHERE project = ? AND trace_id IN"
-        " (SELECT trace_id FROM call_traces WHERE project = ? AND call_id = ?) ORDER BY start_ns"
+        " resource_id, span FROM spans WHERE project = ? AND trace_seq IN"
+        " (SELECT t.seq FROM call_traces c JOIN traces t ON t.project = c.project"
+        " AND t.trace_id = c.trace_id WHERE c.project = ? AND c.call_id = ?) ORDER BY start_ns"
     )
 
     def call_detail(self, call_id: str) -> dict[str, Any]:
@@ -100,8 +101,8 @@ class SQLQueries:
         "t.trace_id, t.call_id, t.service, t.start_ns, t.duration_ns, t.root_name, t.has_error"
     )
     TRACES_BY_NAME = (
-        f"SELECT {_TRACE_COLUMNS} FROM traces t WHERE t.project = ? AND t.trace_id IN"
-        " (SELECT n.trace_id FROM trace_names n WHERE n.project = ? AND n.name = ?)"
+        f"SELECT {_TRACE_COLUMNS} FROM traces t WHERE t.project = ? AND t.seq IN"
+        " (SELECT n.trace_seq FROM trace_names n WHERE n.project = ? AND n.name = ?)"
         " AND t.start_ns >= ? AND t.start_ns < ?"
         " ORDER BY t.start_ns DESC LIMIT ?"
     )
@@ -112,9 +113,8 @@ class SQLQueries:
 
     TRACES_BY_NAME_PROBE = (
         f"SELECT {_TRACE_COLUMNS} FROM traces t WHERE t.project = ? AND t.start_ns >= ?"
-        " AND t.start_ns < ? AND EXISTS (SELECT 1 FROM spans s INDEXED BY spans_identity"
-        " WHERE s.project = t.project"
-        " AND s.trace_id = t.trace_id AND s.name = ?) ORDER BY t.start_ns DESC LIMIT ?"
+        " AND t.start_ns < ? AND EXISTS (SELECT 1 FROM spans s INDEXED BY spans_by_trace"
+        " WHERE s.trace_seq = t.seq AND s.name = ?) ORDER BY t.start_ns DESC LIMIT ?"
     )
 
     def traces_by_name_probe(self, name: str, start_ns: int, end_ns: int, limit: int = 50) -> list:
@@ -207,8 +207,9 @@ async def build_database(path: Path, calls: int, *, end_ns: int, quiet: bool = F
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute(
             "UPDATE calls SET span_count = (SELECT count(*) FROM spans s"
-            " WHERE s.project = calls.project AND s.trace_id IN (SELECT c.trace_id"
-            " FROM call_traces c WHERE c.project = calls.project AND c.call_id = calls.call_id))"
+            " WHERE s.trace_seq IN (SELECT t.seq FROM call_traces c JOIN traces t"
+            " ON t.project = c.project AND t.trace_id = c.trace_id"
+            " WHERE c.project = calls.project AND c.call_id = calls.call_id))"
         )
         db.commit()
     return spans

@@ -8,15 +8,16 @@ and walks an index (see ``EXPLAIN QUERY PLAN`` in the tests):
 - calls list: ``calls_by_start`` (project, start_ns DESC, call_id), the cursor a
   range bound on it; each call's turn totals come from the ``calls.summary`` cache,
   recomputed when ``summary_spans`` differs from the call's stored span count
-  (``call_traces`` then ``spans_identity``, both covering);
+  (``call_traces``, ``traces_identity`` for the traces' seqs, then ``spans_by_trace``,
+  all covering);
 - trace search: ``traces_by_start``, each condition an ``IN`` over an index:
   ``trace_search`` (full text, one term per project, key and value) for ``attr.*``,
   ``trace_names`` for names,
   ``span_names`` for name substrings;
-- one call: its traces from ``call_traces``, their spans from ``spans_identity``; a
+- one call: its traces from ``call_traces``, their spans from ``spans_by_trace``; a
   call is every span of every trace that holds one of its spans (its full trace
   tree, a span of another service in the trace included);
-- one trace: ``spans_identity``.
+- one trace: its seq from ``traces_identity``, its spans from ``spans_by_trace``.
 
 Attributes, events and links are decoded from each span's stored protobuf bytes.
 """
@@ -79,11 +80,14 @@ _CALL_COLUMNS = (
     "call_id, room_id, source, room_name, service, start_ns, end_ns, tags, summary, summary_spans"
 )
 _CALL_SPANS = (
-    "s.project = ? AND s.trace_id IN"
-    " (SELECT trace_id FROM call_traces WHERE project = ? AND call_id = ?)"
+    "s.project = ? AND s.trace_seq IN (SELECT t.seq FROM call_traces c JOIN traces t"
+    " ON t.project = c.project AND t.trace_id = c.trace_id"
+    " WHERE c.project = ? AND c.call_id = ?)"
 )
 """A call's spans: those of the traces holding one of its spans (args: project, project,
 call id)."""
+_TRACE_SPANS = "s.trace_seq = (SELECT seq FROM traces WHERE project = ? AND trace_id = ?)"
+"""A trace's spans (args: project, trace id)."""
 
 
 class SQLiteQueryStore:
@@ -211,9 +215,9 @@ class SQLiteQueryStore:
         return Page(items, cursor)
 
     def _span_count(self, db: sqlite3.Connection, project: str, trace_id: bytes) -> int:
-        """Counted in ``spans_identity`` alone (covering): no span row is read."""
+        """Counted in ``spans_by_trace`` alone (covering): no span row is read."""
         (count,) = db.execute(
-            "SELECT count(*) FROM spans WHERE project = ? AND trace_id = ?", (project, trace_id)
+            f"SELECT count(*) FROM spans s WHERE {_TRACE_SPANS}", (project, trace_id)
         ).fetchone()
         return int(count)
 
@@ -228,7 +232,7 @@ class SQLiteQueryStore:
         ).fetchone()
         if row is None:
             return None
-        spans, resources = self._spans(db, "s.project = ? AND s.trace_id = ?", (project, trace_id))
+        spans, resources = self._spans(db, _TRACE_SPANS, (project, trace_id))
         return {
             "trace": trace_json(row, len(spans)),
             "spans": spans,
@@ -316,13 +320,11 @@ def traces_sql(project: str, query: TraceFilter) -> tuple[str, list[Any]]:
         sql.append("AND has_error = ?")
         args.append(1 if query.status == "error" else 0)
     if query.name is not None:
-        sql.append(
-            "AND trace_id IN (SELECT trace_id FROM trace_names WHERE project = ? AND name = ?)"
-        )
+        sql.append("AND seq IN (SELECT trace_seq FROM trace_names WHERE project = ? AND name = ?)")
         args += [project, query.name]
     if query.name_contains is not None:
         sql.append(
-            "AND trace_id IN (SELECT trace_id FROM trace_names WHERE project = ? AND name IN"
+            "AND seq IN (SELECT trace_seq FROM trace_names WHERE project = ? AND name IN"
             " (SELECT name FROM span_names WHERE project = ?"
             " AND instr(lower(name), lower(?)) > 0))"
         )
