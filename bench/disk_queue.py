@@ -122,5 +122,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.pop("CALLTRACE_WORKER", None)  # one queue file, named after "bench"
+    os.environ.pop("CALLTRACE_WORKER", None)  # one queue, named after "bench"
     raise SystemExit(main())
