@@ -44,3 +44,11 @@ def test_query_bench_on_a_small_database(tmp_path):
     detail = next(rows for label, rows in results.items() if label.startswith("call detail"))
     assert detail > 0
     assert all(rows > 0 for label, rows in results.items() if "common" in label)
+
+
+def test_disk_queue_bench_runs(capsys):
+    from bench import disk_queue
+
+    assert disk_queue.main(["--batches", "3", "--spans", "10", "--repeat", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["keeping up", "backlog"]

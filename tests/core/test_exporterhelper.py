@@ -1,9 +1,10 @@
 import asyncio
+import sqlite3
 
 import pytest
 
 from collector import Exporter, ExporterConfig, PermanentError, RefusedError, RetryableError
-from collector.exporterhelper import ExporterQueue
+from collector.exporterhelper import ExporterQueue, _DiskQueue, serialize_resource_spans
 from collector.telemetry import Telemetry
 from tests.processors._util import batch, resource_spans
 
@@ -122,10 +123,13 @@ async def test_workers_keep_separate_persistent_queues(tmp_path, monkeypatch):
     await queue.shutdown(5)
     names = exporter.span_names()
     assert names == ["w1"]
-    assert sorted(p.name for p in tmp_path.glob("*.queue.db")) == [
-        "recorder.worker0.queue.db",
-        "recorder.worker1.queue.db",
+    assert sorted(p.name for p in tmp_path.glob("*.queue")) == [
+        "recorder.worker0.queue",
+        "recorder.worker1.queue",
     ]
+    # worker 0's batch waits in its own log; worker 1's was delivered from its own
+    assert list((tmp_path / "recorder.worker0.queue").glob("*.log")) != []
+    assert list((tmp_path / "recorder.worker1.queue").glob("*.log")) == []
 
 
 async def test_full_queue_refuses_without_blocking():
@@ -227,32 +231,53 @@ async def test_persistent_queue_writes_off_the_loop_in_order_and_counts_room_at_
         await queue.put(batch(resource_spans({}, [{}, {}])))
     puts[1].cancel()  # a client hangs up: its batch is queued all the same
     await asyncio.gather(*puts, return_exceptions=True)
-    rows = queue._disk.db.execute("SELECT spans FROM queue ORDER BY id").fetchall()
-    assert rows == [(3,), (3,), (3,)]
-    exporter.gate.set()
+    await queue.shutdown(0.05)  # all three stay on disk
+    disk = _DiskQueue(tmp_path, "recorder")
+    assert [item.spans for item in disk.load()] == [3, 3, 3]
+    await disk.close()
+    exporter = Recorder(fast_retry(storage=str(tmp_path)))
+    queue = ExporterQueue(exporter)
+    await queue.start()
     await queue.shutdown(5)
-    names = [
-        s.name for b in exporter.batches for rs in b.resource_spans for s in rs.scope_spans[0].spans
-    ]
-    assert names == [f"s{index}" for index in range(3) for _ in range(3)]
+    assert exporter.span_names() == [f"s{index}" for index in range(3) for _ in range(3)]
 
 
-async def test_persistent_queue_checkpoints_off_the_append_path(tmp_path):
-    """The queue file's WAL is copied back into it by a checkpointer thread (the
-    appending connection's own automatic checkpoint, with its fsync, is off): the
-    database file grows while the queue is open."""
+async def test_persistent_queue_writes_each_batch_once_and_removes_it_once_delivered(tmp_path):
+    """The queue's log holds each queued batch's bytes once (plus a small header), and
+    nothing is left of it on disk once everything was delivered."""
     exporter = Recorder(fast_retry(storage=str(tmp_path)))
     exporter.gate = asyncio.Event()  # nothing is delivered (or deleted) meanwhile
     queue = ExporterQueue(exporter)
     await queue.start()
-    [path] = tmp_path.glob("*.queue.db")
-    before = path.stat().st_size
     spans = [{"name": "x" * 2_000}] * 50
-    for _ in range(10):
-        await queue.put(batch(resource_spans({}, spans)))
-    deadline = asyncio.get_running_loop().time() + 10
-    while path.stat().st_size < before + 500_000 and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
-    assert path.stat().st_size >= before + 500_000  # 10 x 50 spans of 2 kB, checkpointed
+    batches = [batch(resource_spans({}, spans)) for _ in range(10)]
+    payload = sum(len(serialize_resource_spans(b.resource_spans)) for b in batches)
+    for b in batches:
+        await queue.put(b)
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "recorder.queue").iterdir())
+    assert payload <= on_disk <= payload + 10 * 100
     exporter.gate.set()
     await queue.shutdown(5)
+    assert len(exporter.batches) >= 1
+    assert list((tmp_path / "recorder.queue").iterdir()) == []
+
+
+async def test_persistent_queue_delivers_what_an_older_sqlite_queue_file_held(tmp_path):
+    """An upgrade from the SQLite queue file loses nothing it held."""
+    old = sqlite3.connect(tmp_path / "recorder.queue.db")
+    old.execute(
+        "CREATE TABLE queue (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " project TEXT, spans INTEGER NOT NULL, payload BLOB NOT NULL)"
+    )
+    for name in ("a", "b", "c"):
+        payload = serialize_resource_spans([resource_spans({}, [{"name": name}])])
+        old.execute("INSERT INTO queue (project, spans, payload) VALUES ('p1', 1, ?)", (payload,))
+    old.commit()
+    old.close()
+    exporter = Recorder(fast_retry(storage=str(tmp_path)))
+    queue = ExporterQueue(exporter)
+    await queue.start()
+    assert not (tmp_path / "recorder.queue.db").exists()
+    await queue.shutdown(5)
+    assert exporter.span_names() == ["a", "b", "c"]
+    assert {b.project for b in exporter.batches} == {"p1"}

@@ -306,7 +306,7 @@ def test_persistent_queue_survives_sigkill(tmp_path):
             assert response.status_code == 200, response.text
             accepted.extend(ids)
         # accepted, in SQLite, but not deliverable to the stream
-        assert (tmp_path / "queue" / "redis_streams.queue.db").exists()
+        assert list((tmp_path / "queue" / "redis_streams.queue").glob("*.log")) != []
         collector.kill()
 
         redis_server.start()
