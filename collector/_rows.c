@@ -15,6 +15,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -769,9 +771,224 @@ check_spans(PyObject *self, PyObject *arg)
     return Py_BuildValue("(nO)", count, clean ? Py_True : Py_False);
 }
 
+/* -- Redis stream entries (exporters/redis_streams.py) ------------------------------ */
+
+typedef struct {
+    char *data;
+    Py_ssize_t len, cap;
+} Buffer;
+
+static int
+buffer_reserve(Buffer *b, Py_ssize_t extra)
+{
+    if (b->len + extra <= b->cap)
+        return 0;
+    Py_ssize_t cap = b->cap ? b->cap : 1024;
+    while (cap < b->len + extra)
+        cap *= 2;
+    char *data = PyMem_Realloc(b->data, cap);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+static int
+buffer_add(Buffer *b, const void *data, Py_ssize_t len)
+{
+    if (buffer_reserve(b, len) < 0)
+        return -1;
+    memcpy(b->data + b->len, data, (size_t)len);
+    b->len += len;
+    return 0;
+}
+
+/* One RESP bulk string: $<len>\r\n<data>\r\n */
+static int
+bulk(Buffer *b, const void *data, Py_ssize_t len)
+{
+    char head[32];
+    int n = snprintf(head, sizeof head, "$%zd\r\n", len);
+    if (buffer_add(b, head, n) < 0 || buffer_add(b, data, len) < 0)
+        return -1;
+    return buffer_add(b, "\r\n", 2);
+}
+
+static int
+bulk_hex(Buffer *b, const uint8_t *data, Py_ssize_t len)
+{
+    static const char digits[] = "0123456789abcdef";
+    char head[32];
+    int n = snprintf(head, sizeof head, "$%zd\r\n", 2 * len);
+    if (buffer_add(b, head, n) < 0 || buffer_reserve(b, 2 * len + 2) < 0)
+        return -1;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        b->data[b->len++] = digits[data[i] >> 4];
+        b->data[b->len++] = digits[data[i] & 15];
+    }
+    return buffer_add(b, "\r\n", 2);
+}
+
+static int
+bulk_field(Buffer *b, const char *name, const void *data, Py_ssize_t len)
+{
+    if (bulk(b, name, (Py_ssize_t)strlen(name)) < 0)
+        return -1;
+    return bulk(b, data, len);
+}
+
+static int
+bulk_number(Buffer *b, const char *name, const char *format, ...)
+{
+    char text[32];
+    va_list args;
+    va_start(args, format);
+    int n = vsnprintf(text, sizeof text, format, args);
+    va_end(args);
+    return bulk_field(b, name, text, n);
+}
+
+/* One entry: its resource's prefix (the field count), the span's fields, the
+ * resource's fields (tail) and the span's own bytes, as redis_streams._SPAN_RESP. */
+static PyObject *
+stream_entry(const uint8_t *span, Py_ssize_t span_len, PyObject *prefix, PyObject *tail)
+{
+    const uint8_t *p = span, *end = span + span_len;
+    const uint8_t *trace_id = span, *span_id = span, *parent = span, *name = span;
+    Py_ssize_t trace_id_len = 0, span_id_len = 0, parent_len = 0, name_len = 0;
+    int32_t kind = 0, status = 0;
+    uint64_t start = 0, stop = 0;
+    Field f;
+    int r;
+    while ((r = next_field(&p, end, &f)) > 0) {
+        if (f.type == WT_LEN && f.number == 1)
+            trace_id = f.data, trace_id_len = f.len;
+        else if (f.type == WT_LEN && f.number == 2)
+            span_id = f.data, span_id_len = f.len;
+        else if (f.type == WT_LEN && f.number == 4)
+            parent = f.data, parent_len = f.len;
+        else if (f.type == WT_LEN && f.number == 5)
+            name = f.data, name_len = f.len;
+        else if (f.type == WT_VARINT && f.number == 6)
+            kind = (int32_t)f.value;
+        else if (f.type == WT_I64 && f.number == 7)
+            start = f.value;
+        else if (f.type == WT_I64 && f.number == 8)
+            stop = f.value;
+        else if (f.type == WT_LEN && f.number == 15) {
+            const uint8_t *q = f.data, *qend = f.data + f.len;
+            Field g;
+            int s;
+            while ((s = next_field(&q, qend, &g)) > 0)
+                if (g.number == 3 && g.type == WT_VARINT)
+                    status = (int32_t)g.value;
+            if (s < 0)
+                return NULL;
+        }
+    }
+    if (r < 0)
+        return NULL;
+    Buffer b = {0};
+    if (buffer_reserve(&b, span_len + PyBytes_GET_SIZE(tail) + 320) < 0 ||
+        buffer_add(&b, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix)) < 0 ||
+        bulk(&b, "trace_id", 8) < 0 || bulk_hex(&b, trace_id, trace_id_len) < 0 ||
+        bulk(&b, "span_id", 7) < 0 || bulk_hex(&b, span_id, span_id_len) < 0 ||
+        bulk(&b, "parent_span_id", 14) < 0 || bulk_hex(&b, parent, parent_len) < 0 ||
+        bulk_field(&b, "name", name, name_len) < 0 ||
+        bulk_number(&b, "kind", "%d", (int)kind) < 0 ||
+        bulk_number(&b, "start_ns", "%llu", (unsigned long long)start) < 0 ||
+        bulk_number(&b, "end_ns", "%llu", (unsigned long long)stop) < 0 ||
+        bulk_number(&b, "status_code", "%d", (int)status) < 0 ||
+        buffer_add(&b, PyBytes_AS_STRING(tail), PyBytes_GET_SIZE(tail)) < 0 ||
+        bulk_field(&b, "span", span, span_len) < 0) {
+        PyMem_Free(b.data);
+        return NULL;
+    }
+    PyObject *entry = PyBytes_FromStringAndSize(b.data, b.len);
+    PyMem_Free(b.data);
+    return entry;
+}
+
+PyDoc_STRVAR(stream_entries_doc,
+"stream_entries(payload, resource_cb)\n--\n\n"
+"The redis_streams entries of a serialized ExportTraceServiceRequest, packed in the\n"
+"Redis protocol as that exporter's _SPAN_RESP: a list of (arguments, packed bytes).\n"
+"resource_cb(resource_bytes) returns (arguments, prefix, tail) for the entries of a\n"
+"resource: how many EVAL arguments an entry takes, the packed field count that starts\n"
+"it and the packed resource fields that follow the span's.");
+
+/* Appends (count, entry) for each span of the ResourceSpans in [rs, rs_end). */
+static int
+stream_resource_spans(PyObject *entries, const uint8_t *rs, const uint8_t *rs_end,
+                      PyObject *resource_cb)
+{
+    PyObject *resource = submessage(rs, rs_end, 1);
+    if (resource == NULL)
+        return -1;
+    PyObject *answer = PyObject_CallOneArg(resource_cb, resource);
+    Py_DECREF(resource);
+    PyObject *count, *prefix, *tail;
+    if (answer == NULL ||
+        !PyArg_ParseTuple(answer, "OSS:resource_cb's answer", &count, &prefix, &tail)) {
+        Py_XDECREF(answer);
+        return -1;
+    }
+    const uint8_t *q = rs;
+    Field g, h;
+    int r = 0, s = 0;
+    while (s == 0 && (r = next_field(&q, rs_end, &g)) > 0) {
+        if (g.number != 2 || g.type != WT_LEN)
+            continue;
+        const uint8_t *p = g.data, *end = g.data + g.len;
+        while ((s = next_field(&p, end, &h)) > 0) {
+            if (h.number != 2 || h.type != WT_LEN)
+                continue;
+            PyObject *entry = stream_entry(h.data, h.len, prefix, tail);
+            PyObject *item = entry ? PyTuple_Pack(2, count, entry) : NULL;
+            int appended = item ? PyList_Append(entries, item) : -1;
+            Py_XDECREF(entry);
+            Py_XDECREF(item);
+            if (appended < 0) {
+                s = -1;
+                break;
+            }
+        }
+    }
+    Py_DECREF(answer);
+    return (s < 0 || r < 0) ? -1 : 0;
+}
+
+static PyObject *
+stream_entries(PyObject *self, PyObject *args)
+{
+    Py_buffer payload;
+    PyObject *resource_cb;
+    if (!PyArg_ParseTuple(args, "y*O:stream_entries", &payload, &resource_cb))
+        return NULL;
+    PyObject *entries = PyList_New(0);
+    const uint8_t *p = payload.buf, *end = p + payload.len;
+    Field f;
+    int r = entries == NULL ? -1 : 0;
+    while (r == 0 && (r = next_field(&p, end, &f)) > 0) {
+        r = (f.number == 1 && f.type == WT_LEN)
+                ? stream_resource_spans(entries, f.data, f.data + f.len, resource_cb)
+                : 0;
+    }
+    PyBuffer_Release(&payload);
+    if (r < 0) {
+        Py_XDECREF(entries);
+        return NULL;
+    }
+    return entries;
+}
+
 static PyMethodDef methods[] = {
     {"build_rows", build_rows, METH_VARARGS, build_rows_doc},
     {"check_spans", check_spans, METH_O, check_spans_doc},
+    {"stream_entries", stream_entries, METH_VARARGS, stream_entries_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -229,3 +229,40 @@ def test_check_spans_finds_what_drop_invalid_spans_would_change(bad):
     reference = ExportTraceServiceRequest.FromString(body)
     assert drop_invalid_spans(request, body) == drop_invalid_spans(reference)
     assert request == reference
+
+
+def _stream_commands(request: ExportTraceServiceRequest, **config) -> tuple[tuple, tuple]:
+    """redis_streams' commands for ``request``: packed in C from its bytes, and in
+    Python from its messages."""
+    from exporters.redis_streams import RedisStreamsConfig, RedisStreamsExporter
+
+    exporter = RedisStreamsExporter("redis_streams", RedisStreamsConfig(**config))
+    assert exporter.serialized_batches
+    payload = serialize_resource_spans(request.resource_spans)
+    native = exporter._commands(SpanBatch([], "acme", payload=payload))
+    python = exporter._commands(SpanBatch(list(request.resource_spans), "acme"))
+    return native, python
+
+
+@pytest.mark.parametrize("framework", ["livekit", "pipecat"])
+@pytest.mark.parametrize("include_resource", [True, False])
+def test_stream_entries_are_packed_as_in_python(framework, include_resource):
+    for path in fixture_requests(framework):
+        request = ExportTraceServiceRequest.FromString(path.read_bytes())
+        for rs in request.resource_spans:
+            set_attribute(rs.resource.attributes, CALL_ID_ATTRIBUTE, "call-1")
+        native, python = _stream_commands(request, include_resource=include_resource)
+        assert native[1] >= 1
+        assert native == python
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(resource_shapes, max_size=3), st.integers(-(2**31), 2**31 - 1))
+def test_any_batch_gives_the_same_stream_entries(resources, kind):
+    request = _request(resources)
+    for rs in request.resource_spans:
+        for ss in rs.scope_spans:
+            for span in ss.spans[:1]:
+                span.kind = kind  # open enums: any int32 is kept
+    native, python = _stream_commands(request, maxlen=0)
+    assert native == python
