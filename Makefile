@@ -11,8 +11,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# setup.py builds collector/_rows.c in place; a changed source rebuilds it.
-$(VENV)/.installed: pyproject.toml setup.py collector/_rows.c | $(BIN)/python
+# setup.py builds collector/_wire.c in place; a changed source rebuilds it.
+$(VENV)/.installed: pyproject.toml setup.py collector/_wire.c | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 

@@ -39,6 +39,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+try:
+    from collector import _wire  # type: ignore[attr-defined]
+except ImportError:  # not built: the Python encoder does it all
+    _wire = None
+
 # Descriptors come from upb or from pure Python depending on the protobuf build, and
 # their stubs disagree; the code only reads fields both have.
 Descriptor = Any
@@ -125,20 +130,77 @@ def from_dict(document: Any, message_type: type[M]) -> M:
     """A message of ``message_type`` from parsed OTLP/JSON (dicts, lists, scalars)."""
     if not isinstance(document, dict):
         raise OTLPJSONError(f"expected a JSON object, got {_json_type(document)}")
-    encode_message = _message_encoder(message_type.DESCRIPTOR)
-    try:
-        wire = encode_message(document)
-    except _Bad as exc:
-        where = "".join(reversed(exc.path)).lstrip(".")
-        raise OTLPJSONError(f"{where}: {exc.message}" if where else exc.message) from None
-    except RecursionError:
-        raise OTLPJSONError("nested too deeply") from None
+    wire = None
+    if _wire is not None:  # C, for the common cases; None leaves the rest to Python
+        wire = _wire.json_to_wire(document, _native_table(message_type.DESCRIPTOR))
+    if wire is None:
+        wire = _python_wire(document, message_type)
     message = message_type()
     try:
         message.ParseFromString(wire)
     except DecodeError as exc:  # protobuf's own nesting limit (100 levels)
         raise OTLPJSONError(f"invalid value: {exc}") from None
     return message
+
+
+def _python_wire(document: dict[str, Any], message_type: type[Message]) -> bytes:
+    encode_message = _message_encoder(message_type.DESCRIPTOR)
+    try:
+        wire: bytes = encode_message(document)
+    except _Bad as exc:
+        where = "".join(reversed(exc.path)).lstrip(".")
+        raise OTLPJSONError(f"{where}: {exc.message}" if where else exc.message) from None
+    except RecursionError:
+        raise OTLPJSONError("nested too deeply") from None
+    return wire
+
+
+# The field kinds collector._wire.json_to_wire knows (its K_* constants).
+_NATIVE_KINDS = {
+    FieldDescriptor.TYPE_MESSAGE: 1,
+    FieldDescriptor.TYPE_STRING: 2,
+    FieldDescriptor.TYPE_BOOL: 3,
+    FieldDescriptor.TYPE_ENUM: 4,
+    FieldDescriptor.TYPE_DOUBLE: 5,
+    FieldDescriptor.TYPE_FLOAT: 6,
+    FieldDescriptor.TYPE_INT32: 7,
+    FieldDescriptor.TYPE_INT64: 8,
+    FieldDescriptor.TYPE_UINT32: 9,
+    FieldDescriptor.TYPE_UINT64: 10,
+    FieldDescriptor.TYPE_SINT32: 11,
+    FieldDescriptor.TYPE_SINT64: 12,
+    FieldDescriptor.TYPE_FIXED32: 13,
+    FieldDescriptor.TYPE_SFIXED32: 14,
+    FieldDescriptor.TYPE_FIXED64: 15,
+    FieldDescriptor.TYPE_SFIXED64: 16,
+}
+_NATIVE_HEX_ID = 17
+_NATIVE_OTHER = 0  # bytes: base64, left to the Python encoder
+_native_tables: dict[str, dict[str, tuple[bytes, int, bool, Any]]] = {}
+
+
+def _native_table(descriptor: Descriptor) -> dict[str, tuple[bytes, int, bool, Any]]:
+    """What ``_message_encoder`` knows of a message type, as data for the C encoder:
+    JSON key (camelCase and snake_case) -> (tag bytes, kind, repeated, the field's
+    message table or None)."""
+    table = _native_tables.get(descriptor.full_name)
+    if table is not None:
+        return table
+    table = _native_tables[descriptor.full_name] = {}  # first: AnyValue contains itself
+    hex_ids = _HEX_ID_FIELDS.get(descriptor.full_name, ())
+    for field in descriptor.fields:
+        sub = None
+        if field.name in hex_ids:
+            wire_type, kind = _LEN, _NATIVE_HEX_ID
+        else:
+            wire_type, _ = _field_value_encoder(field)
+            kind = _NATIVE_KINDS.get(field.type, _NATIVE_OTHER)
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                sub = _native_table(field.message_type)
+        entry = (varint(field.number << 3 | wire_type), kind, _is_repeated(field), sub)
+        table[field.json_name] = entry
+        table[field.name] = entry
+    return table
 
 
 _encoders: dict[str, Encode] = {}
@@ -248,6 +310,8 @@ def _string_attribute_encoder(generic: Encode) -> Encode:
         ((kind, scalar),) = value.items()
         scalar_type = type(scalar)
         if scalar_type not in _SCALAR_TYPES:
+            return generic(obj)
+        if scalar_type is float:  # 0.0 == -0.0: a cache by value would mix them up
             return generic(obj)
         # The type is part of the key: True == 1, but true is no valid intValue.
         cache_key = (key, kind, scalar_type, scalar)

@@ -36,17 +36,17 @@ from collector.spans import (
 )
 
 try:
-    from collector import _rows  # type: ignore[attr-defined]
+    from collector import _wire  # type: ignore[attr-defined]
 except ImportError:  # not built (no C compiler at install): the Python loop does it
-    _rows = None
+    _wire = None
 
-NATIVE_ROWS = _rows is not None
+NATIVE_WIRE = _wire is not None
 """Whether ``build_rows`` reads the wire format in C: a storage exporter then takes
 serialized batches (``Exporter.serialized_batches``), which it reads without parsing."""
 
 __all__ = [
     "MAX_INDEXED_VALUE",
-    "NATIVE_ROWS",
+    "NATIVE_WIRE",
     "STATUS_ERROR",
     "TAG_PREFIX",
     "BackgroundCheckpointer",
@@ -260,11 +260,11 @@ given the scope serialized (``InstrumentationScope.FromString`` reads it back)."
 def build_rows(
     batch: SpanBatch, now: int, resource_ref: ResourceRef, scope_ref: ScopeRef
 ) -> BatchRows:
-    """The rows of ``batch``: read off its serialized form by ``collector._rows`` (C)
+    """The rows of ``batch``: read off its serialized form by ``collector._wire`` (C)
     where that module is built, else by the Python loop below; both give the same rows
-    (tests/core/test_rows.py holds them to it). A span row's bytes are the span's own
+    (tests/core/test_wire.py holds them to it). A span row's bytes are the span's own
     bytes in the batch's serialized form."""
-    if _rows is not None:
+    if _wire is not None:
         payload = batch.payload
         if payload is None:
             payload = serialize_resource_spans(batch.resource_spans)
@@ -284,9 +284,9 @@ def build_rows_native(
     resource_ref: ResourceRef,
     scope_ref: ScopeRef,
 ) -> BatchRows:
-    """``build_rows`` of a serialized ``ExportTraceServiceRequest`` by ``collector._rows``
+    """``build_rows`` of a serialized ``ExportTraceServiceRequest`` by ``collector._wire``
     (ValueError if it is not well-formed protobuf)."""
-    assert _rows is not None
+    assert _wire is not None
 
     def resource_cb(resource_payload: bytes) -> tuple[Any, ...]:
         facts = _facts_of(resource_payload)
@@ -301,7 +301,7 @@ def build_rows_native(
         rows.trace_names,
         rows.call_traces,
         extents,
-    ) = _rows.build_rows(payload, project or "", resource_cb, scope_ref)
+    ) = _wire.build_rows(payload, project or "", resource_cb, scope_ref)
     for (_, call_id, _, _, facts), start_min, end_max in extents:
         if call_id is not None:
             _add_call(rows.calls, facts, now, start_min, end_max)

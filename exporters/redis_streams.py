@@ -3,7 +3,7 @@
 The stream of a project is ``calltrace:spans:{project}`` (the ``stream`` template),
 trimmed with ``XADD ... MAXLEN ~ maxlen``. A batch is written in one pipelined round trip
 (no MULTI: entries are independent), a script adding a few hundred entries per call.
-With the protobuf encoding the entries are packed in C (``collector._rows``) straight
+With the protobuf encoding the entries are packed in C (``collector._wire``) straight
 from the sending queue's bytes, each span's own bytes copied as they are.
 Delivery is at least once: a batch retried after a connection dropped mid-write may add
 some entries twice, so consumers de-duplicate by (``trace_id``, ``span_id``), as the
@@ -54,10 +54,10 @@ from collector import (
 from collector.otlp_json import encode as otlp_json_encode
 from collector.redisconn import RedisSettings, is_transient, redis_client
 from collector.spans import ExportTraceServiceRequest
-from collector.storage import NATIVE_ROWS
+from collector.storage import NATIVE_WIRE
 
-if NATIVE_ROWS:
-    from collector import _rows  # type: ignore[attr-defined]
+if NATIVE_WIRE:
+    from collector import _wire  # type: ignore[attr-defined]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class RedisStreamsExporter(Exporter):
     def __init__(self, component_id: str, config: RedisStreamsConfig):
         super().__init__(component_id, config)
         # Protobuf entries are packed in C from the queue's bytes: nothing to parse.
-        self.serialized_batches = NATIVE_ROWS and config.encoding == "protobuf"
+        self.serialized_batches = NATIVE_WIRE and config.encoding == "protobuf"
         self._client: Any = None
 
     async def start(self, host: Host) -> None:
@@ -143,7 +143,7 @@ class RedisStreamsExporter(Exporter):
         return 1 + fields, prefix, b"".join(_resp_bulk(arg) for arg in tail)
 
     def _native_entries(self, batch: SpanBatch, project: bytes) -> list[tuple[int, bytes]]:
-        """The entries of a serialized batch, packed by ``collector._rows`` in C (the
+        """The entries of a serialized batch, packed by ``collector._wire`` in C (the
         span's bytes are its own in the payload: no parse, no serialize)."""
         assert batch.payload is not None
         resources: dict[bytes, tuple[int, bytes, bytes]] = {}
@@ -155,7 +155,7 @@ class RedisStreamsExporter(Exporter):
                 fields = resources[payload] = self._resource_fields(project, resource)
             return fields
 
-        entries: list[tuple[int, bytes]] = _rows.stream_entries(batch.payload, resource_fields)
+        entries: list[tuple[int, bytes]] = _wire.stream_entries(batch.payload, resource_fields)
         return entries
 
     def _commands(self, batch: SpanBatch) -> tuple[bytes, int]:
@@ -185,7 +185,7 @@ class RedisStreamsExporter(Exporter):
 
     def _python_entries(self, batch: SpanBatch, project: bytes) -> list[tuple[int, bytes]]:
         """The entries of a batch's messages, packed in Python (JSON encoding, or where
-        ``collector._rows`` is not built)."""
+        ``collector._wire`` is not built)."""
         encode = otlp_json_encode if self.config.encoding == "json" else _serialize
         resource_spans = batch.resource_spans
         if not resource_spans and batch.payload is not None:

@@ -55,7 +55,7 @@ from collector.calls import ensure_calls_table
 from collector.exporterhelper import serialize_resource_spans
 from collector.storage import (  # re-exported: the query side and plugins read them here
     MAX_INDEXED_VALUE,
-    NATIVE_ROWS,
+    NATIVE_WIRE,
     STATUS_ERROR,
     TAG_PREFIX,
     BackgroundCheckpointer,
@@ -519,7 +519,7 @@ class SQLiteExporter(Exporter):
         # The queue's bytes go to the writer as they are, and the event loop neither
         # parses nor serializes them: build_rows reads them in C, and the writer process
         # gets bytes anyway.
-        self.serialized_batches = config.writer == "process" or NATIVE_ROWS
+        self.serialized_batches = config.writer == "process" or NATIVE_WIRE
         self._writer: _Writer | None = None
         self._pool: Executor | None = None
         self._retention_task: asyncio.Task[None] | None = None

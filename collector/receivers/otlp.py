@@ -32,10 +32,10 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from collector.components import ComponentConfig, Consumer, Host, Receiver, RequestInfo
 from collector.otlp_json import INVALID_HEX_ID
 from collector.spans import ExportTraceServiceRequest, SpanBatch
-from collector.storage import NATIVE_ROWS
+from collector.storage import NATIVE_WIRE
 
-if NATIVE_ROWS:
-    from collector import _rows  # type: ignore[attr-defined]
+if NATIVE_WIRE:
+    from collector import _wire  # type: ignore[attr-defined]
 from collector.tls import TLSSettings, check_listener
 from collector.units import ByteSize
 
@@ -229,12 +229,12 @@ def drop_invalid_spans(
     parent span id empty or 8 bytes (an all-zero parent, which some SDKs send for a
     root, is cleared). Returns ``(kept, rejected, reason)``. This runs on every span, so
     it only compares lengths and bytes; given the ``body`` the request was parsed from,
-    ``collector._rows`` checks its bytes in C first (~10x faster), and the spans are
+    ``collector._wire`` checks its bytes in C first (~10x faster), and the spans are
     walked here only if one needs a change.
     """
-    if body is not None and NATIVE_ROWS:
+    if body is not None and NATIVE_WIRE:
         try:
-            spans, clean = _rows.check_spans(body)
+            spans, clean = _wire.check_spans(body)
         except ValueError:  # upb parsed it, so this does not happen; the loop decides
             clean = False
         if clean:

@@ -1,4 +1,4 @@
-"""build_rows in C (collector._rows) gives exactly the rows of the Python reference loop."""
+"""build_rows in C (collector._wire) gives exactly the rows of the Python reference loop."""
 
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ from collector.storage import BatchRows, build_rows, build_rows_native, build_ro
 from tests.support import fixture_requests
 
 pytestmark = pytest.mark.skipif(
-    not storage.NATIVE_ROWS and os.environ.get("CI") != "true",
-    reason="collector._rows is not built (no C compiler at install)",
+    not storage.NATIVE_WIRE and os.environ.get("CI") != "true",
+    reason="collector._wire is not built (no C compiler at install)",
 )
 
 
 def test_the_extension_is_built():
     """`make install` builds it; in CI its absence is a broken install, not a skip."""
-    assert storage.NATIVE_ROWS, "collector._rows did not build: is a C compiler installed?"
+    assert storage.NATIVE_WIRE, "collector._wire did not build: is a C compiler installed?"
 
 
 def _refs():
@@ -217,14 +217,14 @@ GOOD = (b"\x01" * 16, b"\x02" * 8, b"")
     ],
 )
 def test_check_spans_finds_what_drop_invalid_spans_would_change(bad):
-    from collector import _rows
+    from collector import _wire
     from collector.receivers.otlp import drop_invalid_spans
 
     good = _ids_request(GOOD, GOOD)
-    assert _rows.check_spans(good.SerializeToString()) == (2, True)
+    assert _wire.check_spans(good.SerializeToString()) == (2, True)
     request = _ids_request(GOOD, bad)
     body = request.SerializeToString()
-    assert _rows.check_spans(body) == (2, False)
+    assert _wire.check_spans(body) == (2, False)
     # With the body, the same outcome as the Python loop, edits included.
     reference = ExportTraceServiceRequest.FromString(body)
     assert drop_invalid_spans(request, body) == drop_invalid_spans(reference)

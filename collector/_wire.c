@@ -1,16 +1,21 @@
-/* collector._rows: build_rows (collector/storage.py) read straight off the wire.
+/* collector._wire: calltrace's hot loops over the OTLP wire format, in C.
  *
- * The storage exporters' hottest loop reads every span's ids, name, times, status and
- * scalar attributes. Through upb's Python objects that costs ~25 us a span (each field
- * read is a Python call); here the serialized ExportTraceServiceRequest is walked once
- * in C and the same rows come out, with each span's bytes sliced from the input
- * instead of serialized again. collector/storage.py keeps the Python loop as the
- * reference (and the fallback where this module is not built); the tests hold the two
- * to the same output.
+ * Python reads a protobuf field through upb's objects one call at a time: ~25 us a span
+ * for the storage exporters' rows, where walking the bytes in C costs ~2. Each function
+ * here has a Python twin that stays the reference, and the fallback where this module is
+ * not built; tests/core/test_wire.py and test_otlp_json.py hold each pair to the same
+ * output on the captured fixtures and on generated input.
+ *
+ * - build_rows: collector.storage.build_rows off a serialized ExportTraceServiceRequest,
+ *   each span's bytes sliced from the input instead of serialized again;
+ * - check_spans: whether collector.receivers.otlp.drop_invalid_spans has work to do;
+ * - stream_entries: exporters/redis_streams.py's entries, packed in the Redis protocol;
+ * - json_to_wire: collector.otlp_json's OTLP/JSON -> protobuf writer, for the common
+ *   cases (it returns None for the rest, which Python handles, errors included).
  *
  * Field numbers are those of opentelemetry/proto/trace/v1/trace.proto and
  * common/v1/common.proto. Input that is not well-formed protobuf raises ValueError;
- * the caller then takes the Python path, whose parser reports the error as upb does.
+ * callers then take the Python path, whose parser reports the error as upb does.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -985,21 +990,304 @@ stream_entries(PyObject *self, PyObject *args)
     return entries;
 }
 
+/* -- OTLP/JSON to the protobuf wire format (collector/otlp_json.py) ----------------- */
+
+/* Field kinds of the tables otlp_json._native_table builds from the descriptors. */
+enum {
+    K_MESSAGE = 1, K_STRING, K_BOOL, K_ENUM, K_DOUBLE, K_FLOAT, K_INT32, K_INT64, K_UINT32,
+    K_UINT64, K_SINT32, K_SINT64, K_FIXED32, K_SFIXED32, K_FIXED64, K_SFIXED64, K_HEX_ID,
+};
+#define JSON_MAX_DEPTH 64
+#define FALLBACK 1 /* not an error: a case left to the Python encoder (see json_to_wire) */
+
+static int
+put_varint(Buffer *b, uint64_t v)
+{
+    if (buffer_reserve(b, 10) < 0)
+        return -1;
+    while (v >= 0x80) {
+        b->data[b->len++] = (char)(v | 0x80);
+        v >>= 7;
+    }
+    b->data[b->len++] = (char)v;
+    return 0;
+}
+
+static int
+hex_value(int c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+static int encode_json_message(Buffer *b, PyObject *obj, PyObject *table, int depth);
+
+/* An integer of a JSON number or decimal string, as int(); FALLBACK for anything else
+ * (floats, "1e3", out of the C range), which the Python encoder decides. */
+static int
+json_integer(PyObject *value, int is_unsigned, long long *out_signed, unsigned long long *out)
+{
+    PyObject *number;
+    if (PyLong_CheckExact(value))
+        number = Py_NewRef(value);
+    else if (PyUnicode_CheckExact(value)) {
+        number = PyLong_FromUnicodeObject(value, 10);
+        if (number == NULL) {
+            PyErr_Clear();
+            return FALLBACK;
+        }
+    }
+    else
+        return FALLBACK;
+    int r = 0;
+    if (is_unsigned) {
+        *out = PyLong_AsUnsignedLongLong(number);
+        if (*out == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            r = FALLBACK;
+        }
+    }
+    else {
+        int overflow;
+        *out_signed = PyLong_AsLongLongAndOverflow(number, &overflow);
+        if (overflow || (*out_signed == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            r = FALLBACK;
+        }
+    }
+    Py_DECREF(number);
+    return r;
+}
+
+/* One value of a field of ``kind`` (its tag already written). 0, FALLBACK or -1. */
+static int
+encode_json_value(Buffer *b, int kind, PyObject *value, PyObject *sub, int depth)
+{
+    switch (kind) {
+    case K_MESSAGE: {
+        if (!PyDict_CheckExact(value) || depth >= JSON_MAX_DEPTH)
+            return FALLBACK;
+        /* The length goes before the body, which is written first: one byte is kept
+         * for it, and the body moved along if the length needs more. */
+        if (buffer_reserve(b, 1) < 0)
+            return -1;
+        Py_ssize_t at = b->len++;
+        int r = encode_json_message(b, value, sub, depth + 1);
+        if (r != 0)
+            return r;
+        Py_ssize_t size = b->len - at - 1;
+        char length[10];
+        int n = 0;
+        for (uint64_t v = (uint64_t)size; ; v >>= 7) {
+            length[n++] = (char)(v >= 0x80 ? (v | 0x80) : v);
+            if (v < 0x80)
+                break;
+        }
+        if (n > 1) {
+            if (buffer_reserve(b, n - 1) < 0)
+                return -1;
+            memmove(b->data + at + n, b->data + at + 1, (size_t)size);
+            b->len += n - 1;
+        }
+        memcpy(b->data + at, length, (size_t)n);
+        return 0;
+    }
+    case K_STRING: {
+        if (!PyUnicode_CheckExact(value))
+            return FALLBACK;
+        Py_ssize_t len;
+        const char *text = PyUnicode_AsUTF8AndSize(value, &len);
+        if (text == NULL) { /* a lone surrogate: the Python encoder says which string */
+            PyErr_Clear();
+            return FALLBACK;
+        }
+        if (put_varint(b, (uint64_t)len) < 0 || buffer_add(b, text, len) < 0)
+            return -1;
+        return 0;
+    }
+    case K_HEX_ID: {
+        if (!PyUnicode_CheckExact(value) || !PyUnicode_IS_ASCII(value))
+            return FALLBACK;
+        Py_ssize_t len = PyUnicode_GET_LENGTH(value);
+        const char *text = (const char *)PyUnicode_1BYTE_DATA(value);
+        if (len % 2)
+            return FALLBACK; /* not an id: INVALID_HEX_ID, which the Python encoder writes */
+        if (put_varint(b, (uint64_t)(len / 2)) < 0 || buffer_reserve(b, len / 2) < 0)
+            return -1;
+        for (Py_ssize_t i = 0; i < len; i += 2) {
+            int hi = hex_value(text[i]), lo = hex_value(text[i + 1]);
+            if (hi < 0 || lo < 0)
+                return FALLBACK; /* (whitespace too, which bytes.fromhex takes) */
+            b->data[b->len++] = (char)(hi << 4 | lo);
+        }
+        return 0;
+    }
+    case K_BOOL:
+        if (value != Py_True && value != Py_False)
+            return FALLBACK;
+        return put_varint(b, value == Py_True);
+    case K_DOUBLE:
+    case K_FLOAT: {
+        double x;
+        if (PyFloat_CheckExact(value))
+            x = PyFloat_AS_DOUBLE(value);
+        else if (PyLong_CheckExact(value)) {
+            x = PyLong_AsDouble(value);
+            if (x == -1.0 && PyErr_Occurred()) {
+                PyErr_Clear();
+                return FALLBACK;
+            }
+        }
+        else
+            return FALLBACK; /* "NaN", "1.5" and the like */
+        if (kind == K_DOUBLE)
+            return buffer_add(b, &x, 8);
+        if (isfinite(x) && (x > 3.4028234663852886e38 || x < -3.4028234663852886e38))
+            return FALLBACK; /* too large for a float: an error the Python encoder words */
+        float f = (float)x;
+        return buffer_add(b, &f, 4);
+    }
+    default: {
+        if (kind != K_ENUM && (kind < K_INT32 || kind > K_SFIXED64))
+            return FALLBACK; /* bytes (base64) */
+        long long s = 0;
+        unsigned long long u = 0;
+        int is_unsigned = kind == K_UINT32 || kind == K_UINT64 || kind == K_FIXED32 ||
+                          kind == K_FIXED64;
+        if (kind == K_ENUM && !PyLong_CheckExact(value))
+            return FALLBACK; /* enum names */
+        int r = json_integer(value, is_unsigned, &s, &u);
+        if (r != 0)
+            return r;
+        switch (kind) {
+        case K_ENUM:
+        case K_INT32:
+            if (s < INT32_MIN || s > INT32_MAX)
+                return FALLBACK;
+            return put_varint(b, (uint64_t)s);
+        case K_INT64:
+            return put_varint(b, (uint64_t)s);
+        case K_UINT32:
+            if (u > UINT32_MAX)
+                return FALLBACK;
+            return put_varint(b, u);
+        case K_UINT64:
+            return put_varint(b, u);
+        case K_SINT32:
+            if (s < INT32_MIN || s > INT32_MAX)
+                return FALLBACK;
+            return put_varint(b, ((uint64_t)s << 1) ^ (uint64_t)(s >> 63));
+        case K_SINT64:
+            return put_varint(b, ((uint64_t)s << 1) ^ (uint64_t)(s >> 63));
+        case K_FIXED32: {
+            if (u > UINT32_MAX)
+                return FALLBACK;
+            uint32_t v = (uint32_t)u;
+            return buffer_add(b, &v, 4);
+        }
+        case K_SFIXED32: {
+            if (s < INT32_MIN || s > INT32_MAX)
+                return FALLBACK;
+            int32_t v = (int32_t)s;
+            return buffer_add(b, &v, 4);
+        }
+        case K_FIXED64:
+            return buffer_add(b, &u, 8);
+        case K_SFIXED64:
+            return buffer_add(b, &s, 8);
+        }
+        return FALLBACK;
+    }
+    }
+}
+
+/* The fields of a JSON object, in its key order, by the table of its message type:
+ * key -> (tag bytes, kind, repeated, sub-table or None). */
+static int
+encode_json_message(Buffer *b, PyObject *obj, PyObject *table, int depth)
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(obj, &pos, &key, &value)) {
+        if (value == Py_None)
+            continue; /* null means the default */
+        PyObject *entry = PyDict_GetItemWithError(table, key);
+        if (entry == NULL) {
+            if (PyErr_Occurred())
+                return -1;
+            continue; /* unknown fields are ignored */
+        }
+        PyObject *tag = PyTuple_GET_ITEM(entry, 0), *sub = PyTuple_GET_ITEM(entry, 3);
+        int kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(entry, 1));
+        int repeated = PyTuple_GET_ITEM(entry, 2) == Py_True;
+        if (!repeated) {
+            if (buffer_add(b, PyBytes_AS_STRING(tag), PyBytes_GET_SIZE(tag)) < 0)
+                return -1;
+            int r = encode_json_value(b, kind, value, sub, depth);
+            if (r != 0)
+                return r;
+            continue;
+        }
+        if (!PyList_CheckExact(value))
+            return FALLBACK;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(value); i++) {
+            if (buffer_add(b, PyBytes_AS_STRING(tag), PyBytes_GET_SIZE(tag)) < 0)
+                return -1;
+            int r = encode_json_value(b, kind, PyList_GET_ITEM(value, i), sub, depth);
+            if (r != 0)
+                return r;
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(json_to_wire_doc,
+"json_to_wire(document, table)\n--\n\n"
+"The protobuf wire format of a parsed OTLP/JSON document (dicts, lists, scalars) by the\n"
+"field table of its message type (collector.otlp_json._native_table), the same bytes\n"
+"the Python encoder writes; None where that encoder must decide: a value of another\n"
+"type than the field's common one (enum names, numbers as strings, base64 bytes, hex\n"
+"ids that are not hex) and every error, which it then reports with its JSON path.");
+
+static PyObject *
+json_to_wire(PyObject *self, PyObject *args)
+{
+    PyObject *document, *table;
+    if (!PyArg_ParseTuple(args, "O!O!:json_to_wire", &PyDict_Type, &document, &PyDict_Type,
+                          &table))
+        return NULL;
+    Buffer b = {0};
+    int r = encode_json_message(&b, document, table, 0);
+    PyObject *result = NULL;
+    if (r == 0)
+        result = PyBytes_FromStringAndSize(b.data ? b.data : "", b.len);
+    else if (r == FALLBACK)
+        result = Py_NewRef(Py_None);
+    PyMem_Free(b.data);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"build_rows", build_rows, METH_VARARGS, build_rows_doc},
     {"check_spans", check_spans, METH_O, check_spans_doc},
     {"stream_entries", stream_entries, METH_VARARGS, stream_entries_doc},
+    {"json_to_wire", json_to_wire, METH_VARARGS, json_to_wire_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "collector._rows",
-    "build_rows read straight off the protobuf wire format (see collector/storage.py).", -1,
+    PyModuleDef_HEAD_INIT, "collector._wire",
+    "calltrace's hot loops over the OTLP wire format, in C (see collector/_wire.c).", -1,
     methods,
 };
 
 PyMODINIT_FUNC
-PyInit__rows(void)
+PyInit__wire(void)
 {
     TRUE_TEXT = PyUnicode_InternFromString("true");
     FALSE_TEXT = PyUnicode_InternFromString("false");
