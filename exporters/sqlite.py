@@ -221,8 +221,10 @@ class SQLiteConfig(ExporterConfig):
     """Delete spans, traces and calls older than this (e.g. "720h"); 0 keeps everything."""
     retention_check_interval: Duration = 300.0
     """How often old data is looked for."""
-    cache_size_mib: int = Field(default=64, ge=1)
-    """SQLite page cache of the writer connection."""
+    cache_size_mib: int = Field(default=16, ge=1)
+    """SQLite page cache of the writer connection. Writes touch the ends of the indexes
+    (see ``SCHEMA``), so a small one does: writing 957k spans, 16 MiB ran within 3% of
+    64 MiB (34.1k against 35.0k spans/s), and the bench's peak RSS fell 191 -> 143 MiB."""
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
