@@ -11,7 +11,9 @@
  * - check_spans: whether collector.receivers.otlp.drop_invalid_spans has work to do;
  * - stream_entries: exporters/redis_streams.py's entries, packed in the Redis protocol;
  * - json_to_wire: collector.otlp_json's OTLP/JSON -> protobuf writer, for the common
- *   cases (it returns None for the rest, which Python handles, errors included).
+ *   cases (it returns None for the rest, which Python handles, errors included);
+ * - resource_spans_layout: where a request's ResourceSpans are, so that those whose
+ *   spans no processor touched are written out again from the received bytes.
  *
  * Field numbers are those of opentelemetry/proto/trace/v1/trace.proto and
  * common/v1/common.proto. Input that is not well-formed protobuf raises ValueError;
@@ -776,6 +778,59 @@ check_spans(PyObject *self, PyObject *arg)
     return Py_BuildValue("(nO)", count, clean ? Py_True : Py_False);
 }
 
+/* -- where each ResourceSpans is in a request (collector.spans.serialize_resource_spans) */
+
+PyDoc_STRVAR(resource_spans_layout_doc,
+"resource_spans_layout(payload)\n--\n\n"
+"For each ResourceSpans of a serialized ExportTraceServiceRequest, in order: (start,\n"
+"end, resource start, resource end), the offsets of its fields and of its one resource\n"
+"field (tag included); None for one without exactly one resource field.");
+
+static PyObject *
+resource_spans_layout(PyObject *self, PyObject *arg)
+{
+    Py_buffer payload;
+    if (PyObject_GetBuffer(arg, &payload, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const uint8_t *base = payload.buf, *p = base, *end = base + payload.len;
+    PyObject *layout = PyList_New(0);
+    Field f, g;
+    int r = layout == NULL ? -1 : 0;
+    while (r == 0 && (r = next_field(&p, end, &f)) > 0) {
+        r = 0;
+        if (f.number != 1 || f.type != WT_LEN)
+            continue;
+        const uint8_t *q = f.data, *rs_end = f.data + f.len, *resource = NULL, *field = q;
+        Py_ssize_t resources = 0, resource_end = 0;
+        while ((r = next_field(&q, rs_end, &g)) > 0) {
+            if (g.number == 1) {
+                resources++;
+                resource = field;
+                resource_end = q - base;
+            }
+            field = q;
+        }
+        if (r < 0)
+            break;
+        PyObject *item;
+        if (resources == 1)
+            item = Py_BuildValue("(nnnn)", (Py_ssize_t)(f.data - base),
+                                 (Py_ssize_t)(rs_end - base), (Py_ssize_t)(resource - base),
+                                 resource_end);
+        else
+            item = Py_NewRef(Py_None);
+        if (item == NULL || PyList_Append(layout, item) < 0)
+            r = -1;
+        Py_XDECREF(item);
+    }
+    PyBuffer_Release(&payload);
+    if (r < 0) {
+        Py_XDECREF(layout);
+        return NULL;
+    }
+    return layout;
+}
+
 /* -- Redis stream entries (exporters/redis_streams.py) ------------------------------ */
 
 typedef struct {
@@ -1277,6 +1332,7 @@ static PyMethodDef methods[] = {
     {"check_spans", check_spans, METH_O, check_spans_doc},
     {"stream_entries", stream_entries, METH_VARARGS, stream_entries_doc},
     {"json_to_wire", json_to_wire, METH_VARARGS, json_to_wire_doc},
+    {"resource_spans_layout", resource_spans_layout, METH_O, resource_spans_layout_doc},
     {NULL, NULL, 0, NULL},
 };
 

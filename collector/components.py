@@ -124,6 +124,13 @@ Forward = Callable[[SpanBatch], Awaitable[None]]
 
 
 class Processor(_Component):
+    edits_spans: ClassVar[bool] = True
+    """Whether ``process`` may change a ``ResourceSpans`` it passes on below its resource:
+    its scopes, its spans or which spans it holds. A processor that only reads spans,
+    edits resources, or drops, adds or regroups whole ``ResourceSpans`` (new messages for
+    what it splits) sets False: the pipeline then writes unchanged spans out again from
+    the bytes they arrived in, instead of serializing them (``SpanBatch.sources``)."""
+
     async def admit(self, request: RequestInfo) -> None:
         """Check a request from its headers alone; raise to refuse it. Default: admit."""
 

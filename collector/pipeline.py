@@ -29,8 +29,11 @@ class FanOut:
     it (the OpenTelemetry Collector's issue 6961).
     """
 
-    def __init__(self, queues: list[ExporterQueue]):
+    def __init__(self, queues: list[ExporterQueue], spans_as_received: bool = False):
         self.queues = queues
+        # No processor edits spans: what arrives as received is written out from its
+        # bytes (SpanBatch.sources). And then every queue gets bytes made here.
+        self.spans_as_received = spans_as_received
         # The batch's own messages go to one queue, the first whose exporter reads them.
         self._hand_over_to: ExporterQueue | None = None
         if all(queue.queue_settings.enabled for queue in queues):
@@ -51,8 +54,13 @@ class FanOut:
         if full:
             raise RefusedError(f"sending queue full: {', '.join(full)}", retry_after=1.0)
         # Serialized once for every queue: queues hold bytes, not parsed messages. A
-        # lone queue serializes only if it needs the bytes (see ExporterQueue.enqueue).
-        payload = serialize_resource_spans(batch.resource_spans) if len(self.queues) > 1 else None
+        # lone queue serializes only if it needs the bytes (see ExporterQueue.enqueue),
+        # unless the received bytes are at hand.
+        payload = None
+        if self.spans_as_received and batch.sources:
+            payload = serialize_resource_spans(batch.resource_spans, batch.sources)
+        elif len(self.queues) > 1:
+            payload = serialize_resource_spans(batch.resource_spans)
         # Queued on every queue before the first await, so no queue can fill up (or
         # start shutting down) between the check above and its turn. One queue (the
         # first whose exporter reads messages) is handed the batch's messages to export
@@ -78,7 +86,7 @@ class Pipeline:
     def __init__(self, name: str, processors: list[Processor], exporters: list[ExporterQueue]):
         self.name = name
         self.processors = processors
-        self.fan_out = FanOut(exporters)
+        self.fan_out = FanOut(exporters, not any(p.edits_spans for p in processors))
         forward: Forward = self.fan_out
         for processor in reversed(processors):
             forward = functools.partial(processor.consume, forward=forward)

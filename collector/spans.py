@@ -26,12 +26,14 @@ __all__ = [
     "CALL_KEY_ATTRIBUTE",
     "CALL_SOURCE_ATTRIBUTE",
     "ExportTraceServiceRequest",
+    "ReceivedBytes",
     "ResourceSpans",
     "Span",
     "SpanBatch",
     "any_value_to_python",
     "get_attribute",
     "iter_spans",
+    "received_bytes",
     "remove_attribute",
     "serialize_resource_spans",
     "set_attribute",
@@ -63,6 +65,11 @@ class SpanBatch:
     """The spans serialized as an ``ExportTraceServiceRequest``, for an exporter with
     ``serialized_batches`` (its sending queue sets it and leaves ``resource_spans``
     empty); None elsewhere."""
+    sources: dict[int, ReceivedBytes] | None = None
+    """Where the receiver found each ``ResourceSpans`` in the request body, by ``id``:
+    ``serialize_resource_spans`` writes its scopes and spans out again from those bytes
+    when no processor of the pipeline edits spans (``Processor.edits_spans``), and only
+    its resource, which processors do edit, from the message. None: none known."""
 
     @classmethod
     def from_request(
@@ -97,13 +104,50 @@ def span_count(resource_spans: ResourceSpans) -> int:
     return sum(map(len, map(_SPANS, resource_spans.scope_spans)))
 
 
-def serialize_resource_spans(resource_spans: Iterable[ResourceSpans]) -> bytes:
+ReceivedBytes = tuple[ResourceSpans, bytes, int, int, int, int]
+"""A ``ResourceSpans`` as received: (the message, the request body, the offsets of its
+fields in the body, and those of its resource field, tag included)."""
+
+
+def received_bytes(
+    request: ExportTraceServiceRequest, body: bytes, layout: list[Any]
+) -> dict[int, ReceivedBytes]:
+    """``SpanBatch.sources`` of the messages of ``request``, parsed from ``body`` whose
+    ``collector._wire.resource_spans_layout`` is ``layout``. The dict holds the messages
+    too, so no other object can take one's ``id`` while it is in use."""
+    sources: dict[int, ReceivedBytes] = {}
+    for rs, where in zip(request.resource_spans, layout, strict=True):
+        if where is not None:
+            sources[id(rs)] = (rs, body, *where)
+    return sources
+
+
+def serialize_resource_spans(
+    resource_spans: Iterable[ResourceSpans], sources: dict[int, ReceivedBytes] | None = None
+) -> bytes:
     """The ``ExportTraceServiceRequest`` body holding ``resource_spans``, without copying
-    the messages into a request first (field 1, length-delimited, once per resource)."""
+    the messages into a request first (field 1, length-delimited, once per resource).
+
+    With ``sources`` (``SpanBatch.sources``: for callers whose processors left spans as
+    received), a resource's scopes and spans are copied from the received bytes and only
+    its resource is serialized: on the bench's requests 1.50 -> 0.79 us a span (0.10 more
+    to find the offsets), for the same message (its resource field moved first, which
+    protobuf allows)."""
     parts: list[bytes] = []
     for rs in resource_spans:
-        body = rs.SerializeToString()
-        parts += (b"\n", varint(len(body)), body)
+        source = sources.get(id(rs)) if sources else None
+        if source is None or source[0] is not rs:
+            body = rs.SerializeToString()
+            parts += (b"\n", varint(len(body)), body)
+            continue
+        _, received, start, end, resource_start, resource_end = source
+        resource = rs.resource.SerializeToString()
+        resource_length = varint(len(resource))
+        size = (
+            1 + len(resource_length) + len(resource) + end - start - (resource_end - resource_start)
+        )
+        parts += (b"\n", varint(size), b"\n", resource_length, resource)
+        parts += (received[start:resource_start], received[resource_end:end])
     return b"".join(parts)
 
 

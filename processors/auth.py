@@ -73,6 +73,7 @@ def bearer_token(header_value: str | None) -> str | None:
 
 class AuthProcessor(Processor):
     type_name = "auth"
+    edits_spans = False  # sets the batch's project: spans untouched
     Config = AuthConfig
     config: AuthConfig
 

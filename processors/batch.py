@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pydantic import Field, model_validator
 
 from collector import ComponentConfig, Duration, Forward, Processor, SpanBatch
-from collector.spans import ResourceSpans, span_count
+from collector.spans import ReceivedBytes, ResourceSpans, span_count
 
 
 class BatchConfig(ComponentConfig):
@@ -44,6 +44,7 @@ class BatchConfig(ComponentConfig):
 @dataclass
 class _Pending:
     resource_spans: list[ResourceSpans] = field(default_factory=list)
+    sources: dict[int, ReceivedBytes] = field(default_factory=dict)
     spans: int = 0
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
@@ -86,6 +87,7 @@ def split_resource_spans(
 
 class BatchProcessor(Processor):
     type_name = "batch"
+    edits_spans = False  # merges lists of resources; what it splits goes into new messages
     Config = BatchConfig
     config: BatchConfig
 
@@ -102,6 +104,8 @@ class BatchProcessor(Processor):
         if pending is None:
             pending = self._pending[project] = _Pending()
         pending.resource_spans.extend(batch.resource_spans)
+        if batch.sources:
+            pending.sources.update(batch.sources)
         pending.spans += batch.span_count
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         pending.waiters.append(done)
@@ -135,7 +139,7 @@ class BatchProcessor(Processor):
         error: BaseException | None = None
         for chunk in chunks:
             try:
-                await self._forward(SpanBatch(chunk, project))
+                await self._forward(SpanBatch(chunk, project, sources=pending.sources or None))
             except Exception as exc:  # every waiter learns it; the clients retry
                 error = exc
         for waiter in pending.waiters:

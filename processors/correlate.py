@@ -106,6 +106,7 @@ class _LRU(OrderedDict[tuple[str, ...] | tuple[str, bytes], tuple[str, str, str]
 
 class CorrelateProcessor(Processor):
     type_name = "correlate"
+    edits_spans = False  # stamps resources; what it splits goes into new messages
     Config = CorrelateConfig
     config: CorrelateConfig
 

@@ -85,6 +85,7 @@ def rss_bytes() -> int:
 
 class MemoryLimiterProcessor(Processor):
     type_name = "memory_limiter"
+    edits_spans = False  # refuses whole batches
     Config = MemoryLimiterConfig
     config: MemoryLimiterConfig
 

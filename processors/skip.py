@@ -33,6 +33,7 @@ def _is_true(value: object) -> bool:
 
 class SkipProcessor(Processor):
     type_name = "skip"
+    edits_spans = False  # drops whole resources
     Config = SkipConfig
     config: SkipConfig
 

@@ -247,3 +247,14 @@ def redis_server(tmp_path: Path) -> Any:
     directory.mkdir()
     with throwaway_redis(directory) as server:
         yield server
+
+
+class SpanRenamingProcessor(Processor):
+    """A plugin that edits spans in place (it keeps ``edits_spans`` True, the default)."""
+
+    async def process(self, batch: SpanBatch) -> SpanBatch | None:
+        for rs in batch.resource_spans:
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    span.name = f"renamed {span.name}"
+        return batch

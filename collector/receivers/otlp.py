@@ -31,7 +31,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from collector.components import ComponentConfig, Consumer, Host, Receiver, RequestInfo
 from collector.otlp_json import INVALID_HEX_ID
-from collector.spans import ExportTraceServiceRequest, SpanBatch
+from collector.spans import ExportTraceServiceRequest, SpanBatch, received_bytes
 from collector.storage import NATIVE_WIRE
 
 if NATIVE_WIRE:
@@ -191,7 +191,7 @@ class TraceIngest:
         """Hand the valid spans of ``request`` to the pipeline; raises what ``consume``
         raises (``RefusedError`` ...), after counting the spans as refused. ``body``: the
         protobuf bytes ``request`` was parsed from, if the transport has them."""
-        kept, rejected, reason = drop_invalid_spans(request, body)
+        kept, rejected, reason, as_received = _drop_invalid_spans(request, body)
         response = ExportTraceServiceResponse()
         if rejected:
             self.refused(rejected)
@@ -201,6 +201,10 @@ class TraceIngest:
             batch = SpanBatch(
                 list(request.resource_spans), project=info.project, metadata=info.metadata
             )
+            if as_received:  # the spans are the body's: the pipeline may reuse its bytes
+                assert body is not None
+                layout = _wire.resource_spans_layout(body)
+                batch.sources = received_bytes(request, body, layout)
             try:
                 await self.consumer.consume(batch)
             except BaseException:
@@ -232,13 +236,22 @@ def drop_invalid_spans(
     ``collector._wire`` checks its bytes in C first (~10x faster), and the spans are
     walked here only if one needs a change.
     """
+    kept, rejected, reason, _ = _drop_invalid_spans(request, body)
+    return kept, rejected, reason
+
+
+def _drop_invalid_spans(
+    request: ExportTraceServiceRequest, body: bytes | None
+) -> tuple[int, int, str, bool]:
+    """``drop_invalid_spans``, and whether the spans are still as in ``body`` (it was
+    checked and found clean: nothing changed)."""
     if body is not None and NATIVE_WIRE:
         try:
             spans, clean = _wire.check_spans(body)
         except ValueError:  # upb parsed it, so this does not happen; the loop decides
             clean = False
         if clean:
-            return spans, 0, ""
+            return spans, 0, "", True
     kept = rejected = 0
     reason = ""
     for resource_spans in request.resource_spans:
@@ -273,7 +286,7 @@ def drop_invalid_spans(
             kept += count
     if rejected:
         reason = f"{rejected} span(s) rejected for invalid ids; first: {reason}"
-    return kept, rejected, reason
+    return kept, rejected, reason, False
 
 
 def _why_invalid(name: str, trace_id: bytes, span_id: bytes, parent: bytes) -> str:

@@ -266,3 +266,81 @@ def test_any_batch_gives_the_same_stream_entries(resources, kind):
                 span.kind = kind  # open enums: any int32 is kept
     native, python = _stream_commands(request, maxlen=0)
     assert native == python
+
+
+# -- received bytes written out again (SpanBatch.sources) -------------------------------
+
+
+def _edited_as_a_pipeline_would(request: ExportTraceServiceRequest, drop: int | None):
+    """The request's messages after resource edits, a dropped resource and a resource
+    replaced by a new message, as auth, skip, correlate and batch may leave them."""
+    kept = list(request.resource_spans)
+    for index, rs in enumerate(kept):
+        set_attribute(rs.resource.attributes, CALL_ID_ATTRIBUTE, f"call-{index}")
+    if drop is not None and kept:
+        del kept[drop % len(kept)]
+    if kept:
+        replacement = type(kept[0])()
+        replacement.CopyFrom(kept[0])
+        replacement.schema_url = "replaced"
+        kept[0] = replacement
+    return kept
+
+
+def _assert_written_out_alike(body: bytes, drop: int | None = None) -> None:
+    from collector import _wire
+    from collector.spans import received_bytes
+
+    request = ExportTraceServiceRequest.FromString(body)
+    sources = received_bytes(request, body, _wire.resource_spans_layout(body))
+    kept = _edited_as_a_pipeline_would(request, drop)
+    spliced = ExportTraceServiceRequest.FromString(serialize_resource_spans(kept, sources))
+    assert spliced == ExportTraceServiceRequest(resource_spans=kept)
+
+
+@pytest.mark.parametrize("framework", ["livekit", "pipecat"])
+def test_received_bytes_give_the_messages_the_processors_left(framework):
+    for path in fixture_requests(framework):
+        _assert_written_out_alike(path.read_bytes(), drop=1)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(resource_shapes, max_size=4), st.one_of(st.none(), st.integers(0, 3)))
+def test_any_request_is_written_out_alike(resources, drop):
+    _assert_written_out_alike(_request(resources).SerializeToString(), drop)
+
+
+def test_a_resource_given_twice_or_not_at_all_is_serialized():
+    """Protobuf merges repeated message fields: such a resource is not cut from the bytes."""
+    from collector import _wire
+
+    request = _request([{"call": None, "service": "a", "tag": None, "scopes": [("", [])]}] * 2)
+    body = request.SerializeToString()
+    first = request.resource_spans[0].SerializeToString()
+    twice = b"\n" + bytes([len(first) + 2 + 2]) + first + b"\n\x00" + b"\n\x00"  # two more
+    no_resource = b"\n\x02\x1a\x00"  # a schema_url only
+    layout = _wire.resource_spans_layout(body + twice + no_resource)
+    assert layout[0] is not None and layout[1] is not None
+    assert layout[2:] == [None, None]
+
+
+async def test_a_processor_that_edits_spans_turns_the_reuse_off():
+    from collector.components import Processor
+    from collector.pipeline import Pipeline
+    from processors.batch import BatchConfig, BatchProcessor
+
+    class Renamer(Processor):
+        type_name = "renamer"
+
+        async def process(self, batch):
+            for rs in batch.resource_spans:
+                for ss in rs.scope_spans:
+                    for span in ss.spans:
+                        span.name = "renamed"
+            return batch
+
+    batch_processor = BatchProcessor("batch", BatchConfig())
+    assert Pipeline("p", [batch_processor], []).fan_out.spans_as_received
+    assert not Pipeline(
+        "p", [Renamer("renamer", None), batch_processor], []
+    ).fan_out.spans_as_received

@@ -262,3 +262,44 @@ def test_sigterm_drains_every_acknowledged_span(tmp_path):
     assert acknowledged > 0, statuses
     stored = query(db, "SELECT count(*) FROM spans")[0][0]
     assert stored >= acknowledged
+
+
+async def test_spans_are_stored_as_received_or_as_a_plugin_edited_them(tmp_path):
+    """The default pipeline writes received spans out from their bytes; a processor that
+    edits spans turns that off, and its edits are what is stored."""
+    body = fixture_requests("livekit")[0].read_bytes()
+    sent = [
+        s
+        for rs in ExportTraceServiceRequest.FromString(body).resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    ]
+    for plugin in (False, True):
+        db = tmp_path / f"calltrace-{plugin}.db"
+        key, _ = KeyStore(db).create("acme")
+        port = free_port()
+        config = pipeline_config(port, db)
+        processors = config["service"]["pipelines"]["traces"]["processors"]
+        if plugin:
+            config["processors"]["rename"] = {"type": "tests.conftest:SpanRenamingProcessor"}
+            processors.insert(1, "rename")
+        async with running_service(config):
+            response = await asyncio.to_thread(
+                requests.post,
+                f"http://127.0.0.1:{port}/v1/traces",
+                data=body,
+                headers={**PROTOBUF, "Authorization": f"Bearer {key}"},
+                timeout=10,
+            )
+            assert response.status_code == 200
+            stored = await eventually(
+                lambda db=db: (
+                    dict(query(db, "SELECT span_id, span FROM spans"))
+                    if len(query(db, "SELECT 1 FROM spans")) == len(sent)
+                    else None
+                )
+            )
+        for span in sent:
+            if plugin:
+                span.name = f"renamed {span.name}"
+            assert stored[span.span_id] == span.SerializeToString()
