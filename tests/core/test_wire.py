@@ -344,3 +344,97 @@ async def test_a_processor_that_edits_spans_turns_the_reuse_off():
     assert not Pipeline(
         "p", [Renamer("renamer", None), batch_processor], []
     ).fan_out.spans_as_received
+
+
+# -- malformed input: an error or a result, never a crash -----------------------------
+
+
+def _all_wire_functions(data: bytes) -> None:
+    """Every function of collector._wire on ``data``: each may raise ValueError (not
+    protobuf) and must not crash, whatever the bytes."""
+    from collector import _wire
+
+    calls = [
+        lambda: _wire.build_rows(data, "p", lambda b: (1, None, None, ()), len),
+        lambda: _wire.check_spans(data),
+        lambda: _wire.stream_entries(data, lambda b: (1, b"$1\r\n1\r\n", b"")),
+        lambda: _wire.resource_spans_layout(data),
+    ]
+    for call in calls:
+        try:
+            call()
+        except ValueError:
+            pass
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300))
+def test_random_bytes_never_crash_the_c_readers(data):
+    _all_wire_functions(data)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(resource_shapes, min_size=1, max_size=2), st.data())
+def test_damaged_requests_never_crash_the_c_readers(resources, data):
+    """Valid requests cut short or with bytes changed: lengths and tags then lie."""
+    body = bytearray(_request(resources).SerializeToString())
+    if not body:
+        return
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(body) - 1))
+        body[position] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(body)))
+    _all_wire_functions(bytes(body[:cut]))
+    _all_wire_functions(bytes(body))
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "resourceSpans",
+                    "scopeSpans",
+                    "spans",
+                    "attributes",
+                    "key",
+                    "value",
+                    "arrayValue",
+                    "values",
+                    "kvlistValue",
+                    "traceId",
+                    "name",
+                    "kind",
+                    "startTimeUnixNano",
+                    "status",
+                    "code",
+                    "events",
+                    "links",
+                    "x",
+                ]
+            ),
+            inner,
+            max_size=4,
+        ),
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(
+        st.sampled_from(["resourceSpans", "resource_spans", "x"]), json_values, max_size=2
+    )
+)
+def test_any_json_document_is_written_or_left_to_python(document):
+    from collector import _wire, otlp_json
+
+    table = otlp_json._native_table(ExportTraceServiceRequest.DESCRIPTOR)
+    wire = _wire.json_to_wire(document, table)
+    if wire is not None:  # then it is protobuf, and the Python writer agrees
+        assert ExportTraceServiceRequest.FromString(wire) == ExportTraceServiceRequest.FromString(
+            otlp_json._python_wire(document, ExportTraceServiceRequest)
+        )
