@@ -409,79 +409,87 @@ add_pair(PyObject *set, PyObject *a, PyObject *b)
     return r;
 }
 
+/* The fields of a Span that rows, checks and stream entries read. Absent bytes fields
+ * point at the span with length 0; for repeated scalars the last on the wire wins. */
+typedef struct {
+    const uint8_t *trace_id, *span_id, *parent, *name;
+    Py_ssize_t trace_id_len, span_id_len, parent_len, name_len;
+    int32_t kind, status;
+    uint64_t start, end;
+    int has_attributes;
+} SpanFields;
+
 static int
-read_span(Batch *b, Resource *res, PyObject *scope_ref, const uint8_t *span, Py_ssize_t span_len)
+read_span_fields(const uint8_t *span, Py_ssize_t span_len, SpanFields *s)
 {
     const uint8_t *p = span, *end = span + span_len;
-    const uint8_t *trace_id = NULL, *span_id = NULL, *parent = NULL, *name = NULL;
-    Py_ssize_t trace_id_len = 0, span_id_len = 0, parent_len = 0, name_len = 0;
-    int32_t kind = 0, status = 0;
-    uint64_t start = 0, stop = 0;
-    int has_attributes = 0;
+    *s = (SpanFields){span, span, span, span, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     Field f;
     int r;
     while ((r = next_field(&p, end, &f)) > 0) {
-        switch (f.number) {
-        case 1:
-            if (f.type == WT_LEN)
-                trace_id = f.data, trace_id_len = f.len;
-            break;
-        case 2:
-            if (f.type == WT_LEN)
-                span_id = f.data, span_id_len = f.len;
-            break;
-        case 4:
-            if (f.type == WT_LEN)
-                parent = f.data, parent_len = f.len;
-            break;
-        case 5:
-            if (f.type == WT_LEN)
-                name = f.data, name_len = f.len;
-            break;
-        case 6:
-            if (f.type == WT_VARINT)
-                kind = (int32_t)f.value;
-            break;
-        case 7:
-            if (f.type == WT_I64)
-                start = f.value;
-            break;
-        case 8:
-            if (f.type == WT_I64)
-                stop = f.value;
-            break;
-        case 9:
-            has_attributes = 1;
-            break;
-        case 15: /* Status: code is field 3; occurrences merge, so a later code wins */
-            if (f.type == WT_LEN) {
+        if (f.type == WT_LEN) {
+            switch (f.number) {
+            case 1:
+                s->trace_id = f.data, s->trace_id_len = f.len;
+                break;
+            case 2:
+                s->span_id = f.data, s->span_id_len = f.len;
+                break;
+            case 4:
+                s->parent = f.data, s->parent_len = f.len;
+                break;
+            case 5:
+                s->name = f.data, s->name_len = f.len;
+                break;
+            case 9:
+                s->has_attributes = 1;
+                break;
+            case 15: { /* Status: code is field 3; occurrences merge, a later code wins */
                 const uint8_t *q = f.data, *qend = f.data + f.len;
                 Field g;
-                int s;
-                while ((s = next_field(&q, qend, &g)) > 0)
+                int t;
+                while ((t = next_field(&q, qend, &g)) > 0)
                     if (g.number == 3 && g.type == WT_VARINT)
-                        status = (int32_t)g.value;
-                if (s < 0)
+                        s->status = (int32_t)g.value;
+                if (t < 0)
                     return -1;
+                break;
             }
-            break;
+            }
         }
+        else if (f.number == 6 && f.type == WT_VARINT)
+            s->kind = (int32_t)f.value;
+        else if (f.number == 7 && f.type == WT_I64)
+            s->start = f.value;
+        else if (f.number == 8 && f.type == WT_I64)
+            s->end = f.value;
     }
-    if (r < 0)
+    return r;
+}
+
+static int
+read_span(Batch *b, Resource *res, PyObject *scope_ref, const uint8_t *span, Py_ssize_t span_len)
+{
+    const uint8_t *p, *end = span + span_len;
+    SpanFields s;
+    Field f;
+    int r;
+    if (read_span_fields(span, span_len, &s) < 0)
         return -1;
+    uint64_t start = s.start, stop = s.end;
     if (stop < start)
         stop = start; /* a clock glitch must not produce negative durations */
 
-    PyObject *tid = PyBytes_FromStringAndSize((const char *)(trace_id ? trace_id : span), trace_id_len);
-    PyObject *sid = PyBytes_FromStringAndSize((const char *)(span_id ? span_id : span), span_id_len);
-    PyObject *pid = bytes_or_none(parent, parent_len);
-    PyObject *nm = utf8(name ? name : span, name_len);
+    PyObject *tid = PyBytes_FromStringAndSize((const char *)s.trace_id, s.trace_id_len);
+    PyObject *sid = PyBytes_FromStringAndSize((const char *)s.span_id, s.span_id_len);
+    PyObject *pid = bytes_or_none(s.parent, s.parent_len);
+    PyObject *nm = utf8(s.name, s.name_len);
     PyObject *row = NULL;
     if (tid == NULL || sid == NULL || pid == NULL || nm == NULL)
         goto error;
-    row = Py_BuildValue("(OOOOOiKKKiOOOy#)", b->project, tid, sid, pid, nm, (int)kind,
+    row = Py_BuildValue("(OOOOOiKKKiOOOy#)", b->project, tid, sid, pid, nm, (int)s.kind,
                         (unsigned long long)start, (unsigned long long)stop,
-                        (unsigned long long)(stop - start), (int)status, res->call_id, res->ref,
+                        (unsigned long long)(stop - start), (int)s.status, res->call_id, res->ref,
                         scope_ref, (const char *)span, span_len);
     if (row == NULL)
         goto error;
@@ -502,7 +510,7 @@ read_span(Batch *b, Resource *res, PyObject *scope_ref, const uint8_t *span, Py_
         Py_INCREF(sid);
         Py_SETREF(tr->root_span_id, sid);
     }
-    if (status == STATUS_ERROR)
+    if (s.status == STATUS_ERROR)
         tr->has_error = 1;
     if (tr->resource != res->index) { /* each trace gets its resources' attributes */
         tr->resource = res->index;
@@ -519,7 +527,7 @@ read_span(Batch *b, Resource *res, PyObject *scope_ref, const uint8_t *span, Py_
         if (PyErr_Occurred())
             goto error;
     }
-    if (has_attributes) {
+    if (s.has_attributes) {
         p = span;
         while ((r = next_field(&p, end, &f)) > 0)
             if (f.number == 9 && f.type == WT_LEN &&
@@ -715,29 +723,17 @@ all_zero(const uint8_t *p, Py_ssize_t n)
 static int
 check_scope_spans(const uint8_t *p, const uint8_t *end, Py_ssize_t *count, int *clean)
 {
-    Field f, g;
-    int r, s;
+    Field f;
+    int r;
     while ((r = next_field(&p, end, &f)) > 0) {
         if (f.number != 2 || f.type != WT_LEN)
             continue;
-        const uint8_t *q = f.data, *qend = f.data + f.len;
-        const uint8_t *trace = NULL, *span = NULL, *parent = NULL;
-        Py_ssize_t trace_len = 0, span_len = 0, parent_len = 0;
-        while ((s = next_field(&q, qend, &g)) > 0) {
-            if (g.type != WT_LEN)
-                continue;
-            if (g.number == 1)
-                trace = g.data, trace_len = g.len;
-            else if (g.number == 2)
-                span = g.data, span_len = g.len;
-            else if (g.number == 4)
-                parent = g.data, parent_len = g.len;
-        }
-        if (s < 0)
+        SpanFields s;
+        if (read_span_fields(f.data, f.len, &s) < 0)
             return -1;
         (*count)++;
-        if (trace_len != 16 || all_zero(trace, 16) || span_len != 8 || all_zero(span, 8) ||
-            (parent_len != 0 && (parent_len != 8 || all_zero(parent, 8))))
+        if (s.trace_id_len != 16 || all_zero(s.trace_id, 16) || s.span_id_len != 8 ||
+            all_zero(s.span_id, 8) || (s.parent_len != 0 && (s.parent_len != 8 || all_zero(s.parent, 8))))
             *clean = 0;
     }
     return r;
@@ -916,52 +912,20 @@ bulk_number(Buffer *b, const char *name, const char *format, ...)
 static PyObject *
 stream_entry(const uint8_t *span, Py_ssize_t span_len, PyObject *prefix, PyObject *tail)
 {
-    const uint8_t *p = span, *end = span + span_len;
-    const uint8_t *trace_id = span, *span_id = span, *parent = span, *name = span;
-    Py_ssize_t trace_id_len = 0, span_id_len = 0, parent_len = 0, name_len = 0;
-    int32_t kind = 0, status = 0;
-    uint64_t start = 0, stop = 0;
-    Field f;
-    int r;
-    while ((r = next_field(&p, end, &f)) > 0) {
-        if (f.type == WT_LEN && f.number == 1)
-            trace_id = f.data, trace_id_len = f.len;
-        else if (f.type == WT_LEN && f.number == 2)
-            span_id = f.data, span_id_len = f.len;
-        else if (f.type == WT_LEN && f.number == 4)
-            parent = f.data, parent_len = f.len;
-        else if (f.type == WT_LEN && f.number == 5)
-            name = f.data, name_len = f.len;
-        else if (f.type == WT_VARINT && f.number == 6)
-            kind = (int32_t)f.value;
-        else if (f.type == WT_I64 && f.number == 7)
-            start = f.value;
-        else if (f.type == WT_I64 && f.number == 8)
-            stop = f.value;
-        else if (f.type == WT_LEN && f.number == 15) {
-            const uint8_t *q = f.data, *qend = f.data + f.len;
-            Field g;
-            int s;
-            while ((s = next_field(&q, qend, &g)) > 0)
-                if (g.number == 3 && g.type == WT_VARINT)
-                    status = (int32_t)g.value;
-            if (s < 0)
-                return NULL;
-        }
-    }
-    if (r < 0)
+    SpanFields s;
+    if (read_span_fields(span, span_len, &s) < 0)
         return NULL;
     Buffer b = {0};
     if (buffer_reserve(&b, span_len + PyBytes_GET_SIZE(tail) + 320) < 0 ||
         buffer_add(&b, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix)) < 0 ||
-        bulk(&b, "trace_id", 8) < 0 || bulk_hex(&b, trace_id, trace_id_len) < 0 ||
-        bulk(&b, "span_id", 7) < 0 || bulk_hex(&b, span_id, span_id_len) < 0 ||
-        bulk(&b, "parent_span_id", 14) < 0 || bulk_hex(&b, parent, parent_len) < 0 ||
-        bulk_field(&b, "name", name, name_len) < 0 ||
-        bulk_number(&b, "kind", "%d", (int)kind) < 0 ||
-        bulk_number(&b, "start_ns", "%llu", (unsigned long long)start) < 0 ||
-        bulk_number(&b, "end_ns", "%llu", (unsigned long long)stop) < 0 ||
-        bulk_number(&b, "status_code", "%d", (int)status) < 0 ||
+        bulk(&b, "trace_id", 8) < 0 || bulk_hex(&b, s.trace_id, s.trace_id_len) < 0 ||
+        bulk(&b, "span_id", 7) < 0 || bulk_hex(&b, s.span_id, s.span_id_len) < 0 ||
+        bulk(&b, "parent_span_id", 14) < 0 || bulk_hex(&b, s.parent, s.parent_len) < 0 ||
+        bulk_field(&b, "name", s.name, s.name_len) < 0 ||
+        bulk_number(&b, "kind", "%d", (int)s.kind) < 0 ||
+        bulk_number(&b, "start_ns", "%llu", (unsigned long long)s.start) < 0 ||
+        bulk_number(&b, "end_ns", "%llu", (unsigned long long)s.end) < 0 ||
+        bulk_number(&b, "status_code", "%d", (int)s.status) < 0 ||
         buffer_add(&b, PyBytes_AS_STRING(tail), PyBytes_GET_SIZE(tail)) < 0 ||
         bulk_field(&b, "span", span, span_len) < 0) {
         PyMem_Free(b.data);
