@@ -629,7 +629,8 @@ build_result(Batch *b, PyObject *extents)
         if (r < 0 || PyDict_SetItem(attrs, t->trace_id, t->attrs) < 0)
             goto error;
     }
-    return Py_BuildValue("(OOOOOO)", b->spans, traces, attrs, b->names, b->call_traces, extents);
+    /* N: the result takes over the two dicts made here */
+    return Py_BuildValue("(ONNOOO)", b->spans, traces, attrs, b->names, b->call_traces, extents);
 error:
     Py_XDECREF(traces);
     Py_XDECREF(attrs);
