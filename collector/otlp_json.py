@@ -54,6 +54,7 @@ __all__ = [
     "OTLPJSONError",
     "decode",
     "decode_request",
+    "decode_request_wire",
     "encode",
     "encode_request",
     "encode_response",
@@ -108,8 +109,19 @@ def decode_request(body: bytes | str) -> ExportTraceServiceRequest:
     return decode(body, ExportTraceServiceRequest)
 
 
+def decode_request_wire(body: bytes | str) -> tuple[ExportTraceServiceRequest, bytes]:
+    """``decode_request``, and the protobuf bytes the request was parsed from (what a
+    protobuf client would have sent): the receiver checks ids and reuses spans' bytes
+    from them as from a protobuf body."""
+    return _decode(body, ExportTraceServiceRequest)
+
+
 def decode(body: bytes | str, message_type: type[M]) -> M:
     """A message of ``message_type`` from an OTLP/JSON document."""
+    return _decode(body, message_type)[0]
+
+
+def _decode(body: bytes | str, message_type: type[M]) -> tuple[M, bytes]:
     # A request's document is tens of thousands of dicts and lists, which would set off
     # the cyclic garbage collector several times, each a walk over every object the
     # process holds. They form no cycles (refcounting frees them), so it is paused.
@@ -120,7 +132,7 @@ def decode(body: bytes | str, message_type: type[M]) -> M:
             document = orjson.loads(body)
         except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError: a ValueError
             raise OTLPJSONError(f"invalid JSON: {exc}") from None
-        return from_dict(document, message_type)
+        return _from_dict(document, message_type)
     finally:
         if collecting:
             gc.enable()
@@ -128,6 +140,10 @@ def decode(body: bytes | str, message_type: type[M]) -> M:
 
 def from_dict(document: Any, message_type: type[M]) -> M:
     """A message of ``message_type`` from parsed OTLP/JSON (dicts, lists, scalars)."""
+    return _from_dict(document, message_type)[0]
+
+
+def _from_dict(document: Any, message_type: type[M]) -> tuple[M, bytes]:
     if not isinstance(document, dict):
         raise OTLPJSONError(f"expected a JSON object, got {_json_type(document)}")
     wire = None
@@ -140,7 +156,7 @@ def from_dict(document: Any, message_type: type[M]) -> M:
         message.ParseFromString(wire)
     except DecodeError as exc:  # protobuf's own nesting limit (100 levels)
         raise OTLPJSONError(f"invalid value: {exc}") from None
-    return message
+    return message, wire
 
 
 def _python_wire(document: dict[str, Any], message_type: type[Message]) -> bytes:

@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from collector.components import RefusedError, RequestInfo, UnauthenticatedError
-from collector.otlp_json import OTLPJSONError, decode_request, encode_response
+from collector.otlp_json import OTLPJSONError, decode_request_wire, encode_response
 from collector.receivers.otlp import HTTPSettings, TraceIngest
 from collector.spans import ExportTraceServiceRequest
 from collector.tls import parse_endpoint, server_ssl_context
@@ -178,16 +178,14 @@ class HTTPListener:
             if content_type == PROTOBUF:
                 export_request = ExportTraceServiceRequest()
                 export_request.ParseFromString(body)
-            else:
-                export_request = decode_request(body)
+            else:  # from here on, the protobuf bytes it was parsed from stand for it
+                export_request, body = decode_request_wire(body)
         except (DecodeError, OTLPJSONError) as exc:
             log.debug("%s: malformed request from %s: %s", self.receiver_id, info.peer, exc)
             return _error(reply_as, 400, f"malformed {content_type} request: {exc}")
 
         try:
-            result = await ingest.export(
-                export_request, info, body if content_type == PROTOBUF else None
-            )
+            result = await ingest.export(export_request, info, body)
         except RefusedError as exc:
             return _refused(reply_as, exc)
         except Exception:
