@@ -174,7 +174,7 @@ class GRPCListener:
             ) from None
 
         try:
-            return await ingest.export(request, info)
+            return await ingest.export(request, info, body)
         except RefusedError as exc:
             raise _refused(exc) from None
         except Exception:
