@@ -33,11 +33,11 @@ from collector.components import ComponentConfig, Consumer, Host, Receiver, Requ
 from collector.otlp_json import INVALID_HEX_ID
 from collector.spans import ExportTraceServiceRequest, SpanBatch, received_bytes
 from collector.storage import NATIVE_WIRE
+from collector.tls import TLSSettings, check_listener
+from collector.units import ByteSize
 
 if NATIVE_WIRE:
     from collector import _wire  # type: ignore[attr-defined]
-from collector.tls import TLSSettings, check_listener
-from collector.units import ByteSize
 
 if TYPE_CHECKING:
     from collector.receivers.otlp_grpc import GRPCListener
