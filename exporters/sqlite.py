@@ -488,7 +488,8 @@ def _start_process_writer(path: Path, cache_size_mib: int) -> None:
 
 def _write_in_process(project: str | None, payload: bytes) -> None:
     assert _process_writer is not None
-    _process_writer.write(SpanBatch.parse(payload, project))
+    # build_rows reads the bytes themselves (or parses them, without collector._wire).
+    _process_writer.write(SpanBatch([], project, payload=payload))
 
 
 def _close_process_writer() -> None:
