@@ -81,10 +81,30 @@ __all__ = [
 
 SCHEMA_VERSION = 2
 """``PRAGMA user_version`` of a file in the layout below. 0: spans and trace names keyed
-by the random trace id (migrated on open, see ``_migrate_to_trace_seq``)."""
+by the random trace id (migrated on open: ``_upgrade``, ``_MIGRATE_TO_TRACE_SEQ``)."""
+
+# The tables ``_MIGRATE_TO_TRACE_SEQ`` makes anew, as ``SCHEMA`` makes them for a new file.
+_TRACES = """
+CREATE TABLE IF NOT EXISTS traces (
+  seq INTEGER PRIMARY KEY,
+  project TEXT NOT NULL, trace_id BLOB NOT NULL, call_id TEXT, service TEXT,
+  start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL, duration_ns INTEGER NOT NULL,
+  root_name TEXT, root_span_id BLOB, has_error INTEGER NOT NULL DEFAULT 0);
+CREATE UNIQUE INDEX IF NOT EXISTS traces_identity ON traces (project, trace_id);
+"""
+_TRACE_NAMES = """
+CREATE TABLE IF NOT EXISTS trace_names (
+  project TEXT NOT NULL, name TEXT NOT NULL, trace_seq INTEGER NOT NULL,
+  PRIMARY KEY (project, name, trace_seq)) WITHOUT ROWID;
+"""
+_CALL_TRACES = """
+CREATE TABLE IF NOT EXISTS call_traces (
+  project TEXT NOT NULL, call_id TEXT NOT NULL, trace_id BLOB NOT NULL,
+  PRIMARY KEY (project, call_id, trace_id)) WITHOUT ROWID;
+"""
 
 # The calls table comes from ``ensure_calls_table``, which also upgrades older files.
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS spans (
   project TEXT NOT NULL, trace_id BLOB NOT NULL, span_id BLOB NOT NULL,
   parent_span_id BLOB, name TEXT NOT NULL, kind INTEGER NOT NULL,
@@ -104,13 +124,7 @@ CREATE TABLE IF NOT EXISTS resources (
 CREATE TABLE IF NOT EXISTS scopes (
   scope_id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, name TEXT, version TEXT,
   scope BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS traces (
-  seq INTEGER PRIMARY KEY,
-  project TEXT NOT NULL, trace_id BLOB NOT NULL, call_id TEXT, service TEXT,
-  start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL, duration_ns INTEGER NOT NULL,
-  root_name TEXT, root_span_id BLOB, has_error INTEGER NOT NULL DEFAULT 0);
-CREATE UNIQUE INDEX IF NOT EXISTS traces_identity ON traces (project, trace_id);
-CREATE INDEX IF NOT EXISTS traces_by_start ON traces (project, start_ns DESC, trace_id);
+{_TRACES}CREATE INDEX IF NOT EXISTS traces_by_start ON traces (project, start_ns DESC, trace_id);
 CREATE INDEX IF NOT EXISTS traces_by_duration ON traces (project, duration_ns DESC);
 CREATE INDEX IF NOT EXISTS traces_by_call ON traces (project, call_id);
 CREATE VIRTUAL TABLE IF NOT EXISTS trace_search USING fts5(
@@ -118,14 +132,8 @@ CREATE VIRTUAL TABLE IF NOT EXISTS trace_search USING fts5(
 CREATE TABLE IF NOT EXISTS span_names (
   project TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (project, name)) WITHOUT ROWID;
 -- the traces holding a span of that name (trace search by name), by seq as spans are
-CREATE TABLE IF NOT EXISTS trace_names (
-  project TEXT NOT NULL, name TEXT NOT NULL, trace_seq INTEGER NOT NULL,
-  PRIMARY KEY (project, name, trace_seq)) WITHOUT ROWID;
--- the traces holding a span of that call (a call's spans)
-CREATE TABLE IF NOT EXISTS call_traces (
-  project TEXT NOT NULL, call_id TEXT NOT NULL, trace_id BLOB NOT NULL,
-  PRIMARY KEY (project, call_id, trace_id)) WITHOUT ROWID;
-"""
+{_TRACE_NAMES}-- the traces holding a span of that call (a call's spans)
+{_CALL_TRACES}"""
 
 _TRACE_SEQ = "(SELECT seq FROM traces WHERE project = ?1 AND trace_id = ?2)"
 """A span's trace seq, from the row its batch upserted just before (args 1, 2: project,
@@ -134,18 +142,12 @@ trace id)."""
 # Files of layout 0 (no trace seq; before that, per-span call and name indexes and a
 # trace_attrs table): traces get a seq in start order, spans and trace names are keyed
 # by it, and the per-trace tables are filled from the spans, once.
-_MIGRATE_TO_TRACE_SEQ = """
+_MIGRATE_TO_TRACE_SEQ = f"""
 ALTER TABLE traces RENAME TO traces_by_trace_id;
 DROP INDEX IF EXISTS traces_by_start;
 DROP INDEX IF EXISTS traces_by_duration;
 DROP INDEX IF EXISTS traces_by_call;
-CREATE TABLE traces (
-  seq INTEGER PRIMARY KEY,
-  project TEXT NOT NULL, trace_id BLOB NOT NULL, call_id TEXT, service TEXT,
-  start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL, duration_ns INTEGER NOT NULL,
-  root_name TEXT, root_span_id BLOB, has_error INTEGER NOT NULL DEFAULT 0);
-CREATE UNIQUE INDEX traces_identity ON traces (project, trace_id);
-INSERT INTO traces (project, trace_id, call_id, service, start_ns, end_ns, duration_ns,
+{_TRACES}INSERT INTO traces (project, trace_id, call_id, service, start_ns, end_ns, duration_ns,
     root_name, root_span_id, has_error)
   SELECT project, trace_id, call_id, service, start_ns, end_ns, duration_ns, root_name,
     root_span_id, has_error FROM traces_by_trace_id ORDER BY start_ns;
@@ -164,15 +166,9 @@ DROP INDEX IF EXISTS spans_by_name_trace;
 DROP INDEX IF EXISTS spans_by_name;
 DROP INDEX IF EXISTS spans_by_start;
 DROP TABLE IF EXISTS trace_names;
-CREATE TABLE trace_names (
-  project TEXT NOT NULL, name TEXT NOT NULL, trace_seq INTEGER NOT NULL,
-  PRIMARY KEY (project, name, trace_seq)) WITHOUT ROWID;
-INSERT OR IGNORE INTO trace_names (project, name, trace_seq)
+{_TRACE_NAMES}INSERT OR IGNORE INTO trace_names (project, name, trace_seq)
   SELECT DISTINCT project, name, trace_seq FROM spans;
-CREATE TABLE IF NOT EXISTS call_traces (
-  project TEXT NOT NULL, call_id TEXT NOT NULL, trace_id BLOB NOT NULL,
-  PRIMARY KEY (project, call_id, trace_id)) WITHOUT ROWID;
-INSERT OR IGNORE INTO call_traces (project, call_id, trace_id)
+{_CALL_TRACES}INSERT OR IGNORE INTO call_traces (project, call_id, trace_id)
   SELECT DISTINCT project, call_id, trace_id FROM spans WHERE call_id IS NOT NULL;
 """
 
@@ -182,8 +178,7 @@ _INSERT_SPAN = (
     f" trace_seq) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,{_TRACE_SEQ})"
 )
 _INSERT_TRACE_NAME = (
-    "INSERT OR IGNORE INTO trace_names (project, name, trace_seq)"
-    " VALUES (?1, ?3, (SELECT seq FROM traces WHERE project = ?1 AND trace_id = ?2))"
+    f"INSERT OR IGNORE INTO trace_names (project, name, trace_seq) VALUES (?1, ?3, {_TRACE_SEQ})"
 )
 _UPSERT_TRACE = (
     "INSERT INTO traces (project, trace_id, call_id, service, start_ns, end_ns, duration_ns,"
