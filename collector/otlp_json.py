@@ -39,10 +39,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-try:
-    from collector import _wire  # type: ignore[attr-defined]
-except ImportError:  # not built: the Python encoder does it all
-    _wire = None
+from collector.wire import native as _wire
 
 # Descriptors come from upb or from pure Python depending on the protobuf build, and
 # their stubs disagree; the code only reads fields both have.

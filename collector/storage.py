@@ -35,15 +35,8 @@ from collector.spans import (
     any_value_to_python,
     serialize_resource_spans,
 )
-
-try:
-    from collector import _wire  # type: ignore[attr-defined]
-except ImportError:  # not built (no C compiler at install): the Python loop does it
-    _wire = None
-
-NATIVE_WIRE = _wire is not None
-"""Whether ``build_rows`` reads the wire format in C: a storage exporter then takes
-serialized batches (``Exporter.serialized_batches``), which it reads without parsing."""
+from collector.wire import NATIVE_WIRE  # re-exported: the storage exporters read it here
+from collector.wire import native as _wire
 
 __all__ = [
     "MAX_INDEXED_VALUE",

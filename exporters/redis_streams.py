@@ -54,10 +54,8 @@ from collector import (
 from collector.otlp_json import encode as otlp_json_encode
 from collector.redisconn import RedisSettings, is_transient, redis_client
 from collector.spans import ExportTraceServiceRequest
-from collector.storage import NATIVE_WIRE
-
-if NATIVE_WIRE:
-    from collector import _wire  # type: ignore[attr-defined]
+from collector.wire import NATIVE_WIRE
+from collector.wire import native as _wire
 
 log = logging.getLogger(__name__)
 

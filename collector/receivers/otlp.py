@@ -32,12 +32,10 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from collector.components import ComponentConfig, Consumer, Host, Receiver, RequestInfo
 from collector.otlp_json import INVALID_HEX_ID
 from collector.spans import ExportTraceServiceRequest, SpanBatch, received_bytes
-from collector.storage import NATIVE_WIRE
 from collector.tls import TLSSettings, check_listener
 from collector.units import ByteSize
-
-if NATIVE_WIRE:
-    from collector import _wire  # type: ignore[attr-defined]
+from collector.wire import NATIVE_WIRE
+from collector.wire import native as _wire
 
 if TYPE_CHECKING:
     from collector.receivers.otlp_grpc import GRPCListener
