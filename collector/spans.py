@@ -81,6 +81,13 @@ class SpanBatch:
     def span_count(self) -> int:
         return sum(map(span_count, self.resource_spans))
 
+    def messages(self) -> list[ResourceSpans]:
+        """``resource_spans``, parsed from ``payload`` when the batch holds only bytes (an
+        exporter with ``serialized_batches`` that takes a Python path after all)."""
+        if not self.resource_spans and self.payload is not None:
+            return list(ExportTraceServiceRequest.FromString(self.payload).resource_spans)
+        return self.resource_spans
+
     def to_request(self) -> ExportTraceServiceRequest:
         """A standalone ``ExportTraceServiceRequest`` (copies the messages)."""
         return ExportTraceServiceRequest(resource_spans=self.resource_spans)

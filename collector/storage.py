@@ -30,7 +30,6 @@ from collector.spans import (
     CALL_ID_ATTRIBUTE,
     CALL_KEY_ATTRIBUTE,
     CALL_SOURCE_ATTRIBUTE,
-    ExportTraceServiceRequest,
     SpanBatch,
     any_value_to_python,
     serialize_resource_spans,
@@ -337,10 +336,7 @@ def build_rows_python(
     trace_attrs = rows.trace_attrs
     add_name = rows.trace_names.add
     add_call_trace = rows.call_traces.add
-    resource_spans = batch.resource_spans
-    if not resource_spans and batch.payload is not None:
-        resource_spans = list(ExportTraceServiceRequest.FromString(batch.payload).resource_spans)
-    for rs in resource_spans:
+    for rs in batch.messages():
         resource = rs.resource
         facts = _facts_of(resource.SerializeToString(), resource)
         call_id = facts.call_id

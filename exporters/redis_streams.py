@@ -53,7 +53,6 @@ from collector import (
 )
 from collector.otlp_json import encode as otlp_json_encode
 from collector.redisconn import RedisSettings, is_transient, redis_client
-from collector.spans import ExportTraceServiceRequest
 from collector.wire import NATIVE_WIRE
 from collector.wire import native as _wire
 
@@ -185,13 +184,8 @@ class RedisStreamsExporter(Exporter):
         """The entries of a batch's messages, packed in Python (JSON encoding, or where
         ``collector._wire`` is not built)."""
         encode = otlp_json_encode if self.config.encoding == "json" else _serialize
-        resource_spans = batch.resource_spans
-        if not resource_spans and batch.payload is not None:
-            resource_spans = list(
-                ExportTraceServiceRequest.FromString(batch.payload).resource_spans
-            )
         entries: list[tuple[int, bytes]] = []
-        for rs in resource_spans:
+        for rs in batch.messages():
             arguments, prefix, packed_tail = self._resource_fields(project, rs.resource)
             for scope_spans in rs.scope_spans:
                 for span in scope_spans.spans:
