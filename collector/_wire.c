@@ -13,7 +13,9 @@
  * - json_to_wire: collector.otlp_json's OTLP/JSON -> protobuf writer, for the common
  *   cases (it returns None for the rest, which Python handles, errors included);
  * - resource_spans_layout: where a request's ResourceSpans are, so that those whose
- *   spans no processor touched are written out again from the received bytes.
+ *   spans no processor touched are written out again from the received bytes;
+ * - insert_spans: the sqlite exporter's span rows, from the bytes into SQLite without
+ *   the GIL (build_rows' plan says where the spans are and what their rows point at).
  *
  * Field numbers are those of opentelemetry/proto/trace/v1/trace.proto and
  * common/v1/common.proto. Input that is not well-formed protobuf raises ValueError;
@@ -57,9 +59,10 @@ read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out)
     return -1;
 }
 
-/* The next field of a message: 1, 0 at its end, -1 (ValueError set) if malformed. */
+/* The next field of a message: 1, 0 at its end, -1 if malformed; sets no exception, so
+ * it runs without the GIL (next_field sets ValueError). */
 static int
-next_field(const uint8_t **pp, const uint8_t *end, Field *f)
+scan_field(const uint8_t **pp, const uint8_t *end, Field *f)
 {
     uint64_t tag, len;
     if (*pp >= end)
@@ -99,8 +102,23 @@ next_field(const uint8_t **pp, const uint8_t *end, Field *f)
         goto malformed;
     }
 malformed:
-    PyErr_SetString(PyExc_ValueError, "malformed protobuf");
     return -1;
+}
+
+static void
+set_malformed(void)
+{
+    PyErr_SetString(PyExc_ValueError, "malformed protobuf");
+}
+
+/* The next field of a message: 1, 0 at its end, -1 (ValueError set) if malformed. */
+static int
+next_field(const uint8_t **pp, const uint8_t *end, Field *f)
+{
+    int r = scan_field(pp, end, f);
+    if (r < 0)
+        set_malformed();
+    return r;
 }
 
 /* What a batch accumulates per trace; turned into BatchRows.traces and .trace_attrs. */
@@ -388,6 +406,8 @@ typedef struct {
     PyObject *names;       /* set of (name, trace_id) */
     PyObject *call_traces; /* set of (call_id, trace_id) */
     Traces traces;
+    const uint8_t *payload; /* where the plan's offsets count from */
+    int span_rows;          /* 0: spans holds the insert plan (see build_rows' doc) */
 } Batch;
 
 typedef struct {
@@ -410,7 +430,9 @@ add_pair(PyObject *set, PyObject *a, PyObject *b)
 }
 
 /* The fields of a Span that rows, checks and stream entries read. Absent bytes fields
- * point at the span with length 0; for repeated scalars the last on the wire wins. */
+ * point at the span with length 0; for repeated scalars the last on the wire wins.
+ * read_span_fields returns -1 if the span is malformed, with no exception set (it runs
+ * without the GIL in insert_spans); span_fields sets ValueError. */
 typedef struct {
     const uint8_t *trace_id, *span_id, *parent, *name;
     Py_ssize_t trace_id_len, span_id_len, parent_len, name_len;
@@ -426,7 +448,7 @@ read_span_fields(const uint8_t *span, Py_ssize_t span_len, SpanFields *s)
     *s = (SpanFields){span, span, span, span, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     Field f;
     int r;
-    while ((r = next_field(&p, end, &f)) > 0) {
+    while ((r = scan_field(&p, end, &f)) > 0) {
         if (f.type == WT_LEN) {
             switch (f.number) {
             case 1:
@@ -448,7 +470,7 @@ read_span_fields(const uint8_t *span, Py_ssize_t span_len, SpanFields *s)
                 const uint8_t *q = f.data, *qend = f.data + f.len;
                 Field g;
                 int t;
-                while ((t = next_field(&q, qend, &g)) > 0)
+                while ((t = scan_field(&q, qend, &g)) > 0)
                     if (g.number == 3 && g.type == WT_VARINT)
                         s->status = (int32_t)g.value;
                 if (t < 0)
@@ -468,13 +490,22 @@ read_span_fields(const uint8_t *span, Py_ssize_t span_len, SpanFields *s)
 }
 
 static int
+span_fields(const uint8_t *span, Py_ssize_t span_len, SpanFields *s)
+{
+    int r = read_span_fields(span, span_len, s);
+    if (r < 0)
+        set_malformed();
+    return r;
+}
+
+static int
 read_span(Batch *b, Resource *res, PyObject *scope_ref, const uint8_t *span, Py_ssize_t span_len)
 {
     const uint8_t *p, *end = span + span_len;
     SpanFields s;
     Field f;
     int r;
-    if (read_span_fields(span, span_len, &s) < 0)
+    if (span_fields(span, span_len, &s) < 0)
         return -1;
     uint64_t start = s.start, stop = s.end;
     if (stop < start)
@@ -487,15 +518,17 @@ read_span(Batch *b, Resource *res, PyObject *scope_ref, const uint8_t *span, Py_
     PyObject *row = NULL;
     if (tid == NULL || sid == NULL || pid == NULL || nm == NULL)
         goto error;
-    row = Py_BuildValue("(OOOOOiKKKiOOOy#)", b->project, tid, sid, pid, nm, (int)s.kind,
-                        (unsigned long long)start, (unsigned long long)stop,
-                        (unsigned long long)(stop - start), (int)s.status, res->call_id, res->ref,
-                        scope_ref, (const char *)span, span_len);
-    if (row == NULL)
-        goto error;
-    untrack(row);
-    if (PyList_Append(b->spans, row) < 0)
-        goto error;
+    if (b->span_rows) {
+        row = Py_BuildValue("(OOOOOiKKKiOOOy#)", b->project, tid, sid, pid, nm, (int)s.kind,
+                            (unsigned long long)start, (unsigned long long)stop,
+                            (unsigned long long)(stop - start), (int)s.status, res->call_id,
+                            res->ref, scope_ref, (const char *)span, span_len);
+        if (row == NULL)
+            goto error;
+        untrack(row);
+        if (PyList_Append(b->spans, row) < 0)
+            goto error;
+    }
     if (add_pair(b->names, nm, tid) < 0)
         goto error;
     if (res->call_id != Py_None && add_pair(b->call_traces, res->call_id, tid) < 0)
@@ -545,7 +578,7 @@ read_span(Batch *b, Resource *res, PyObject *scope_ref, const uint8_t *span, Py_
     Py_DECREF(sid);
     Py_DECREF(pid);
     Py_DECREF(nm);
-    Py_DECREF(row);
+    Py_XDECREF(row);
     return 0;
 error:
     Py_XDECREF(tid);
@@ -583,6 +616,16 @@ read_scope_spans(Batch *b, Resource *res, PyObject *scope_cb, const uint8_t *ss,
     Py_DECREF(scope);
     if (scope_ref == NULL)
         return -1;
+    if (!b->span_rows) { /* the plan: where these spans are and what their rows point at */
+        PyObject *entry = Py_BuildValue("(nnOOO)", (Py_ssize_t)(ss - b->payload), len,
+                                        res->call_id, res->ref, scope_ref);
+        int added = entry == NULL ? -1 : PyList_Append(b->spans, entry);
+        Py_XDECREF(entry);
+        if (added < 0) {
+            Py_DECREF(scope_ref);
+            return -1;
+        }
+    }
     Field f;
     int r;
     while ((r = next_field(&p, end, &f)) > 0)
@@ -638,9 +681,11 @@ error:
 }
 
 PyDoc_STRVAR(build_rows_doc,
-"build_rows(payload, project, resource_cb, scope_cb)\n--\n\n"
+"build_rows(payload, project, resource_cb, scope_cb, span_rows=True)\n--\n\n"
 "The rows of a serialized ExportTraceServiceRequest, as collector.storage.build_rows\n"
 "makes them: (spans, traces, trace_attrs, trace_names, call_traces, extents).\n"
+"With span_rows false, spans is insert_spans' plan instead of the rows: for each\n"
+"ScopeSpans, (offset in payload, length, call_id, resource ref, scope ref).\n"
 "resource_cb(resource_bytes) returns (ref, call_id, service, attribute pairs, ...);\n"
 "scope_cb(scope_bytes) returns a scope's ref. extents holds (resource_cb's answer,\n"
 "first start, last end) for each ResourceSpans with spans. ValueError if the payload\n"
@@ -651,9 +696,12 @@ build_rows(PyObject *self, PyObject *args)
 {
     Py_buffer payload;
     PyObject *project, *resource_cb, *scope_cb;
-    if (!PyArg_ParseTuple(args, "y*OOO:build_rows", &payload, &project, &resource_cb, &scope_cb))
+    int span_rows = 1;
+    if (!PyArg_ParseTuple(args, "y*OOO|p:build_rows", &payload, &project, &resource_cb,
+                          &scope_cb, &span_rows))
         return NULL;
-    Batch b = {project, PyList_New(0), PySet_New(NULL), PySet_New(NULL), {NULL, 0, 0, PyDict_New()}};
+    Batch b = {project, PyList_New(0), PySet_New(NULL), PySet_New(NULL),
+               {NULL, 0, 0, PyDict_New()}, payload.buf, span_rows};
     PyObject *extents = PyList_New(0), *result = NULL;
     if (b.spans == NULL || b.names == NULL || b.call_traces == NULL || b.traces.index == NULL ||
         extents == NULL)
@@ -730,7 +778,7 @@ check_scope_spans(const uint8_t *p, const uint8_t *end, Py_ssize_t *count, int *
         if (f.number != 2 || f.type != WT_LEN)
             continue;
         SpanFields s;
-        if (read_span_fields(f.data, f.len, &s) < 0)
+        if (span_fields(f.data, f.len, &s) < 0)
             return -1;
         (*count)++;
         if (s.trace_id_len != 16 || all_zero(s.trace_id, 16) || s.span_id_len != 8 ||
@@ -914,7 +962,7 @@ static PyObject *
 stream_entry(const uint8_t *span, Py_ssize_t span_len, PyObject *prefix, PyObject *tail)
 {
     SpanFields s;
-    if (read_span_fields(span, span_len, &s) < 0)
+    if (span_fields(span, span_len, &s) < 0)
         return NULL;
     Buffer b = {0};
     if (buffer_reserve(&b, span_len + PyBytes_GET_SIZE(tail) + 320) < 0 ||
@@ -1292,12 +1340,255 @@ json_to_wire(PyObject *self, PyObject *args)
     return result;
 }
 
+/* -- span rows straight into SQLite -----------------------------------------------------
+ *
+ * executemany binds each row's 15 values from Python objects, and build_rows made those
+ * objects first: ~3 us a span holding the GIL, which the event loop waits for. Here the
+ * rows go from the payload into the writer's SQLite connection in C with the GIL
+ * released. SQLite's functions are looked up in the library Python's own sqlite3 module
+ * uses (load_sqlite), so both work on one copy of SQLite and one connection; nothing is
+ * linked at build time, and without them storage takes the executemany path. */
+
+typedef struct sqlite3 sqlite3;
+typedef struct sqlite3_stmt sqlite3_stmt;
+#define SQLITE_OK 0
+#define SQLITE_DONE 101
+#define SQLITE_STATIC ((void (*)(void *))0)
+
+static struct {
+    int (*prepare_v2)(sqlite3 *, const char *, int, sqlite3_stmt **, const char **);
+    int (*bind_blob)(sqlite3_stmt *, int, const void *, int, void (*)(void *));
+    int (*bind_text)(sqlite3_stmt *, int, const char *, int, void (*)(void *));
+    int (*bind_int64)(sqlite3_stmt *, int, int64_t);
+    int (*bind_null)(sqlite3_stmt *, int);
+    int (*step)(sqlite3_stmt *);
+    int (*reset)(sqlite3_stmt *);
+    int (*finalize)(sqlite3_stmt *);
+    int (*changes)(sqlite3 *);
+    int (*errcode)(sqlite3 *);
+    const char *(*errmsg)(sqlite3 *);
+    int (*get_autocommit)(sqlite3 *);
+    const char *(*db_filename)(sqlite3 *, const char *);
+} sq;
+static int sqlite_loaded;
+
+#include <dlfcn.h>
+
+PyDoc_STRVAR(load_sqlite_doc,
+"load_sqlite(module_file)\n--\n\n"
+"Look up SQLite's functions in the library that the extension module at module_file\n"
+"(_sqlite3's __file__) is linked to; True if all were found (insert_spans works).");
+
+static PyObject *
+load_sqlite(PyObject *self, PyObject *arg)
+{
+    const char *file = PyUnicode_AsUTF8(arg);
+    if (file == NULL)
+        return NULL;
+    /* RTLD_NOLOAD: the module Python loaded, never a second copy */
+    void *handle = dlopen(file, RTLD_NOW | RTLD_NOLOAD);
+    if (handle == NULL)
+        Py_RETURN_FALSE;
+    struct {
+        void **slot;
+        const char *name;
+    } symbols[] = {
+        {(void **)&sq.prepare_v2, "sqlite3_prepare_v2"},
+        {(void **)&sq.bind_blob, "sqlite3_bind_blob"},
+        {(void **)&sq.bind_text, "sqlite3_bind_text"},
+        {(void **)&sq.bind_int64, "sqlite3_bind_int64"},
+        {(void **)&sq.bind_null, "sqlite3_bind_null"},
+        {(void **)&sq.step, "sqlite3_step"},
+        {(void **)&sq.reset, "sqlite3_reset"},
+        {(void **)&sq.finalize, "sqlite3_finalize"},
+        {(void **)&sq.changes, "sqlite3_changes"},
+        {(void **)&sq.errcode, "sqlite3_extended_errcode"},
+        {(void **)&sq.errmsg, "sqlite3_errmsg"},
+        {(void **)&sq.get_autocommit, "sqlite3_get_autocommit"},
+        {(void **)&sq.db_filename, "sqlite3_db_filename"},
+    };
+    int found = 1;
+    for (size_t i = 0; i < sizeof symbols / sizeof symbols[0]; i++)
+        if ((*symbols[i].slot = dlsym(handle, symbols[i].name)) == NULL)
+            found = 0;
+    dlclose(handle); /* the module stays loaded: Python holds it */
+    sqlite_loaded = found;
+    return PyBool_FromLong(found);
+}
+
+/* The head of CPython's pysqlite_Connection (Modules/_sqlite/connection.h, 3.8-3.13):
+ * its first field is the sqlite3 handle. insert_spans checks the type and the file name
+ * before it uses it. */
+typedef struct {
+    PyObject_HEAD
+    sqlite3 *db;
+} ConnectionHead;
+
+typedef struct {
+    Py_ssize_t offset, len;
+    const char *call_id;
+    Py_ssize_t call_id_len;
+    int64_t resource, scope;
+} PlanEntry;
+
+enum { INSERT_OK, INSERT_SQLITE, INSERT_MALFORMED, INSERT_OVERFLOW };
+
+static int
+insert_scope_spans(sqlite3_stmt *stmt, const uint8_t *payload, const PlanEntry *e,
+                   const char *project, Py_ssize_t project_len, long *inserted, sqlite3 *db)
+{
+    const uint8_t *p = payload + e->offset, *end = p + e->len;
+    Field f;
+    int r;
+    while ((r = scan_field(&p, end, &f)) > 0) {
+        if (f.number != 2 || f.type != WT_LEN)
+            continue;
+        SpanFields s;
+        if (read_span_fields(f.data, f.len, &s) < 0)
+            return INSERT_MALFORMED;
+        uint64_t start = s.start, stop = s.end;
+        if (stop < start)
+            stop = start; /* as build_rows: no negative durations */
+        if (stop > (uint64_t)INT64_MAX)
+            return INSERT_OVERFLOW; /* what binding the Python int would raise */
+        sq.bind_text(stmt, 1, project, (int)project_len, SQLITE_STATIC);
+        sq.bind_blob(stmt, 2, s.trace_id, (int)s.trace_id_len, SQLITE_STATIC);
+        sq.bind_blob(stmt, 3, s.span_id, (int)s.span_id_len, SQLITE_STATIC);
+        if (s.parent_len)
+            sq.bind_blob(stmt, 4, s.parent, (int)s.parent_len, SQLITE_STATIC);
+        else
+            sq.bind_null(stmt, 4);
+        sq.bind_text(stmt, 5, (const char *)s.name, (int)s.name_len, SQLITE_STATIC);
+        sq.bind_int64(stmt, 6, s.kind);
+        sq.bind_int64(stmt, 7, (int64_t)start);
+        sq.bind_int64(stmt, 8, (int64_t)stop);
+        sq.bind_int64(stmt, 9, (int64_t)(stop - start));
+        sq.bind_int64(stmt, 10, s.status);
+        if (e->call_id)
+            sq.bind_text(stmt, 11, e->call_id, (int)e->call_id_len, SQLITE_STATIC);
+        else
+            sq.bind_null(stmt, 11);
+        sq.bind_int64(stmt, 12, e->resource);
+        sq.bind_int64(stmt, 13, e->scope);
+        sq.bind_blob(stmt, 14, f.data, (int)f.len, SQLITE_STATIC);
+        int rc = sq.step(stmt);
+        sq.reset(stmt);
+        if (rc != SQLITE_DONE)
+            return INSERT_SQLITE;
+        *inserted += sq.changes(db);
+    }
+    return r < 0 ? INSERT_MALFORMED : INSERT_OK;
+}
+
+PyDoc_STRVAR(insert_spans_doc,
+"insert_spans(connection, connection_type, filename, sql, payload, project, plan)\n--\n\n"
+"Insert the span rows of payload (a serialized ExportTraceServiceRequest) that plan\n"
+"(build_rows(..., span_rows=False)'s spans) lists, executing sql, whose parameters ?1-?14\n"
+"are a span row's values as build_rows gives them, on connection (a connection_type\n"
+"open on filename, inside a transaction), with the GIL released. Returns the number of\n"
+"rows inserted, or (code, message) for an error SQLite reported.");
+
+static PyObject *
+insert_spans(PyObject *self, PyObject *args)
+{
+    PyObject *connection, *connection_type, *plan, *project;
+    const char *filename, *sql;
+    Py_buffer payload;
+    if (!PyArg_ParseTuple(args, "OO!ssy*UO!:insert_spans", &connection, &PyType_Type,
+                          &connection_type, &filename, &sql, &payload, &project, &PyList_Type,
+                          &plan))
+        return NULL;
+    PyObject *result = NULL;
+    PlanEntry *entries = NULL;
+    sqlite3_stmt *stmt = NULL;
+    if (!sqlite_loaded) {
+        PyErr_SetString(PyExc_RuntimeError, "load_sqlite() found no SQLite library");
+        goto done;
+    }
+    if (!PyObject_TypeCheck(connection, (PyTypeObject *)connection_type)) {
+        PyErr_SetString(PyExc_TypeError, "connection is not of connection_type");
+        goto done;
+    }
+    sqlite3 *db = ((ConnectionHead *)connection)->db;
+    const char *open_on = db == NULL ? NULL : sq.db_filename(db, "main");
+    if (open_on == NULL || strcmp(open_on, filename) != 0) {
+        PyErr_Format(PyExc_ValueError, "the connection is not open on %s", filename);
+        goto done;
+    }
+    if (sq.get_autocommit(db)) {
+        PyErr_SetString(PyExc_ValueError, "insert_spans runs inside a transaction");
+        goto done;
+    }
+    Py_ssize_t project_len, n = PyList_GET_SIZE(plan);
+    const char *project_text = PyUnicode_AsUTF8AndSize(project, &project_len);
+    if (project_text == NULL)
+        goto done;
+    entries = PyMem_Calloc(n ? n : 1, sizeof *entries);
+    if (entries == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) { /* C values of the plan, read with the GIL */
+        PyObject *item = PyList_GET_ITEM(plan, i);
+        PlanEntry *e = &entries[i];
+        PyObject *call_id;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 5) {
+            PyErr_SetString(PyExc_TypeError, "a plan entry is (offset, length, call_id, "
+                                             "resource ref, scope ref)");
+            goto done;
+        }
+        e->offset = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 0));
+        e->len = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
+        call_id = PyTuple_GET_ITEM(item, 2);
+        e->resource = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 3));
+        e->scope = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 4));
+        if (PyErr_Occurred())
+            goto done;
+        if (e->offset < 0 || e->len < 0 || e->offset > payload.len ||
+            e->len > payload.len - e->offset) {
+            PyErr_SetString(PyExc_ValueError, "a plan entry lies outside the payload");
+            goto done;
+        }
+        if (call_id != Py_None) {
+            e->call_id = PyUnicode_AsUTF8AndSize(call_id, &e->call_id_len);
+            if (e->call_id == NULL)
+                goto done;
+        }
+    }
+    int outcome = INSERT_OK, prepared;
+    long inserted = 0;
+    Py_BEGIN_ALLOW_THREADS
+    prepared = sq.prepare_v2(db, sql, -1, &stmt, NULL);
+    if (prepared != SQLITE_OK)
+        outcome = INSERT_SQLITE;
+    for (Py_ssize_t i = 0; i < n && outcome == INSERT_OK; i++)
+        outcome = insert_scope_spans(stmt, payload.buf, &entries[i], project_text, project_len,
+                                     &inserted, db);
+    Py_END_ALLOW_THREADS
+    if (outcome == INSERT_SQLITE)
+        result = Py_BuildValue("(is)", sq.errcode(db), sq.errmsg(db));
+    else if (outcome == INSERT_MALFORMED)
+        PyErr_SetString(PyExc_ValueError, "not well-formed protobuf");
+    else if (outcome == INSERT_OVERFLOW)
+        PyErr_SetString(PyExc_OverflowError, "Python int too large to convert to SQLite INTEGER");
+    else
+        result = PyLong_FromLong(inserted);
+done:
+    if (stmt != NULL)
+        sq.finalize(stmt);
+    PyMem_Free(entries);
+    PyBuffer_Release(&payload);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"build_rows", build_rows, METH_VARARGS, build_rows_doc},
     {"check_spans", check_spans, METH_O, check_spans_doc},
     {"stream_entries", stream_entries, METH_VARARGS, stream_entries_doc},
     {"json_to_wire", json_to_wire, METH_VARARGS, json_to_wire_doc},
     {"resource_spans_layout", resource_spans_layout, METH_O, resource_spans_layout_doc},
+    {"load_sqlite", load_sqlite, METH_O, load_sqlite_doc},
+    {"insert_spans", insert_spans, METH_VARARGS, insert_spans_doc},
     {NULL, NULL, 0, NULL},
 };
 

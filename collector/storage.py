@@ -34,11 +34,12 @@ from collector.spans import (
     any_value_to_python,
     serialize_resource_spans,
 )
-from collector.wire import NATIVE_WIRE  # re-exported: the storage exporters read it here
+from collector.wire import NATIVE_SQLITE, NATIVE_WIRE  # re-exported for the exporters
 from collector.wire import native as _wire
 
 __all__ = [
     "MAX_INDEXED_VALUE",
+    "NATIVE_SQLITE",
     "NATIVE_WIRE",
     "STATUS_ERROR",
     "TAG_PREFIX",
@@ -49,6 +50,7 @@ __all__ = [
     "build_rows_native",
     "build_rows_python",
     "expire_periodically",
+    "insert_span_plan",
     "open_sqlite",
 ]
 
@@ -151,12 +153,25 @@ def _indexable(kv: Any) -> tuple[str, str] | None:
 class BatchRows:
     """What one batch writes. Rows carry no project except ``spans`` (its first column)."""
 
-    __slots__ = ("call_traces", "calls", "spans", "trace_attrs", "trace_names", "traces")
+    __slots__ = (
+        "call_traces",
+        "calls",
+        "span_plan",
+        "spans",
+        "trace_attrs",
+        "trace_names",
+        "traces",
+    )
 
     def __init__(self) -> None:
         self.spans: list[tuple[Any, ...]] = []
         """(project, trace_id, span_id, parent_span_id, name, kind, start_ns, end_ns,
-        duration_ns, status_code, call_id, resource ref, scope ref, span bytes)"""
+        duration_ns, status_code, call_id, resource ref, scope ref, span bytes); empty
+        when ``span_plan`` stands for them."""
+        self.span_plan: tuple[bytes, list[tuple[Any, ...]]] | None = None
+        """(payload, plan) where ``build_rows(span_plan=True)`` left the span rows in the
+        payload for ``insert_span_plan`` to write: for each ScopeSpans, (offset,
+        length, call_id, resource ref, scope ref)."""
         self.traces: dict[bytes, list[Any]] = {}
         """trace id -> [trace_id, call_id, service, start_ns, end_ns, duration_ns,
         root_name, root_span_id, has_error]"""
@@ -251,18 +266,29 @@ given the scope serialized (``InstrumentationScope.FromString`` reads it back)."
 
 
 def build_rows(
-    batch: SpanBatch, now: int, resource_ref: ResourceRef, scope_ref: ScopeRef
+    batch: SpanBatch,
+    now: int,
+    resource_ref: ResourceRef,
+    scope_ref: ScopeRef,
+    *,
+    span_plan: bool = False,
 ) -> BatchRows:
     """The rows of ``batch``: read off its serialized form by ``collector._wire`` (C)
     where that module is built, else by the Python loop below; both give the same rows
     (tests/core/test_wire.py holds them to it). A span row's bytes are the span's own
-    bytes in the batch's serialized form."""
+    bytes in the batch's serialized form.
+
+    ``span_plan``: where the C path runs, leave the span rows in the payload and set
+    ``rows.span_plan`` for ``insert_span_plan`` (SQLite connections only); otherwise
+    ``rows.spans`` holds them."""
     if _wire is not None:
         payload = batch.payload
         if payload is None:
             payload = serialize_resource_spans(batch.resource_spans)
         try:
-            return build_rows_native(payload, batch.project, now, resource_ref, scope_ref)
+            return build_rows_native(
+                payload, batch.project, now, resource_ref, scope_ref, span_plan=span_plan
+            )
         except ValueError:
             if batch.payload is None:
                 raise  # upb wrote it: not a wire format problem
@@ -276,6 +302,8 @@ def build_rows_native(
     now: int,
     resource_ref: ResourceRef,
     scope_ref: ScopeRef,
+    *,
+    span_plan: bool = False,
 ) -> BatchRows:
     """``build_rows`` of a serialized ``ExportTraceServiceRequest`` by ``collector._wire``
     (ValueError if it is not well-formed protobuf)."""
@@ -294,7 +322,9 @@ def build_rows_native(
         rows.trace_names,
         rows.call_traces,
         extents,
-    ) = _wire.build_rows(payload, project or "", resource_cb, scope_ref)
+    ) = _wire.build_rows(payload, project or "", resource_cb, scope_ref, not span_plan)
+    if span_plan:
+        rows.span_plan, rows.spans = (payload, rows.spans), []
     for (_, call_id, _, _, facts), start_min, end_max in extents:
         if call_id is not None:
             _add_call(rows.calls, facts, now, start_min, end_max)
@@ -323,6 +353,50 @@ def _add_call(
         call[5] = min(call[5], start_min)
         call[6] = max(call[6], end_max)
         call[8].update(facts.tags)
+
+
+def insert_span_plan(
+    db: sqlite3.Connection, filename: str, sql: str, project: str, rows: BatchRows
+) -> int:
+    """Write ``rows.span_plan``'s span rows with ``sql`` (parameters ?1-?14: a row of
+    ``BatchRows.spans``) on ``db``, open on ``filename`` and inside a transaction, in C
+    without the GIL; raises what ``executemany`` of the same rows would. Returns the
+    number of rows inserted."""
+    assert _wire is not None and rows.span_plan is not None
+    payload, plan = rows.span_plan
+    outcome = _wire.insert_spans(db, sqlite3.Connection, filename, sql, payload, project, plan)
+    if isinstance(outcome, tuple):
+        raise sqlite_error(*outcome)
+    return int(outcome)
+
+
+# SQLite's primary result codes -> the exception Python's sqlite3 raises for them
+# (Modules/_sqlite/util.c); the rest are OperationalError or, unknown, DatabaseError.
+_SQLITE_ERRORS: dict[int, type[Exception]] = {
+    2: sqlite3.InternalError,  # INTERNAL
+    12: sqlite3.InternalError,  # NOTFOUND
+    7: MemoryError,  # NOMEM
+    11: sqlite3.DatabaseError,  # CORRUPT
+    26: sqlite3.DatabaseError,  # NOTADB
+    18: sqlite3.DataError,  # TOOBIG
+    19: sqlite3.IntegrityError,  # CONSTRAINT
+    20: sqlite3.IntegrityError,  # MISMATCH
+    21: sqlite3.InterfaceError,  # MISUSE
+    25: sqlite3.InterfaceError,  # RANGE
+}
+_SQLITE_OPERATIONAL = frozenset((1, 3, 4, 5, 6, 8, 9, 10, 13, 14, 15, 16, 17))
+
+
+def sqlite_error(code: int, message: str) -> Exception:
+    """The exception Python's sqlite3 module raises for SQLite's (extended) ``code``."""
+    primary = code & 0xFF
+    cls = _SQLITE_ERRORS.get(primary)
+    if cls is None:
+        cls = sqlite3.OperationalError if primary in _SQLITE_OPERATIONAL else sqlite3.DatabaseError
+    error = cls(message)
+    if isinstance(error, sqlite3.Error):
+        error.sqlite_errorcode = code
+    return error
 
 
 def build_rows_python(

@@ -55,6 +55,7 @@ from collector.calls import ensure_calls_table
 from collector.exporterhelper import serialize_resource_spans
 from collector.storage import (  # re-exported: the query side and plugins read them here
     MAX_INDEXED_VALUE,
+    NATIVE_SQLITE,
     NATIVE_WIRE,
     STATUS_ERROR,
     TAG_PREFIX,
@@ -62,6 +63,7 @@ from collector.storage import (  # re-exported: the query side and plugins read 
     attribute_text,
     build_rows,
     expire_periodically,
+    insert_span_plan,
     open_sqlite,
 )
 from exporters.sqlite_query import SQLiteQueryStore, search_term
@@ -309,6 +311,7 @@ class _Writer:
         self.db = connect(path)
         self.db.execute(f"PRAGMA cache_size=-{cache_size_mib * 1024}")
         self._checkpointer = BackgroundCheckpointer(self.db, path)
+        self._filename = _file_of(self.db)  # insert_span_plan checks it is this file
         # Ids of resources and scopes already written, by their serialized bytes.
         self._resource_ids: dict[bytes, int] = {}
         self._scope_ids: dict[bytes, int] = {}
@@ -328,10 +331,14 @@ class _Writer:
                     db, resource, service, payload
                 ),
                 lambda scope: self._scope_id(db, scope),
+                span_plan=NATIVE_SQLITE,
             )
             # Traces first: a span row takes its trace's seq from there.
             db.executemany(_UPSERT_TRACE, [(project, *t) for t in rows.traces.values()])
-            db.executemany(_INSERT_SPAN, rows.spans)
+            if rows.span_plan is not None:  # from the bytes, in C and without the GIL
+                insert_span_plan(db, self._filename, _INSERT_SPAN, project, rows)
+            else:
+                db.executemany(_INSERT_SPAN, rows.spans)
             db.executemany(
                 "INSERT INTO trace_search (project, trace_id, terms) VALUES (?,?,?)",
                 self._search_documents(project, rows.trace_attrs),

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.skipif(
 def test_the_extension_is_built():
     """`make install` builds it; in CI its absence is a broken install, not a skip."""
     assert storage.NATIVE_WIRE, "collector._wire did not build: is a C compiler installed?"
+    assert storage.NATIVE_SQLITE, "collector._wire found no SQLite functions in _sqlite3"
 
 
 def _refs():
@@ -347,6 +348,130 @@ async def test_a_processor_that_edits_spans_turns_the_reuse_off():
     ).fan_out.spans_as_received
 
 
+# -- insert_spans: span rows into SQLite from the bytes ---------------------------------
+
+_PLAIN_SPANS = (
+    "CREATE TABLE spans (project, trace_id, span_id, parent_span_id, name, kind, start_ns,"
+    " end_ns, duration_ns, status_code, call_id, resource_id, scope_id, span)"
+)
+_PLAIN_INSERT = "INSERT INTO spans VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)"
+
+
+def _int_refs():
+    """Integer refs, as the sqlite exporter's resource and scope ids are."""
+    ids: dict[bytes, int] = {}
+    return (
+        lambda resource, service, payload: ids.setdefault(payload, len(ids) + 1),
+        lambda payload: ids.setdefault(payload, len(ids) + 1),
+    )
+
+
+def _stored(db) -> list[tuple]:
+    return db.execute("SELECT * FROM spans ORDER BY rowid").fetchall()
+
+
+def _insert_both_ways(
+    tmp_path, request: ExportTraceServiceRequest, sql: str = _PLAIN_INSERT, setup: str = ""
+):
+    """The rows of ``request`` stored by executemany and by insert_spans, each in a file of
+    its own: (rows or the exception raised) of each."""
+    import sqlite3
+
+    payload = serialize_resource_spans(request.resource_spans)
+    outcomes = []
+    for way in ("executemany", "insert_spans"):
+        path = tmp_path / f"{way}.db"
+        path.unlink(missing_ok=True)
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute(_PLAIN_SPANS)
+        if setup:
+            db.execute(setup)
+        rows = build_rows_native(payload, "p1", 7, *_int_refs(), span_plan=way == "insert_spans")
+        db.execute("BEGIN")
+        try:
+            if way == "executemany":
+                db.executemany(sql, rows.spans)
+            else:
+                assert not rows.spans and rows.span_plan is not None
+                filename = db.execute("PRAGMA database_list").fetchone()[2]
+                storage.insert_span_plan(db, filename, sql, "p1", rows)
+            db.execute("COMMIT")
+            outcomes.append(_stored(db))
+        except Exception as exc:  # both ways must raise the same
+            db.execute("ROLLBACK")
+            outcomes.append((type(exc), str(exc)))
+        db.close()
+    return outcomes
+
+
+@pytest.mark.parametrize("framework", ["livekit", "pipecat"])
+def test_insert_spans_stores_the_rows_executemany_stores(tmp_path, framework):
+    for path in fixture_requests(framework):
+        request = ExportTraceServiceRequest.FromString(path.read_bytes())
+        for rs in request.resource_spans:
+            set_attribute(rs.resource.attributes, CALL_ID_ATTRIBUTE, "call-é")
+        by_executemany, by_insert_spans = _insert_both_ways(tmp_path, request)
+        assert by_executemany and isinstance(by_executemany, list), path
+        assert by_insert_spans == by_executemany
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(resource_shapes, max_size=3))
+def test_any_batch_is_inserted_as_executemany_inserts_it(tmp_path_factory, resources):
+    """Generated spans, times up to 2**64 - 1 among them: what SQLite cannot hold is the
+    same OverflowError both ways."""
+    by_executemany, by_insert_spans = _insert_both_ways(
+        tmp_path_factory.mktemp("insert"), _request(resources)
+    )
+    assert by_insert_spans == by_executemany
+
+
+def test_an_error_sqlite_reports_is_raised_as_executemany_raises_it(tmp_path):
+    import sqlite3
+
+    request = ExportTraceServiceRequest.FromString(fixture_requests("livekit")[0].read_bytes())
+    trigger = (
+        "CREATE TRIGGER full BEFORE INSERT ON spans WHEN NEW.kind = 1"
+        " BEGIN SELECT raise(ABORT, 'no room for a server span'); END"
+    )
+    by_executemany, by_insert_spans = _insert_both_ways(tmp_path, request, setup=trigger)
+    assert by_executemany[0].__name__ == "IntegrityError", by_executemany
+    assert by_insert_spans == by_executemany
+    bad_sql = _insert_both_ways(tmp_path, request, "INSERT INTO nowhere VALUES (?1)")
+    assert bad_sql[1] == bad_sql[0] == (sqlite3.OperationalError, "no such table: nowhere")
+
+
+def test_insert_spans_refuses_a_connection_it_cannot_vouch_for(tmp_path):
+    import sqlite3
+
+    from collector import _wire
+
+    request = ExportTraceServiceRequest.FromString(fixture_requests("livekit")[0].read_bytes())
+    payload = request.SerializeToString()
+    rows = build_rows_native(payload, "p1", 7, *_int_refs(), span_plan=True)
+    assert rows.span_plan is not None
+    plan = rows.span_plan[1]
+    db = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    db.execute(_PLAIN_SPANS)
+    filename = db.execute("PRAGMA database_list").fetchone()[2]
+    with pytest.raises(ValueError, match="inside a transaction"):
+        _wire.insert_spans(db, sqlite3.Connection, filename, _PLAIN_INSERT, payload, "p", plan)
+    db.execute("BEGIN")
+    with pytest.raises(ValueError, match="not open on"):
+        _wire.insert_spans(
+            db, sqlite3.Connection, "/elsewhere.db", _PLAIN_INSERT, payload, "p", plan
+        )
+    with pytest.raises(TypeError):
+        _wire.insert_spans(
+            object(), sqlite3.Connection, filename, _PLAIN_INSERT, payload, "p", plan
+        )
+    with pytest.raises(ValueError, match="outside the payload"):
+        _wire.insert_spans(db, sqlite3.Connection, filename, _PLAIN_INSERT, payload[:10], "p", plan)
+    assert _stored(db) == []
+    db.execute("ROLLBACK")
+    db.close()
+
+
 # -- malformed input: an error or a result, never a crash -----------------------------
 
 
@@ -385,6 +510,25 @@ def test_damaged_requests_never_crash_the_c_readers(resources, data):
     cut = data.draw(st.integers(0, len(body)))
     _all_wire_functions(bytes(body[:cut]))
     _all_wire_functions(bytes(body))
+    _insert_spans_of_damaged(_request(resources).SerializeToString(), bytes(body))
+
+
+def _insert_spans_of_damaged(good: bytes, damaged: bytes) -> None:
+    """insert_spans on damaged bytes with the plan of the good ones: it reads the spans
+    there as build_rows would have; an error or rows, never a crash."""
+    import sqlite3
+
+    from collector import _wire
+
+    plan = build_rows_native(good, "p", 0, *_int_refs(), span_plan=True).span_plan
+    assert plan is not None
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.execute(_PLAIN_SPANS)
+    db.execute("BEGIN")
+    filename = db.execute("PRAGMA database_list").fetchone()[2]
+    with contextlib.suppress(ValueError, OverflowError):
+        _wire.insert_spans(db, sqlite3.Connection, filename, _PLAIN_INSERT, damaged, "p", plan[1])
+    db.close()
 
 
 json_values = st.recursive(
@@ -451,9 +595,19 @@ def test_the_c_functions_keep_no_memory_once_their_results_are_gone():
     table = otlp_json._native_table(ExportTraceServiceRequest.DESCRIPTOR)
     documents = [otlp_json.to_dict(ExportTraceServiceRequest.FromString(b)) for b in bodies]
 
+    import sqlite3
+
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.execute(_PLAIN_SPANS)
+    filename = db.execute("PRAGMA database_list").fetchone()[2]
+
     def every_function():
         for body in bodies:
             build_rows_native(body, "p", 0, lambda *a: (1, 2), lambda p: 3)
+            rows = build_rows_native(body, "p", 0, lambda *a: 1, lambda p: 3, span_plan=True)
+            db.execute("BEGIN")
+            storage.insert_span_plan(db, filename, _PLAIN_INSERT, "p", rows)
+            db.execute("ROLLBACK")
             _wire.check_spans(body)
             _wire.stream_entries(body, lambda b: (1, b"$1\r\n1\r\n", b""))
             _wire.resource_spans_layout(body)
