@@ -138,6 +138,7 @@ def calltrace_config(
         queue = component.get("sending_queue", {})
         if isinstance(queue.get("storage"), str):
             queue["storage"] = queue["storage"].replace("./data", data, 1)
+    writer = writer or os.environ.get("CT_WRITER")
     if writer is not None:
         exporters["sqlite"]["writer"] = writer
     if redis_url:

@@ -15,7 +15,8 @@
  * - resource_spans_layout: where a request's ResourceSpans are, so that those whose
  *   spans no processor touched are written out again from the received bytes;
  * - insert_spans: the sqlite exporter's span rows, from the bytes into SQLite without
- *   the GIL (build_rows' plan says where the spans are and what their rows point at).
+ *   the GIL (build_rows' plan says where the spans are and what their rows point at);
+ * - execute_rows: executemany with the GIL released once, not for every row.
  *
  * Field numbers are those of opentelemetry/proto/trace/v1/trace.proto and
  * common/v1/common.proto. Input that is not well-formed protobuf raises ValueError;
@@ -1352,6 +1353,7 @@ json_to_wire(PyObject *self, PyObject *args)
 typedef struct sqlite3 sqlite3;
 typedef struct sqlite3_stmt sqlite3_stmt;
 #define SQLITE_OK 0
+#define SQLITE_ROW 100
 #define SQLITE_DONE 101
 #define SQLITE_STATIC ((void (*)(void *))0)
 
@@ -1360,6 +1362,7 @@ static struct {
     int (*bind_blob)(sqlite3_stmt *, int, const void *, int, void (*)(void *));
     int (*bind_text)(sqlite3_stmt *, int, const char *, int, void (*)(void *));
     int (*bind_int64)(sqlite3_stmt *, int, int64_t);
+    int (*bind_double)(sqlite3_stmt *, int, double);
     int (*bind_null)(sqlite3_stmt *, int);
     int (*step)(sqlite3_stmt *);
     int (*reset)(sqlite3_stmt *);
@@ -1397,6 +1400,7 @@ load_sqlite(PyObject *self, PyObject *arg)
         {(void **)&sq.bind_blob, "sqlite3_bind_blob"},
         {(void **)&sq.bind_text, "sqlite3_bind_text"},
         {(void **)&sq.bind_int64, "sqlite3_bind_int64"},
+        {(void **)&sq.bind_double, "sqlite3_bind_double"},
         {(void **)&sq.bind_null, "sqlite3_bind_null"},
         {(void **)&sq.step, "sqlite3_step"},
         {(void **)&sq.reset, "sqlite3_reset"},
@@ -1423,6 +1427,32 @@ typedef struct {
     PyObject_HEAD
     sqlite3 *db;
 } ConnectionHead;
+
+/* The SQLite handle of connection, a connection_type (sqlite3.Connection) that must be
+ * open on filename and inside a transaction; NULL with an exception set if not. */
+static sqlite3 *
+writer_handle(PyObject *connection, PyObject *connection_type, const char *filename)
+{
+    if (!sqlite_loaded) {
+        PyErr_SetString(PyExc_RuntimeError, "load_sqlite() found no SQLite library");
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(connection, (PyTypeObject *)connection_type)) {
+        PyErr_SetString(PyExc_TypeError, "connection is not of connection_type");
+        return NULL;
+    }
+    sqlite3 *db = ((ConnectionHead *)connection)->db;
+    const char *open_on = db == NULL ? NULL : sq.db_filename(db, "main");
+    if (open_on == NULL || strcmp(open_on, filename) != 0) {
+        PyErr_Format(PyExc_ValueError, "the connection is not open on %s", filename);
+        return NULL;
+    }
+    if (sq.get_autocommit(db)) {
+        PyErr_SetString(PyExc_ValueError, "rows are written inside a transaction");
+        return NULL;
+    }
+    return db;
+}
 
 typedef struct {
     Py_ssize_t offset, len;
@@ -1501,24 +1531,9 @@ insert_spans(PyObject *self, PyObject *args)
     PyObject *result = NULL;
     PlanEntry *entries = NULL;
     sqlite3_stmt *stmt = NULL;
-    if (!sqlite_loaded) {
-        PyErr_SetString(PyExc_RuntimeError, "load_sqlite() found no SQLite library");
+    sqlite3 *db = writer_handle(connection, connection_type, filename);
+    if (db == NULL)
         goto done;
-    }
-    if (!PyObject_TypeCheck(connection, (PyTypeObject *)connection_type)) {
-        PyErr_SetString(PyExc_TypeError, "connection is not of connection_type");
-        goto done;
-    }
-    sqlite3 *db = ((ConnectionHead *)connection)->db;
-    const char *open_on = db == NULL ? NULL : sq.db_filename(db, "main");
-    if (open_on == NULL || strcmp(open_on, filename) != 0) {
-        PyErr_Format(PyExc_ValueError, "the connection is not open on %s", filename);
-        goto done;
-    }
-    if (sq.get_autocommit(db)) {
-        PyErr_SetString(PyExc_ValueError, "insert_spans runs inside a transaction");
-        goto done;
-    }
     Py_ssize_t project_len, n = PyList_GET_SIZE(plan);
     const char *project_text = PyUnicode_AsUTF8AndSize(project, &project_len);
     if (project_text == NULL)
@@ -1581,6 +1596,158 @@ done:
     return result;
 }
 
+/* One parameter of execute_rows, converted with the GIL held; strings and bytes point
+ * into the Python objects, which the rows list keeps alive. */
+typedef struct {
+    enum { V_NULL, V_INT, V_FLOAT, V_TEXT, V_BLOB } type;
+    int64_t i;
+    double d;
+    const char *p;
+    Py_ssize_t n;
+} Value;
+
+static int
+to_value(PyObject *o, Value *v)
+{
+    if (o == Py_None)
+        v->type = V_NULL;
+    else if (PyLong_Check(o)) { /* bool included, as sqlite3 binds it */
+        int overflow;
+        v->i = PyLong_AsLongLongAndOverflow(o, &overflow);
+        if (overflow) {
+            PyErr_SetString(PyExc_OverflowError,
+                            "Python int too large to convert to SQLite INTEGER");
+            return -1;
+        }
+        if (v->i == -1 && PyErr_Occurred())
+            return -1;
+        v->type = V_INT;
+    }
+    else if (PyFloat_Check(o))
+        v->type = V_FLOAT, v->d = PyFloat_AS_DOUBLE(o);
+    else if (PyUnicode_Check(o)) {
+        v->p = PyUnicode_AsUTF8AndSize(o, &v->n);
+        if (v->p == NULL)
+            return -1;
+        v->type = V_TEXT;
+    }
+    else if (PyBytes_Check(o))
+        v->type = V_BLOB, v->p = PyBytes_AS_STRING(o), v->n = PyBytes_GET_SIZE(o);
+    else {
+        PyErr_Format(PyExc_TypeError, "type '%.100s' is not supported", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if ((v->type == V_TEXT || v->type == V_BLOB) && v->n > INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "string or blob too big");
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(execute_rows_doc,
+"execute_rows(connection, connection_type, filename, sql, rows)\n--\n\n"
+"executemany(sql, rows) on connection (a connection_type open on filename, inside a\n"
+"transaction), the rows' values (None, int, float, str, bytes) bound as sqlite3 binds\n"
+"them, with the GIL released once for all rows instead of for each. Returns the number\n"
+"of rows changed, or (code, message) for an error SQLite reported.");
+
+static PyObject *
+execute_rows(PyObject *self, PyObject *args)
+{
+    PyObject *connection, *connection_type, *rows;
+    const char *filename, *sql;
+    if (!PyArg_ParseTuple(args, "OO!ssO!:execute_rows", &connection, &PyType_Type,
+                          &connection_type, &filename, &sql, &PyList_Type, &rows))
+        return NULL;
+    sqlite3 *db = writer_handle(connection, connection_type, filename);
+    if (db == NULL)
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(rows), width = 0;
+    if (n > 0) {
+        PyObject *first = PyList_GET_ITEM(rows, 0);
+        if (!PyTuple_Check(first) && !PyList_Check(first)) {
+            PyErr_SetString(PyExc_TypeError, "a row is a tuple or a list");
+            return NULL;
+        }
+        width = PySequence_Fast_GET_SIZE(first);
+    }
+    Py_ssize_t cells = n * width;
+    Value *values = PyMem_Calloc(cells > 0 ? cells : 1, sizeof *values);
+    if (values == NULL)
+        return PyErr_NoMemory();
+    PyObject *result = NULL, *bad_type = NULL, *bad_value = NULL, *bad_tb = NULL;
+    sqlite3_stmt *stmt = NULL;
+    /* Up to the first row that cannot be bound; executemany would have run the rows
+     * before it (and a failing one among them raises first), then raised for it. */
+    Py_ssize_t runnable = n;
+    for (Py_ssize_t r = 0; r < n && runnable == n; r++) {
+        PyObject *row = PyList_GET_ITEM(rows, r);
+        if ((!PyTuple_Check(row) && !PyList_Check(row)) || PySequence_Fast_GET_SIZE(row) != width) {
+            PyErr_SetString(PyExc_ValueError, "every row has as many values as the first");
+            runnable = r;
+            break;
+        }
+        PyObject **items = PySequence_Fast_ITEMS(row);
+        for (Py_ssize_t c = 0; c < width; c++)
+            if (to_value(items[c], &values[r * width + c]) < 0) {
+                runnable = r;
+                break;
+            }
+    }
+    if (runnable < n)
+        PyErr_Fetch(&bad_type, &bad_value, &bad_tb);
+    int rc = SQLITE_OK;
+    long changed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sq.prepare_v2(db, sql, -1, &stmt, NULL);
+    for (Py_ssize_t r = 0; r < runnable && rc == SQLITE_OK; r++) {
+        for (Py_ssize_t c = 0; c < width; c++) {
+            Value *v = &values[r * width + c];
+            int k = (int)c + 1;
+            switch (v->type) {
+            case V_NULL:
+                sq.bind_null(stmt, k);
+                break;
+            case V_INT:
+                sq.bind_int64(stmt, k, v->i);
+                break;
+            case V_FLOAT:
+                sq.bind_double(stmt, k, v->d);
+                break;
+            case V_TEXT:
+                sq.bind_text(stmt, k, v->p, (int)v->n, SQLITE_STATIC);
+                break;
+            case V_BLOB:
+                sq.bind_blob(stmt, k, v->p, (int)v->n, SQLITE_STATIC);
+                break;
+            }
+        }
+        int stepped;
+        while ((stepped = sq.step(stmt)) == SQLITE_ROW) /* RETURNING rows: not wanted */
+            ;
+        sq.reset(stmt);
+        if (stepped != SQLITE_DONE)
+            rc = stepped;
+        else
+            changed += sq.changes(db);
+    }
+    Py_END_ALLOW_THREADS
+    if (rc != SQLITE_OK) {
+        result = Py_BuildValue("(is)", sq.errcode(db), sq.errmsg(db));
+        Py_XDECREF(bad_type);
+        Py_XDECREF(bad_value);
+        Py_XDECREF(bad_tb);
+    }
+    else if (bad_type != NULL)
+        PyErr_Restore(bad_type, bad_value, bad_tb);
+    else
+        result = PyLong_FromLong(changed);
+    if (stmt != NULL)
+        sq.finalize(stmt);
+    PyMem_Free(values);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"build_rows", build_rows, METH_VARARGS, build_rows_doc},
     {"check_spans", check_spans, METH_O, check_spans_doc},
@@ -1589,6 +1756,7 @@ static PyMethodDef methods[] = {
     {"resource_spans_layout", resource_spans_layout, METH_O, resource_spans_layout_doc},
     {"load_sqlite", load_sqlite, METH_O, load_sqlite_doc},
     {"insert_spans", insert_spans, METH_VARARGS, insert_spans_doc},
+    {"execute_rows", execute_rows, METH_VARARGS, execute_rows_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -49,6 +49,7 @@ __all__ = [
     "build_rows",
     "build_rows_native",
     "build_rows_python",
+    "execute_rows",
     "expire_periodically",
     "insert_span_plan",
     "open_sqlite",
@@ -368,6 +369,26 @@ def insert_span_plan(
     if isinstance(outcome, tuple):
         raise sqlite_error(*outcome)
     return int(outcome)
+
+
+def execute_rows(
+    db: sqlite3.Connection, filename: str, sql: str, rows: list[tuple[Any, ...]]
+) -> None:
+    """``db.executemany(sql, rows)`` inside a transaction on ``db`` (open on ``filename``).
+
+    executemany lets go of the GIL around every row's step and takes it back after: while
+    the event loop holds it, each row then waits up to the switch interval, and a batch's
+    hundreds of rows wait that many times (measured: the writer and the event loop took
+    turns, ~1.1 of 2 cores busy). In C the GIL is let go once for all the rows."""
+    if not NATIVE_SQLITE:
+        db.executemany(sql, rows)
+        return
+    if not rows:
+        return
+    assert _wire is not None
+    outcome = _wire.execute_rows(db, sqlite3.Connection, filename, sql, rows)
+    if isinstance(outcome, tuple):
+        raise sqlite_error(*outcome)
 
 
 # SQLite's primary result codes -> the exception Python's sqlite3 raises for them

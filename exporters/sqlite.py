@@ -62,6 +62,7 @@ from collector.storage import (  # re-exported: the query side and plugins read 
     BackgroundCheckpointer,
     attribute_text,
     build_rows,
+    execute_rows,
     expire_periodically,
     insert_span_plan,
     open_sqlite,
@@ -334,28 +335,39 @@ class _Writer:
                 span_plan=NATIVE_SQLITE,
             )
             # Traces first: a span row takes its trace's seq from there.
-            db.executemany(_UPSERT_TRACE, [(project, *t) for t in rows.traces.values()])
+            file = self._filename
+            execute_rows(db, file, _UPSERT_TRACE, [(project, *t) for t in rows.traces.values()])
             if rows.span_plan is not None:  # from the bytes, in C and without the GIL
-                insert_span_plan(db, self._filename, _INSERT_SPAN, project, rows)
+                insert_span_plan(db, file, _INSERT_SPAN, project, rows)
             else:
                 db.executemany(_INSERT_SPAN, rows.spans)
-            db.executemany(
+            execute_rows(
+                db,
+                file,
                 "INSERT INTO trace_search (project, trace_id, terms) VALUES (?,?,?)",
                 self._search_documents(project, rows.trace_attrs),
             )
-            db.executemany(
+            execute_rows(
+                db,
+                file,
                 "INSERT OR IGNORE INTO span_names (project, name) VALUES (?,?)",
                 [(project, name) for name in rows.names],
             )
-            db.executemany(
+            execute_rows(
+                db,
+                file,
                 _INSERT_TRACE_NAME,
                 [(project, trace_id, name) for name, trace_id in rows.trace_names],
             )
-            db.executemany(
+            execute_rows(
+                db,
+                file,
                 "INSERT OR IGNORE INTO call_traces (project, call_id, trace_id) VALUES (?,?,?)",
                 [(project, *pair) for pair in rows.call_traces],
             )
-            db.executemany(
+            execute_rows(
+                db,
+                file,
                 _UPSERT_CALL,
                 [
                     (project, *c[:8], json.dumps(c[8], sort_keys=True) if c[8] else None)

@@ -472,6 +472,100 @@ def test_insert_spans_refuses_a_connection_it_cannot_vouch_for(tmp_path):
     db.close()
 
 
+def _execute_both_ways(tmp_path, sql: str, rows: list, setup: str = "") -> list:
+    """``rows`` through executemany and through execute_rows, each on a fresh file:
+    what each stored, or the exception each raised."""
+    import sqlite3
+
+    outcomes = []
+    for way in ("executemany", "execute_rows"):
+        path = tmp_path / f"{way}.db"
+        path.unlink(missing_ok=True)
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("CREATE TABLE t (a, b, c UNIQUE)")
+        if setup:
+            db.execute(setup)
+        db.execute("BEGIN")
+        try:
+            if way == "executemany":
+                db.executemany(sql, rows)
+            else:
+                filename = db.execute("PRAGMA database_list").fetchone()[2]
+                storage.execute_rows(db, filename, sql, rows)
+            db.execute("COMMIT")
+            outcomes.append(
+                db.execute("SELECT a, typeof(a), b, c FROM t ORDER BY rowid").fetchall()
+            )
+        except Exception as exc:  # both ways must raise the same
+            db.execute("ROLLBACK")
+            outcomes.append((type(exc), str(exc)))
+        db.close()
+    return outcomes
+
+
+sqlite_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**64), max_value=2**64),  # past int64 both ways: OverflowError
+    st.floats(allow_nan=False),
+    st.text(max_size=6),
+    st.binary(max_size=6),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(sqlite_values, sqlite_values, sqlite_values), max_size=6))
+def test_execute_rows_binds_values_as_executemany_does(tmp_path_factory, rows):
+    tmp = tmp_path_factory.mktemp("rows")
+    plain, upsert = _execute_both_ways(tmp, "INSERT INTO t VALUES (?,?,?)", rows), None
+    assert plain[1] == plain[0]
+    upsert = _execute_both_ways(
+        tmp,
+        "INSERT INTO t VALUES (?1,?2,?3) ON CONFLICT (c) DO UPDATE SET a = excluded.a RETURNING a",
+        rows,
+    )
+    assert upsert[1] == upsert[0]
+
+
+def test_execute_rows_raises_what_executemany_raises(tmp_path):
+    import sqlite3
+
+    duplicate = _execute_both_ways(tmp_path, "INSERT INTO t VALUES (?,?,?)", [(1, 2, 3), (4, 5, 3)])
+    assert duplicate[0][0] is sqlite3.IntegrityError
+    assert duplicate[1] == duplicate[0]
+    missing = _execute_both_ways(tmp_path, "INSERT INTO nowhere VALUES (?)", [(1,)])
+    assert missing[1] == missing[0] == (sqlite3.OperationalError, "no such table: nowhere")
+    full = _execute_both_ways(
+        tmp_path,
+        "INSERT INTO t VALUES (?,?,?)",
+        [(1, 2, 3)],
+        setup="CREATE TRIGGER full BEFORE INSERT ON t BEGIN SELECT raise(FAIL, 'disk full'); END",
+    )
+    assert full[1] == full[0] == (sqlite3.IntegrityError, "disk full")
+
+
+def test_execute_rows_refuses_what_it_cannot_bind(tmp_path):
+    import sqlite3
+
+    from collector import _wire
+
+    db = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    db.execute("CREATE TABLE t (a, b)")
+    filename = db.execute("PRAGMA database_list").fetchone()[2]
+    sql = "INSERT INTO t VALUES (?, ?)"
+    with pytest.raises(ValueError, match="inside a transaction"):
+        _wire.execute_rows(db, sqlite3.Connection, filename, sql, [(1, 2)])
+    db.execute("BEGIN")
+    with pytest.raises(TypeError, match="not supported"):
+        _wire.execute_rows(db, sqlite3.Connection, filename, sql, [(1, object())])
+    with pytest.raises(ValueError, match="as many values"):  # after the rows before it
+        _wire.execute_rows(db, sqlite3.Connection, filename, sql, [(1, 2), (3,)])
+    assert _wire.execute_rows(db, sqlite3.Connection, filename, sql, [(5, 6), [7, 8]]) == 2
+    db.execute("COMMIT")
+    assert db.execute("SELECT * FROM t").fetchall() == [(1, 2), (5, 6), (7, 8)]
+    db.close()
+
+
 # -- malformed input: an error or a result, never a crash -----------------------------
 
 
@@ -603,10 +697,15 @@ def test_the_c_functions_keep_no_memory_once_their_results_are_gone():
 
     def every_function():
         for body in bodies:
-            build_rows_native(body, "p", 0, lambda *a: (1, 2), lambda p: 3)
+            plain = build_rows_native(body, "p", 0, lambda *a: (1, 2), lambda p: 3).spans
             rows = build_rows_native(body, "p", 0, lambda *a: 1, lambda p: 3, span_plan=True)
             db.execute("BEGIN")
             storage.insert_span_plan(db, filename, _PLAIN_INSERT, "p", rows)
+            storage.execute_rows(
+                db, filename, _PLAIN_INSERT, [(*r[:11], 1, 3, r[13]) for r in plain]
+            )
+            with contextlib.suppress(OverflowError):
+                _wire.execute_rows(db, sqlite3.Connection, filename, "SELECT ?", [(1,), (2**64,)])
             db.execute("ROLLBACK")
             _wire.check_spans(body)
             _wire.stream_entries(body, lambda b: (1, b"$1\r\n1\r\n", b""))
