@@ -28,6 +28,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_INDEXED_VALUE 256 /* storage.MAX_INDEXED_VALUE: longer values are not indexed */
@@ -1368,6 +1369,7 @@ static struct {
     int (*reset)(sqlite3_stmt *);
     int (*finalize)(sqlite3_stmt *);
     int (*changes)(sqlite3 *);
+    int64_t (*column_int64)(sqlite3_stmt *, int);
     int (*errcode)(sqlite3 *);
     const char *(*errmsg)(sqlite3 *);
     int (*get_autocommit)(sqlite3 *);
@@ -1406,6 +1408,7 @@ load_sqlite(PyObject *self, PyObject *arg)
         {(void **)&sq.reset, "sqlite3_reset"},
         {(void **)&sq.finalize, "sqlite3_finalize"},
         {(void **)&sq.changes, "sqlite3_changes"},
+        {(void **)&sq.column_int64, "sqlite3_column_int64"},
         {(void **)&sq.errcode, "sqlite3_extended_errcode"},
         {(void **)&sq.errmsg, "sqlite3_errmsg"},
         {(void **)&sq.get_autocommit, "sqlite3_get_autocommit"},
@@ -1645,19 +1648,23 @@ to_value(PyObject *o, Value *v)
 }
 
 PyDoc_STRVAR(execute_rows_doc,
-"execute_rows(connection, connection_type, filename, sql, rows)\n--\n\n"
+"execute_rows(connection, connection_type, filename, sql, rows, returning=False)\n--\n\n"
 "executemany(sql, rows) on connection (a connection_type open on filename, inside a\n"
 "transaction), the rows' values (None, int, float, str, bytes) bound as sqlite3 binds\n"
 "them, with the GIL released once for all rows instead of for each. Returns the number\n"
-"of rows changed, or (code, message) for an error SQLite reported.");
+"of rows changed or, with returning, the first column of every row the statement\n"
+"returned, as integers (RETURNING id); (code, message) for an error SQLite reported.");
+
+#define NO_MEMORY (-1) /* not a SQLite code: the RETURNING ids did not fit in memory */
 
 static PyObject *
 execute_rows(PyObject *self, PyObject *args)
 {
     PyObject *connection, *connection_type, *rows;
     const char *filename, *sql;
-    if (!PyArg_ParseTuple(args, "OO!ssO!:execute_rows", &connection, &PyType_Type,
-                          &connection_type, &filename, &sql, &PyList_Type, &rows))
+    int returning = 0;
+    if (!PyArg_ParseTuple(args, "OO!ssO!|p:execute_rows", &connection, &PyType_Type,
+                          &connection_type, &filename, &sql, &PyList_Type, &rows, &returning))
         return NULL;
     sqlite3 *db = writer_handle(connection, connection_type, filename);
     if (db == NULL)
@@ -1698,6 +1705,8 @@ execute_rows(PyObject *self, PyObject *args)
         PyErr_Fetch(&bad_type, &bad_value, &bad_tb);
     int rc = SQLITE_OK;
     long changed = 0;
+    int64_t *returned = NULL;
+    Py_ssize_t n_returned = 0, returned_room = 0;
     Py_BEGIN_ALLOW_THREADS
     rc = sq.prepare_v2(db, sql, -1, &stmt, NULL);
     for (Py_ssize_t r = 0; r < runnable && rc == SQLITE_OK; r++) {
@@ -1723,8 +1732,20 @@ execute_rows(PyObject *self, PyObject *args)
             }
         }
         int stepped;
-        while ((stepped = sq.step(stmt)) == SQLITE_ROW) /* RETURNING rows: not wanted */
-            ;
+        while ((stepped = sq.step(stmt)) == SQLITE_ROW) { /* RETURNING rows */
+            if (!returning)
+                continue;
+            if (n_returned == returned_room) {
+                Py_ssize_t room = returned_room ? 2 * returned_room : 64;
+                int64_t *grown = realloc(returned, room * sizeof *returned); /* no GIL */
+                if (grown == NULL) {
+                    stepped = NO_MEMORY;
+                    break;
+                }
+                returned = grown, returned_room = room;
+            }
+            returned[n_returned++] = sq.column_int64(stmt, 0);
+        }
         sq.reset(stmt);
         if (stepped != SQLITE_DONE)
             rc = stepped;
@@ -1732,7 +1753,13 @@ execute_rows(PyObject *self, PyObject *args)
             changed += sq.changes(db);
     }
     Py_END_ALLOW_THREADS
-    if (rc != SQLITE_OK) {
+    if (rc == NO_MEMORY) {
+        PyErr_NoMemory();
+        Py_XDECREF(bad_type);
+        Py_XDECREF(bad_value);
+        Py_XDECREF(bad_tb);
+    }
+    else if (rc != SQLITE_OK) {
         result = Py_BuildValue("(is)", sq.errcode(db), sq.errmsg(db));
         Py_XDECREF(bad_type);
         Py_XDECREF(bad_value);
@@ -1740,10 +1767,21 @@ execute_rows(PyObject *self, PyObject *args)
     }
     else if (bad_type != NULL)
         PyErr_Restore(bad_type, bad_value, bad_tb);
+    else if (returning) {
+        result = PyList_New(n_returned);
+        for (Py_ssize_t i = 0; result != NULL && i < n_returned; i++) {
+            PyObject *id = PyLong_FromLongLong(returned[i]);
+            if (id == NULL)
+                Py_CLEAR(result);
+            else
+                PyList_SET_ITEM(result, i, id);
+        }
+    }
     else
         result = PyLong_FromLong(changed);
     if (stmt != NULL)
         sq.finalize(stmt);
+    free(returned);
     PyMem_Free(values);
     return result;
 }

@@ -53,6 +53,7 @@ __all__ = [
     "expire_periodically",
     "insert_span_plan",
     "open_sqlite",
+    "returned_ids",
 ]
 
 log = logging.getLogger(__name__)
@@ -389,6 +390,22 @@ def execute_rows(
     outcome = _wire.execute_rows(db, sqlite3.Connection, filename, sql, rows)
     if isinstance(outcome, tuple):
         raise sqlite_error(*outcome)
+
+
+def returned_ids(
+    db: sqlite3.Connection, filename: str, sql: str, rows: list[tuple[Any, ...]]
+) -> list[int]:
+    """The integers ``sql`` returns (``RETURNING id``) for ``rows``, in order, executed as
+    ``execute_rows`` does: the GIL let go of once, not for every row."""
+    if not NATIVE_SQLITE:
+        return [int(r[0]) for row in rows for r in db.execute(sql, row).fetchall()]
+    if not rows:
+        return []
+    assert _wire is not None
+    outcome = _wire.execute_rows(db, sqlite3.Connection, filename, sql, rows, True)
+    if isinstance(outcome, tuple):
+        raise sqlite_error(*outcome)
+    return list(outcome)
 
 
 # SQLite's primary result codes -> the exception Python's sqlite3 raises for them

@@ -60,12 +60,14 @@ from collector.storage import (  # re-exported: the query side and plugins read 
     STATUS_ERROR,
     TAG_PREFIX,
     BackgroundCheckpointer,
+    BatchRows,
     attribute_text,
     build_rows,
     execute_rows,
     expire_periodically,
     insert_span_plan,
     open_sqlite,
+    returned_ids,
 )
 from exporters.sqlite_query import SQLiteQueryStore, search_term
 
@@ -182,6 +184,12 @@ _INSERT_SPAN = (
 )
 _INSERT_TRACE_NAME = (
     f"INSERT OR IGNORE INTO trace_names (project, name, trace_seq) VALUES (?1, ?3, {_TRACE_SEQ})"
+)
+# A resource's id, whether this inserts it or it was there (the no-op update makes the
+# existing row return its id too).
+_UPSERT_RESOURCE = (
+    "INSERT INTO resources (digest, service, attributes, resource) VALUES (?,?,?,?)"
+    " ON CONFLICT (digest) DO UPDATE SET digest = excluded.digest RETURNING resource_id"
 )
 _UPSERT_TRACE = (
     "INSERT INTO traces (project, trace_id, call_id, service, start_ns, end_ns, duration_ns,"
@@ -323,17 +331,33 @@ class _Writer:
         db = self.db
         project = batch.project or ""
         now = time.time_ns()
+        # Resources not seen before, by their bytes: (a stand-in id, resource, service).
+        new_resources: dict[bytes, tuple[int, Any, str | None]] = {}
+
+        def resource_ref(resource: Any, service: str | None, payload: bytes) -> int:
+            cached = self._resource_ids.get(payload)  # keyed by the bytes: no digest
+            if cached is not None:
+                return cached
+            if not NATIVE_SQLITE:
+                return self._resource_id(db, resource, service, payload)
+            # Written after build_rows, all at once: a statement of its own for each
+            # (~40 a batch) let go of the GIL that many times, each a wait for it back.
+            known = new_resources.get(payload)
+            if known is None:
+                known = new_resources[payload] = (-1 - len(new_resources), resource, service)
+            return known[0]
+
         db.execute("BEGIN")
         try:
             rows = build_rows(
                 batch,
                 now,
-                lambda resource, service, payload: self._resource_id(
-                    db, resource, service, payload
-                ),
+                resource_ref,
                 lambda scope: self._scope_id(db, scope),
                 span_plan=NATIVE_SQLITE,
             )
+            if new_resources:
+                self._add_resources(db, new_resources, rows)
             # Traces first: a span row takes its trace's seq from there.
             file = self._filename
             execute_rows(db, file, _UPSERT_TRACE, [(project, *t) for t in rows.traces.values()])
@@ -404,29 +428,48 @@ class _Writer:
             documents.append((project, trace_id, " ".join(terms)))
         return documents
 
+    def _add_resources(
+        self,
+        db: sqlite3.Connection,
+        new_resources: dict[bytes, tuple[int, Any, str | None]],
+        rows: BatchRows,
+    ) -> None:
+        """Write the batch's new resources and put their ids where ``rows`` holds their
+        stand-ins."""
+        ids = returned_ids(
+            db,
+            self._filename,
+            _UPSERT_RESOURCE,
+            [
+                _resource_row(r, service, payload)
+                for payload, (_, r, service) in new_resources.items()
+            ],
+        )
+        real: dict[int, int] = {}
+        for (payload, (stand_in, _, _)), resource_id in zip(
+            new_resources.items(), ids, strict=True
+        ):
+            real[stand_in] = resource_id
+            self._cache_resource(payload, resource_id)
+        if rows.span_plan is not None:
+            payload, plan = rows.span_plan
+            rows.span_plan = (payload, [(o, n, c, real.get(r, r), s) for o, n, c, r, s in plan])
+        else:  # the Python rows (a payload the C reader refused)
+            rows.spans = [(*row[:11], real.get(row[11], row[11]), *row[12:]) for row in rows.spans]
+
     def _resource_id(
         self, db: sqlite3.Connection, resource: Any, service: str | None, payload: bytes
     ) -> int:
-        cached = self._resource_ids.get(payload)  # keyed by the bytes: no digest to compute
-        if cached is not None:
-            return cached
-        digest = hashlib.blake2b(payload, digest_size=16).digest()
-        attributes = json.dumps(
-            {kv.key: any_value_to_python(kv.value) for kv in resource.attributes},
-            default=_bytes_hex,
-        )
-        db.execute(
-            "INSERT OR IGNORE INTO resources (digest, service, attributes, resource)"
-            " VALUES (?,?,?,?)",
-            (digest, service, attributes, payload),
-        )
         (resource_id,) = db.execute(
-            "SELECT resource_id FROM resources WHERE digest = ?", (digest,)
+            _UPSERT_RESOURCE, _resource_row(resource, service, payload)
         ).fetchone()
+        self._cache_resource(payload, resource_id)
+        return int(resource_id)
+
+    def _cache_resource(self, payload: bytes, resource_id: int) -> None:
         if len(self._resource_ids) > 10_000:
             self._resource_ids.clear()
         self._resource_ids[payload] = resource_id
-        return int(resource_id)
 
     def _scope_id(self, db: sqlite3.Connection, payload: bytes) -> int:
         cached = self._scope_ids.get(payload)
@@ -645,6 +688,15 @@ class SQLiteExporter(Exporter):
             log.warning("%s: closing the writer: %s", self.id, exc)
         pool, self._pool, self._writer = self._pool, None, None
         pool.shutdown(wait=True)
+
+
+def _resource_row(resource: Any, service: str | None, payload: bytes) -> tuple[Any, ...]:
+    """A ``resources`` row (for ``_UPSERT_RESOURCE``) of a resource serialized as ``payload``."""
+    attributes = json.dumps(
+        {kv.key: any_value_to_python(kv.value) for kv in resource.attributes},
+        default=_bytes_hex,
+    )
+    return (hashlib.blake2b(payload, digest_size=16).digest(), service, attributes, payload)
 
 
 def _bytes_hex(value: Any) -> Any:
