@@ -830,8 +830,9 @@ check_spans(PyObject *self, PyObject *arg)
 PyDoc_STRVAR(resource_spans_layout_doc,
 "resource_spans_layout(payload)\n--\n\n"
 "For each ResourceSpans of a serialized ExportTraceServiceRequest, in order: (start,\n"
-"end, resource start, resource end), the offsets of its fields and of its one resource\n"
-"field (tag included); None for one without exactly one resource field.");
+"end, resource start, resource end, spans), the offsets of its fields and of its one\n"
+"resource field (tag included), and how many spans it holds; None for one without\n"
+"exactly one resource field.");
 
 static PyObject *
 resource_spans_layout(PyObject *self, PyObject *arg)
@@ -848,12 +849,21 @@ resource_spans_layout(PyObject *self, PyObject *arg)
         if (f.number != 1 || f.type != WT_LEN)
             continue;
         const uint8_t *q = f.data, *rs_end = f.data + f.len, *resource = NULL, *field = q;
-        Py_ssize_t resources = 0, resource_end = 0;
+        Py_ssize_t resources = 0, resource_end = 0, spans = 0;
         while ((r = next_field(&q, rs_end, &g)) > 0) {
             if (g.number == 1) {
                 resources++;
                 resource = field;
                 resource_end = q - base;
+            }
+            else if (g.number == 2 && g.type == WT_LEN) { /* ScopeSpans: count its spans */
+                const uint8_t *t = g.data, *ss_end = g.data + g.len;
+                Field h;
+                while ((r = next_field(&t, ss_end, &h)) > 0)
+                    if (h.number == 2 && h.type == WT_LEN)
+                        spans++;
+                if (r < 0)
+                    break;
             }
             field = q;
         }
@@ -861,9 +871,9 @@ resource_spans_layout(PyObject *self, PyObject *arg)
             break;
         PyObject *item;
         if (resources == 1)
-            item = Py_BuildValue("(nnnn)", (Py_ssize_t)(f.data - base),
+            item = Py_BuildValue("(nnnnn)", (Py_ssize_t)(f.data - base),
                                  (Py_ssize_t)(rs_end - base), (Py_ssize_t)(resource - base),
-                                 resource_end);
+                                 resource_end, spans);
         else
             item = Py_NewRef(Py_None);
         if (item == NULL || PyList_Append(layout, item) < 0)

@@ -90,6 +90,8 @@ class Pipeline:
         forward: Forward = self.fan_out
         for processor in reversed(processors):
             forward = functools.partial(processor.consume, forward=forward)
+            if processor.edits_spans:
+                forward = functools.partial(_without_sources, forward)
         self._entry = forward
 
     async def admit(self, request: RequestInfo) -> None:
@@ -102,3 +104,10 @@ class Pipeline:
     async def consume(self, batch: SpanBatch) -> None:
         """Push a batch through the processors to the exporters' queues."""
         await self._entry(batch)
+
+
+async def _without_sources(consume: Forward, batch: SpanBatch) -> None:
+    """Before a processor that may edit spans: the received bytes and span counts
+    (``SpanBatch.sources``) will no longer describe the messages."""
+    batch.sources = None
+    await consume(batch)

@@ -47,7 +47,6 @@ from collector.spans import (
     ResourceSpans,
     Span,
     any_value_to_python,
-    span_count,
 )
 
 log = logging.getLogger(__name__)
@@ -196,7 +195,7 @@ class CorrelateProcessor(Processor):
             for piece, call in pieces:
                 if call is not None:
                     call_id, key_value, source = call
-                    spans = span_count(piece)
+                    spans = batch.count_of(piece)
                     if check_skipped and await self._is_skipped(project, call_id):
                         dropped += spans
                         continue

@@ -19,6 +19,7 @@ from collector.spans import (
     SpanBatch,
     serialize_resource_spans,
     set_attribute,
+    span_count,
 )
 from collector.storage import BatchRows, build_rows, build_rows_native, build_rows_python
 from tests.support import fixture_requests
@@ -295,9 +296,13 @@ def _assert_written_out_alike(body: bytes, drop: int | None = None) -> None:
 
     request = ExportTraceServiceRequest.FromString(body)
     sources = received_bytes(request, body, _wire.resource_spans_layout(body))
+    for rs in request.resource_spans:  # the receiver's span counts
+        assert SpanBatch([], sources=sources).count_of(rs) == span_count(rs)
     kept = _edited_as_a_pipeline_would(request, drop)
     spliced = ExportTraceServiceRequest.FromString(serialize_resource_spans(kept, sources))
     assert spliced == ExportTraceServiceRequest(resource_spans=kept)
+    batch = SpanBatch(kept, sources=sources)
+    assert batch.span_count == sum(map(span_count, kept))
 
 
 @pytest.mark.parametrize("framework", ["livekit", "pipecat"])
@@ -324,6 +329,44 @@ def test_a_resource_given_twice_or_not_at_all_is_serialized():
     layout = _wire.resource_spans_layout(body + twice + no_resource)
     assert layout[0] is not None and layout[1] is not None
     assert layout[2:] == [None, None]
+
+
+async def test_spans_a_processor_drops_are_not_counted_from_the_received_bytes():
+    """The receiver's span counts describe the messages until a processor that edits
+    spans runs: the pipeline drops them before it."""
+    from collector import _wire
+    from collector.components import Processor
+    from collector.pipeline import Pipeline
+    from collector.spans import received_bytes
+
+    class DropFirstSpans(Processor):
+        type_name = "drop_first_spans"
+
+        async def process(self, batch):
+            for rs in batch.resource_spans:
+                for ss in rs.scope_spans:
+                    del ss.spans[:1]
+            return batch
+
+    counted = []
+
+    class Count(Processor):
+        type_name = "count"
+        edits_spans = False
+
+        async def process(self, batch):
+            counted.append((batch.span_count, sum(map(span_count, batch.resource_spans))))
+            return batch
+
+    body = fixture_requests("livekit")[0].read_bytes()
+    request = ExportTraceServiceRequest.FromString(body)
+    batch = SpanBatch(list(request.resource_spans))
+    batch.sources = received_bytes(request, body, _wire.resource_spans_layout(body))
+    received = batch.span_count
+    pipeline = Pipeline("p", [Count("c1", None), DropFirstSpans("d", None), Count("c2", None)], [])
+    await pipeline.consume(batch)
+    assert counted[0] == (received, received)
+    assert counted[1][0] == counted[1][1] < received
 
 
 async def test_a_processor_that_edits_spans_turns_the_reuse_off():
