@@ -14,9 +14,10 @@
  *   cases (it returns None for the rest, which Python handles, errors included);
  * - resource_spans_layout: where a request's ResourceSpans are, so that those whose
  *   spans no processor touched are written out again from the received bytes;
- * - insert_spans: the sqlite exporter's span rows, from the bytes into SQLite without
- *   the GIL (build_rows' plan says where the spans are and what their rows point at);
- * - execute_rows: executemany with the GIL released once, not for every row.
+ * - execute_steps: the sqlite exporter's writes of a batch with the GIL released once,
+ *   span rows straight from the bytes (build_rows' plan says where the spans are and
+ *   what their rows point at), other rows as executemany would write them;
+ * - execute_rows: executemany with the GIL released once, RETURNING ids collected.
  *
  * Field numbers are those of opentelemetry/proto/trace/v1/trace.proto and
  * common/v1/common.proto. Input that is not well-formed protobuf raises ValueError;
@@ -434,7 +435,7 @@ add_pair(PyObject *set, PyObject *a, PyObject *b)
 /* The fields of a Span that rows, checks and stream entries read. Absent bytes fields
  * point at the span with length 0; for repeated scalars the last on the wire wins.
  * read_span_fields returns -1 if the span is malformed, with no exception set (it runs
- * without the GIL in insert_spans); span_fields sets ValueError. */
+ * without the GIL in execute_steps); span_fields sets ValueError. */
 typedef struct {
     const uint8_t *trace_id, *span_id, *parent, *name;
     Py_ssize_t trace_id_len, span_id_len, parent_len, name_len;
@@ -686,7 +687,7 @@ PyDoc_STRVAR(build_rows_doc,
 "build_rows(payload, project, resource_cb, scope_cb, span_rows=True)\n--\n\n"
 "The rows of a serialized ExportTraceServiceRequest, as collector.storage.build_rows\n"
 "makes them: (spans, traces, trace_attrs, trace_names, call_traces, extents).\n"
-"With span_rows false, spans is insert_spans' plan instead of the rows: for each\n"
+"With span_rows false, spans is execute_steps' plan instead of the rows: for each\n"
 "ScopeSpans, (offset in payload, length, call_id, resource ref, scope ref).\n"
 "resource_cb(resource_bytes) returns (ref, call_id, service, attribute pairs, ...);\n"
 "scope_cb(scope_bytes) returns a scope's ref. extents holds (resource_cb's answer,\n"
@@ -1352,12 +1353,13 @@ json_to_wire(PyObject *self, PyObject *args)
     return result;
 }
 
-/* -- span rows straight into SQLite -----------------------------------------------------
+/* -- a batch's writes straight into SQLite ----------------------------------------------
  *
- * executemany binds each row's 15 values from Python objects, and build_rows made those
- * objects first: ~3 us a span holding the GIL, which the event loop waits for. Here the
- * rows go from the payload into the writer's SQLite connection in C with the GIL
- * released. SQLite's functions are looked up in the library Python's own sqlite3 module
+ * executemany binds each row's values from Python objects (for span rows, objects that
+ * build_rows made first: ~3 us a span holding the GIL, which the event loop waits for),
+ * and lets go of the GIL around every row's step: each time, taking it back waits for
+ * the event loop's turn to end. Here the rows go into the writer's SQLite connection in
+ * C, span rows from the payload itself, with the GIL let go of once a batch. SQLite's functions are looked up in the library Python's own sqlite3 module
  * uses (load_sqlite), so both work on one copy of SQLite and one connection; nothing is
  * linked at build time, and without them storage takes the executemany path. */
 
@@ -1392,7 +1394,7 @@ static int sqlite_loaded;
 PyDoc_STRVAR(load_sqlite_doc,
 "load_sqlite(module_file)\n--\n\n"
 "Look up SQLite's functions in the library that the extension module at module_file\n"
-"(_sqlite3's __file__) is linked to; True if all were found (insert_spans works).");
+"(_sqlite3's __file__) is linked to; True if all were found (execute_steps and execute_rows work).");
 
 static PyObject *
 load_sqlite(PyObject *self, PyObject *arg)
@@ -1434,7 +1436,7 @@ load_sqlite(PyObject *self, PyObject *arg)
 }
 
 /* The head of CPython's pysqlite_Connection (Modules/_sqlite/connection.h, 3.8-3.13):
- * its first field is the sqlite3 handle. insert_spans checks the type and the file name
+ * its first field is the sqlite3 handle. writer_handle checks the type and the file name
  * before it uses it. */
 typedef struct {
     PyObject_HEAD
@@ -1475,6 +1477,50 @@ typedef struct {
 } PlanEntry;
 
 enum { INSERT_OK, INSERT_SQLITE, INSERT_MALFORMED, INSERT_OVERFLOW };
+
+/* The C values of an insert plan (build_rows(..., span_rows=False)'s spans), read with
+ * the GIL; NULL with an exception set if an entry is not well-formed. PyMem_Free it. */
+static PlanEntry *
+plan_entries(PyObject *plan, Py_ssize_t payload_len)
+{
+    Py_ssize_t n = PyList_GET_SIZE(plan);
+    PlanEntry *entries = PyMem_Calloc(n ? n : 1, sizeof *entries);
+    if (entries == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(plan, i);
+        PlanEntry *e = &entries[i];
+        PyObject *call_id;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 5) {
+            PyErr_SetString(PyExc_TypeError, "a plan entry is (offset, length, call_id, "
+                                             "resource ref, scope ref)");
+            goto error;
+        }
+        e->offset = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 0));
+        e->len = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
+        call_id = PyTuple_GET_ITEM(item, 2);
+        e->resource = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 3));
+        e->scope = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 4));
+        if (PyErr_Occurred())
+            goto error;
+        if (e->offset < 0 || e->len < 0 || e->offset > payload_len ||
+            e->len > payload_len - e->offset) {
+            PyErr_SetString(PyExc_ValueError, "a plan entry lies outside the payload");
+            goto error;
+        }
+        if (call_id != Py_None) {
+            e->call_id = PyUnicode_AsUTF8AndSize(call_id, &e->call_id_len);
+            if (e->call_id == NULL)
+                goto error;
+        }
+    }
+    return entries;
+error:
+    PyMem_Free(entries);
+    return NULL;
+}
 
 static int
 insert_scope_spans(sqlite3_stmt *stmt, const uint8_t *payload, const PlanEntry *e,
@@ -1523,92 +1569,6 @@ insert_scope_spans(sqlite3_stmt *stmt, const uint8_t *payload, const PlanEntry *
     return r < 0 ? INSERT_MALFORMED : INSERT_OK;
 }
 
-PyDoc_STRVAR(insert_spans_doc,
-"insert_spans(connection, connection_type, filename, sql, payload, project, plan)\n--\n\n"
-"Insert the span rows of payload (a serialized ExportTraceServiceRequest) that plan\n"
-"(build_rows(..., span_rows=False)'s spans) lists, executing sql, whose parameters ?1-?14\n"
-"are a span row's values as build_rows gives them, on connection (a connection_type\n"
-"open on filename, inside a transaction), with the GIL released. Returns the number of\n"
-"rows inserted, or (code, message) for an error SQLite reported.");
-
-static PyObject *
-insert_spans(PyObject *self, PyObject *args)
-{
-    PyObject *connection, *connection_type, *plan, *project;
-    const char *filename, *sql;
-    Py_buffer payload;
-    if (!PyArg_ParseTuple(args, "OO!ssy*UO!:insert_spans", &connection, &PyType_Type,
-                          &connection_type, &filename, &sql, &payload, &project, &PyList_Type,
-                          &plan))
-        return NULL;
-    PyObject *result = NULL;
-    PlanEntry *entries = NULL;
-    sqlite3_stmt *stmt = NULL;
-    sqlite3 *db = writer_handle(connection, connection_type, filename);
-    if (db == NULL)
-        goto done;
-    Py_ssize_t project_len, n = PyList_GET_SIZE(plan);
-    const char *project_text = PyUnicode_AsUTF8AndSize(project, &project_len);
-    if (project_text == NULL)
-        goto done;
-    entries = PyMem_Calloc(n ? n : 1, sizeof *entries);
-    if (entries == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) { /* C values of the plan, read with the GIL */
-        PyObject *item = PyList_GET_ITEM(plan, i);
-        PlanEntry *e = &entries[i];
-        PyObject *call_id;
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 5) {
-            PyErr_SetString(PyExc_TypeError, "a plan entry is (offset, length, call_id, "
-                                             "resource ref, scope ref)");
-            goto done;
-        }
-        e->offset = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 0));
-        e->len = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
-        call_id = PyTuple_GET_ITEM(item, 2);
-        e->resource = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 3));
-        e->scope = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 4));
-        if (PyErr_Occurred())
-            goto done;
-        if (e->offset < 0 || e->len < 0 || e->offset > payload.len ||
-            e->len > payload.len - e->offset) {
-            PyErr_SetString(PyExc_ValueError, "a plan entry lies outside the payload");
-            goto done;
-        }
-        if (call_id != Py_None) {
-            e->call_id = PyUnicode_AsUTF8AndSize(call_id, &e->call_id_len);
-            if (e->call_id == NULL)
-                goto done;
-        }
-    }
-    int outcome = INSERT_OK, prepared;
-    long inserted = 0;
-    Py_BEGIN_ALLOW_THREADS
-    prepared = sq.prepare_v2(db, sql, -1, &stmt, NULL);
-    if (prepared != SQLITE_OK)
-        outcome = INSERT_SQLITE;
-    for (Py_ssize_t i = 0; i < n && outcome == INSERT_OK; i++)
-        outcome = insert_scope_spans(stmt, payload.buf, &entries[i], project_text, project_len,
-                                     &inserted, db);
-    Py_END_ALLOW_THREADS
-    if (outcome == INSERT_SQLITE)
-        result = Py_BuildValue("(is)", sq.errcode(db), sq.errmsg(db));
-    else if (outcome == INSERT_MALFORMED)
-        PyErr_SetString(PyExc_ValueError, "not well-formed protobuf");
-    else if (outcome == INSERT_OVERFLOW)
-        PyErr_SetString(PyExc_OverflowError, "Python int too large to convert to SQLite INTEGER");
-    else
-        result = PyLong_FromLong(inserted);
-done:
-    if (stmt != NULL)
-        sq.finalize(stmt);
-    PyMem_Free(entries);
-    PyBuffer_Release(&payload);
-    return result;
-}
-
 /* One parameter of execute_rows, converted with the GIL held; strings and bytes point
  * into the Python objects, which the rows list keeps alive. */
 typedef struct {
@@ -1655,6 +1615,33 @@ to_value(PyObject *o, Value *v)
         return -1;
     }
     return 0;
+}
+
+/* Bind one row's values to parameters 1..width (no GIL needed). */
+static void
+bind_values(sqlite3_stmt *stmt, const Value *values, Py_ssize_t width)
+{
+    for (Py_ssize_t c = 0; c < width; c++) {
+        const Value *v = &values[c];
+        int k = (int)c + 1;
+        switch (v->type) {
+        case V_NULL:
+            sq.bind_null(stmt, k);
+            break;
+        case V_INT:
+            sq.bind_int64(stmt, k, v->i);
+            break;
+        case V_FLOAT:
+            sq.bind_double(stmt, k, v->d);
+            break;
+        case V_TEXT:
+            sq.bind_text(stmt, k, v->p, (int)v->n, SQLITE_STATIC);
+            break;
+        case V_BLOB:
+            sq.bind_blob(stmt, k, v->p, (int)v->n, SQLITE_STATIC);
+            break;
+        }
+    }
 }
 
 PyDoc_STRVAR(execute_rows_doc,
@@ -1720,27 +1707,7 @@ execute_rows(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     rc = sq.prepare_v2(db, sql, -1, &stmt, NULL);
     for (Py_ssize_t r = 0; r < runnable && rc == SQLITE_OK; r++) {
-        for (Py_ssize_t c = 0; c < width; c++) {
-            Value *v = &values[r * width + c];
-            int k = (int)c + 1;
-            switch (v->type) {
-            case V_NULL:
-                sq.bind_null(stmt, k);
-                break;
-            case V_INT:
-                sq.bind_int64(stmt, k, v->i);
-                break;
-            case V_FLOAT:
-                sq.bind_double(stmt, k, v->d);
-                break;
-            case V_TEXT:
-                sq.bind_text(stmt, k, v->p, (int)v->n, SQLITE_STATIC);
-                break;
-            case V_BLOB:
-                sq.bind_blob(stmt, k, v->p, (int)v->n, SQLITE_STATIC);
-                break;
-            }
-        }
+        bind_values(stmt, &values[r * width], width);
         int stepped;
         while ((stepped = sq.step(stmt)) == SQLITE_ROW) { /* RETURNING rows */
             if (!returning)
@@ -1796,6 +1763,179 @@ execute_rows(PyObject *self, PyObject *args)
     return result;
 }
 
+/* One statement of execute_steps, its values read with the GIL held. */
+typedef struct {
+    const char *sql;
+    Value *values; /* rows * width of them, or NULL */
+    Py_ssize_t rows, width;
+    PlanEntry *plan; /* a spans step: the plan's entries, over payload */
+    Py_ssize_t plan_len;
+    Py_buffer payload;
+    int has_payload;
+    const char *project;
+    Py_ssize_t project_len;
+} Step;
+
+static void
+steps_free(Step *steps, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyMem_Free(steps[i].values);
+        PyMem_Free(steps[i].plan);
+        if (steps[i].has_payload)
+            PyBuffer_Release(&steps[i].payload);
+    }
+    PyMem_Free(steps);
+}
+
+/* A step's C form: (sql, None), (sql, rows) or (sql, payload, project, plan). */
+static int
+read_step(PyObject *item, Step *step)
+{
+    if (!PyTuple_Check(item) || (PyTuple_GET_SIZE(item) != 2 && PyTuple_GET_SIZE(item) != 4)) {
+        PyErr_SetString(PyExc_TypeError, "a step is (sql, rows or None) or "
+                                         "(sql, payload, project, plan)");
+        return -1;
+    }
+    step->sql = PyUnicode_AsUTF8(PyTuple_GET_ITEM(item, 0));
+    if (step->sql == NULL)
+        return -1;
+    if (PyTuple_GET_SIZE(item) == 4) {
+        PyObject *plan = PyTuple_GET_ITEM(item, 3);
+        if (!PyList_Check(plan)) {
+            PyErr_SetString(PyExc_TypeError, "a plan is a list");
+            return -1;
+        }
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(item, 1), &step->payload, PyBUF_SIMPLE) < 0)
+            return -1;
+        step->has_payload = 1;
+        step->project = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(item, 2), &step->project_len);
+        if (step->project == NULL)
+            return -1;
+        step->plan = plan_entries(plan, step->payload.len);
+        step->plan_len = PyList_GET_SIZE(plan);
+        return step->plan == NULL ? -1 : 0;
+    }
+    PyObject *rows = PyTuple_GET_ITEM(item, 1);
+    if (rows == Py_None) { /* run once, without parameters */
+        step->rows = 1;
+        return 0;
+    }
+    if (!PyList_Check(rows)) {
+        PyErr_SetString(PyExc_TypeError, "rows are a list");
+        return -1;
+    }
+    step->rows = PyList_GET_SIZE(rows);
+    if (step->rows == 0)
+        return 0;
+    PyObject *first = PyList_GET_ITEM(rows, 0);
+    if (!PyTuple_Check(first) && !PyList_Check(first)) {
+        PyErr_SetString(PyExc_TypeError, "a row is a tuple or a list");
+        return -1;
+    }
+    step->width = PySequence_Fast_GET_SIZE(first);
+    step->values = PyMem_Calloc(step->rows * step->width + 1, sizeof *step->values);
+    if (step->values == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t r = 0; r < step->rows; r++) {
+        PyObject *row = PyList_GET_ITEM(rows, r);
+        if ((!PyTuple_Check(row) && !PyList_Check(row)) ||
+            PySequence_Fast_GET_SIZE(row) != step->width) {
+            PyErr_SetString(PyExc_ValueError, "every row has as many values as the first");
+            return -1;
+        }
+        PyObject **items = PySequence_Fast_ITEMS(row);
+        for (Py_ssize_t c = 0; c < step->width; c++)
+            if (to_value(items[c], &step->values[r * step->width + c]) < 0)
+                return -1;
+    }
+    return 0;
+}
+
+/* Run one step (no GIL): INSERT_OK or what went wrong. */
+static int
+run_step(sqlite3 *db, const Step *step)
+{
+    if (step->rows == 0 && step->plan == NULL)
+        return INSERT_OK;
+    sqlite3_stmt *stmt = NULL;
+    if (sq.prepare_v2(db, step->sql, -1, &stmt, NULL) != SQLITE_OK)
+        return INSERT_SQLITE;
+    int outcome = INSERT_OK;
+    long changed = 0;
+    if (step->plan != NULL) {
+        for (Py_ssize_t i = 0; i < step->plan_len && outcome == INSERT_OK; i++)
+            outcome = insert_scope_spans(stmt, step->payload.buf, &step->plan[i], step->project,
+                                         step->project_len, &changed, db);
+    }
+    else {
+        for (Py_ssize_t r = 0; r < step->rows && outcome == INSERT_OK; r++) {
+            if (step->values != NULL)
+                bind_values(stmt, &step->values[r * step->width], step->width);
+            int stepped;
+            while ((stepped = sq.step(stmt)) == SQLITE_ROW)
+                ;
+            sq.reset(stmt);
+            if (stepped != SQLITE_DONE)
+                outcome = INSERT_SQLITE;
+        }
+    }
+    sq.finalize(stmt);
+    return outcome;
+}
+
+PyDoc_STRVAR(execute_steps_doc,
+"execute_steps(connection, connection_type, filename, steps)\n--\n\n"
+"Run steps in order on connection (a connection_type open on filename, inside a\n"
+"transaction) with the GIL released once for all of them: (sql, None) runs sql once\n"
+"(COMMIT); (sql, rows) runs it for each row, values bound as sqlite3 binds them;\n"
+"(sql, payload, project, plan) runs it for each span of payload that plan lists, with\n"
+"parameters ?1-?14 a span row's values as build_rows gives them. Every value is read\n"
+"before any step runs (an error there, such as an int too large, runs none). Returns\n"
+"None, or (step index, code, message) for the error SQLite reported, after which no\n"
+"further step ran.");
+
+static PyObject *
+execute_steps(PyObject *self, PyObject *args)
+{
+    PyObject *connection, *connection_type, *list;
+    const char *filename;
+    if (!PyArg_ParseTuple(args, "OO!sO!:execute_steps", &connection, &PyType_Type,
+                          &connection_type, &filename, &PyList_Type, &list))
+        return NULL;
+    sqlite3 *db = writer_handle(connection, connection_type, filename);
+    if (db == NULL)
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    Step *steps = PyMem_Calloc(n ? n : 1, sizeof *steps);
+    if (steps == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (read_step(PyList_GET_ITEM(list, i), &steps[i]) < 0) {
+            steps_free(steps, n);
+            return NULL;
+        }
+    int outcome = INSERT_OK;
+    Py_ssize_t failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (; failed < n && outcome == INSERT_OK; failed++)
+        outcome = run_step(db, &steps[failed]);
+    Py_END_ALLOW_THREADS
+    PyObject *result = NULL;
+    if (outcome == INSERT_SQLITE)
+        result = Py_BuildValue("(nis)", failed - 1, sq.errcode(db), sq.errmsg(db));
+    else if (outcome == INSERT_MALFORMED)
+        PyErr_SetString(PyExc_ValueError, "not well-formed protobuf");
+    else if (outcome == INSERT_OVERFLOW)
+        PyErr_SetString(PyExc_OverflowError, "Python int too large to convert to SQLite INTEGER");
+    else
+        result = Py_NewRef(Py_None);
+    steps_free(steps, n);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"build_rows", build_rows, METH_VARARGS, build_rows_doc},
     {"check_spans", check_spans, METH_O, check_spans_doc},
@@ -1803,8 +1943,8 @@ static PyMethodDef methods[] = {
     {"json_to_wire", json_to_wire, METH_VARARGS, json_to_wire_doc},
     {"resource_spans_layout", resource_spans_layout, METH_O, resource_spans_layout_doc},
     {"load_sqlite", load_sqlite, METH_O, load_sqlite_doc},
-    {"insert_spans", insert_spans, METH_VARARGS, insert_spans_doc},
     {"execute_rows", execute_rows, METH_VARARGS, execute_rows_doc},
+    {"execute_steps", execute_steps, METH_VARARGS, execute_steps_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -49,9 +49,8 @@ __all__ = [
     "build_rows",
     "build_rows_native",
     "build_rows_python",
-    "execute_rows",
+    "execute_steps",
     "expire_periodically",
-    "insert_span_plan",
     "open_sqlite",
     "returned_ids",
 ]
@@ -172,8 +171,8 @@ class BatchRows:
         when ``span_plan`` stands for them."""
         self.span_plan: tuple[bytes, list[tuple[Any, ...]]] | None = None
         """(payload, plan) where ``build_rows(span_plan=True)`` left the span rows in the
-        payload for ``insert_span_plan`` to write: for each ScopeSpans, (offset,
-        length, call_id, resource ref, scope ref)."""
+        payload for ``execute_steps`` to write: for each ScopeSpans, (offset, length,
+        call_id, resource ref, scope ref)."""
         self.traces: dict[bytes, list[Any]] = {}
         """trace id -> [trace_id, call_id, service, start_ns, end_ns, duration_ns,
         root_name, root_span_id, has_error]"""
@@ -281,7 +280,7 @@ def build_rows(
     bytes in the batch's serialized form.
 
     ``span_plan``: where the C path runs, leave the span rows in the payload and set
-    ``rows.span_plan`` for ``insert_span_plan`` (SQLite connections only); otherwise
+    ``rows.span_plan`` for ``execute_steps`` (SQLite connections only); otherwise
     ``rows.spans`` holds them."""
     if _wire is not None:
         payload = batch.payload
@@ -357,46 +356,38 @@ def _add_call(
         call[8].update(facts.tags)
 
 
-def insert_span_plan(
-    db: sqlite3.Connection, filename: str, sql: str, project: str, rows: BatchRows
-) -> int:
-    """Write ``rows.span_plan``'s span rows with ``sql`` (parameters ?1-?14: a row of
-    ``BatchRows.spans``) on ``db``, open on ``filename`` and inside a transaction, in C
-    without the GIL; raises what ``executemany`` of the same rows would. Returns the
-    number of rows inserted."""
-    assert _wire is not None and rows.span_plan is not None
-    payload, plan = rows.span_plan
-    outcome = _wire.insert_spans(db, sqlite3.Connection, filename, sql, payload, project, plan)
-    if isinstance(outcome, tuple):
-        raise sqlite_error(*outcome)
-    return int(outcome)
+def execute_steps(db: sqlite3.Connection, filename: str, steps: list[Any]) -> None:
+    """Run ``steps`` in order on ``db`` (open on ``filename``, inside a transaction): a
+    ``(sql, None)`` step executes ``sql`` once (``COMMIT``), ``(sql, rows)`` executes it
+    for each row, and ``(sql, payload, project, plan)`` inserts the span rows that
+    ``rows.span_plan`` (``(payload, plan)``) leaves in the payload, ``sql`` taking a row of
+    ``BatchRows.spans`` as parameters ?1-?14. Raises what sqlite3 would.
 
-
-def execute_rows(
-    db: sqlite3.Connection, filename: str, sql: str, rows: list[tuple[Any, ...]]
-) -> None:
-    """``db.executemany(sql, rows)`` inside a transaction on ``db`` (open on ``filename``).
-
-    executemany lets go of the GIL around every row's step and takes it back after: while
-    the event loop holds it, each row then waits up to the switch interval, and a batch's
-    hundreds of rows wait that many times (measured: the writer and the event loop took
-    turns, ~1.1 of 2 cores busy). In C the GIL is let go once for all the rows."""
+    In C (``collector._wire.execute_steps``) the GIL is let go of once for all the steps.
+    executemany lets go of it around every row's step and takes it back after: while
+    the event loop holds it, each row then waits up to the switch interval (measured, a
+    writer beside a thread running Python: 1.6 batches/s, against 51 in C). Without the
+    extension, span steps cannot be given (``build_rows`` makes no plan) and the others
+    go through executemany."""
     if not NATIVE_SQLITE:
-        db.executemany(sql, rows)
-        return
-    if not rows:
+        for sql, rows in steps:
+            if rows is None:
+                db.execute(sql)
+            else:
+                db.executemany(sql, rows)
         return
     assert _wire is not None
-    outcome = _wire.execute_rows(db, sqlite3.Connection, filename, sql, rows)
-    if isinstance(outcome, tuple):
-        raise sqlite_error(*outcome)
+    outcome = _wire.execute_steps(db, sqlite3.Connection, filename, steps)
+    if outcome is not None:
+        _step, code, message = outcome
+        raise sqlite_error(code, message)
 
 
 def returned_ids(
     db: sqlite3.Connection, filename: str, sql: str, rows: list[tuple[Any, ...]]
 ) -> list[int]:
-    """The integers ``sql`` returns (``RETURNING id``) for ``rows``, in order, executed as
-    ``execute_rows`` does: the GIL let go of once, not for every row."""
+    """The integers ``sql`` returns (``RETURNING id``) for ``rows``, in order, with the
+    GIL let go of once (``collector._wire.execute_rows``), not for every row."""
     if not NATIVE_SQLITE:
         return [int(r[0]) for row in rows for r in db.execute(sql, row).fetchall()]
     if not rows:

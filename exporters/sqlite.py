@@ -63,9 +63,8 @@ from collector.storage import (  # re-exported: the query side and plugins read 
     BatchRows,
     attribute_text,
     build_rows,
-    execute_rows,
+    execute_steps,
     expire_periodically,
-    insert_span_plan,
     open_sqlite,
     returned_ids,
 )
@@ -182,6 +181,9 @@ _INSERT_SPAN = (
     " start_ns, end_ns, duration_ns, status_code, call_id, resource_id, scope_id, span,"
     f" trace_seq) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,{_TRACE_SEQ})"
 )
+_INSERT_SEARCH = "INSERT INTO trace_search (project, trace_id, terms) VALUES (?,?,?)"
+_INSERT_SPAN_NAME = "INSERT OR IGNORE INTO span_names (project, name) VALUES (?,?)"
+_INSERT_CALL_TRACE = "INSERT OR IGNORE INTO call_traces (project, call_id, trace_id) VALUES (?,?,?)"
 _INSERT_TRACE_NAME = (
     f"INSERT OR IGNORE INTO trace_names (project, name, trace_seq) VALUES (?1, ?3, {_TRACE_SEQ})"
 )
@@ -320,7 +322,7 @@ class _Writer:
         self.db = connect(path)
         self.db.execute(f"PRAGMA cache_size=-{cache_size_mib * 1024}")
         self._checkpointer = BackgroundCheckpointer(self.db, path)
-        self._filename = _file_of(self.db)  # insert_span_plan checks it is this file
+        self._filename = _file_of(self.db)  # execute_steps checks it is this file
         # Ids of resources and scopes already written, by their serialized bytes.
         self._resource_ids: dict[bytes, int] = {}
         self._scope_ids: dict[bytes, int] = {}
@@ -358,47 +360,26 @@ class _Writer:
             )
             if new_resources:
                 self._add_resources(db, new_resources, rows)
-            # Traces first: a span row takes its trace's seq from there.
-            file = self._filename
-            execute_rows(db, file, _UPSERT_TRACE, [(project, *t) for t in rows.traces.values()])
-            if rows.span_plan is not None:  # from the bytes, in C and without the GIL
-                insert_span_plan(db, file, _INSERT_SPAN, project, rows)
-            else:
-                db.executemany(_INSERT_SPAN, rows.spans)
-            execute_rows(
-                db,
-                file,
-                "INSERT INTO trace_search (project, trace_id, terms) VALUES (?,?,?)",
-                self._search_documents(project, rows.trace_attrs),
-            )
-            execute_rows(
-                db,
-                file,
-                "INSERT OR IGNORE INTO span_names (project, name) VALUES (?,?)",
-                [(project, name) for name in rows.names],
-            )
-            execute_rows(
-                db,
-                file,
-                _INSERT_TRACE_NAME,
-                [(project, trace_id, name) for name, trace_id in rows.trace_names],
-            )
-            execute_rows(
-                db,
-                file,
-                "INSERT OR IGNORE INTO call_traces (project, call_id, trace_id) VALUES (?,?,?)",
-                [(project, *pair) for pair in rows.call_traces],
-            )
-            execute_rows(
-                db,
-                file,
-                _UPSERT_CALL,
-                [
-                    (project, *c[:8], json.dumps(c[8], sort_keys=True) if c[8] else None)
-                    for c in rows.calls.values()
-                ],
-            )
-            db.execute("COMMIT")
+            spans: tuple[Any, ...] = (_INSERT_SPAN, rows.spans)
+            if rows.span_plan is not None:  # straight from the bytes, in C
+                spans = (_INSERT_SPAN, rows.span_plan[0], project, rows.span_plan[1])
+            calls = [
+                (project, *c[:8], json.dumps(c[8], sort_keys=True) if c[8] else None)
+                for c in rows.calls.values()
+            ]
+            # One call, the GIL let go of once (see execute_steps); traces first: a span
+            # row takes its trace's seq from there.
+            steps = [
+                (_UPSERT_TRACE, [(project, *t) for t in rows.traces.values()]),
+                spans,
+                (_INSERT_SEARCH, self._search_documents(project, rows.trace_attrs)),
+                (_INSERT_SPAN_NAME, [(project, name) for name in rows.names]),
+                (_INSERT_TRACE_NAME, [(project, t, name) for name, t in rows.trace_names]),
+                (_INSERT_CALL_TRACE, [(project, *pair) for pair in rows.call_traces]),
+                (_UPSERT_CALL, calls),
+                ("COMMIT", None),
+            ]
+            execute_steps(db, self._filename, steps)
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")

@@ -391,7 +391,7 @@ async def test_a_processor_that_edits_spans_turns_the_reuse_off():
     ).fan_out.spans_as_received
 
 
-# -- insert_spans: span rows into SQLite from the bytes ---------------------------------
+# -- execute_steps / execute_rows: a batch's rows into SQLite without the GIL ----------
 
 _PLAIN_SPANS = (
     "CREATE TABLE spans (project, trace_id, span_id, parent_span_id, name, kind, start_ns,"
@@ -416,20 +416,20 @@ def _stored(db) -> list[tuple]:
 def _insert_both_ways(
     tmp_path, request: ExportTraceServiceRequest, sql: str = _PLAIN_INSERT, setup: str = ""
 ):
-    """The rows of ``request`` stored by executemany and by insert_spans, each in a file of
+    """The rows of ``request`` stored by executemany and by execute_steps, each in a file of
     its own: (rows or the exception raised) of each."""
     import sqlite3
 
     payload = serialize_resource_spans(request.resource_spans)
     outcomes = []
-    for way in ("executemany", "insert_spans"):
+    for way in ("executemany", "execute_steps"):
         path = tmp_path / f"{way}.db"
         path.unlink(missing_ok=True)
         db = sqlite3.connect(path, isolation_level=None)
         db.execute(_PLAIN_SPANS)
         if setup:
             db.execute(setup)
-        rows = build_rows_native(payload, "p1", 7, *_int_refs(), span_plan=way == "insert_spans")
+        rows = build_rows_native(payload, "p1", 7, *_int_refs(), span_plan=way == "execute_steps")
         db.execute("BEGIN")
         try:
             if way == "executemany":
@@ -437,7 +437,7 @@ def _insert_both_ways(
             else:
                 assert not rows.spans and rows.span_plan is not None
                 filename = db.execute("PRAGMA database_list").fetchone()[2]
-                storage.insert_span_plan(db, filename, sql, "p1", rows)
+                storage.execute_steps(db, filename, [(sql, payload, "p1", rows.span_plan[1])])
             db.execute("COMMIT")
             outcomes.append(_stored(db))
         except Exception as exc:  # both ways must raise the same
@@ -448,14 +448,14 @@ def _insert_both_ways(
 
 
 @pytest.mark.parametrize("framework", ["livekit", "pipecat"])
-def test_insert_spans_stores_the_rows_executemany_stores(tmp_path, framework):
+def test_span_rows_from_the_bytes_are_the_rows_executemany_stores(tmp_path, framework):
     for path in fixture_requests(framework):
         request = ExportTraceServiceRequest.FromString(path.read_bytes())
         for rs in request.resource_spans:
             set_attribute(rs.resource.attributes, CALL_ID_ATTRIBUTE, "call-é")
-        by_executemany, by_insert_spans = _insert_both_ways(tmp_path, request)
+        by_executemany, by_execute_steps = _insert_both_ways(tmp_path, request)
         assert by_executemany and isinstance(by_executemany, list), path
-        assert by_insert_spans == by_executemany
+        assert by_execute_steps == by_executemany
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -463,10 +463,10 @@ def test_insert_spans_stores_the_rows_executemany_stores(tmp_path, framework):
 def test_any_batch_is_inserted_as_executemany_inserts_it(tmp_path_factory, resources):
     """Generated spans, times up to 2**64 - 1 among them: what SQLite cannot hold is the
     same OverflowError both ways."""
-    by_executemany, by_insert_spans = _insert_both_ways(
+    by_executemany, by_execute_steps = _insert_both_ways(
         tmp_path_factory.mktemp("insert"), _request(resources)
     )
-    assert by_insert_spans == by_executemany
+    assert by_execute_steps == by_executemany
 
 
 def test_an_error_sqlite_reports_is_raised_as_executemany_raises_it(tmp_path):
@@ -477,14 +477,14 @@ def test_an_error_sqlite_reports_is_raised_as_executemany_raises_it(tmp_path):
         "CREATE TRIGGER full BEFORE INSERT ON spans WHEN NEW.kind = 1"
         " BEGIN SELECT raise(ABORT, 'no room for a server span'); END"
     )
-    by_executemany, by_insert_spans = _insert_both_ways(tmp_path, request, setup=trigger)
+    by_executemany, by_execute_steps = _insert_both_ways(tmp_path, request, setup=trigger)
     assert by_executemany[0].__name__ == "IntegrityError", by_executemany
-    assert by_insert_spans == by_executemany
+    assert by_execute_steps == by_executemany
     bad_sql = _insert_both_ways(tmp_path, request, "INSERT INTO nowhere VALUES (?1)")
     assert bad_sql[1] == bad_sql[0] == (sqlite3.OperationalError, "no such table: nowhere")
 
 
-def test_insert_spans_refuses_a_connection_it_cannot_vouch_for(tmp_path):
+def test_execute_steps_refuses_a_connection_it_cannot_vouch_for(tmp_path):
     import sqlite3
 
     from collector import _wire
@@ -498,18 +498,21 @@ def test_insert_spans_refuses_a_connection_it_cannot_vouch_for(tmp_path):
     db.execute(_PLAIN_SPANS)
     filename = db.execute("PRAGMA database_list").fetchone()[2]
     with pytest.raises(ValueError, match="inside a transaction"):
-        _wire.insert_spans(db, sqlite3.Connection, filename, _PLAIN_INSERT, payload, "p", plan)
+        _wire.execute_steps(db, sqlite3.Connection, filename, [(_PLAIN_INSERT, payload, "p", plan)])
     db.execute("BEGIN")
+    step = [(_PLAIN_INSERT, payload, "p", plan)]
     with pytest.raises(ValueError, match="not open on"):
-        _wire.insert_spans(
-            db, sqlite3.Connection, "/elsewhere.db", _PLAIN_INSERT, payload, "p", plan
-        )
+        _wire.execute_steps(db, sqlite3.Connection, "/elsewhere.db", step)
     with pytest.raises(TypeError):
-        _wire.insert_spans(
-            object(), sqlite3.Connection, filename, _PLAIN_INSERT, payload, "p", plan
-        )
+        _wire.execute_steps(object(), sqlite3.Connection, filename, step)
+    with pytest.raises(TypeError, match="a step is"):
+        _wire.execute_steps(db, sqlite3.Connection, filename, [(_PLAIN_INSERT,)])
+    with pytest.raises(OverflowError):  # read before any step runs: none ran
+        _wire.execute_steps(db, sqlite3.Connection, filename, [*step, ("SELECT ?", [(2**63,)])])
     with pytest.raises(ValueError, match="outside the payload"):
-        _wire.insert_spans(db, sqlite3.Connection, filename, _PLAIN_INSERT, payload[:10], "p", plan)
+        _wire.execute_steps(
+            db, sqlite3.Connection, filename, [(_PLAIN_INSERT, payload[:10], "p", plan)]
+        )
     assert _stored(db) == []
     db.execute("ROLLBACK")
     db.close()
@@ -519,6 +522,8 @@ def _execute_both_ways(tmp_path, sql: str, rows: list, setup: str = "") -> list:
     """``rows`` through executemany and through execute_rows, each on a fresh file:
     what each stored, or the exception each raised."""
     import sqlite3
+
+    from collector import _wire
 
     outcomes = []
     for way in ("executemany", "execute_rows"):
@@ -534,7 +539,9 @@ def _execute_both_ways(tmp_path, sql: str, rows: list, setup: str = "") -> list:
                 db.executemany(sql, rows)
             else:
                 filename = db.execute("PRAGMA database_list").fetchone()[2]
-                storage.execute_rows(db, filename, sql, rows)
+                outcome = _wire.execute_rows(db, sqlite3.Connection, filename, sql, rows)
+                if isinstance(outcome, tuple):  # what SQLite reported: raised as sqlite3 does
+                    raise storage.sqlite_error(*outcome)
             db.execute("COMMIT")
             outcomes.append(
                 db.execute("SELECT a, typeof(a), b, c FROM t ORDER BY rowid").fetchall()
@@ -651,7 +658,7 @@ def test_damaged_requests_never_crash_the_c_readers(resources, data):
 
 
 def _insert_spans_of_damaged(good: bytes, damaged: bytes) -> None:
-    """insert_spans on damaged bytes with the plan of the good ones: it reads the spans
+    """A span step on damaged bytes with the plan of the good ones: it reads the spans
     there as build_rows would have; an error or rows, never a crash."""
     import sqlite3
 
@@ -664,7 +671,9 @@ def _insert_spans_of_damaged(good: bytes, damaged: bytes) -> None:
     db.execute("BEGIN")
     filename = db.execute("PRAGMA database_list").fetchone()[2]
     with contextlib.suppress(ValueError, OverflowError):
-        _wire.insert_spans(db, sqlite3.Connection, filename, _PLAIN_INSERT, damaged, "p", plan[1])
+        _wire.execute_steps(
+            db, sqlite3.Connection, filename, [(_PLAIN_INSERT, damaged, "p", plan[1])]
+        )
     db.close()
 
 
@@ -743,9 +752,11 @@ def test_the_c_functions_keep_no_memory_once_their_results_are_gone():
             plain = build_rows_native(body, "p", 0, lambda *a: (1, 2), lambda p: 3).spans
             rows = build_rows_native(body, "p", 0, lambda *a: 1, lambda p: 3, span_plan=True)
             db.execute("BEGIN")
-            storage.insert_span_plan(db, filename, _PLAIN_INSERT, "p", rows)
-            storage.execute_rows(
-                db, filename, _PLAIN_INSERT, [(*r[:11], 1, 3, r[13]) for r in plain]
+            storage.execute_steps(
+                db, filename, [(_PLAIN_INSERT, body, "p", rows.span_plan[1]), ("SELECT 1", None)]
+            )
+            storage.execute_steps(
+                db, filename, [(_PLAIN_INSERT, [(*r[:11], 1, 3, r[13]) for r in plain])]
             )
             with contextlib.suppress(OverflowError):
                 _wire.execute_rows(db, sqlite3.Connection, filename, "SELECT ?", [(1,), (2**64,)])
