@@ -9,7 +9,8 @@
  * - build_rows: collector.storage.build_rows off a serialized ExportTraceServiceRequest,
  *   each span's bytes sliced from the input instead of serialized again;
  * - check_spans: whether collector.receivers.otlp.drop_invalid_spans has work to do;
- * - stream_entries: exporters/redis_streams.py's entries, packed in the Redis protocol;
+ * - stream_commands: exporters/redis_streams.py's commands, packed in the Redis protocol
+ *   without the GIL;
  * - json_to_wire: collector.otlp_json's OTLP/JSON -> protobuf writer, for the common
  *   cases (it returns None for the rest, which Python handles, errors included);
  * - resource_spans_layout: where a request's ResourceSpans are, so that those whose
@@ -26,8 +27,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -891,9 +890,12 @@ resource_spans_layout(PyObject *self, PyObject *arg)
 
 /* -- Redis stream entries (exporters/redis_streams.py) ------------------------------ */
 
+/* A growing byte buffer; raw allocations (PyMem_RawFree it), so that it also grows
+ * without the GIL: with nogil set, running out of memory sets no exception. */
 typedef struct {
     char *data;
     Py_ssize_t len, cap;
+    int nogil;
 } Buffer;
 
 static int
@@ -904,9 +906,10 @@ buffer_reserve(Buffer *b, Py_ssize_t extra)
     Py_ssize_t cap = b->cap ? b->cap : 1024;
     while (cap < b->len + extra)
         cap *= 2;
-    char *data = PyMem_Realloc(b->data, cap);
+    char *data = PyMem_RawRealloc(b->data, cap);
     if (data == NULL) {
-        PyErr_NoMemory();
+        if (!b->nogil)
+            PyErr_NoMemory();
         return -1;
     }
     b->data = data;
@@ -924,25 +927,55 @@ buffer_add(Buffer *b, const void *data, Py_ssize_t len)
     return 0;
 }
 
+/* The decimal digits of v at the end of a 24-byte area ending at end: returns where
+ * they start (snprintf took ~100 ns a number: a dozen of them a span). */
+static char *
+decimal(char *end, uint64_t v)
+{
+    char *p = end;
+    do {
+        *--p = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    return p;
+}
+
+static int
+add_decimal(Buffer *b, int64_t v, int is_signed)
+{
+    char area[24], *end = area + sizeof area;
+    uint64_t magnitude = is_signed && v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    char *p = decimal(end, magnitude);
+    if (is_signed && v < 0)
+        *--p = '-';
+    return buffer_add(b, p, end - p);
+}
+
 /* One RESP bulk string: $<len>\r\n<data>\r\n */
 static int
 bulk(Buffer *b, const void *data, Py_ssize_t len)
 {
-    char head[32];
-    int n = snprintf(head, sizeof head, "$%zd\r\n", len);
-    if (buffer_add(b, head, n) < 0 || buffer_add(b, data, len) < 0)
+    if (buffer_reserve(b, len + 26) < 0)
         return -1;
-    return buffer_add(b, "\r\n", 2);
+    b->data[b->len++] = '$';
+    add_decimal(b, len, 0);
+    memcpy(b->data + b->len, "\r\n", 2);
+    memcpy(b->data + b->len + 2, data, (size_t)len);
+    memcpy(b->data + b->len + 2 + len, "\r\n", 2);
+    b->len += len + 4;
+    return 0;
 }
 
 static int
 bulk_hex(Buffer *b, const uint8_t *data, Py_ssize_t len)
 {
     static const char digits[] = "0123456789abcdef";
-    char head[32];
-    int n = snprintf(head, sizeof head, "$%zd\r\n", 2 * len);
-    if (buffer_add(b, head, n) < 0 || buffer_reserve(b, 2 * len + 2) < 0)
+    if (buffer_reserve(b, 2 * len + 26) < 0)
         return -1;
+    b->data[b->len++] = '$';
+    add_decimal(b, 2 * len, 0);
+    b->data[b->len++] = '\r';
+    b->data[b->len++] = '\n';
     for (Py_ssize_t i = 0; i < len; i++) {
         b->data[b->len++] = digits[data[i] >> 4];
         b->data[b->len++] = digits[data[i] & 15];
@@ -958,117 +991,198 @@ bulk_field(Buffer *b, const char *name, const void *data, Py_ssize_t len)
     return bulk(b, data, len);
 }
 
+/* A field whose value is a number: the number as a bulk string of its digits. */
 static int
-bulk_number(Buffer *b, const char *name, const char *format, ...)
+bulk_number(Buffer *b, const char *name, int64_t v, int is_signed)
 {
-    char text[32];
-    va_list args;
-    va_start(args, format);
-    int n = vsnprintf(text, sizeof text, format, args);
-    va_end(args);
-    return bulk_field(b, name, text, n);
+    char area[24], *end = area + sizeof area;
+    uint64_t magnitude = is_signed && v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    char *p = decimal(end, magnitude);
+    if (is_signed && v < 0)
+        *--p = '-';
+    return bulk_field(b, name, p, end - p);
 }
+
+#define OUT_OF_MEMORY (-2)
 
 /* One entry: its resource's prefix (the field count), the span's fields, the
- * resource's fields (tail) and the span's own bytes, as redis_streams._SPAN_RESP. */
-static PyObject *
-stream_entry(const uint8_t *span, Py_ssize_t span_len, PyObject *prefix, PyObject *tail)
+ * resource's fields (tail) and the span's own bytes, as redis_streams._SPAN_RESP,
+ * appended to b (no GIL needed): -1 if the span is malformed, OUT_OF_MEMORY. */
+static int
+pack_entry(Buffer *b, const uint8_t *span, Py_ssize_t span_len, const char *prefix,
+           Py_ssize_t prefix_len, const char *tail, Py_ssize_t tail_len)
 {
     SpanFields s;
-    if (span_fields(span, span_len, &s) < 0)
-        return NULL;
-    Buffer b = {0};
-    if (buffer_reserve(&b, span_len + PyBytes_GET_SIZE(tail) + 320) < 0 ||
-        buffer_add(&b, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix)) < 0 ||
-        bulk(&b, "trace_id", 8) < 0 || bulk_hex(&b, s.trace_id, s.trace_id_len) < 0 ||
-        bulk(&b, "span_id", 7) < 0 || bulk_hex(&b, s.span_id, s.span_id_len) < 0 ||
-        bulk(&b, "parent_span_id", 14) < 0 || bulk_hex(&b, s.parent, s.parent_len) < 0 ||
-        bulk_field(&b, "name", s.name, s.name_len) < 0 ||
-        bulk_number(&b, "kind", "%d", (int)s.kind) < 0 ||
-        bulk_number(&b, "start_ns", "%llu", (unsigned long long)s.start) < 0 ||
-        bulk_number(&b, "end_ns", "%llu", (unsigned long long)s.end) < 0 ||
-        bulk_number(&b, "status_code", "%d", (int)s.status) < 0 ||
-        buffer_add(&b, PyBytes_AS_STRING(tail), PyBytes_GET_SIZE(tail)) < 0 ||
-        bulk_field(&b, "span", span, span_len) < 0) {
-        PyMem_Free(b.data);
-        return NULL;
-    }
-    PyObject *entry = PyBytes_FromStringAndSize(b.data, b.len);
-    PyMem_Free(b.data);
-    return entry;
+    if (read_span_fields(span, span_len, &s) < 0)
+        return -1;
+    if (buffer_reserve(b, span_len + tail_len + 320) < 0 ||
+        buffer_add(b, prefix, prefix_len) < 0 || bulk(b, "trace_id", 8) < 0 ||
+        bulk_hex(b, s.trace_id, s.trace_id_len) < 0 || bulk(b, "span_id", 7) < 0 ||
+        bulk_hex(b, s.span_id, s.span_id_len) < 0 || bulk(b, "parent_span_id", 14) < 0 ||
+        bulk_hex(b, s.parent, s.parent_len) < 0 ||
+        bulk_field(b, "name", s.name, s.name_len) < 0 ||
+        bulk_number(b, "kind", s.kind, 1) < 0 ||
+        bulk_number(b, "start_ns", (int64_t)s.start, 0) < 0 ||
+        bulk_number(b, "end_ns", (int64_t)s.end, 0) < 0 ||
+        bulk_number(b, "status_code", s.status, 1) < 0 ||
+        buffer_add(b, tail, tail_len) < 0 || bulk_field(b, "span", span, span_len) < 0)
+        return OUT_OF_MEMORY;
+    return 0;
 }
 
-PyDoc_STRVAR(stream_entries_doc,
-"stream_entries(payload, resource_cb)\n--\n\n"
-"The redis_streams entries of a serialized ExportTraceServiceRequest, packed in the\n"
-"Redis protocol as that exporter's _SPAN_RESP: a list of (arguments, packed bytes).\n"
-"resource_cb(resource_bytes) returns (arguments, prefix, tail) for the entries of a\n"
-"resource: how many EVAL arguments an entry takes, the packed field count that starts\n"
-"it and the packed resource fields that follow the span's.");
+/* A resource's part of stream_commands: where its ResourceSpans is and what
+ * resource_cb answered (borrowed from the answers list). */
+typedef struct {
+    const uint8_t *rs, *rs_end;
+    long arguments;
+    const char *prefix, *tail;
+    Py_ssize_t prefix_len, tail_len;
+} StreamResource;
 
-/* Appends (count, entry) for each span of the ResourceSpans in [rs, rs_end). */
+/* Appends the commands of every span of resources[0..n) to out (no GIL): 0, -1 for a
+ * malformed span, OUT_OF_MEMORY. */
 static int
-stream_resource_spans(PyObject *entries, const uint8_t *rs, const uint8_t *rs_end,
-                      PyObject *resource_cb)
+pack_commands(Buffer *out, const StreamResource *resources, Py_ssize_t n, long head_arguments,
+              const char *head, Py_ssize_t head_len, long per_command, Py_ssize_t *commands)
 {
-    PyObject *resource = submessage(rs, rs_end, 1);
-    if (resource == NULL)
-        return -1;
-    PyObject *answer = PyObject_CallOneArg(resource_cb, resource);
-    Py_DECREF(resource);
-    PyObject *count, *prefix, *tail;
-    if (answer == NULL ||
-        !PyArg_ParseTuple(answer, "OSS:resource_cb's answer", &count, &prefix, &tail)) {
-        Py_XDECREF(answer);
-        return -1;
-    }
-    const uint8_t *q = rs;
-    Field g, h;
-    int r = 0, s = 0;
-    while (s == 0 && (r = next_field(&q, rs_end, &g)) > 0) {
-        if (g.number != 2 || g.type != WT_LEN)
-            continue;
-        const uint8_t *p = g.data, *end = g.data + g.len;
-        while ((s = next_field(&p, end, &h)) > 0) {
-            if (h.number != 2 || h.type != WT_LEN)
-                continue;
-            PyObject *entry = stream_entry(h.data, h.len, prefix, tail);
-            PyObject *item = entry ? PyTuple_Pack(2, count, entry) : NULL;
-            int appended = item ? PyList_Append(entries, item) : -1;
-            Py_XDECREF(entry);
-            Py_XDECREF(item);
-            if (appended < 0) {
-                s = -1;
-                break;
+    Buffer chunk = {NULL, 0, 0, 1};
+    long entries = 0, arguments = 0;
+    int r = 0;
+    for (Py_ssize_t i = 0; i <= n && r == 0; i++) {
+        if (i < n) {
+            const StreamResource *res = &resources[i];
+            const uint8_t *q = res->rs;
+            Field g, h;
+            int s = 0;
+            while (r == 0 && (s = scan_field(&q, res->rs_end, &g)) > 0) {
+                if (g.number != 2 || g.type != WT_LEN)
+                    continue;
+                const uint8_t *p = g.data, *end = g.data + g.len;
+                int t;
+                while (r == 0 && (t = scan_field(&p, end, &h)) > 0) {
+                    if (h.number != 2 || h.type != WT_LEN)
+                        continue;
+                    r = pack_entry(&chunk, h.data, h.len, res->prefix, res->prefix_len,
+                                   res->tail, res->tail_len);
+                    entries++;
+                    arguments += res->arguments;
+                    if (entries == per_command) { /* a full command: out it goes */
+                        if (r == 0 && (buffer_add(out, "*", 1) < 0 ||
+                                       add_decimal(out, head_arguments + arguments, 1) < 0 ||
+                                       buffer_add(out, "\r\n", 2) < 0 ||
+                                       buffer_add(out, head, head_len) < 0 ||
+                                       buffer_add(out, chunk.data, chunk.len) < 0))
+                            r = OUT_OF_MEMORY;
+                        (*commands)++;
+                        chunk.len = 0, entries = 0, arguments = 0;
+                    }
+                }
+                if (t < 0)
+                    r = -1;
             }
+            if (s < 0)
+                r = -1;
+        }
+        else if (entries > 0) { /* the last, partly filled command */
+            if (buffer_add(out, "*", 1) < 0 || add_decimal(out, head_arguments + arguments, 1) < 0 ||
+                buffer_add(out, "\r\n", 2) < 0 || buffer_add(out, head, head_len) < 0 ||
+                buffer_add(out, chunk.data, chunk.len) < 0)
+                r = OUT_OF_MEMORY;
+            (*commands)++;
         }
     }
-    Py_DECREF(answer);
-    return (s < 0 || r < 0) ? -1 : 0;
+    PyMem_RawFree(chunk.data);
+    return r;
 }
 
+PyDoc_STRVAR(stream_commands_doc,
+"stream_commands(payload, resource_cb, head_arguments, head, per_command)\n--\n\n"
+"redis_streams' EVAL commands for the spans of a serialized ExportTraceServiceRequest,\n"
+"as that exporter packs them in Python: each command is *<head_arguments + its\n"
+"entries' arguments>, head (packed), then up to per_command entries, each packed as\n"
+"its _SPAN_RESP. resource_cb(resource_bytes) returns (arguments, prefix, tail) for the\n"
+"entries of a resource: how many EVAL arguments an entry takes, the packed field count\n"
+"that starts it and the packed resource fields that follow the span's. It is called for\n"
+"each ResourceSpans first, with the GIL; the packing runs without it. Returns (packed\n"
+"commands, how many).");
+
 static PyObject *
-stream_entries(PyObject *self, PyObject *args)
+stream_commands(PyObject *self, PyObject *args)
 {
     Py_buffer payload;
     PyObject *resource_cb;
-    if (!PyArg_ParseTuple(args, "y*O:stream_entries", &payload, &resource_cb))
+    const char *head;
+    Py_ssize_t head_len;
+    long head_arguments, per_command;
+    if (!PyArg_ParseTuple(args, "y*Olz#l:stream_commands", &payload, &resource_cb,
+                          &head_arguments, &head, &head_len, &per_command))
         return NULL;
-    PyObject *entries = PyList_New(0);
+    if (per_command < 1) {
+        PyBuffer_Release(&payload);
+        PyErr_SetString(PyExc_ValueError, "per_command must be at least 1");
+        return NULL;
+    }
+    PyObject *answers = PyList_New(0), *result = NULL;
+    StreamResource *resources = NULL;
+    Py_ssize_t n = 0, room = 0;
+    Buffer out = {NULL, 0, 0, 1};
     const uint8_t *p = payload.buf, *end = p + payload.len;
     Field f;
-    int r = entries == NULL ? -1 : 0;
-    while (r == 0 && (r = next_field(&p, end, &f)) > 0) {
-        r = (f.number == 1 && f.type == WT_LEN)
-                ? stream_resource_spans(entries, f.data, f.data + f.len, resource_cb)
-                : 0;
+    int r = answers == NULL ? -1 : 0;
+    while (r == 0 && (r = next_field(&p, end, &f)) > 0) { /* the resources, with the GIL */
+        r = 0;
+        if (f.number != 1 || f.type != WT_LEN)
+            continue;
+        PyObject *resource = submessage(f.data, f.data + f.len, 1);
+        PyObject *answer = resource ? PyObject_CallOneArg(resource_cb, resource) : NULL;
+        Py_XDECREF(resource);
+        PyObject *count, *prefix, *tail;
+        if (answer == NULL || PyList_Append(answers, answer) < 0 ||
+            !PyArg_ParseTuple(answer, "OSS:resource_cb's answer", &count, &prefix, &tail)) {
+            Py_XDECREF(answer);
+            r = -1;
+            break;
+        }
+        Py_DECREF(answer); /* the answers list keeps it */
+        if (n == room) {
+            room = room ? 2 * room : 64;
+            StreamResource *grown = PyMem_Realloc(resources, room * sizeof *resources);
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                r = -1;
+                break;
+            }
+            resources = grown;
+        }
+        StreamResource *res = &resources[n++];
+        res->rs = f.data, res->rs_end = f.data + f.len;
+        res->arguments = PyLong_AsLong(count);
+        if (res->arguments == -1 && PyErr_Occurred()) {
+            r = -1;
+            break;
+        }
+        res->prefix = PyBytes_AS_STRING(prefix), res->prefix_len = PyBytes_GET_SIZE(prefix);
+        res->tail = PyBytes_AS_STRING(tail), res->tail_len = PyBytes_GET_SIZE(tail);
     }
+    if (r == 0) {
+        Py_ssize_t commands = 0;
+        int packed;
+        Py_BEGIN_ALLOW_THREADS
+        packed = pack_commands(&out, resources, n, head_arguments, head, head_len, per_command,
+                               &commands);
+        Py_END_ALLOW_THREADS
+        if (packed == OUT_OF_MEMORY)
+            PyErr_NoMemory();
+        else if (packed < 0)
+            set_malformed();
+        else
+            result = Py_BuildValue("(y#n)", out.data ? out.data : "", out.len, commands);
+    }
+    PyMem_RawFree(out.data);
+    PyMem_Free(resources);
+    Py_XDECREF(answers);
     PyBuffer_Release(&payload);
-    if (r < 0) {
-        Py_XDECREF(entries);
-        return NULL;
-    }
-    return entries;
+    return result;
 }
 
 /* -- OTLP/JSON to the protobuf wire format (collector/otlp_json.py) ----------------- */
@@ -1349,7 +1463,7 @@ json_to_wire(PyObject *self, PyObject *args)
         result = PyBytes_FromStringAndSize(b.data ? b.data : "", b.len);
     else if (r == FALLBACK)
         result = Py_NewRef(Py_None);
-    PyMem_Free(b.data);
+    PyMem_RawFree(b.data);
     return result;
 }
 
@@ -1939,7 +2053,7 @@ execute_steps(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"build_rows", build_rows, METH_VARARGS, build_rows_doc},
     {"check_spans", check_spans, METH_O, check_spans_doc},
-    {"stream_entries", stream_entries, METH_VARARGS, stream_entries_doc},
+    {"stream_commands", stream_commands, METH_VARARGS, stream_commands_doc},
     {"json_to_wire", json_to_wire, METH_VARARGS, json_to_wire_doc},
     {"resource_spans_layout", resource_spans_layout, METH_O, resource_spans_layout_doc},
     {"load_sqlite", load_sqlite, METH_O, load_sqlite_doc},

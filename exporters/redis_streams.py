@@ -139,22 +139,6 @@ class RedisStreamsExporter(Exporter):
         prefix = _resp_bulk(b"%d" % fields)
         return 1 + fields, prefix, b"".join(_resp_bulk(arg) for arg in tail)
 
-    def _native_entries(self, batch: SpanBatch, project: bytes) -> list[tuple[int, bytes]]:
-        """The entries of a serialized batch, packed by ``collector._wire`` in C (the
-        span's bytes are its own in the payload: no parse, no serialize)."""
-        assert batch.payload is not None
-        resources: dict[bytes, tuple[int, bytes, bytes]] = {}
-
-        def resource_fields(payload: bytes) -> tuple[int, bytes, bytes]:
-            fields = resources.get(payload)
-            if fields is None:  # a batch repeats a few resources many times
-                resource = Resource.FromString(payload)
-                fields = resources[payload] = self._resource_fields(project, resource)
-            return fields
-
-        entries: list[tuple[int, bytes]] = _wire.stream_entries(batch.payload, resource_fields)
-        return entries
-
     def _commands(self, batch: SpanBatch) -> tuple[bytes, int]:
         """The batch's entries as ``EVAL`` commands of ``_XADD_MANY`` (up to
         ``ENTRIES_PER_COMMAND`` entries each), packed in the Redis protocol; also how many
@@ -162,14 +146,12 @@ class RedisStreamsExporter(Exporter):
         config = self.config
         project = (batch.project or DEFAULT_PROJECT).encode()
         stream = stream_name(config.stream, batch.project).encode()
-        # Each entry is (its number of EVAL arguments, those arguments packed).
-        entries: list[tuple[int, bytes]]
-        if batch.payload is not None and self.serialized_batches:
-            entries = self._native_entries(batch, project)
-        else:
-            entries = self._python_entries(batch, project)
         head = [b"EVAL", _XADD_MANY, b"1", stream, b"%d" % config.maxlen]
         packed_head = b"".join(_resp_bulk(arg) for arg in head)
+        if batch.payload is not None and self.serialized_batches:
+            return self._native_commands(batch.payload, project, len(head), packed_head)
+        # Each entry is (its number of EVAL arguments, those arguments packed).
+        entries = self._python_entries(batch, project)
         out: list[bytes] = []
         commands = 0
         for first in range(0, len(entries), self.ENTRIES_PER_COMMAND):
@@ -179,6 +161,25 @@ class RedisStreamsExporter(Exporter):
             out += (packed for _, packed in chunk)
             commands += 1
         return b"".join(out), commands
+
+    def _native_commands(
+        self, payload: bytes, project: bytes, head_arguments: int, packed_head: bytes
+    ) -> tuple[bytes, int]:
+        """``_commands`` of a serialized batch, packed by ``collector._wire`` in C without
+        the GIL (the span's bytes are its own in the payload: no parse, no serialize)."""
+        resources: dict[bytes, tuple[int, bytes, bytes]] = {}
+
+        def resource_fields(resource_payload: bytes) -> tuple[int, bytes, bytes]:
+            fields = resources.get(resource_payload)
+            if fields is None:  # a batch repeats a few resources many times
+                resource = Resource.FromString(resource_payload)
+                fields = resources[resource_payload] = self._resource_fields(project, resource)
+            return fields
+
+        commands: tuple[bytes, int] = _wire.stream_commands(
+            payload, resource_fields, head_arguments, packed_head, self.ENTRIES_PER_COMMAND
+        )
+        return commands
 
     def _python_entries(self, batch: SpanBatch, project: bytes) -> list[tuple[int, bytes]]:
         """The entries of a batch's messages, packed in Python (JSON encoding, or where
