@@ -94,11 +94,12 @@ async def test_streams_are_trimmed_approximately(redis_server):
 
 
 @pytest.mark.parametrize("maxlen", [0, 10_000])
-async def test_a_batch_larger_than_a_script_call_arrives_whole_and_in_order(redis_server, maxlen):
-    """Entries go to Redis a script call per ENTRIES_PER_COMMAND; several resources
-    (each with its own fields) span the chunk boundaries."""
+async def test_a_large_batch_arrives_whole_and_in_order(redis_server, maxlen):
+    """Thousands of XADD replies are counted as they arrive, read a few bytes at a time
+    (replies cut anywhere); several resources, each with its own fields."""
     exporter = await started(url=redis_server.url, maxlen=maxlen)
-    per_call = exporter.ENTRIES_PER_COMMAND
+    exporter.REPLY_READ_SIZE = 7
+    per_call = 500
     services = [f"agent-{i}" for i in range(3)]
     batches = [
         resource_spans({"service.name": service}, [{"name": f"{service} {j}"} for j in range(per_call // 2 + 107)])
@@ -250,3 +251,39 @@ async def test_starts_while_redis_is_down_and_delivers_once_it_is_up(tmp_path):
     finally:
         await exporter.shutdown()
         server.kill()
+
+
+def test_replies_are_counted_however_the_bytes_are_cut():
+    from redis.exceptions import InvalidResponse, ResponseError
+
+    from exporters.redis_streams import _ReplyCounter
+
+    replies = b"$15\r\n1700000000000-0\r\n-WRONGTYPE Operation against a key\r\n$-1\r\n:3\r\n"
+    for cut in range(len(replies) + 1):
+        counter = _ReplyCounter(4)
+        counter.feed(replies[:cut])
+        counter.feed(replies[cut:])
+        assert counter.missing == 0
+        assert isinstance(counter.error, ResponseError)
+        assert "Operation against a key" in str(counter.error)
+    one_byte_at_a_time = _ReplyCounter(4)
+    for i in range(len(replies)):
+        assert one_byte_at_a_time.missing > 0
+        one_byte_at_a_time.feed(replies[i : i + 1])
+    assert one_byte_at_a_time.missing == 0
+    with pytest.raises(InvalidResponse, match="more replies"):
+        _ReplyCounter(1).feed(b":1\r\n:2\r\n")
+    with pytest.raises(InvalidResponse, match="unexpected reply"):
+        _ReplyCounter(1).feed(b"*2\r\n")
+
+
+async def test_the_connection_is_reused_after_a_batch(redis_server):
+    """Every reply of a batch is read: the pooled connection answers the next command."""
+    exporter = await started(url=redis_server.url)
+    try:
+        await exporter.export(batch(resource_spans({}, [{"name": f"s{i}"} for i in range(50)])))
+        await exporter.export(batch(resource_spans({}, [{"name": "again"}])))
+        assert await exporter._client.ping()
+        assert await exporter._client.xlen("calltrace:spans:p1") == 51
+    finally:
+        await exporter.shutdown()
