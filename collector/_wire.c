@@ -1039,72 +1039,53 @@ typedef struct {
     Py_ssize_t prefix_len, tail_len;
 } StreamResource;
 
-/* Appends the commands of every span of resources[0..n) to out (no GIL): 0, -1 for a
+/* Appends a command for every span of resources[0..n) to out (no GIL): 0, -1 for a
  * malformed span, OUT_OF_MEMORY. */
 static int
 pack_commands(Buffer *out, const StreamResource *resources, Py_ssize_t n, long head_arguments,
-              const char *head, Py_ssize_t head_len, long per_command, Py_ssize_t *commands)
+              const char *head, Py_ssize_t head_len, Py_ssize_t *commands)
 {
-    Buffer chunk = {NULL, 0, 0, 1};
-    long entries = 0, arguments = 0;
-    int r = 0;
-    for (Py_ssize_t i = 0; i <= n && r == 0; i++) {
-        if (i < n) {
-            const StreamResource *res = &resources[i];
-            const uint8_t *q = res->rs;
-            Field g, h;
-            int s = 0;
-            while (r == 0 && (s = scan_field(&q, res->rs_end, &g)) > 0) {
-                if (g.number != 2 || g.type != WT_LEN)
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const StreamResource *res = &resources[i];
+        const uint8_t *q = res->rs;
+        Field g, h;
+        int s;
+        while ((s = scan_field(&q, res->rs_end, &g)) > 0) {
+            if (g.number != 2 || g.type != WT_LEN)
+                continue;
+            const uint8_t *p = g.data, *end = g.data + g.len;
+            int t;
+            while ((t = scan_field(&p, end, &h)) > 0) {
+                if (h.number != 2 || h.type != WT_LEN)
                     continue;
-                const uint8_t *p = g.data, *end = g.data + g.len;
-                int t;
-                while (r == 0 && (t = scan_field(&p, end, &h)) > 0) {
-                    if (h.number != 2 || h.type != WT_LEN)
-                        continue;
-                    r = pack_entry(&chunk, h.data, h.len, res->prefix, res->prefix_len,
-                                   res->tail, res->tail_len);
-                    entries++;
-                    arguments += res->arguments;
-                    if (entries == per_command) { /* a full command: out it goes */
-                        if (r == 0 && (buffer_add(out, "*", 1) < 0 ||
-                                       add_decimal(out, head_arguments + arguments, 1) < 0 ||
-                                       buffer_add(out, "\r\n", 2) < 0 ||
-                                       buffer_add(out, head, head_len) < 0 ||
-                                       buffer_add(out, chunk.data, chunk.len) < 0))
-                            r = OUT_OF_MEMORY;
-                        (*commands)++;
-                        chunk.len = 0, entries = 0, arguments = 0;
-                    }
-                }
-                if (t < 0)
-                    r = -1;
+                if (buffer_add(out, "*", 1) < 0 ||
+                    add_decimal(out, head_arguments + res->arguments, 1) < 0 ||
+                    buffer_add(out, "\r\n", 2) < 0 || buffer_add(out, head, head_len) < 0)
+                    return OUT_OF_MEMORY;
+                int r = pack_entry(out, h.data, h.len, res->prefix, res->prefix_len, res->tail,
+                                   res->tail_len);
+                if (r < 0)
+                    return r;
+                (*commands)++;
             }
-            if (s < 0)
-                r = -1;
+            if (t < 0)
+                return -1;
         }
-        else if (entries > 0) { /* the last, partly filled command */
-            if (buffer_add(out, "*", 1) < 0 || add_decimal(out, head_arguments + arguments, 1) < 0 ||
-                buffer_add(out, "\r\n", 2) < 0 || buffer_add(out, head, head_len) < 0 ||
-                buffer_add(out, chunk.data, chunk.len) < 0)
-                r = OUT_OF_MEMORY;
-            (*commands)++;
-        }
+        if (s < 0)
+            return -1;
     }
-    PyMem_RawFree(chunk.data);
-    return r;
+    return 0;
 }
 
 PyDoc_STRVAR(stream_commands_doc,
-"stream_commands(payload, resource_cb, head_arguments, head, per_command)\n--\n\n"
-"redis_streams' EVAL commands for the spans of a serialized ExportTraceServiceRequest,\n"
-"as that exporter packs them in Python: each command is *<head_arguments + its\n"
-"entries' arguments>, head (packed), then up to per_command entries, each packed as\n"
-"its _SPAN_RESP. resource_cb(resource_bytes) returns (arguments, prefix, tail) for the\n"
-"entries of a resource: how many EVAL arguments an entry takes, the packed field count\n"
-"that starts it and the packed resource fields that follow the span's. It is called for\n"
-"each ResourceSpans first, with the GIL; the packing runs without it. Returns (packed\n"
-"commands, how many).");
+"stream_commands(payload, resource_cb, head_arguments, head)\n--\n\n"
+"redis_streams' commands for the spans of a serialized ExportTraceServiceRequest, one\n"
+"a span, as that exporter packs them in Python: *<head_arguments + the entry's\n"
+"arguments>, head (packed), then the entry packed as _SPAN_RESP. resource_cb(resource\n"
+"bytes) returns (arguments, prefix, tail) for the entries of a resource: how many\n"
+"arguments an entry takes, the packed arguments that start it and the packed resource\n"
+"fields that follow the span's. It is called for each ResourceSpans first, with the\n"
+"GIL; the packing runs without it. Returns (packed commands, how many).");
 
 static PyObject *
 stream_commands(PyObject *self, PyObject *args)
@@ -1113,15 +1094,10 @@ stream_commands(PyObject *self, PyObject *args)
     PyObject *resource_cb;
     const char *head;
     Py_ssize_t head_len;
-    long head_arguments, per_command;
-    if (!PyArg_ParseTuple(args, "y*Olz#l:stream_commands", &payload, &resource_cb,
-                          &head_arguments, &head, &head_len, &per_command))
+    long head_arguments;
+    if (!PyArg_ParseTuple(args, "y*Olz#:stream_commands", &payload, &resource_cb,
+                          &head_arguments, &head, &head_len))
         return NULL;
-    if (per_command < 1) {
-        PyBuffer_Release(&payload);
-        PyErr_SetString(PyExc_ValueError, "per_command must be at least 1");
-        return NULL;
-    }
     PyObject *answers = PyList_New(0), *result = NULL;
     StreamResource *resources = NULL;
     Py_ssize_t n = 0, room = 0;
@@ -1168,8 +1144,7 @@ stream_commands(PyObject *self, PyObject *args)
         Py_ssize_t commands = 0;
         int packed;
         Py_BEGIN_ALLOW_THREADS
-        packed = pack_commands(&out, resources, n, head_arguments, head, head_len, per_command,
-                               &commands);
+        packed = pack_commands(&out, resources, n, head_arguments, head, head_len, &commands);
         Py_END_ALLOW_THREADS
         if (packed == OUT_OF_MEMORY)
             PyErr_NoMemory();

@@ -24,7 +24,7 @@ serialized batches (``Exporter.serialized_batches``), which they read without pa
 
 
 def _load_sqlite() -> bool:
-    """Whether ``native.insert_spans`` can write to Python's own sqlite3 connections: it
+    """Whether ``native.execute_steps`` can write on Python's own sqlite3 connections: it
     needs SQLite's functions from the library ``_sqlite3`` is linked to, and CPython's
     connection object (whose first field is the SQLite handle). ``CALLTRACE_NATIVE_SQLITE=0``
     turns it off (the executemany path), for comparisons."""
@@ -40,4 +40,4 @@ def _load_sqlite() -> bool:
 
 NATIVE_SQLITE = _load_sqlite()
 """Whether the sqlite exporter's span rows go from the batch's bytes into SQLite in C,
-without the GIL (``native.insert_spans``), rather than through ``executemany``."""
+without the GIL (``native.execute_steps``), rather than through ``executemany``."""

@@ -175,7 +175,7 @@ class RedisStreamsExporter(Exporter):
             return fields
 
         commands: tuple[bytes, int] = _wire.stream_commands(
-            payload, resource_fields, head_arguments, packed_head, 1
+            payload, resource_fields, head_arguments, packed_head
         )
         return commands
 
