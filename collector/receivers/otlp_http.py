@@ -18,11 +18,14 @@ Error bodies are ``google.rpc.Status`` messages in the request's encoding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import math
 import os
 import zlib
+from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -48,6 +51,54 @@ _DRAIN_TIMEOUT = 30.0
 """Seconds ``shutdown`` waits for in-flight requests (they are waiting on the pipeline)."""
 
 
+class BodyBudget:
+    """At most ``limit`` bytes of request bodies in hand at once: ``hold(size)`` waits
+    its turn, first come first served, and a size above the whole budget is held alone.
+    A waiter that gives up (its client went away) takes no share."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        size = min(max(size, 0), self.limit)
+        if self._waiting or self.used + size > self.limit:
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiting.append((size, turn))
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():  # granted, then cancelled
+                    self._release(size)
+                else:
+                    self._grant()  # it may have been first in line
+                raise
+        else:
+            self.used += size
+        try:
+            yield
+        finally:
+            self._release(size)
+
+    def _release(self, size: int) -> None:
+        self.used -= size
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting:
+            size, turn = self._waiting[0]
+            if turn.done():  # cancelled while waiting
+                self._waiting.popleft()
+                continue
+            if self.used and self.used + size > self.limit:
+                return
+            self._waiting.popleft()
+            self.used += size
+            turn.set_result(None)
+
+
 class HTTPListener:
     """One aiohttp server for the traces paths plus the service's routes."""
 
@@ -59,6 +110,7 @@ class HTTPListener:
         """The port listened on (useful with port 0), once started."""
         self._runner: web.AppRunner | None = None
         self._in_flight = asyncio.Semaphore(settings.max_concurrent_requests)
+        self._bodies = BodyBudget(settings.max_concurrent_bytes)
 
     async def start(self, routes: list[Any]) -> None:
         settings = self.settings
@@ -154,7 +206,9 @@ class HTTPListener:
         coding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if coding not in _DECODERS:
             return _error(reply_as, 415, f"unsupported content encoding {coding!r}; expected gzip")
-        async with self._in_flight:
+        # A body of unknown length (chunked) counts as the whole budget: it goes alone.
+        size = length if length is not None else self.settings.max_concurrent_bytes
+        async with self._in_flight, self._bodies.hold(size):
             return await self._decode_and_export(request, info, content_type, reply_as, coding)
 
     async def _decode_and_export(

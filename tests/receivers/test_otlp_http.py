@@ -305,3 +305,80 @@ async def test_failed_start_releases_what_started(free_port, tmp_path):
         assert not service.ready
     finally:
         blocker.close()
+
+
+# -- the body budget: how many bytes of requests are decoded at once --------------------
+
+
+async def test_the_body_budget_lets_requests_in_by_size_in_arrival_order():
+    from collector.receivers.otlp_http import BodyBudget
+
+    budget = BodyBudget(100)
+    order: list[str] = []
+    release = {name: asyncio.Event() for name in "abcde"}
+
+    async def request(name: str, size: int) -> None:
+        async with budget.hold(size):
+            order.append(name)
+            await release[name].wait()
+
+    tasks = [asyncio.create_task(request("a", 60))]
+    await asyncio.sleep(0)
+    tasks.append(asyncio.create_task(request("b", 50)))  # 110 > 100: waits for a
+    await asyncio.sleep(0)
+    tasks.append(asyncio.create_task(request("c", 10)))  # would fit, but b is first
+    await asyncio.sleep(0)
+    assert order == ["a"] and budget.used == 60
+    release["a"].set()
+    await asyncio.sleep(0.01)
+    assert order == ["a", "b", "c"] and budget.used == 60
+    tasks.append(asyncio.create_task(request("d", 500)))  # larger than the budget: alone
+    await asyncio.sleep(0.01)
+    assert order == ["a", "b", "c"]
+    release["b"].set()
+    release["c"].set()
+    await asyncio.sleep(0.01)
+    assert order == ["a", "b", "c", "d"] and budget.used == 100
+    release["d"].set()
+    await asyncio.gather(*tasks)
+    assert budget.used == 0
+
+
+async def test_a_waiter_that_gives_up_takes_no_share_and_blocks_no_one():
+    from collector.receivers.otlp_http import BodyBudget
+
+    budget = BodyBudget(100)
+    held = asyncio.Event()
+    entered: list[str] = []
+
+    async def request(name: str, size: int, hold: asyncio.Event | None = None) -> None:
+        async with budget.hold(size):
+            entered.append(name)
+            if hold is not None:
+                await hold.wait()
+
+    first = asyncio.create_task(request("first", 100, held))
+    await asyncio.sleep(0)
+    gone = asyncio.create_task(request("gone", 100))  # its client hangs up while waiting
+    await asyncio.sleep(0)
+    after = asyncio.create_task(request("after", 40))
+    await asyncio.sleep(0)
+    gone.cancel()
+    held.set()
+    await asyncio.gather(first, after, return_exceptions=True)
+    assert entered == ["first", "after"]
+    assert gone.cancelled() and budget.used == 0
+    # Granted a turn, then cancelled before it ran: the share comes back.
+    blocker = asyncio.Event()
+    holder = asyncio.create_task(request("holder", 100, blocker))
+    await asyncio.sleep(0)
+    late = asyncio.create_task(request("late", 100))
+    await asyncio.sleep(0)
+    blocker.set()
+    await asyncio.sleep(0)  # holder leaves and grants late its turn...
+    assert holder.done() and budget.used == 100 and "late" not in entered
+    late.cancel()  # ...which is cancelled before it runs
+    await asyncio.gather(holder, late, return_exceptions=True)
+    assert budget.used == 0
+    async with budget.hold(100):
+        assert budget.used == 100
