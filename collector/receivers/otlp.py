@@ -84,8 +84,9 @@ class HTTPSettings(_ListenerSettings):
     """Export requests read, decoded and handed on at once; more wait (unread, in the
     socket) for a turn. Bounds the memory of parsed requests under a flood."""
     max_concurrent_bytes: ByteSize = 3 * MiB // 2
-    """The bodies (by ``Content-Length``) of the requests read, decoded and handed on at
-    once, at most; more wait for a turn, in arrival order, and a larger body goes alone.
+    """The requests read, decoded and handed on at once, by size, at most: a request
+    counts as its ``Content-Length`` until its body is decoded, then as its protobuf
+    bytes. More wait for a turn, in arrival order, and a larger request goes alone.
     Many small requests still share the pipeline's batches, few large ones hold few
     parsed copies: under the bench's flood (48 connections, 320 kB bodies) 16 at a time
     peaked at 166-182 MiB, 4 at a time (with ``batch_max_spans: 4096``) at 138."""

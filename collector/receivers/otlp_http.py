@@ -52,9 +52,28 @@ _DRAIN_TIMEOUT = 30.0
 
 
 class BodyBudget:
-    """At most ``limit`` bytes of request bodies in hand at once: ``hold(size)`` waits
-    its turn, first come first served, and a size above the whole budget is held alone.
-    A waiter that gives up (its client went away) takes no share."""
+    """At most ``limit`` bytes of requests in hand at once: ``hold(size)`` waits its turn,
+    first come first served, and a size above the whole budget is held alone. A waiter
+    that gives up (its client went away) takes no share. The share held can be resized
+    (``Share.resize``) once the request's real size is known."""
+
+    class Share:
+        __slots__ = ("_budget", "size")
+
+        def __init__(self, budget: BodyBudget, size: int):
+            self._budget = budget
+            self.size = size
+
+        def resize(self, size: int) -> None:
+            """Hold ``size`` bytes from now on (a decoded body's own size); a share that
+            shrinks lets the next waiters in, one that grows may exceed the budget (the
+            request is decoded already)."""
+            budget = self._budget
+            size = min(max(size, 0), budget.limit)
+            budget.used += size - self.size
+            shrunk, self.size = size < self.size, size
+            if shrunk:
+                budget._grant()
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -62,7 +81,7 @@ class BodyBudget:
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     @contextlib.asynccontextmanager
-    async def hold(self, size: int) -> AsyncIterator[None]:
+    async def hold(self, size: int) -> AsyncIterator[BodyBudget.Share]:
         size = min(max(size, 0), self.limit)
         if self._waiting or self.used + size > self.limit:
             turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -77,10 +96,11 @@ class BodyBudget:
                 raise
         else:
             self.used += size
+        share = BodyBudget.Share(self, size)
         try:
-            yield
+            yield share
         finally:
-            self._release(size)
+            self._release(share.size)
 
     def _release(self, size: int) -> None:
         self.used -= size
@@ -206,13 +226,23 @@ class HTTPListener:
         coding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if coding not in _DECODERS:
             return _error(reply_as, 415, f"unsupported content encoding {coding!r}; expected gzip")
-        # A body of unknown length (chunked) counts as the whole budget: it goes alone.
+        # A body counts as its Content-Length until it is decoded, then as its protobuf
+        # bytes (a third of its JSON, several times its gzip); one of unknown length
+        # (chunked) counts as the whole budget until then.
         size = length if length is not None else self.settings.max_concurrent_bytes
-        async with self._in_flight, self._bodies.hold(size):
-            return await self._decode_and_export(request, info, content_type, reply_as, coding)
+        async with self._in_flight, self._bodies.hold(size) as share:
+            return await self._decode_and_export(
+                request, info, content_type, reply_as, coding, share
+            )
 
     async def _decode_and_export(
-        self, request: web.Request, info: RequestInfo, content_type: str, reply_as: str, coding: str
+        self,
+        request: web.Request,
+        info: RequestInfo,
+        content_type: str,
+        reply_as: str,
+        coding: str,
+        share: BodyBudget.Share,
     ) -> web.Response:
         ingest = self.ingest
         limit = self.settings.max_request_body_size
@@ -237,6 +267,7 @@ class HTTPListener:
         except (DecodeError, OTLPJSONError) as exc:
             log.debug("%s: malformed request from %s: %s", self.receiver_id, info.peer, exc)
             return _error(reply_as, 400, f"malformed {content_type} request: {exc}")
+        share.resize(len(body))
 
         try:
             result = await ingest.export(export_request, info, body)

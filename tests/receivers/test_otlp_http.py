@@ -382,3 +382,30 @@ async def test_a_waiter_that_gives_up_takes_no_share_and_blocks_no_one():
     assert budget.used == 0
     async with budget.hold(100):
         assert budget.used == 100
+
+
+async def test_a_share_resized_to_its_decoded_size_lets_the_next_one_in():
+    """A JSON body counts as its length until decoded, then as its (smaller) protobuf."""
+    from collector.receivers.otlp_http import BodyBudget
+
+    budget = BodyBudget(100)
+    entered = asyncio.Event()
+    done = asyncio.Event()
+
+    async def waiter() -> None:
+        async with budget.hold(60):
+            entered.set()
+            await done.wait()
+
+    async with budget.hold(90) as share:
+        task = asyncio.create_task(waiter())
+        await asyncio.sleep(0.01)
+        assert not entered.is_set()
+        share.resize(30)  # decoded: 30 + 60 fit
+        await asyncio.sleep(0.01)
+        assert entered.is_set() and budget.used == 90
+        share.resize(500)  # a gzip body grows past the budget: held, counted as all of it
+        assert budget.used == 160
+    done.set()
+    await task
+    assert budget.used == 0
