@@ -40,7 +40,6 @@ from typing import Any, Literal
 
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from pydantic import Field, field_validator
-from redis._parsers.base import BaseParser
 from redis.exceptions import ConnectionError, InvalidResponse, RedisError, ResponseError
 
 from collector import (
@@ -302,6 +301,16 @@ first (nothing), the span's fields, the resource's (packed once per resource), a
 span."""
 
 
+def _redis_error(message: str) -> Exception:
+    """The exception redis-py raises for an error reply (``ResponseError`` or one of its
+    kinds, by the message's first word)."""
+    try:  # redis-py's own mapping; a private module, so not counted on
+        from redis._parsers.base import BaseParser
+    except ImportError:
+        return ResponseError(message)
+    return BaseParser.parse_error(message)
+
+
 class _ReplyCounter:
     """Counts RESP2 replies of ``XADD`` (bulk strings, or errors) in the bytes they come
     in, keeping the first error. Measured, against the local Redis: an ``EVAL`` of a
@@ -333,7 +342,7 @@ class _ReplyCounter:
             elif kind == 45:  # -: an error
                 if self.error is None:
                     message = buffer[position + 1 : line_end].decode(errors="replace")
-                    self.error = BaseParser.parse_error(message)
+                    self.error = _redis_error(message)
             elif kind not in (43, 58):  # +: a status, :: an integer
                 raise InvalidResponse(f"unexpected reply from Redis: {buffer[position:after]!r}")
             position = after
