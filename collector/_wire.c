@@ -10,7 +10,7 @@
  *   each span's bytes sliced from the input instead of serialized again;
  * - check_spans: whether collector.receivers.otlp.drop_invalid_spans has work to do;
  * - stream_commands: exporters/redis_streams.py's commands, packed in the Redis protocol
- *   without the GIL;
+ *   without the GIL; count_replies: their replies, counted in the bytes;
  * - json_to_wire: collector.otlp_json's OTLP/JSON -> protobuf writer, for the common
  *   cases (it returns None for the rest, which Python handles, errors included);
  * - resource_spans_layout: where a request's ResourceSpans are, so that those whose
@@ -1160,6 +1160,80 @@ stream_commands(PyObject *self, PyObject *args)
     return result;
 }
 
+PyDoc_STRVAR(count_replies_doc,
+"count_replies(buffer, wanted)\n--\n\n"
+"Count up to wanted complete RESP2 replies of XADD at the start of buffer: bulk strings\n"
+"($<n>, $-1), errors (-), statuses (+) and integers (:). Returns (bytes they take, how\n"
+"many, the first error's message as bytes or None), as redis_streams._ReplyCounter's\n"
+"Python loop; ValueError names an unexpected reply.");
+
+static PyObject *
+count_replies(PyObject *self, PyObject *args)
+{
+    Py_buffer buffer;
+    Py_ssize_t wanted;
+    if (!PyArg_ParseTuple(args, "y*n:count_replies", &buffer, &wanted))
+        return NULL;
+    const char *data = buffer.buf;
+    Py_ssize_t size = buffer.len, position = 0, counted = 0;
+    const char *error = NULL;
+    Py_ssize_t error_len = 0;
+    PyObject *result = NULL;
+    while (counted < wanted && position < size) {
+        const char *line = memchr(data + position, '\r', (size_t)(size - position));
+        /* a reply's first line ends at \r\n; its type byte says what follows */
+        while (line != NULL && (line + 1 >= data + size || line[1] != '\n'))
+            line = line + 1 >= data + size
+                       ? NULL
+                       : memchr(line + 1, '\r', (size_t)(data + size - line - 1));
+        if (line == NULL)
+            break;
+        Py_ssize_t line_end = line - data, after = line_end + 2;
+        char kind = data[position];
+        if (kind == '$') {
+            int64_t length = 0, sign = 1;
+            Py_ssize_t i = position + 1;
+            if (i < line_end && data[i] == '-')
+                sign = -1, i++;
+            if (i == line_end)
+                goto unexpected;
+            for (; i < line_end; i++) {
+                if (data[i] < '0' || data[i] > '9' || length > (INT64_MAX - 9) / 10)
+                    goto unexpected;
+                length = length * 10 + (data[i] - '0');
+            }
+            if (sign > 0) {
+                if (length > size - after - 2)
+                    break; /* the string is not all here yet */
+                after += (Py_ssize_t)length + 2;
+            }
+        }
+        else if (kind == '-') {
+            if (error == NULL)
+                error = data + position + 1, error_len = line_end - position - 1;
+        }
+        else if (kind != '+' && kind != ':')
+            goto unexpected;
+        position = after;
+        counted++;
+    }
+    if (error != NULL)
+        result = Py_BuildValue("(nny#)", position, counted, error, error_len);
+    else
+        result = Py_BuildValue("(nnO)", position, counted, Py_None);
+    PyBuffer_Release(&buffer);
+    return result;
+unexpected:;
+    PyObject *reply = PyBytes_FromStringAndSize(data + position,
+                                                (size - position) < 64 ? (size - position) : 64);
+    if (reply != NULL) {
+        PyErr_Format(PyExc_ValueError, "unexpected reply from Redis: %R", reply);
+        Py_DECREF(reply);
+    }
+    PyBuffer_Release(&buffer);
+    return NULL;
+}
+
 /* -- OTLP/JSON to the protobuf wire format (collector/otlp_json.py) ----------------- */
 
 /* Field kinds of the tables otlp_json._native_table builds from the descriptors. */
@@ -2029,6 +2103,7 @@ static PyMethodDef methods[] = {
     {"build_rows", build_rows, METH_VARARGS, build_rows_doc},
     {"check_spans", check_spans, METH_O, check_spans_doc},
     {"stream_commands", stream_commands, METH_VARARGS, stream_commands_doc},
+    {"count_replies", count_replies, METH_VARARGS, count_replies_doc},
     {"json_to_wire", json_to_wire, METH_VARARGS, json_to_wire_doc},
     {"resource_spans_layout", resource_spans_layout, METH_O, resource_spans_layout_doc},
     {"load_sqlite", load_sqlite, METH_O, load_sqlite_doc},

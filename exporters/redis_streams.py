@@ -313,19 +313,38 @@ def _redis_error(message: str) -> Exception:
 
 class _ReplyCounter:
     """Counts RESP2 replies of ``XADD`` (bulk strings, or errors) in the bytes they come
-    in, keeping the first error. Measured, against the local Redis: an ``EVAL`` of a
-    script adding 500 entries a call (one reply per call) cost Redis 11.2 us an entry,
-    plain ``XADD`` 5.1: on a machine whose cores Redis shares, that is the difference."""
+    in, keeping the first error; in C (``collector._wire.count_replies``) where it is
+    built, else in Python (the reference). Measured, against the local Redis: an
+    ``EVAL`` of a script adding 500 entries a call (one reply per call) cost Redis 11.2
+    us an entry, plain ``XADD`` 5.1: on a machine whose cores Redis shares, that is the
+    difference. Counting costs 0.45 us a reply in Python."""
 
-    __slots__ = ("_buffer", "error", "missing")
+    __slots__ = ("_buffer", "_native", "error", "missing")
 
-    def __init__(self, replies: int):
+    def __init__(self, replies: int, native: bool = True):
         self.missing = replies
         self.error: Exception | None = None
         self._buffer = b""
+        self._native = native and _wire is not None
 
     def feed(self, data: bytes) -> None:
         buffer = self._buffer + data if self._buffer else data
+        if self._native:
+            try:
+                position, counted, error = _wire.count_replies(buffer, self.missing)
+            except ValueError as exc:
+                raise InvalidResponse(str(exc)) from None
+            self.missing -= counted
+            if error is not None and self.error is None:
+                self.error = _redis_error(error.decode(errors="replace"))
+        else:
+            position = self._count(buffer)
+        if not self.missing and position != len(buffer):
+            raise InvalidResponse("Redis sent more replies than commands")
+        self._buffer = buffer[position:]
+
+    def _count(self, buffer: bytes) -> int:
+        """The replies at the start of ``buffer``, counted in Python: where they end."""
         position, size = 0, len(buffer)
         while self.missing:
             line_end = buffer.find(b"\r\n", position)
@@ -334,7 +353,12 @@ class _ReplyCounter:
             kind = buffer[position]
             after = line_end + 2
             if kind == 36:  # $: a bulk string (an entry id), or $-1
-                length = int(buffer[position + 1 : line_end])
+                digits = buffer[position + 1 : line_end]
+                if not (digits.isdigit() or (digits[:1] == b"-" and digits[1:].isdigit())):
+                    raise InvalidResponse(
+                        f"unexpected reply from Redis: {buffer[position : position + 64]!r}"
+                    )
+                length = int(digits)
                 if length >= 0:
                     after += length + 2
                     if after > size:
@@ -344,9 +368,9 @@ class _ReplyCounter:
                     message = buffer[position + 1 : line_end].decode(errors="replace")
                     self.error = _redis_error(message)
             elif kind not in (43, 58):  # +: a status, :: an integer
-                raise InvalidResponse(f"unexpected reply from Redis: {buffer[position:after]!r}")
+                raise InvalidResponse(
+                    f"unexpected reply from Redis: {buffer[position : position + 64]!r}"
+                )
             position = after
             self.missing -= 1
-        if not self.missing and position != size:
-            raise InvalidResponse("Redis sent more replies than commands")
-        self._buffer = buffer[position:]
+        return position

@@ -6,6 +6,8 @@ import json
 
 import pytest
 import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -253,28 +255,66 @@ async def test_starts_while_redis_is_down_and_delivers_once_it_is_up(tmp_path):
         server.kill()
 
 
-def test_replies_are_counted_however_the_bytes_are_cut():
+@pytest.mark.parametrize("native", [True, False])
+def test_replies_are_counted_however_the_bytes_are_cut(native):
     from redis.exceptions import InvalidResponse, ResponseError
 
     from exporters.redis_streams import _ReplyCounter
 
     replies = b"$15\r\n1700000000000-0\r\n-WRONGTYPE Operation against a key\r\n$-1\r\n:3\r\n"
     for cut in range(len(replies) + 1):
-        counter = _ReplyCounter(4)
+        counter = _ReplyCounter(4, native)
         counter.feed(replies[:cut])
         counter.feed(replies[cut:])
         assert counter.missing == 0
         assert isinstance(counter.error, ResponseError)
         assert "Operation against a key" in str(counter.error)
-    one_byte_at_a_time = _ReplyCounter(4)
+    one_byte_at_a_time = _ReplyCounter(4, native)
     for i in range(len(replies)):
         assert one_byte_at_a_time.missing > 0
         one_byte_at_a_time.feed(replies[i : i + 1])
     assert one_byte_at_a_time.missing == 0
     with pytest.raises(InvalidResponse, match="more replies"):
-        _ReplyCounter(1).feed(b":1\r\n:2\r\n")
-    with pytest.raises(InvalidResponse, match="unexpected reply"):
-        _ReplyCounter(1).feed(b"*2\r\n")
+        _ReplyCounter(1, native).feed(b":1\r\n:2\r\n")
+    for malformed in (b"*2\r\n", b"$x1\r\nab\r\n", b"$-\r\n", b"$\r\n"):
+        with pytest.raises(InvalidResponse, match="unexpected reply"):
+            _ReplyCounter(1, native).feed(malformed)
+
+
+reply_lists = st.lists(
+    st.one_of(
+        st.binary(max_size=20).map(lambda b: b"$%d\r\n%b\r\n" % (len(b), b)),
+        st.just(b"$-1\r\n"),
+        st.text(alphabet="ABCZ xyz-", min_size=1, max_size=12).map(
+            lambda t: b"-" + t.encode() + b"\r\n"
+        ),
+        st.integers(-5, 10**6).map(lambda n: b":%d\r\n" % n),
+        st.just(b"+OK\r\n"),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(reply_lists, st.data())
+def test_replies_are_counted_alike_in_c_and_in_python(replies, data):
+    from exporters.redis_streams import _ReplyCounter
+
+    stream = b"".join(replies)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+    wanted = data.draw(st.integers(1, len(replies)))
+    outcomes = []
+    for native in (True, False):
+        counter = _ReplyCounter(wanted, native)
+        try:
+            for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+                counter.feed(stream[start:end])
+            outcome = (counter.missing, str(counter.error), type(counter.error))
+        except Exception as exc:  # both ways must raise the same
+            outcome = (type(exc), str(exc))
+        outcomes.append(outcome)
+    assert outcomes[0] == outcomes[1]
 
 
 async def test_the_connection_is_reused_after_a_batch(redis_server):
