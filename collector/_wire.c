@@ -1807,6 +1807,81 @@ bind_values(sqlite3_stmt *stmt, const Value *values, Py_ssize_t width)
     }
 }
 
+/* The C values of rows (a list of tuples or lists, each as long as the first), read
+ * with the GIL into *values (PyMem_Free it), *width each. Stops at the first row that
+ * cannot be read, with the exception set: *readable is how many rows were read. */
+static int
+read_rows(PyObject *rows, Value **values, Py_ssize_t *width, Py_ssize_t *readable)
+{
+    Py_ssize_t n = PyList_GET_SIZE(rows);
+    *values = NULL, *width = 0, *readable = 0;
+    if (n > 0) {
+        PyObject *first = PyList_GET_ITEM(rows, 0);
+        if (!PyTuple_Check(first) && !PyList_Check(first)) {
+            PyErr_SetString(PyExc_TypeError, "a row is a tuple or a list");
+            return -1;
+        }
+        *width = PySequence_Fast_GET_SIZE(first);
+    }
+    *values = PyMem_Calloc(n * *width + 1, sizeof **values);
+    if (*values == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t r = 0; r < n; r++, (*readable)++) {
+        PyObject *row = PyList_GET_ITEM(rows, r);
+        if ((!PyTuple_Check(row) && !PyList_Check(row)) || PySequence_Fast_GET_SIZE(row) != *width) {
+            PyErr_SetString(PyExc_ValueError, "every row has as many values as the first");
+            return -1;
+        }
+        PyObject **items = PySequence_Fast_ITEMS(row);
+        for (Py_ssize_t c = 0; c < *width; c++)
+            if (to_value(items[c], &(*values)[r * *width + c]) < 0)
+                return -1;
+    }
+    return 0;
+}
+
+#define NO_MEMORY (-1) /* not a SQLite code: the RETURNING ids did not fit in memory */
+
+/* The integers a statement returned (RETURNING id), collected without the GIL. */
+typedef struct {
+    int64_t *ids;
+    Py_ssize_t len, room;
+} Returned;
+
+/* Run stmt for each of n rows of width values (no GIL): SQLITE_OK, the error SQLite
+ * reported, or NO_MEMORY. Rows it returns are read into returned, if given. */
+static int
+run_rows(sqlite3 *db, sqlite3_stmt *stmt, const Value *values, Py_ssize_t n,
+         Py_ssize_t width, Returned *returned, long *changed)
+{
+    for (Py_ssize_t r = 0; r < n; r++) {
+        if (width)
+            bind_values(stmt, &values[r * width], width);
+        int stepped;
+        while ((stepped = sq.step(stmt)) == SQLITE_ROW) { /* RETURNING rows */
+            if (returned == NULL)
+                continue;
+            if (returned->len == returned->room) {
+                Py_ssize_t room = returned->room ? 2 * returned->room : 64;
+                int64_t *grown = realloc(returned->ids, room * sizeof *grown); /* no GIL */
+                if (grown == NULL) {
+                    sq.reset(stmt);
+                    return NO_MEMORY;
+                }
+                returned->ids = grown, returned->room = room;
+            }
+            returned->ids[returned->len++] = sq.column_int64(stmt, 0);
+        }
+        sq.reset(stmt);
+        if (stepped != SQLITE_DONE)
+            return stepped;
+        *changed += sq.changes(db);
+    }
+    return SQLITE_OK;
+}
+
 PyDoc_STRVAR(execute_rows_doc,
 "execute_rows(connection, connection_type, filename, sql, rows, returning=False)\n--\n\n"
 "executemany(sql, rows) on connection (a connection_type open on filename, inside a\n"
@@ -1814,8 +1889,6 @@ PyDoc_STRVAR(execute_rows_doc,
 "them, with the GIL released once for all rows instead of for each. Returns the number\n"
 "of rows changed or, with returning, the first column of every row the statement\n"
 "returned, as integers (RETURNING id); (code, message) for an error SQLite reported.");
-
-#define NO_MEMORY (-1) /* not a SQLite code: the RETURNING ids did not fit in memory */
 
 static PyObject *
 execute_rows(PyObject *self, PyObject *args)
@@ -1829,69 +1902,24 @@ execute_rows(PyObject *self, PyObject *args)
     sqlite3 *db = writer_handle(connection, connection_type, filename);
     if (db == NULL)
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(rows), width = 0;
-    if (n > 0) {
-        PyObject *first = PyList_GET_ITEM(rows, 0);
-        if (!PyTuple_Check(first) && !PyList_Check(first)) {
-            PyErr_SetString(PyExc_TypeError, "a row is a tuple or a list");
-            return NULL;
-        }
-        width = PySequence_Fast_GET_SIZE(first);
-    }
-    Py_ssize_t cells = n * width;
-    Value *values = PyMem_Calloc(cells > 0 ? cells : 1, sizeof *values);
-    if (values == NULL)
-        return PyErr_NoMemory();
+    Value *values;
+    Py_ssize_t width, runnable;
     PyObject *result = NULL, *bad_type = NULL, *bad_value = NULL, *bad_tb = NULL;
-    sqlite3_stmt *stmt = NULL;
     /* Up to the first row that cannot be bound; executemany would have run the rows
      * before it (and a failing one among them raises first), then raised for it. */
-    Py_ssize_t runnable = n;
-    for (Py_ssize_t r = 0; r < n && runnable == n; r++) {
-        PyObject *row = PyList_GET_ITEM(rows, r);
-        if ((!PyTuple_Check(row) && !PyList_Check(row)) || PySequence_Fast_GET_SIZE(row) != width) {
-            PyErr_SetString(PyExc_ValueError, "every row has as many values as the first");
-            runnable = r;
-            break;
-        }
-        PyObject **items = PySequence_Fast_ITEMS(row);
-        for (Py_ssize_t c = 0; c < width; c++)
-            if (to_value(items[c], &values[r * width + c]) < 0) {
-                runnable = r;
-                break;
-            }
-    }
-    if (runnable < n)
+    if (read_rows(rows, &values, &width, &runnable) < 0) {
+        if (values == NULL)
+            return NULL;
         PyErr_Fetch(&bad_type, &bad_value, &bad_tb);
-    int rc = SQLITE_OK;
+    }
+    sqlite3_stmt *stmt = NULL;
+    int rc;
     long changed = 0;
-    int64_t *returned = NULL;
-    Py_ssize_t n_returned = 0, returned_room = 0;
+    Returned returned = {NULL, 0, 0};
     Py_BEGIN_ALLOW_THREADS
     rc = sq.prepare_v2(db, sql, -1, &stmt, NULL);
-    for (Py_ssize_t r = 0; r < runnable && rc == SQLITE_OK; r++) {
-        bind_values(stmt, &values[r * width], width);
-        int stepped;
-        while ((stepped = sq.step(stmt)) == SQLITE_ROW) { /* RETURNING rows */
-            if (!returning)
-                continue;
-            if (n_returned == returned_room) {
-                Py_ssize_t room = returned_room ? 2 * returned_room : 64;
-                int64_t *grown = realloc(returned, room * sizeof *returned); /* no GIL */
-                if (grown == NULL) {
-                    stepped = NO_MEMORY;
-                    break;
-                }
-                returned = grown, returned_room = room;
-            }
-            returned[n_returned++] = sq.column_int64(stmt, 0);
-        }
-        sq.reset(stmt);
-        if (stepped != SQLITE_DONE)
-            rc = stepped;
-        else
-            changed += sq.changes(db);
-    }
+    if (rc == SQLITE_OK)
+        rc = run_rows(db, stmt, values, runnable, width, returning ? &returned : NULL, &changed);
     Py_END_ALLOW_THREADS
     if (rc == NO_MEMORY) {
         PyErr_NoMemory();
@@ -1908,9 +1936,9 @@ execute_rows(PyObject *self, PyObject *args)
     else if (bad_type != NULL)
         PyErr_Restore(bad_type, bad_value, bad_tb);
     else if (returning) {
-        result = PyList_New(n_returned);
-        for (Py_ssize_t i = 0; result != NULL && i < n_returned; i++) {
-            PyObject *id = PyLong_FromLongLong(returned[i]);
+        result = PyList_New(returned.len);
+        for (Py_ssize_t i = 0; result != NULL && i < returned.len; i++) {
+            PyObject *id = PyLong_FromLongLong(returned.ids[i]);
             if (id == NULL)
                 Py_CLEAR(result);
             else
@@ -1921,7 +1949,7 @@ execute_rows(PyObject *self, PyObject *args)
         result = PyLong_FromLong(changed);
     if (stmt != NULL)
         sq.finalize(stmt);
-    free(returned);
+    free(returned.ids);
     PyMem_Free(values);
     return result;
 }
@@ -1989,32 +2017,8 @@ read_step(PyObject *item, Step *step)
         return -1;
     }
     step->rows = PyList_GET_SIZE(rows);
-    if (step->rows == 0)
-        return 0;
-    PyObject *first = PyList_GET_ITEM(rows, 0);
-    if (!PyTuple_Check(first) && !PyList_Check(first)) {
-        PyErr_SetString(PyExc_TypeError, "a row is a tuple or a list");
-        return -1;
-    }
-    step->width = PySequence_Fast_GET_SIZE(first);
-    step->values = PyMem_Calloc(step->rows * step->width + 1, sizeof *step->values);
-    if (step->values == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (Py_ssize_t r = 0; r < step->rows; r++) {
-        PyObject *row = PyList_GET_ITEM(rows, r);
-        if ((!PyTuple_Check(row) && !PyList_Check(row)) ||
-            PySequence_Fast_GET_SIZE(row) != step->width) {
-            PyErr_SetString(PyExc_ValueError, "every row has as many values as the first");
-            return -1;
-        }
-        PyObject **items = PySequence_Fast_ITEMS(row);
-        for (Py_ssize_t c = 0; c < step->width; c++)
-            if (to_value(items[c], &step->values[r * step->width + c]) < 0)
-                return -1;
-    }
-    return 0;
+    Py_ssize_t readable;
+    return read_rows(rows, &step->values, &step->width, &readable);
 }
 
 /* Run one step (no GIL): INSERT_OK or what went wrong. */
@@ -2033,18 +2037,9 @@ run_step(sqlite3 *db, const Step *step)
             outcome = insert_scope_spans(stmt, step->payload.buf, &step->plan[i], step->project,
                                          step->project_len, &changed, db);
     }
-    else {
-        for (Py_ssize_t r = 0; r < step->rows && outcome == INSERT_OK; r++) {
-            if (step->values != NULL)
-                bind_values(stmt, &step->values[r * step->width], step->width);
-            int stepped;
-            while ((stepped = sq.step(stmt)) == SQLITE_ROW)
-                ;
-            sq.reset(stmt);
-            if (stepped != SQLITE_DONE)
-                outcome = INSERT_SQLITE;
-        }
-    }
+    else if (run_rows(db, stmt, step->values, step->rows, step->width, NULL, &changed) !=
+             SQLITE_OK)
+        outcome = INSERT_SQLITE;
     sq.finalize(stmt);
     return outcome;
 }
