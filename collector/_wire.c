@@ -1005,18 +1005,18 @@ bulk_number(Buffer *b, const char *name, int64_t v, int is_signed)
 
 #define OUT_OF_MEMORY (-2)
 
-/* One entry: its resource's prefix (the field count), the span's fields, the
- * resource's fields (tail) and the span's own bytes, as redis_streams._SPAN_RESP,
- * appended to b (no GIL needed): -1 if the span is malformed, OUT_OF_MEMORY. */
+/* One entry: the span's fields, its resource's fields (tail) and the span's own bytes,
+ * as redis_streams._SPAN_RESP, appended to b (no GIL needed): -1 if the span is
+ * malformed, OUT_OF_MEMORY. */
 static int
-pack_entry(Buffer *b, const uint8_t *span, Py_ssize_t span_len, const char *prefix,
-           Py_ssize_t prefix_len, const char *tail, Py_ssize_t tail_len)
+pack_entry(Buffer *b, const uint8_t *span, Py_ssize_t span_len, const char *tail,
+           Py_ssize_t tail_len)
 {
     SpanFields s;
     if (read_span_fields(span, span_len, &s) < 0)
         return -1;
     if (buffer_reserve(b, span_len + tail_len + 320) < 0 ||
-        buffer_add(b, prefix, prefix_len) < 0 || bulk(b, "trace_id", 8) < 0 ||
+        bulk(b, "trace_id", 8) < 0 ||
         bulk_hex(b, s.trace_id, s.trace_id_len) < 0 || bulk(b, "span_id", 7) < 0 ||
         bulk_hex(b, s.span_id, s.span_id_len) < 0 || bulk(b, "parent_span_id", 14) < 0 ||
         bulk_hex(b, s.parent, s.parent_len) < 0 ||
@@ -1035,8 +1035,8 @@ pack_entry(Buffer *b, const uint8_t *span, Py_ssize_t span_len, const char *pref
 typedef struct {
     const uint8_t *rs, *rs_end;
     long arguments;
-    const char *prefix, *tail;
-    Py_ssize_t prefix_len, tail_len;
+    const char *tail;
+    Py_ssize_t tail_len;
 } StreamResource;
 
 /* Appends a command for every span of resources[0..n) to out (no GIL): 0, -1 for a
@@ -1062,8 +1062,7 @@ pack_commands(Buffer *out, const StreamResource *resources, Py_ssize_t n, long h
                     add_decimal(out, head_arguments + res->arguments, 1) < 0 ||
                     buffer_add(out, "\r\n", 2) < 0 || buffer_add(out, head, head_len) < 0)
                     return OUT_OF_MEMORY;
-                int r = pack_entry(out, h.data, h.len, res->prefix, res->prefix_len, res->tail,
-                                   res->tail_len);
+                int r = pack_entry(out, h.data, h.len, res->tail, res->tail_len);
                 if (r < 0)
                     return r;
                 (*commands)++;
@@ -1082,10 +1081,10 @@ PyDoc_STRVAR(stream_commands_doc,
 "redis_streams' commands for the spans of a serialized ExportTraceServiceRequest, one\n"
 "a span, as that exporter packs them in Python: *<head_arguments + the entry's\n"
 "arguments>, head (packed), then the entry packed as _SPAN_RESP. resource_cb(resource\n"
-"bytes) returns (arguments, prefix, tail) for the entries of a resource: how many\n"
-"arguments an entry takes, the packed arguments that start it and the packed resource\n"
-"fields that follow the span's. It is called for each ResourceSpans first, with the\n"
-"GIL; the packing runs without it. Returns (packed commands, how many).");
+"bytes) returns (arguments, tail) for the entries of a resource: how many arguments an\n"
+"entry takes and the packed resource fields that follow the span's. It is called for\n"
+"each ResourceSpans first, with the GIL; the packing runs without it. Returns (packed\n"
+"commands, how many).");
 
 static PyObject *
 stream_commands(PyObject *self, PyObject *args)
@@ -1112,9 +1111,9 @@ stream_commands(PyObject *self, PyObject *args)
         PyObject *resource = submessage(f.data, f.data + f.len, 1);
         PyObject *answer = resource ? PyObject_CallOneArg(resource_cb, resource) : NULL;
         Py_XDECREF(resource);
-        PyObject *count, *prefix, *tail;
+        PyObject *count, *tail;
         if (answer == NULL || PyList_Append(answers, answer) < 0 ||
-            !PyArg_ParseTuple(answer, "OSS:resource_cb's answer", &count, &prefix, &tail)) {
+            !PyArg_ParseTuple(answer, "OS:resource_cb's answer", &count, &tail)) {
             Py_XDECREF(answer);
             r = -1;
             break;
@@ -1137,7 +1136,6 @@ stream_commands(PyObject *self, PyObject *args)
             r = -1;
             break;
         }
-        res->prefix = PyBytes_AS_STRING(prefix), res->prefix_len = PyBytes_GET_SIZE(prefix);
         res->tail = PyBytes_AS_STRING(tail), res->tail_len = PyBytes_GET_SIZE(tail);
     }
     if (r == 0) {

@@ -631,7 +631,7 @@ def _all_wire_functions(data: bytes) -> None:
     calls = [
         lambda: _wire.build_rows(data, "p", lambda b: (1, None, None, ()), len),
         lambda: _wire.check_spans(data),
-        lambda: _wire.stream_commands(data, lambda b: (1, b"$1\r\n1\r\n", b""), 5, b""),
+        lambda: _wire.stream_commands(data, lambda b: (1, b"$1\r\n1\r\n"), 5, b""),
         lambda: _wire.resource_spans_layout(data),
     ]
     for call in calls:
@@ -766,7 +766,7 @@ def test_the_c_functions_keep_no_memory_once_their_results_are_gone():
                 _wire.execute_rows(db, sqlite3.Connection, filename, "SELECT ?", [(1,), (2**64,)])
             db.execute("ROLLBACK")
             _wire.check_spans(body)
-            _wire.stream_commands(body, lambda b: (1, b"$1\r\n1\r\n", b""), 5, b"h")
+            _wire.stream_commands(body, lambda b: (1, b"$1\r\n1\r\n"), 5, b"h")
             _wire.resource_spans_layout(body)
         for document in documents:
             _wire.json_to_wire(document, table)
