@@ -340,8 +340,6 @@ class _Writer:
             cached = self._resource_ids.get(payload)  # keyed by the bytes: no digest
             if cached is not None:
                 return cached
-            if not NATIVE_SQLITE:
-                return self._resource_id(db, resource, service, payload)
             # Written after build_rows, all at once: a statement of its own for each
             # (~40 a batch) let go of the GIL that many times, each a wait for it back.
             known = new_resources.get(payload)
@@ -435,17 +433,8 @@ class _Writer:
         if rows.span_plan is not None:
             payload, plan = rows.span_plan
             rows.span_plan = (payload, [(o, n, c, real.get(r, r), s) for o, n, c, r, s in plan])
-        else:  # the Python rows (a payload the C reader refused)
+        else:  # the Python rows (no collector._wire, or a payload its reader refused)
             rows.spans = [(*row[:11], real.get(row[11], row[11]), *row[12:]) for row in rows.spans]
-
-    def _resource_id(
-        self, db: sqlite3.Connection, resource: Any, service: str | None, payload: bytes
-    ) -> int:
-        (resource_id,) = db.execute(
-            _UPSERT_RESOURCE, _resource_row(resource, service, payload)
-        ).fetchone()
-        self._cache_resource(payload, resource_id)
-        return int(resource_id)
 
     def _cache_resource(self, payload: bytes, resource_id: int) -> None:
         if len(self._resource_ids) > 10_000:
