@@ -34,10 +34,14 @@ from collector import (
     PermanentError,
     RetryableError,
     SpanBatch,
-    any_value_to_python,
 )
 from collector.query import jsonable
-from collector.storage import NATIVE_WIRE, build_rows, expire_periodically
+from collector.storage import (
+    NATIVE_WIRE,
+    build_rows,
+    expire_periodically,
+    resource_attributes,
+)
 from exporters.postgres_query import PostgresQueryStore
 
 log = logging.getLogger(__name__)
@@ -393,14 +397,13 @@ class _Prepared:
         self.scopes: dict[bytes, tuple[bytes, str, str, bytes]] = {}
         self.rows = build_rows(batch, now, self._resource, self._scope)
 
-    def _resource(self, resource: Any, service: str | None, payload: bytes) -> bytes:
+    def _resource(self, service: str | None, payload: bytes) -> bytes:
         digest = hashlib.blake2b(payload, digest_size=16).digest()
         if digest not in self.resources:
-            attributes = {kv.key: any_value_to_python(kv.value) for kv in resource.attributes}
             self.resources[digest] = (
                 digest,
                 _text(service) if service else None,
-                _json(attributes),
+                _json(resource_attributes(payload)),
                 payload,
             )
         return digest

@@ -49,7 +49,6 @@ from collector import (
     PermanentError,
     RetryableError,
     SpanBatch,
-    any_value_to_python,
 )
 from collector.calls import ensure_calls_table
 from collector.exporterhelper import serialize_resource_spans
@@ -66,6 +65,7 @@ from collector.storage import (  # re-exported: the query side and plugins read 
     execute_steps,
     expire_periodically,
     open_sqlite,
+    resource_attributes,
     returned_ids,
 )
 from exporters.sqlite_query import SQLiteQueryStore, search_term
@@ -334,9 +334,9 @@ class _Writer:
         project = batch.project or ""
         now = time.time_ns()
         # Resources not seen before, by their bytes: (a stand-in id, resource, service).
-        new_resources: dict[bytes, tuple[int, Any, str | None]] = {}
+        new_resources: dict[bytes, tuple[int, str | None]] = {}
 
-        def resource_ref(resource: Any, service: str | None, payload: bytes) -> int:
+        def resource_ref(service: str | None, payload: bytes) -> int:
             cached = self._resource_ids.get(payload)  # keyed by the bytes: no digest
             if cached is not None:
                 return cached
@@ -344,7 +344,7 @@ class _Writer:
             # (~40 a batch) let go of the GIL that many times, each a wait for it back.
             known = new_resources.get(payload)
             if known is None:
-                known = new_resources[payload] = (-1 - len(new_resources), resource, service)
+                known = new_resources[payload] = (-1 - len(new_resources), service)
             return known[0]
 
         db.execute("BEGIN")
@@ -410,7 +410,7 @@ class _Writer:
     def _add_resources(
         self,
         db: sqlite3.Connection,
-        new_resources: dict[bytes, tuple[int, Any, str | None]],
+        new_resources: dict[bytes, tuple[int, str | None]],
         rows: BatchRows,
     ) -> None:
         """Write the batch's new resources and put their ids where ``rows`` holds their
@@ -419,15 +419,10 @@ class _Writer:
             db,
             self._filename,
             _UPSERT_RESOURCE,
-            [
-                _resource_row(r, service, payload)
-                for payload, (_, r, service) in new_resources.items()
-            ],
+            [_resource_row(service, payload) for payload, (_, service) in new_resources.items()],
         )
         real: dict[int, int] = {}
-        for (payload, (stand_in, _, _)), resource_id in zip(
-            new_resources.items(), ids, strict=True
-        ):
+        for (payload, (stand_in, _)), resource_id in zip(new_resources.items(), ids, strict=True):
             real[stand_in] = resource_id
             self._cache_resource(payload, resource_id)
         if rows.span_plan is not None:
@@ -660,12 +655,9 @@ class SQLiteExporter(Exporter):
         pool.shutdown(wait=True)
 
 
-def _resource_row(resource: Any, service: str | None, payload: bytes) -> tuple[Any, ...]:
+def _resource_row(service: str | None, payload: bytes) -> tuple[Any, ...]:
     """A ``resources`` row (for ``_UPSERT_RESOURCE``) of a resource serialized as ``payload``."""
-    attributes = json.dumps(
-        {kv.key: any_value_to_python(kv.value) for kv in resource.attributes},
-        default=_bytes_hex,
-    )
+    attributes = json.dumps(resource_attributes(payload), default=_bytes_hex)
     return (hashlib.blake2b(payload, digest_size=16).digest(), service, attributes, payload)
 
 

@@ -41,8 +41,7 @@ def _refs():
     resources: list[bytes] = []
     scopes: list[bytes] = []
 
-    def resource_ref(resource, service, payload):
-        assert resource.SerializeToString() == payload
+    def resource_ref(service, payload):
         resources.append(payload)
         return (service, len(payload))
 
@@ -408,7 +407,7 @@ def _int_refs():
     """Integer refs, as the sqlite exporter's resource and scope ids are."""
     ids: dict[bytes, int] = {}
     return (
-        lambda resource, service, payload: ids.setdefault(payload, len(ids) + 1),
+        lambda service, payload: ids.setdefault(payload, len(ids) + 1),
         lambda payload: ids.setdefault(payload, len(ids) + 1),
     )
 
