@@ -314,6 +314,10 @@ def _migrate_trace_attrs(db: sqlite3.Connection) -> None:
         raise
 
 
+_TERMS_LIMIT = 8192
+"""Search terms a writer keeps per project before it starts over."""
+
+
 class _Writer:
     """The writer connection and what it caches; used from one thread (or, with
     ``writer: process``, inside the writer process)."""
@@ -392,7 +396,10 @@ class _Writer:
     ) -> list[tuple[str, bytes, str]]:
         """One ``trace_search`` row per trace: its attributes' terms, space-separated."""
         known = self._terms.get(project)
-        if known is None or len(known) > 50_000:
+        # Bounded by memory: unique values (ids, transcripts) fill it as fast as the
+        # repeated ones it is for, which come back soon after it is emptied. At 50,000
+        # entries it held ~15 MiB under the bench's flood.
+        if known is None or len(known) > _TERMS_LIMIT:
             known = self._terms[project] = {}
         documents = []
         for trace_id, pairs in attributes.items():
