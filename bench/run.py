@@ -11,7 +11,7 @@ The load generator runs on the same machine as the server (and, on a shared box,
 whatever else runs there): absolute figures move with the machine's load, the ratios to
 the yardstick measured minutes apart in the same run much less.
 
-    python -m bench.run [--spans 100000] [--quick] [--profile]
+    python -m bench.run [--spans 100000] [--rounds 3] [--quick] [--profile]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -367,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spans", type=int, default=100_000, help="spans per scenario")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--flood-concurrency", type=int, default=48)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="times each row runs beside its yardstick"
+    )
     parser.add_argument("--quick", action="store_true", help="a few hundred spans: a smoke run")
     parser.add_argument(
         "--only-default", action="store_true", help="only the protobuf yardstick and default rows"
@@ -421,8 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         ) -> Row:
             print(f"  {name} ...", flush=True)
             port = free_port()
-            workdir = tmpdir / "".join(ch if ch.isalnum() else "_" for ch in name)
-            workdir.mkdir()
+            # A directory of its own each round: every round starts from an empty database.
+            label = "".join(ch if ch.isalnum() else "_" for ch in name)
+            workdir = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=tmpdir))
             config = workdir / "collector.yaml"
             settings = calltrace_config(port, workdir, redis_url=redis_url, writer=writer)
             config.write_text(yaml.safe_dump(settings))
@@ -442,63 +446,97 @@ def main(argv: list[str] | None = None) -> int:
 
         c = args.concurrency
         yard = "yardstick, protobuf"
-        yardsticks: list[Row] = []
+        yardsticks: list[Row] = []  # every protobuf yardstick run, for the drift note
+        rounds = 1 if args.quick else max(1, args.rounds)
+        spreads: list[str] = []
 
-        def protobuf_yardstick() -> str:
-            """The protobuf yardstick again, just before the row that follows: the
-            machine's speed drifts (shared cores), so each row is compared with the
-            yardstick measured beside it, not minutes before."""
-            label = yard if not yardsticks else f"{yard} ({len(yardsticks) + 1})"
-            yardsticks.append(baseline(label, proto, warm_proto, c))
-            rows.append(yardsticks[-1])
-            return label
+        def side_by_side(
+            yard_label: str,
+            run_yardstick: Callable[[str], Row],
+            run_row: Callable[[str], Row],
+        ) -> None:
+            """The yardstick, then the row, ``rounds`` times over: the machine's speed
+            drifts (shared cores), so each row is compared with the yardstick measured
+            just before it, and the round whose ratio is the median goes in the table
+            (all its figures from that one round); the others' range goes in a note."""
+            results = []
+            for _ in range(rounds):
+                yardstick = run_yardstick(yard_label)
+                if run_yardstick is protobuf_yardstick:
+                    yardsticks.append(yardstick)
+                row = run_row(yard_label)
+                results.append((row.persisted_per_s / yardstick.persisted_per_s, yardstick, row))
+            results.sort(key=lambda result: result[0])
+            _, yardstick, row = results[len(results) // 2]
+            rows.extend((yardstick, row))
+            if len(results) > 1:
+                spreads.append(
+                    f"{row.name}: {results[0][0]:.2f}-{results[-1][0]:.2f}x the yardstick,"
+                    f" peak RSS {min(r.peak_rss_mib for _, _, r in results):.0f}"
+                    f"-{max(r.peak_rss_mib for _, _, r in results):.0f} MiB,"
+                    f" p99 {min(r.p99_ms for _, _, r in results):.1f}"
+                    f"-{max(r.p99_ms for _, _, r in results):.1f} ms"
+                )
 
-        rows.append(
-            calltrace("calltrace default, protobuf", proto, warm_proto, protobuf_yardstick(), c)
+        protobuf_pairs = 0
+
+        def protobuf_label() -> str:
+            nonlocal protobuf_pairs
+            protobuf_pairs += 1
+            return yard if protobuf_pairs == 1 else f"{yard} ({protobuf_pairs})"
+
+        def protobuf_yardstick(label: str) -> Row:
+            return baseline(label, proto, warm_proto, c)
+
+        side_by_side(
+            protobuf_label(),
+            protobuf_yardstick,
+            lambda y: calltrace("calltrace default, protobuf", proto, warm_proto, y, c),
         )
         if not args.only_default:
-            rows.append(
-                calltrace(
-                    "calltrace, sqlite `writer: process`",
-                    proto,
-                    warm_proto,
-                    protobuf_yardstick(),
-                    c,
-                    writer="process",
-                )
+            side_by_side(
+                protobuf_label(),
+                protobuf_yardstick,
+                lambda y: calltrace(
+                    "calltrace, sqlite `writer: process`", proto, warm_proto, y, c, writer="process"
+                ),
             )
             why = redis_exporter_missing()
             if why is None:
                 with throwaway_redis() as redis_url:
-                    before = protobuf_yardstick()
-                    rows.append(
-                        calltrace(
-                            "calltrace + Redis Streams", proto, warm_proto, before, c, redis_url
-                        )
+                    side_by_side(
+                        protobuf_label(),
+                        protobuf_yardstick,
+                        lambda y: calltrace(
+                            "calltrace + Redis Streams", proto, warm_proto, y, c, redis_url
+                        ),
                     )
             else:
                 print(f"  skipped: {why}", flush=True)
                 notes.append(why)
             as_json = [Body(to_otlp_json(r), span_count(r), "application/json") for r in big]
             warm_json = [Body(to_otlp_json(r), span_count(r), "application/json") for r in warm]
-            rows.append(baseline("yardstick, OTLP/JSON", as_json, warm_json, c))
-            rows.append(
-                calltrace("calltrace default, OTLP/JSON", as_json, warm_json, rows[-1].name, c)
+            side_by_side(
+                "yardstick, OTLP/JSON",
+                lambda label: baseline(label, as_json, warm_json, c),
+                lambda y: calltrace("calltrace default, OTLP/JSON", as_json, warm_json, y, c),
             )
             del as_json
-            gz = gzip_bodies(proto)
-            rows.append(baseline("yardstick, protobuf+gzip", gz, gzip_bodies(warm_proto), c))
-            rows.append(
-                calltrace("calltrace default, gzip", gz, gzip_bodies(warm_proto), rows[-1].name, c)
+            gz, warm_gz = gzip_bodies(proto), gzip_bodies(warm_proto)
+            side_by_side(
+                "yardstick, protobuf+gzip",
+                lambda label: baseline(label, gz, warm_gz, c),
+                lambda y: calltrace("calltrace default, gzip", gz, warm_gz, y, c),
             )
             del gz
             # Latency of small requests is measured one request at a time (issue 6's
             # "50-span requests one at a time: p99 <= 15 ms"): no queueing behind others.
-            rows.append(baseline("yardstick, 50-span requests", small_proto, warm_proto, 1))
-            rows.append(
-                calltrace(
-                    "calltrace default, 50-span requests", small_proto, warm_proto, rows[-1].name, 1
-                )
+            side_by_side(
+                "yardstick, 50-span requests",
+                lambda label: baseline(label, small_proto, warm_proto, 1),
+                lambda y: calltrace(
+                    "calltrace default, 50-span requests", small_proto, warm_proto, y, 1
+                ),
             )
             # More spans than the sending queue holds (100k), from many connections at once:
             # calltrace must answer 503 + Retry-After and keep its memory flat.
@@ -508,17 +546,26 @@ def main(argv: list[str] | None = None) -> int:
                 for r in build_requests(flood_total, 500, prefix="RM_flood")
             ]
             flood_spans = sum(b.spans for b in flood_proto)
-            before = protobuf_yardstick()
-            rows.append(
-                calltrace(
+            side_by_side(
+                protobuf_label(),
+                protobuf_yardstick,
+                lambda y: calltrace(
                     f"calltrace default, flood ({flood} conns, {flood_spans:,} spans)",
                     flood_proto,
                     warm_proto,
-                    before,
+                    y,
                     flood,
-                )
+                ),
             )
             del flood_proto
+        if spreads:
+            notes.append(
+                f"each row ran {rounds} times, each time just after its yardstick; the table"
+                " shows the round whose ratio is the median. Over all rounds: "
+                + "; ".join(spreads)
+                + "."
+            )
+        if len(yardsticks) > 1:
             speeds = [y.persisted_per_s for y in yardsticks]
             notes.append(
                 f"the protobuf yardstick ran {len(speeds)} times in this run, between"
@@ -544,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         f" {sum(b.spans for b in small_proto)} spans in ~50-span requests; bench took"
         f" {elapsed:.0f} s. The machine is shared (other work runs on the same cores), so"
         " absolute figures vary between runs; each calltrace row's ratios are to the yardstick"
-        " measured just before it, in this one run.",
+        " measured just before it, in this one run"
+        + (f" (the median of {rounds} rounds, see the notes)." if rounds > 1 else "."),
         "",
         "| scenario | spans/s persisted | vs yardstick | p50 ms | p99 ms | vs yardstick p99"
         " | peak RSS MiB | CPU s /100k spans | vs yardstick | 429/503 | startup s |",
