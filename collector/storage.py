@@ -270,7 +270,7 @@ def resource_attributes(payload: bytes) -> dict[str, Any]:
 ResourceRef = Callable[["str | None", bytes], Any]
 """``resource_ref(service, payload)``: what a span row stores to point at its resource,
 given its ``service.name`` and the resource serialized (``resource_attributes`` reads
-its attributes back)."""
+its attributes back). ``build_rows`` asks once per distinct resource of a batch."""
 ScopeRef = Callable[[bytes], Any]
 """``scope_ref(payload)``: what a span row stores to point at its instrumentation scope,
 given the scope serialized (``InstrumentationScope.FromString`` reads it back)."""
@@ -438,6 +438,9 @@ def sqlite_error(code: int, message: str) -> Exception:
     return error
 
 
+_UNASKED = object()
+
+
 def build_rows_python(
     batch: SpanBatch, now: int, resource_ref: ResourceRef, scope_ref: ScopeRef
 ) -> BatchRows:
@@ -449,16 +452,24 @@ def build_rows_python(
     trace_attrs = rows.trace_attrs
     add_name = rows.trace_names.add
     add_call_trace = rows.call_traces.add
+    # Each callback is asked once per distinct resource or scope, as the C path does.
+    resource_ids: dict[bytes, Any] = {}
+    scope_ids: dict[bytes, Any] = {}
     for rs in batch.messages():
         resource = rs.resource
         facts = _facts_of(resource.SerializeToString(), resource)
         call_id = facts.call_id
         service, resource_attrs = facts.service, facts.attrs
-        resource_id = resource_ref(service, facts.payload)
+        resource_id = resource_ids.get(facts.payload, _UNASKED)
+        if resource_id is _UNASKED:
+            resource_id = resource_ids[facts.payload] = resource_ref(service, facts.payload)
         start_min = end_max = None
         traces_of_resource: set[bytes] = set()  # each gets the resource's attributes
         for ss in rs.scope_spans:
-            scope_id = scope_ref(ss.scope.SerializeToString())
+            scope = ss.scope.SerializeToString()
+            scope_id = scope_ids.get(scope, _UNASKED)
+            if scope_id is _UNASKED:
+                scope_id = scope_ids[scope] = scope_ref(scope)
             for span in ss.spans:
                 trace_id = span.trace_id
                 span_id = span.span_id

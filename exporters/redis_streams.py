@@ -163,14 +163,10 @@ class RedisStreamsExporter(Exporter):
     ) -> tuple[bytes, int]:
         """``_commands`` of a serialized batch, packed by ``collector._wire`` in C without
         the GIL (the span's bytes are its own in the payload: no parse, no serialize)."""
-        resources: dict[bytes, tuple[int, bytes]] = {}
 
         def resource_fields(resource_payload: bytes) -> tuple[int, bytes]:
-            fields = resources.get(resource_payload)
-            if fields is None:  # a batch repeats a few resources many times
-                resource = Resource.FromString(resource_payload)
-                fields = resources[resource_payload] = self._resource_fields(project, resource)
-            return fields
+            # Asked once per distinct resource: a batch repeats a few many times.
+            return self._resource_fields(project, Resource.FromString(resource_payload))
 
         commands: tuple[bytes, int] = _wire.stream_commands(
             payload, resource_fields, head_arguments, packed_head

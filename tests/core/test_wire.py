@@ -92,6 +92,26 @@ def test_span_bytes_are_the_spans_own():
     assert [row[-1] for row in native.spans] == [s.SerializeToString() for s in spans]
 
 
+def test_each_distinct_resource_and_scope_is_asked_for_once():
+    # A batch repeats a few resources many times (agents export a few spans at a time);
+    # the callbacks run once for each distinct one, in the order they first appear.
+    files = fixture_requests("livekit")
+    requests = [ExportTraceServiceRequest.FromString(p.read_bytes()) for p in files[:4]]
+    other = ExportTraceServiceRequest.FromString(fixture_requests("pipecat")[0].read_bytes())
+    merged = ExportTraceServiceRequest()
+    for request in (*requests, other, *requests):
+        merged.resource_spans.extend(request.resource_spans)
+    resources = [rs.resource.SerializeToString() for rs in merged.resource_spans]
+    distinct = list(dict.fromkeys(resources))
+    assert len(resources) > len(distinct) >= 2
+    r_ref, s_ref, r_seen, s_seen = _refs()
+    build_rows_native(serialize_resource_spans(merged.resource_spans), "p", 7, r_ref, s_ref)
+    assert r_seen == distinct
+    assert len(s_seen) == len(set(s_seen))
+    python, native = _both(merged)  # the Python path asks alike (_both compares the calls)
+    _assert_same(python, native)
+
+
 attribute_values = st.one_of(
     st.text(max_size=8),
     st.text(min_size=250, max_size=262),  # around MAX_INDEXED_VALUE characters
