@@ -337,7 +337,7 @@ class _Writer:
         db = self.db
         project = batch.project or ""
         now = time.time_ns()
-        # Resources not seen before, by their bytes: (a stand-in id, resource, service).
+        # Resources not seen before, by their bytes: (a stand-in id, service).
         new_resources: dict[bytes, tuple[int, str | None]] = {}
 
         def resource_ref(service: str | None, payload: bytes) -> int:
