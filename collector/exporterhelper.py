@@ -665,10 +665,12 @@ class ExporterQueue:
                         await self._export_with_retry(await self._parse([item]), item.spans)
                 disk = self._disk
                 if disk is not None:
-                    try:
-                        await disk.run(disk.delete, [i.key for i in items if i.key is not None])
-                    except OSError:  # they will be delivered again after a restart
-                        log.exception("%s: could not remove delivered batches from disk", self.id)
+                    # Not awaited: on the queue's thread the record waits behind the
+                    # appends of new requests, and the next export need not wait for
+                    # it (the writer sat idle meanwhile). The thread runs the deletes
+                    # in order, and the queue's close after them.
+                    deleted = disk.run(disk.delete, [i.key for i in items if i.key is not None])
+                    deleted.add_done_callback(self._deleted)
             except asyncio.CancelledError:
                 # Shut down while retrying: put the items back (they stay on disk too).
                 for item in reversed(items):
@@ -679,6 +681,15 @@ class ExporterQueue:
             self._queued_spans -= spans
             self._report_size()
             self._set_idle_if_idle()
+
+    def _deleted(self, deleted: asyncio.Future[None]) -> None:
+        failure = None if deleted.cancelled() else deleted.exception()
+        if failure is not None:  # they will be delivered again after a restart
+            log.error(
+                "%s: could not remove delivered batches from disk",
+                self.id,
+                exc_info=(type(failure), failure, failure.__traceback__),
+            )
 
     @property
     def takes_messages(self) -> bool:
