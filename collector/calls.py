@@ -14,12 +14,14 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from collector.redisconn import RedisSettings, redis_client
-from collector.storage import open_sqlite
+from collector.storage import open_sqlite, write_lock
 
 __all__ = [
     "CALLS_DDL",
@@ -32,6 +34,7 @@ __all__ = [
     "SQLiteCallStore",
     "call_id_for",
     "ensure_calls_table",
+    "get_records",
     "make_call_store",
 ]
 
@@ -141,11 +144,18 @@ class CallStore(Protocol):
 
     async def get(self, project: str, call_id: str) -> CallRecord | None: ...
 
+    # Optional: ``async get_many(project, call_ids) -> dict[str, CallRecord]`` reads several
+    # records at once (those that exist, by call id); ``correlate`` uses it when present
+    # and otherwise calls ``get`` for each call concurrently.
+
     async def record_room(self, event: RoomEvent) -> None:
         """Record a room event on its call (created if unseen); skipped only ever turns on."""
         ...
 
     async def close(self) -> None: ...
+
+
+_T = TypeVar("_T")
 
 
 class SQLiteCallStore:
@@ -155,12 +165,25 @@ class SQLiteCallStore:
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._write_lock = write_lock(self.path)  # shared with the sqlite exporter's writer
+        # Reads on a connection of their own: in WAL mode a read never waits for a write,
+        # and correlate reads a new call's record (is it skipped?) before answering.
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        # Writes on a thread of their own, in order: waiting for the span writer's
+        # transaction, they would otherwise hold the loop's default threads (and the
+        # reads queued behind them).
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="calltrace-calls")
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = open_sqlite(self.path)
         ensure_calls_table(db)
         self._db = db
+        self._reader = open_sqlite(self.path)
+
+    def _write(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        return asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
 
     def _insert(self, records: list[CallRecord]) -> None:
         assert self._db is not None
@@ -179,7 +202,7 @@ class SQLiteCallStore:
             )
             for r in records
         ]
-        with self._lock:
+        with self._lock, self._write_lock:
             self._db.execute("BEGIN")
             try:
                 self._db.executemany(
@@ -208,16 +231,16 @@ class SQLiteCallStore:
         return stored
 
     async def create(self, record: CallRecord) -> CallRecord:
-        return await asyncio.to_thread(self._create, record)
+        return await self._write(self._create, record)
 
     async def create_many(self, records: list[CallRecord]) -> None:
         """Create every record that does not exist yet, in one transaction."""
         if records:
-            await asyncio.to_thread(self._insert, records)
+            await self._write(self._insert, records)
 
     def _record_activity(self, activity: list[CallActivity]) -> None:
         assert self._db is not None
-        with self._lock:
+        with self._lock, self._write_lock:
             self._db.execute("BEGIN")
             self._db.executemany(
                 "UPDATE calls SET last_seen_ns = max(last_seen_ns, ?),"
@@ -228,32 +251,43 @@ class SQLiteCallStore:
 
     async def record_activity(self, activity: list[CallActivity]) -> list[tuple[str, str]] | None:
         if activity:
-            await asyncio.to_thread(self._record_activity, activity)
+            await self._write(self._record_activity, activity)
         return None
 
     def _get(self, project: str, call_id: str) -> CallRecord | None:
-        assert self._db is not None
-        with self._lock:
-            row = self._db.execute(
-                "SELECT project, call_id, room_id, source, first_seen_ns, last_seen_ns,"
-                " span_count, skipped, room_name, metadata FROM calls"
-                " WHERE project = ? AND call_id = ?",
-                (project, call_id),
-            ).fetchone()
-        if row is None:
-            return None
-        project_, call_id_, room_id, source, first_ns, last_ns, spans, skipped, name, meta = row
-        return CallRecord(
-            project_, call_id_, room_id, source, first_ns, last_ns, spans, bool(skipped), name, meta
-        )
+        return self._get_many(project, [call_id]).get(call_id)
+
+    def _get_many(self, project: str, call_ids: list[str]) -> dict[str, CallRecord]:
+        assert self._reader is not None
+        found: dict[str, CallRecord] = {}
+        with self._read_lock:
+            for start in range(0, len(call_ids), _GET_CHUNK):
+                chunk = call_ids[start : start + _GET_CHUNK]
+                rows = self._reader.execute(
+                    "SELECT project, call_id, room_id, source, first_seen_ns, last_seen_ns,"
+                    " span_count, skipped, room_name, metadata FROM calls"
+                    f" WHERE project = ? AND call_id IN ({','.join('?' * len(chunk))})",
+                    (project, *chunk),
+                ).fetchall()
+                for p, c, room_id, source, first_ns, last_ns, spans, skipped, name, meta in rows:
+                    found[c] = CallRecord(
+                        p, c, room_id, source, first_ns, last_ns, spans, bool(skipped), name, meta
+                    )
+        return found
 
     async def get(self, project: str, call_id: str) -> CallRecord | None:
         return await asyncio.to_thread(self._get, project, call_id)
 
+    async def get_many(self, project: str, call_ids: list[str]) -> dict[str, CallRecord]:
+        """The records of ``call_ids`` that exist, by call id: one query."""
+        if not call_ids:
+            return {}
+        return await asyncio.to_thread(self._get_many, project, call_ids)
+
     def _record_room(self, e: RoomEvent) -> None:
         assert self._db is not None
         now = time.time_ns()
-        with self._lock:
+        with self._lock, self._write_lock:
             self._db.execute(
                 "INSERT INTO calls (project, call_id, room_id, source, first_seen_ns,"
                 " last_seen_ns, skipped, room_name, metadata, room_started_ns, room_finished_ns)"
@@ -279,12 +313,18 @@ class SQLiteCallStore:
             )
 
     async def record_room(self, event: RoomEvent) -> None:
-        await asyncio.to_thread(self._record_room, event)
+        await self._write(self._record_room, event)
 
     async def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.shutdown)
+        for db in (self._db, self._reader):
+            if db is not None:
+                db.close()
+        self._db = self._reader = None
+
+
+_GET_CHUNK = 500
+"""Call ids a query asks for at most (SQLite caps a statement's parameters)."""
 
 
 # -- Redis: call records shared by every collector instance --------------------------
@@ -413,10 +453,23 @@ class RedisCallStore:
         return [(a.project, a.call_id) for a, ok in zip(activity, found, strict=True) if not ok]
 
     async def get(self, project: str, call_id: str) -> CallRecord | None:
-        reply = await self._client.hgetall(self.key(project, call_id))
-        if not reply:
-            return None
-        return _record_from_hash(project, call_id, {_text(k): _text(v) for k, v in reply.items()})
+        return (await self.get_many(project, [call_id])).get(call_id)
+
+    async def get_many(self, project: str, call_ids: list[str]) -> dict[str, CallRecord]:
+        """The records of ``call_ids`` that exist, by call id: one pipelined round trip."""
+        if not call_ids:
+            return {}
+        pipe = self._client.pipeline(transaction=False)
+        for call_id in call_ids:
+            pipe.hgetall(self.key(project, call_id))
+        replies = await pipe.execute()
+        return {
+            call_id: _record_from_hash(
+                project, call_id, {_text(k): _text(v) for k, v in reply.items()}
+            )
+            for call_id, reply in zip(call_ids, replies, strict=True)
+            if reply
+        }
 
     async def record_room(self, event: RoomEvent) -> None:
         fields: list[str | int] = []
@@ -471,6 +524,9 @@ class MirroredCallStore:
     async def get(self, project: str, call_id: str) -> CallRecord | None:
         return await self.primary.get(project, call_id)
 
+    async def get_many(self, project: str, call_ids: list[str]) -> dict[str, CallRecord]:
+        return await get_records(self.primary, project, call_ids)
+
     async def record_room(self, event: RoomEvent) -> None:
         await self.primary.record_room(event)
         await self.mirror.record_room(event)
@@ -503,6 +559,17 @@ def _record_from_hash(project: str, call_id: str, fields: dict[str, str]) -> Cal
         room_name=fields.get("room_name"),
         metadata=fields.get("metadata"),
     )
+
+
+async def get_records(store: CallStore, project: str, call_ids: list[str]) -> dict[str, CallRecord]:
+    """The records of ``call_ids`` that exist in ``store``, by call id: with its
+    ``get_many`` where it has one, else a ``get`` for each, concurrently."""
+    get_many = getattr(store, "get_many", None)
+    if get_many is not None:
+        found: dict[str, CallRecord] = await get_many(project, call_ids)
+        return found
+    records = await asyncio.gather(*(store.get(project, call_id) for call_id in call_ids))
+    return {call_id: r for call_id, r in zip(call_ids, records, strict=True) if r is not None}
 
 
 def make_call_store(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -54,6 +55,7 @@ __all__ = [
     "expire_periodically",
     "open_sqlite",
     "returned_ids",
+    "write_lock",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,29 @@ def open_sqlite(path: str | Path, busy_timeout_ms: int = 10_000) -> sqlite3.Conn
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     return db
+
+
+_WRITE_LOCKS: dict[str, threading.Lock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def write_lock(path: str | Path) -> threading.Lock:
+    """The lock this process's connections to the file at ``path`` hold around their
+    write transactions (the sqlite exporter's writer, ``correlate``'s call records).
+
+    SQLite lets one writer in at a time and makes the others poll, sleeping 1, 2, 5, 10,
+    ... up to 100 ms between tries: in the default config, where the call records and
+    the spans share a file, the span writer slept up to ~25 ms after each call-record
+    insert had long finished, and a writer whose read began before the other's commit
+    failed at once (``SQLITE_BUSY_SNAPSHOT``) and retried its batch. Waiting on this
+    lock, the next writer starts the moment the other commits. Other processes still
+    meet SQLite's own locking (``busy_timeout``)."""
+    key = os.path.realpath(path)
+    with _WRITE_LOCKS_GUARD:
+        lock = _WRITE_LOCKS.get(key)
+        if lock is None:
+            lock = _WRITE_LOCKS[key] = threading.Lock()
+        return lock
 
 
 class BackgroundCheckpointer:

@@ -67,6 +67,7 @@ from collector.storage import (  # re-exported: the query side and plugins read 
     open_sqlite,
     resource_attributes,
     returned_ids,
+    write_lock,
 )
 from exporters.sqlite_query import SQLiteQueryStore, search_term
 
@@ -327,6 +328,7 @@ class _Writer:
         self.db.execute(f"PRAGMA cache_size=-{cache_size_mib * 1024}")
         self._checkpointer = BackgroundCheckpointer(self.db, path)
         self._filename = _file_of(self.db)  # execute_steps checks it is this file
+        self._write_lock = write_lock(path)  # shared with correlate's call records
         # Ids of resources and scopes already written, by their serialized bytes.
         self._resource_ids: dict[bytes, int] = {}
         self._scope_ids: dict[bytes, int] = {}
@@ -334,6 +336,11 @@ class _Writer:
         """Search terms already computed, by project and (key, value)."""
 
     def write(self, batch: SpanBatch) -> None:
+        with self._write_lock:
+            self._write(batch)
+        self._checkpointer.poke()
+
+    def _write(self, batch: SpanBatch) -> None:
         db = self.db
         project = batch.project or ""
         now = time.time_ns()
@@ -389,7 +396,6 @@ class _Writer:
             self._resource_ids.clear()
             self._scope_ids.clear()
             raise
-        self._checkpointer.poke()
 
     def _search_documents(
         self, project: str, attributes: dict[bytes, set[tuple[str, str]]]
@@ -463,6 +469,12 @@ class _Writer:
 
     def expire(self, older_than_ns: int) -> int:
         """Delete traces that ended before ``older_than_ns`` with their spans, and old calls."""
+        with self._write_lock:
+            deleted = self._expire(older_than_ns)
+        self._checkpointer.poke()
+        return deleted
+
+    def _expire(self, older_than_ns: int) -> int:
         db = self.db
         db.execute("BEGIN")
         try:
@@ -492,7 +504,6 @@ class _Writer:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
-        self._checkpointer.poke()
         return int(deleted)
 
     def close(self) -> None:

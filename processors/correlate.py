@@ -37,6 +37,7 @@ from collector.calls import (
     CallRecord,
     CallStore,
     call_id_for,
+    get_records,
     make_call_store,
 )
 from collector.redisconn import CorrelateRedisConfig
@@ -86,7 +87,8 @@ class CorrelateConfig(ComponentConfig):
     """Drop the spans of calls marked skipped in the call store (by a LiveKit webhook whose
     room metadata carries ``roark.skip``); counted in ``calltrace_processor_dropped_spans``.
     Unset: on when the service has a ``livekit_webhook`` receiver, which is what marks
-    calls (the check costs a store read per new call every ``skipped_check_interval``)."""
+    calls (the check reads the store for a batch's calls not checked in the last
+    ``skipped_check_interval``, all in one query or round trip)."""
     skipped_check_interval: Duration = 5.0
     """How long a call's skipped mark is cached before the store is asked again."""
 
@@ -184,25 +186,29 @@ class CorrelateProcessor(Processor):
     async def process(self, batch: SpanBatch) -> SpanBatch | None:
         project = batch.project or ""
         now = time.time_ns()
+        # (piece, its call, whether _correlate_resource stamped it already)
+        pieces: list[tuple[ResourceSpans, tuple[str, str, str] | None, bool]] = []
+        for rs in batch.resource_spans:
+            call = self._correlate_resource(project, rs.resource)
+            if call is not None:
+                pieces.append((rs, call, True))
+            else:
+                pieces += ((p, c, False) for p, c in self._split_by_span_keys(project, rs))
+        skipped = await self._skipped_calls(project, {c[0] for _, c, _ in pieces if c})
         result: list[ResourceSpans] = []
         dropped = 0
         new: dict[tuple[str, str], CallRecord] = {}
-        check_skipped = self.store is not None and self._drop_skipped
-        for rs in batch.resource_spans:
-            call = self._correlate_resource(project, rs.resource)
-            stamped = call is not None  # by _correlate_resource
-            pieces = [(rs, call)] if stamped else self._split_by_span_keys(project, rs)
-            for piece, call in pieces:
-                if call is not None:
-                    call_id, key_value, source = call
-                    spans = batch.count_of(piece)
-                    if check_skipped and await self._is_skipped(project, call_id):
-                        dropped += spans
-                        continue
-                    if not stamped:  # the call came from the spans
-                        _stamp(piece.resource.attributes, call_id, key_value, source)
-                    self._seen(project, call_id, key_value, source, spans, now, new)
-                result.append(piece)
+        for piece, call, stamped in pieces:
+            if call is not None:
+                call_id, key_value, source = call
+                spans = batch.count_of(piece)
+                if call_id in skipped:
+                    dropped += spans
+                    continue
+                if not stamped:  # the call came from the spans
+                    _stamp(piece.resource.attributes, call_id, key_value, source)
+                self._seen(project, call_id, key_value, source, spans, now, new)
+            result.append(piece)
         if new:
             self._create(new)
         if dropped and self._telemetry is not None:
@@ -242,27 +248,48 @@ class CorrelateProcessor(Processor):
         self._resources[(project, raw)] = (call, edited)
         return call
 
-    async def _is_skipped(self, project: str, call_id: str) -> bool:
-        """Whether the call store marks the call skipped (cached for a few seconds)."""
-        if self.store is None or not self._drop_skipped:
-            return False
-        key = (project, call_id)
-        cached = self._skipped_marks.get(key)
+    async def _skipped_calls(self, project: str, call_ids: set[str]) -> set[str]:
+        """Which of ``call_ids`` the call store marks skipped (each cached for
+        ``skipped_check_interval``). The calls not in the cache are read at once: one
+        query or round trip a batch, not one per call (a request of new calls waited
+        for each read in turn)."""
+        skipped: set[str] = set()
+        if self.store is None or not self._drop_skipped or not call_ids:
+            return skipped
+        marks = self._skipped_marks
         now = time.monotonic()
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        unknown: list[str] = []
+        for call_id in call_ids:
+            cached = marks.get((project, call_id))
+            if cached is not None and cached[1] > now:
+                if cached[0]:
+                    skipped.add(call_id)
+            else:
+                unknown.append(call_id)
+        if not unknown:
+            return skipped
         try:
-            record = await asyncio.wait_for(
-                self.store.get(project, call_id), self.config.store_timeout
+            records = await asyncio.wait_for(
+                get_records(self.store, project, unknown), self.config.store_timeout
             )
         except Exception as exc:  # an unreachable store never stops spans
-            log.debug("%s: could not read call %s: %r", self.id, call_id, exc)
-            return cached[0] if cached is not None else False
-        skipped = record is not None and record.skipped
-        self._skipped_marks[key] = (skipped, now + self.config.skipped_check_interval)
-        self._skipped_marks.move_to_end(key)
-        if len(self._skipped_marks) > self.config.cache_size:
-            self._skipped_marks.popitem(last=False)
+            log.debug("%s: could not read %d calls: %r", self.id, len(unknown), exc)
+            for call_id in unknown:
+                cached = marks.get((project, call_id))
+                if cached is not None and cached[0]:
+                    skipped.add(call_id)
+            return skipped
+        until = now + self.config.skipped_check_interval
+        for call_id in unknown:
+            record = records.get(call_id)
+            mark = record is not None and record.skipped
+            key = (project, call_id)
+            marks[key] = (mark, until)
+            marks.move_to_end(key)
+            if mark:
+                skipped.add(call_id)
+        while len(marks) > self.config.cache_size:
+            marks.popitem(last=False)
         return skipped
 
     def _split_by_span_keys(

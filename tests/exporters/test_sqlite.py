@@ -10,8 +10,10 @@ import time
 import pytest
 
 from collector import CALL_ID_ATTRIBUTE, SpanBatch, set_attribute
+from collector.calls import CallRecord, SQLiteCallStore
 from collector.query import CallFilter, TraceFilter
 from collector.spans import CALL_KEY_ATTRIBUTE, CALL_SOURCE_ATTRIBUTE, ResourceSpans, Span
+from collector.storage import write_lock
 from exporters.sqlite import SQLiteConfig, SQLiteExporter, attribute_text, connect
 from exporters.sqlite_query import SQLiteQueryStore
 from tests.processors._util import FakeTelemetryHost
@@ -510,3 +512,31 @@ async def test_each_span_points_at_its_own_resource(tmp_path, monkeypatch, nativ
     assert len(rows) == 14
     assert all(name == f"span of {marker}" for name, marker in rows)
     assert query(config.path, "SELECT count(*) FROM resources") == [(4,)]
+
+
+def test_connections_to_one_file_share_one_write_lock(tmp_path):
+    lock = write_lock(tmp_path / "calltrace.db")
+    assert write_lock(f"{tmp_path}/./calltrace.db") is lock
+    assert write_lock(tmp_path / "other.db") is not lock
+
+
+async def test_call_records_wait_for_the_span_writers_transaction(tmp_path):
+    """correlate's call records and the exporter's spans share the default file: a
+    record written while the writer holds the file's write lock waits for it (on the
+    lock, not in SQLite's polling busy handler) and is written once it is let go."""
+    path = tmp_path / "calltrace.db"
+    store = SQLiteCallStore(path)
+    await store.start()
+    lock = write_lock(path)
+    try:
+        with lock:
+            creating = asyncio.ensure_future(
+                store.create_many([CallRecord("p", "c1", "RM_1", "livekit.room.id", 1, 1)])
+            )
+            await asyncio.sleep(0.2)
+            assert not creating.done()
+            assert query(path, "SELECT count(*) FROM calls") == [(0,)]
+        await asyncio.wait_for(creating, 10)
+        assert query(path, "SELECT call_id FROM calls") == [("c1",)]
+    finally:
+        await store.close()

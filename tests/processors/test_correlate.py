@@ -3,7 +3,7 @@ import sqlite3
 
 import pytest
 
-from collector.calls import call_id_for
+from collector.calls import RoomEvent, SQLiteCallStore, call_id_for, get_records
 from collector.spans import CALL_ID_ATTRIBUTE, get_attribute
 from processors.correlate import CorrelateConfig, CorrelateProcessor
 from tests.processors._util import FakeTelemetryHost, batch, resource_spans
@@ -150,3 +150,63 @@ async def test_a_flush_cancelled_mid_write_counts_its_spans_once(correlate, tmp_
     await correlate.flush()
     counts = sqlite3.connect(tmp_path / "c.db").execute("SELECT span_count FROM calls")
     assert list(counts) == [(5,)]
+
+
+def _room(project: str, room: str, skipped: bool) -> RoomEvent:
+    return RoomEvent(project, call_id_for(project, room), room, None, None, skipped)
+
+
+async def test_a_batchs_new_calls_are_checked_for_skip_marks_in_one_read(tmp_path):
+    """With ``drop_skipped_calls``, the calls a batch brings that are not in the cache are
+    read from the store at once (a request of new calls waited for each read in turn),
+    and the marks are cached for the next batches."""
+    store = SQLiteCallStore(tmp_path / "c.db")
+    await store.start()
+    await store.record_room(_room("p1", "RM_skip", True))
+    await store.record_room(_room("p1", "RM_keep", False))
+    await store.close()
+    processor = CorrelateProcessor(
+        "correlate", CorrelateConfig(store=tmp_path / "c.db", drop_skipped_calls=True)
+    )
+    await processor.start(FakeTelemetryHost())
+    reads: list[list[str]] = []
+    get_many = processor.store.get_many
+
+    async def counted(project, call_ids):
+        reads.append(sorted(call_ids))
+        return await get_many(project, call_ids)
+
+    processor.store.get_many = counted
+    rooms = ["RM_skip", "RM_keep", "RM_new"]
+    try:
+        request = batch(*(resource_spans({"livekit.room.id": r}, [{}, {}]) for r in rooms))
+        out = await processor.process(request)
+        assert sorted(get_attribute(rs.resource.attributes, "livekit.room.id") for rs in
+                      out.resource_spans) == ["RM_keep", "RM_new"]  # fmt: skip
+        assert reads == [sorted(call_id_for("p1", r) for r in rooms)]
+        again = await processor.process(batch(resource_spans({"livekit.room.id": "RM_skip"}, [{}])))
+        assert again is None and len(reads) == 1  # the mark came from the cache
+        dropped = processor._telemetry.value(
+            "calltrace_processor_dropped_spans_total", processor="correlate"
+        )
+        assert dropped == 3
+    finally:
+        await processor.shutdown()
+
+
+async def test_stores_without_get_many_are_read_a_call_at_a_time(tmp_path):
+    store = SQLiteCallStore(tmp_path / "c.db")
+    await store.start()
+    try:
+        await store.record_room(_room("p1", "RM_a", True))
+        ids = [call_id_for("p1", "RM_a"), call_id_for("p1", "RM_none")]
+
+        class OnlyGet:  # a plugin's store: the CallStore protocol without get_many
+            get = store.get
+
+        many, one_by_one = await store.get_many("p1", ids), await get_records(OnlyGet(), "p1", ids)
+        assert list(many) == list(one_by_one) == [ids[0]]
+        assert many[ids[0]] == one_by_one[ids[0]] and many[ids[0]].skipped
+        assert await store.get_many("p2", ids) == {}
+    finally:
+        await store.close()

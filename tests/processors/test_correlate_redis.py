@@ -140,3 +140,21 @@ async def test_records_waiting_for_redis_are_bounded(redis_server):
         assert await processor.store.get("p1", call_id_for("p1", "RM_a")) is not None
     finally:
         await processor.shutdown()
+
+
+async def test_records_are_read_many_at_once_and_absent_ones_left_out(redis_server):
+    store = RedisCallStore(RedisSettings(url=redis_server.url))
+    await store.start()
+    try:
+        ids = [call_id_for("acme", "RM_many_a"), call_id_for("acme", "RM_many_b")]
+        created = await store.create(
+            CallRecord("acme", ids[0], "RM_many_a", "livekit.room.id", 1, 2)
+        )
+        missing = call_id_for("acme", "RM_never")
+        found = await store.get_many("acme", [ids[0], missing])
+        assert found == {ids[0]: created}
+        assert await store.get("acme", ids[0]) == created
+        assert await store.get("acme", missing) is None
+        assert await store.get_many("acme", []) == {}
+    finally:
+        await store.close()
