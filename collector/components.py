@@ -130,6 +130,12 @@ class Processor(_Component):
     edits resources, or drops, adds or regroups whole ``ResourceSpans`` (new messages for
     what it splits) sets False: the pipeline then writes unchanged spans out again from
     the bytes they arrived in, instead of serializing them (``SpanBatch.sources``)."""
+    edits_resources: ClassVar[bool] = True
+    """Whether ``process`` may change a resource and leave ``SpanBatch.resource_payloads``
+    untrue to it. False for a processor that edits no resource, or that puts each
+    resource it edits back in ``resource_payloads`` as serialized after the edit (or
+    drops it from there): the processors after it then read resources' bytes from there
+    instead of serializing them again."""
 
     async def admit(self, request: RequestInfo) -> None:
         """Check a request from its headers alone; raise to refuse it. Default: admit."""

@@ -58,7 +58,9 @@ class FanOut:
         # unless the received bytes are at hand.
         payload = None
         if self.spans_as_received and batch.sources:
-            payload = serialize_resource_spans(batch.resource_spans, batch.sources)
+            payload = serialize_resource_spans(
+                batch.resource_spans, batch.sources, batch.resource_payloads
+            )
         elif len(self.queues) > 1:
             payload = serialize_resource_spans(batch.resource_spans)
         # Queued on every queue before the first await, so no queue can fill up (or
@@ -92,6 +94,8 @@ class Pipeline:
             forward = functools.partial(processor.consume, forward=forward)
             if processor.edits_spans:
                 forward = functools.partial(_without_sources, forward)
+            elif processor.edits_resources:
+                forward = functools.partial(_without_resource_payloads, forward)
         self._entry = forward
 
     async def admit(self, request: RequestInfo) -> None:
@@ -108,6 +112,15 @@ class Pipeline:
 
 async def _without_sources(consume: Forward, batch: SpanBatch) -> None:
     """Before a processor that may edit spans: the received bytes and span counts
-    (``SpanBatch.sources``) will no longer describe the messages."""
+    (``SpanBatch.sources``) will no longer describe the messages, nor the resources'
+    bytes (``SpanBatch.resource_payloads``) their resources."""
     batch.sources = None
+    batch.resource_payloads = None
+    await consume(batch)
+
+
+async def _without_resource_payloads(consume: Forward, batch: SpanBatch) -> None:
+    """Before a processor that may edit resources: ``SpanBatch.resource_payloads`` may no
+    longer be their bytes."""
+    batch.resource_payloads = None
     await consume(batch)

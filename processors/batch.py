@@ -45,6 +45,7 @@ class BatchConfig(ComponentConfig):
 class _Pending:
     resource_spans: list[ResourceSpans] = field(default_factory=list)
     sources: dict[int, ReceivedBytes] = field(default_factory=dict)
+    resource_payloads: dict[int, tuple[ResourceSpans, bytes]] = field(default_factory=dict)
     spans: int = 0
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
@@ -88,6 +89,7 @@ def split_resource_spans(
 class BatchProcessor(Processor):
     type_name = "batch"
     edits_spans = False  # merges lists of resources; what it splits goes into new messages
+    edits_resources = False
     Config = BatchConfig
     config: BatchConfig
 
@@ -106,6 +108,8 @@ class BatchProcessor(Processor):
         pending.resource_spans.extend(batch.resource_spans)
         if batch.sources:
             pending.sources.update(batch.sources)
+        if batch.resource_payloads:
+            pending.resource_payloads.update(batch.resource_payloads)
         pending.spans += batch.span_count
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         pending.waiters.append(done)
@@ -139,7 +143,9 @@ class BatchProcessor(Processor):
         error: BaseException | None = None
         for chunk in chunks:
             try:
-                await self._forward(SpanBatch(chunk, project, sources=pending.sources or None))
+                batch = SpanBatch(chunk, project, sources=pending.sources or None)
+                batch.resource_payloads = pending.resource_payloads or None
+                await self._forward(batch)
             except Exception as exc:  # every waiter learns it; the clients retry
                 error = exc
         for waiter in pending.waiters:

@@ -108,6 +108,7 @@ class _LRU(OrderedDict[tuple[str, ...] | tuple[str, bytes], tuple[str, str, str]
 class CorrelateProcessor(Processor):
     type_name = "correlate"
     edits_spans = False  # stamps resources; what it splits goes into new messages
+    edits_resources = False  # puts each resource's bytes after the stamps in the batch
     Config = CorrelateConfig
     config: CorrelateConfig
 
@@ -188,8 +189,13 @@ class CorrelateProcessor(Processor):
         now = time.time_ns()
         # (piece, its call, whether _correlate_resource stamped it already)
         pieces: list[tuple[ResourceSpans, tuple[str, str, str] | None, bool]] = []
+        known = batch.resource_payloads
         for rs in batch.resource_spans:
-            call = self._correlate_resource(project, rs.resource)
+            entry = known.get(id(rs)) if known is not None else None
+            raw = entry[1] if entry is not None and entry[0] is rs else None
+            call, payload = self._correlate_resource(project, rs.resource, raw)
+            if known is not None:
+                known[id(rs)] = (rs, payload)
             if call is not None:
                 pieces.append((rs, call, True))
             else:
@@ -216,10 +222,13 @@ class CorrelateProcessor(Processor):
         batch.resource_spans = result
         return batch if result else None
 
-    def _correlate_resource(self, project: str, resource: Any) -> tuple[str, str, str] | None:
+    def _correlate_resource(
+        self, project: str, resource: Any, raw: bytes | None = None
+    ) -> tuple[tuple[str, str, str] | None, bytes]:
         """Remove client-sent call attributes from ``resource`` and, when the resource
         names its call, stamp it with the call's; returns ``(call_id, key_value,
-        source)`` or None (the call is then looked for on each span).
+        source)`` or None (the call is then looked for on each span), and the resource's
+        bytes after that. ``raw``: its bytes now, where the batch has them.
 
         A request holds many resources with the same attributes (every batch of spans an
         agent exports repeats its resource: 106 resources, 12 distinct, in a 500-span
@@ -228,13 +237,15 @@ class CorrelateProcessor(Processor):
         and one parse in C instead of walking the attributes in Python and hashing the
         call id again.
         """
-        raw = resource.SerializeToString()
+        if raw is None:
+            raw = bytes(resource.SerializeToString())
         outcome = self._resources.get((project, raw))
         if outcome is not None:
             call, edited = outcome
-            if edited is not None:
-                resource.ParseFromString(edited)
-            return call
+            if edited is None:
+                return call, raw
+            resource.ParseFromString(edited)
+            return call, edited
         attributes = resource.attributes
         removed = _remove_stamps(attributes)  # never trust ids a client sent
         found = self._best_key(attributes, self._rank)
@@ -246,7 +257,7 @@ class CorrelateProcessor(Processor):
         if len(self._resources) >= self.config.cache_size:
             del self._resources[next(iter(self._resources))]  # the oldest
         self._resources[(project, raw)] = (call, edited)
-        return call
+        return call, raw if edited is None else edited
 
     async def _skipped_calls(self, project: str, call_ids: set[str]) -> set[str]:
         """Which of ``call_ids`` the call store marks skipped (each cached for

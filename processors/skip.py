@@ -20,6 +20,8 @@ class SkipConfig(ComponentConfig):
 
 
 _KEY = operator.attrgetter("key")
+_OUTCOMES_LIMIT = 4096
+"""Resources whose outcome ``skip`` remembers before it starts over."""
 
 
 def _is_true(value: object) -> bool:
@@ -34,6 +36,7 @@ def _is_true(value: object) -> bool:
 class SkipProcessor(Processor):
     type_name = "skip"
     edits_spans = False  # drops whole resources
+    edits_resources = False
     Config = SkipConfig
     config: SkipConfig
 
@@ -41,6 +44,9 @@ class SkipProcessor(Processor):
         super().__init__(component_id, config)
         self._keys = frozenset(config.attributes)
         self._telemetry = None
+        # Whether a resource is skipped, by its bytes: a request repeats a few resources
+        # many times (``SpanBatch.resource_payloads`` has their bytes at hand).
+        self._outcomes: dict[bytes, bool] = {}
 
     async def start(self, host: Host) -> None:
         self._telemetry = host.telemetry
@@ -59,8 +65,21 @@ class SkipProcessor(Processor):
     async def process(self, batch: SpanBatch) -> SpanBatch | None:
         kept = []
         dropped = 0
+        known = batch.resource_payloads or {}
+        outcomes = self._outcomes
         for rs in batch.resource_spans:
-            if self._skipped(rs.resource.attributes):
+            entry = known.get(id(rs))
+            if entry is None or entry[0] is not rs:
+                # No bytes at hand: serializing would cost more than looking.
+                skipped = self._skipped(rs.resource.attributes)
+            else:
+                found = outcomes.get(entry[1])
+                if found is None:
+                    if len(outcomes) >= _OUTCOMES_LIMIT:
+                        outcomes.clear()
+                    found = outcomes[entry[1]] = self._skipped(rs.resource.attributes)
+                skipped = found
+            if skipped:
                 dropped += span_count(rs)
             else:
                 kept.append(rs)

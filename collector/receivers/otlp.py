@@ -31,7 +31,12 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from collector.components import ComponentConfig, Consumer, Host, Receiver, RequestInfo
 from collector.otlp_json import INVALID_HEX_ID
-from collector.spans import ExportTraceServiceRequest, SpanBatch, received_bytes
+from collector.spans import (
+    ExportTraceServiceRequest,
+    SpanBatch,
+    received_bytes,
+    received_resources,
+)
 from collector.tls import TLSSettings, check_listener
 from collector.units import ByteSize
 from collector.wire import NATIVE_WIRE
@@ -210,6 +215,7 @@ class TraceIngest:
                 assert body is not None
                 layout = _wire.resource_spans_layout(body)
                 batch.sources = received_bytes(request, body, layout)
+                batch.resource_payloads = received_resources(batch.sources)
             try:
                 await self.consumer.consume(batch)
             except BaseException:

@@ -414,6 +414,110 @@ async def test_a_processor_that_edits_spans_turns_the_reuse_off():
     ).fan_out.spans_as_received
 
 
+def _received(body: bytes) -> SpanBatch:
+    """A batch of ``body`` as the receiver makes it, with the received bytes."""
+    from collector import _wire
+    from collector.spans import received_bytes, received_resources
+
+    request = ExportTraceServiceRequest.FromString(body)
+    batch = SpanBatch(list(request.resource_spans), "p1")
+    batch.sources = received_bytes(request, body, _wire.resource_spans_layout(body))
+    batch.resource_payloads = received_resources(batch.sources)
+    return batch
+
+
+def _assert_resource_bytes_are_true(batch: SpanBatch) -> None:
+    for rs in batch.resource_spans:
+        assert type(rs.resource).FromString(batch.resource_payload(rs)) == rs.resource
+    written = serialize_resource_spans(batch.resource_spans, batch.sources, batch.resource_payloads)
+    assert ExportTraceServiceRequest.FromString(written) == batch.to_request()
+
+
+@pytest.mark.parametrize("framework", ["livekit", "pipecat"])
+def test_received_resource_bytes_are_the_resources(framework):
+    for path in fixture_requests(framework):
+        batch = _received(path.read_bytes())
+        assert len(batch.resource_payloads) == len(batch.resource_spans)
+        _assert_resource_bytes_are_true(batch)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(resource_shapes, max_size=4))
+def test_any_requests_received_resource_bytes_are_its_resources(resources):
+    _assert_resource_bytes_are_true(_received(_request(resources).SerializeToString()))
+
+
+async def test_resource_bytes_stay_true_through_processors_that_edit_resources():
+    """skip and correlate read resources' bytes from the batch, correlate puts them back
+    after its stamps, and before a processor that does not say it keeps them (a plugin
+    that edits resources) the pipeline drops them: what is written out is always the
+    resources as the messages have them."""
+    from collector.components import Processor
+    from collector.pipeline import Pipeline
+    from processors.correlate import CorrelateConfig, CorrelateProcessor
+    from processors.skip import SkipConfig, SkipProcessor
+
+    class Tagger(Processor):  # a plugin's: edits resources, says nothing of their bytes
+        type_name = "tagger"
+        edits_spans = False
+
+        async def process(self, batch):
+            for rs in batch.resource_spans:
+                set_attribute(rs.resource.attributes, "deployment.environment", "test")
+            return batch
+
+    seen: list[tuple[bool, ExportTraceServiceRequest, ExportTraceServiceRequest]] = []
+
+    class Capture(Processor):
+        type_name = "capture"
+        edits_spans = False
+        edits_resources = False
+
+        async def process(self, batch):
+            written = serialize_resource_spans(
+                batch.resource_spans, batch.sources, batch.resource_payloads
+            )
+            parsed = ExportTraceServiceRequest.FromString(written)
+            seen.append((batch.resource_payloads is not None, parsed, batch.to_request()))
+            return batch
+
+    correlate = CorrelateProcessor("correlate", CorrelateConfig(store=None))
+    plain = [SkipProcessor("skip", SkipConfig()), correlate, Capture("c1", None)]
+    tagged = [*plain, Tagger("tagger", None), Capture("c2", None)]
+    for path in fixture_requests("livekit") + fixture_requests("pipecat"):
+        seen.clear()
+        await Pipeline("p", plain, []).consume(_received(path.read_bytes()))
+        await Pipeline("p", tagged, []).consume(_received(path.read_bytes()))
+        assert [kept for kept, _, _ in seen] == [True, True, False]
+        for _, written, messages in seen:
+            assert written == messages
+        assert any(
+            kv.key == CALL_ID_ATTRIBUTE
+            for rs in seen[0][1].resource_spans
+            for kv in rs.resource.attributes
+        )
+
+
+async def test_skip_drops_a_marked_resource_whether_its_bytes_are_known_or_not():
+    from processors.skip import SkipConfig, SkipProcessor
+
+    skip = SkipProcessor("skip", SkipConfig())
+    received = ExportTraceServiceRequest.FromString(fixture_requests("livekit")[0].read_bytes())
+    request = ExportTraceServiceRequest()
+    for _ in range(3):  # the same resource three times, the middle one marked
+        request.resource_spans.add().CopyFrom(received.resource_spans[0])
+    marked = request.resource_spans[1]
+    set_attribute(marked.resource.attributes, "roark.skip", True)
+    expected = [rs for rs in request.resource_spans if rs.resource != marked.resource]
+    assert expected and span_count(marked)
+    body = request.SerializeToString()
+    for _ in range(2):  # the second time, the outcomes come from the bytes they are kept by
+        kept = await skip.process(_received(body))
+        assert [rs.resource for rs in kept.resource_spans] == [rs.resource for rs in expected]
+    without_bytes = await skip.process(SpanBatch(list(request.resource_spans), "p1"))
+    assert list(without_bytes.resource_spans) == expected
+
+
 # -- execute_steps / execute_rows: a batch's rows into SQLite without the GIL ----------
 
 _PLAIN_SPANS = (
