@@ -1708,9 +1708,71 @@ error:
     return NULL;
 }
 
+/* A batch's trace ids -> their traces.seq, for a spans step whose statement takes the
+ * seq as ?15: read from a dict with the GIL, looked up for every span without it
+ * (instead of a subquery on the traces index for each span). Open addressing over the
+ * id's hash; the ids point into the dict's keys, which the steps keep alive. */
+typedef struct {
+    const char *id; /* NULL: an empty slot */
+    Py_ssize_t len;
+    int64_t seq;
+} SeqSlot;
+
+typedef struct {
+    SeqSlot *slots; /* NULL: no table (the statement finds the seq itself) */
+    size_t mask;
+} SeqTable;
+
+static int
+seq_table_read(PyObject *seqs, SeqTable *table)
+{
+    if (!PyDict_Check(seqs)) {
+        PyErr_SetString(PyExc_TypeError, "seqs are a dict of trace id -> seq");
+        return -1;
+    }
+    size_t size = 8;
+    while (size < (size_t)PyDict_GET_SIZE(seqs) * 2)
+        size <<= 1;
+    table->slots = PyMem_Calloc(size, sizeof *table->slots);
+    if (table->slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    table->mask = size - 1;
+    Py_ssize_t position = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(seqs, &position, &key, &value)) {
+        char *id;
+        Py_ssize_t len;
+        if (PyBytes_AsStringAndSize(key, &id, &len) < 0)
+            return -1;
+        int64_t seq = PyLong_AsLongLong(value);
+        if (seq == -1 && PyErr_Occurred())
+            return -1;
+        size_t i = hash_bytes((const uint8_t *)id, len) & table->mask;
+        while (table->slots[i].id != NULL)
+            i = (i + 1) & table->mask;
+        table->slots[i] = (SeqSlot){id, len, seq};
+    }
+    return 0;
+}
+
+static const SeqSlot *
+seq_lookup(const SeqTable *table, const uint8_t *id, Py_ssize_t len)
+{
+    for (size_t i = hash_bytes(id, len) & table->mask;; i = (i + 1) & table->mask) {
+        const SeqSlot *slot = &table->slots[i];
+        if (slot->id == NULL)
+            return NULL;
+        if (slot->len == len && memcmp(slot->id, id, (size_t)len) == 0)
+            return slot;
+    }
+}
+
 static int
 insert_scope_spans(sqlite3_stmt *stmt, const uint8_t *payload, const PlanEntry *e,
-                   const char *project, Py_ssize_t project_len, long *inserted, sqlite3 *db)
+                   const char *project, Py_ssize_t project_len, const SeqTable *seqs,
+                   long *inserted, sqlite3 *db)
 {
     const uint8_t *p = payload + e->offset, *end = p + e->len;
     Field f;
@@ -1746,6 +1808,13 @@ insert_scope_spans(sqlite3_stmt *stmt, const uint8_t *payload, const PlanEntry *
         sq.bind_int64(stmt, 12, e->resource);
         sq.bind_int64(stmt, 13, e->scope);
         sq.bind_blob(stmt, 14, f.data, (int)f.len, SQLITE_STATIC);
+        if (seqs->slots != NULL) {
+            const SeqSlot *found = seq_lookup(seqs, s.trace_id, s.trace_id_len);
+            if (found != NULL) /* else NULL: the NOT NULL constraint reports it */
+                sq.bind_int64(stmt, 15, found->seq);
+            else
+                sq.bind_null(stmt, 15);
+        }
         int rc = sq.step(stmt);
         sq.reset(stmt);
         if (rc != SQLITE_DONE)
@@ -1988,6 +2057,7 @@ typedef struct {
     int has_payload;
     const char *project;
     Py_ssize_t project_len;
+    SeqTable seqs;
 } Step;
 
 static void
@@ -1996,25 +2066,29 @@ steps_free(Step *steps, Py_ssize_t n)
     for (Py_ssize_t i = 0; i < n; i++) {
         PyMem_Free(steps[i].values);
         PyMem_Free(steps[i].plan);
+        PyMem_Free(steps[i].seqs.slots);
         if (steps[i].has_payload)
             PyBuffer_Release(&steps[i].payload);
     }
     PyMem_Free(steps);
 }
 
-/* A step's C form: (sql, None), (sql, rows) or (sql, payload, project, plan). */
+/* A step's C form: (sql, None), (sql, rows) or (sql, payload, project, plan[, seqs]). */
 static int
 read_step(PyObject *item, Step *step)
 {
-    if (!PyTuple_Check(item) || (PyTuple_GET_SIZE(item) != 2 && PyTuple_GET_SIZE(item) != 4)) {
+    Py_ssize_t size = PyTuple_Check(item) ? PyTuple_GET_SIZE(item) : 0;
+    if (size != 2 && size != 4 && size != 5) {
         PyErr_SetString(PyExc_TypeError, "a step is (sql, rows or None) or "
-                                         "(sql, payload, project, plan)");
+                                         "(sql, payload, project, plan[, seqs])");
         return -1;
     }
     step->sql = PyUnicode_AsUTF8(PyTuple_GET_ITEM(item, 0));
     if (step->sql == NULL)
         return -1;
-    if (PyTuple_GET_SIZE(item) == 4) {
+    if (size == 5 && seq_table_read(PyTuple_GET_ITEM(item, 4), &step->seqs) < 0)
+        return -1;
+    if (size >= 4) {
         PyObject *plan = PyTuple_GET_ITEM(item, 3);
         if (!PyList_Check(plan)) {
             PyErr_SetString(PyExc_TypeError, "a plan is a list");
@@ -2058,7 +2132,7 @@ run_step(sqlite3 *db, const Step *step)
     if (step->plan != NULL) {
         for (Py_ssize_t i = 0; i < step->plan_len && outcome == INSERT_OK; i++)
             outcome = insert_scope_spans(stmt, step->payload.buf, &step->plan[i], step->project,
-                                         step->project_len, &changed, db);
+                                         step->project_len, &step->seqs, &changed, db);
     }
     else if (run_rows(db, stmt, step->values, step->rows, step->width, NULL, &changed) !=
              SQLITE_OK)
@@ -2073,7 +2147,9 @@ PyDoc_STRVAR(execute_steps_doc,
 "transaction) with the GIL released once for all of them: (sql, None) runs sql once\n"
 "(COMMIT); (sql, rows) runs it for each row, values bound as sqlite3 binds them;\n"
 "(sql, payload, project, plan) runs it for each span of payload that plan lists, with\n"
-"parameters ?1-?14 a span row's values as build_rows gives them. Every value is read\n"
+"parameters ?1-?14 a span row's values as build_rows gives them; with seqs, a dict of\n"
+"trace id -> int, as (sql, payload, project, plan, seqs), ?15 is the span's trace's\n"
+"(NULL for a trace id not in it). Every value is read\n"
 "before any step runs (an error there, such as an int too large, runs none). Returns\n"
 "None, or (step index, code, message) for the error SQLite reported, after which no\n"
 "further step ran.");

@@ -396,7 +396,9 @@ def execute_steps(db: sqlite3.Connection, filename: str, steps: list[Any]) -> No
     ``(sql, None)`` step executes ``sql`` once (``COMMIT``), ``(sql, rows)`` executes it
     for each row, and ``(sql, payload, project, plan)`` inserts the span rows that
     ``rows.span_plan`` (``(payload, plan)``) leaves in the payload, ``sql`` taking a row of
-    ``BatchRows.spans`` as parameters ?1-?14. Raises what sqlite3 would.
+    ``BatchRows.spans`` as parameters ?1-?14; ``(sql, payload, project, plan, seqs)``
+    also binds ?15 to the span's trace's value in ``seqs`` (trace id -> int). Raises what
+    sqlite3 would.
 
     In C (``collector._wire.execute_steps``) the GIL is let go of once for all the steps.
     executemany lets go of it around every row's step and takes it back after: while

@@ -611,6 +611,45 @@ def test_an_error_sqlite_reports_is_raised_as_executemany_raises_it(tmp_path):
     assert bad_sql[1] == bad_sql[0] == (sqlite3.OperationalError, "no such table: nowhere")
 
 
+def test_a_spans_step_binds_each_spans_trace_seq_from_the_table_it_is_given(tmp_path):
+    """(sql, payload, project, plan, seqs): ?15 is the span's trace's value in seqs, as
+    executemany binds it from the rows; a trace id missing from seqs binds NULL."""
+    import sqlite3
+
+    request = ExportTraceServiceRequest()
+    for path in fixture_requests("pipecat") + fixture_requests("livekit"):
+        request.resource_spans.extend(
+            ExportTraceServiceRequest.FromString(path.read_bytes()).resource_spans
+        )
+    payload = serialize_resource_spans(request.resource_spans)
+    rows = build_rows_native(payload, "p1", 7, *_int_refs(), span_plan=True)
+    traces = sorted({span.trace_id for rs in request.resource_spans for ss in rs.scope_spans
+                     for span in ss.spans})  # fmt: skip
+    assert len(traces) > 1
+    seqs = {trace_id: 1000 + index for index, trace_id in enumerate(traces)}
+    expected = sorted(
+        (span.span_id, seqs[span.trace_id])
+        for rs in request.resource_spans
+        for ss in rs.scope_spans
+        for span in ss.spans
+    )
+    db = sqlite3.connect(tmp_path / "seq.db", isolation_level=None)
+    db.execute(_PLAIN_SPANS.replace(", span)", ", span, trace_seq NOT NULL)"))
+    sql = _PLAIN_INSERT.replace("?14)", "?14,?15)")
+    filename = db.execute("PRAGMA database_list").fetchone()[2]
+    db.execute("BEGIN")
+    storage.execute_steps(db, filename, [(sql, payload, "p1", rows.span_plan[1], seqs)])
+    db.execute("COMMIT")
+    assert sorted(db.execute("SELECT span_id, trace_seq FROM spans")) == expected
+    del seqs[traces[0]]
+    db.execute("BEGIN")
+    with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
+        storage.execute_steps(db, filename, [(sql, payload, "p2", rows.span_plan[1], seqs)])
+    with pytest.raises(TypeError, match="seqs"):
+        storage.execute_steps(db, filename, [(sql, payload, "p2", rows.span_plan[1], [])])
+    db.execute("ROLLBACK")
+
+
 def test_execute_steps_refuses_a_connection_it_cannot_vouch_for(tmp_path):
     import sqlite3
 
