@@ -294,6 +294,17 @@ def throwaway_redis() -> Iterator[str]:
         process.wait(10)
 
 
+def flush_redis(url: str) -> None:
+    """Empty the throwaway Redis at ``url`` (``FLUSHALL``)."""
+    address = url.removeprefix("redis://").split("/", 1)[0]
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"FLUSHALL\r\n")
+        reply = sock.recv(64)
+    if not reply.startswith(b"+OK"):
+        raise RuntimeError(f"FLUSHALL on {url} answered {reply!r}")
+
+
 def redis_exporter_missing() -> str | None:
     """Why the Redis Streams row cannot run, or None when it can."""
     from collector import registry
@@ -429,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
             workdir = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=tmpdir))
             config = workdir / "collector.yaml"
             settings = calltrace_config(port, workdir, redis_url=redis_url, writer=writer)
+            if redis_url:  # and an empty Redis, as every round has an empty database
+                flush_redis(redis_url)
             config.write_text(yaml.safe_dump(settings))
             return measure(
                 name,
