@@ -327,3 +327,22 @@ async def test_the_connection_is_reused_after_a_batch(redis_server):
         assert await exporter._client.xlen("calltrace:spans:p1") == 51
     finally:
         await exporter.shutdown()
+
+
+async def test_a_resource_seen_again_is_packed_for_its_own_project(redis_server):
+    """A resource's fields are packed once and kept for later batches: the same resource
+    in another project's batch still gets that project."""
+    from collector.spans import SpanBatch, serialize_resource_spans
+
+    exporter = await started(url=redis_server.url)
+    rs = resource_spans({"service.name": "agent", CALL_ID_ATTRIBUTE: "call_1"}, [{}, {}])
+    payload = serialize_resource_spans([rs])
+    try:
+        for project in ("acme", "beta", "acme"):
+            await exporter.export(SpanBatch([], project, {}, 0, payload))
+    finally:
+        await exporter.shutdown()
+    for project, count in (("acme", 4), ("beta", 2)):
+        got = entries(redis_server, f"calltrace:spans:{project}")
+        assert [e["project"] for e in got] == [project.encode()] * count
+        assert {e["call_id"] for e in got} == {b"call_1"}
