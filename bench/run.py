@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--flood-concurrency", type=int, default=48)
     parser.add_argument(
-        "--rounds", type=int, default=3, help="times each row runs beside its yardstick"
+        "--rounds", type=int, default=5, help="times each row runs beside its yardstick"
     )
     parser.add_argument("--quick", action="store_true", help="a few hundred spans: a smoke run")
     parser.add_argument(
