@@ -218,6 +218,23 @@ async def test_the_checkpointer_copies_the_wal_into_the_database(exporter):
     assert exporter.path.stat().st_size > before + 400_000  # 2,000 spans of 200+ bytes
 
 
+async def test_commits_during_the_checkpointers_pause_are_checkpointed_after_it(exporter):
+    """Checkpoints follow commits at most once an interval: a commit that comes while
+    the checkpointer pauses is copied into the database once the pause is over."""
+    before = exporter.path.stat().st_size
+    for batch_number in range(5):  # one commit right after another
+        rs = call_resource(f"call_{batch_number}")
+        trace = os.urandom(16)
+        for i in range(400):
+            add_span(rs, trace, f"span {i}", i, i + 10, **{"text": "x" * 1000})
+        await exporter.export(SpanBatch([rs], "p1"))
+    deadline = time.monotonic() + 10
+    while exporter.path.stat().st_size <= before + 2_000_000 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    # 2,000 spans of 1,000+ bytes: without the last batch it would be under 1.8 MB
+    assert exporter.path.stat().st_size > before + 2_000_000
+
+
 # The layout of files written before spans were keyed by trace seq (user_version 0).
 LAYOUT_0 = """
 CREATE TABLE IF NOT EXISTS spans (
