@@ -165,10 +165,11 @@ def received_resources(sources: dict[int, ReceivedBytes]) -> dict[int, tuple[Res
     from the body at the offsets ``sources`` holds (past the field's tag and length)."""
     payloads = {}
     for key, (rs, body, _, _, start, end, _) in sources.items():
-        start += 1  # the tag: field 1, length-delimited
-        while body[start] & 0x80:  # the length's varint
+        for _varint in range(2):  # the tag (field 1, length-delimited), then the length
+            while body[start] & 0x80:  # (a varint: writers may pad one with zeros)
+                start += 1
             start += 1
-        payloads[key] = (rs, body[start + 1 : end])
+        payloads[key] = (rs, body[start:end])
     return payloads
 
 

@@ -441,6 +441,31 @@ def test_received_resource_bytes_are_the_resources(framework):
         _assert_resource_bytes_are_true(batch)
 
 
+@pytest.mark.parametrize(
+    "tag", [b"\n", b"\x8a\x00", b"\x8a\x80\x00"], ids=["plain", "padded", "padded2"]
+)
+def test_a_resource_field_whose_tag_or_length_is_padded_is_cut_right(tag):
+    """Varints may be written longer than they need (protobuf parsers accept them): the
+    resource's bytes start after the tag and the length, however long each is."""
+    from collector.spans import varint
+
+    request = ExportTraceServiceRequest.FromString(fixture_requests("livekit")[0].read_bytes())
+    rs = request.resource_spans[0]
+    resource = rs.resource.SerializeToString()
+    scopes = b"".join(
+        b"\x12" + varint(len(ss.SerializeToString())) + ss.SerializeToString()
+        for ss in rs.scope_spans
+    )
+    length = varint(len(resource))
+    for padded_length in (length, length[:-1] + bytes([length[-1] | 0x80]) + b"\x00"):
+        rs_bytes = tag + padded_length + resource + scopes
+        body = b"\n" + varint(len(rs_bytes)) + rs_bytes
+        assert ExportTraceServiceRequest.FromString(body).resource_spans[0] == rs
+        batch = _received(body)
+        assert [payload for _, payload in batch.resource_payloads.values()] == [resource]
+        _assert_resource_bytes_are_true(batch)
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(resource_shapes, max_size=4))
 def test_any_requests_received_resource_bytes_are_its_resources(resources):
