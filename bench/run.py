@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import yaml
@@ -320,6 +320,17 @@ def redis_exporter_missing() -> str | None:
     return None
 
 
+def mean_row(first: Row, second: Row) -> Row:
+    """The figures of two runs of one row, averaged (named as the first)."""
+    return Row(
+        first.name,
+        *((a + b) / 2 for a, b in zip(astuple(first)[1:7], astuple(second)[1:7], strict=True)),
+        (first.spans + second.spans) // 2,
+        (first.refused + second.refused) // 2,
+        first.yardstick,
+    )
+
+
 def fmt_ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}×" if base else "–"
 
@@ -468,15 +479,20 @@ def main(argv: list[str] | None = None) -> int:
             run_yardstick: Callable[[str], Row],
             run_row: Callable[[str], Row],
         ) -> None:
-            """The yardstick, then the row, ``rounds`` times over: the machine's speed
-            drifts (shared cores), so each row is compared with the yardstick measured
-            just before it, and the round whose ratio is the median goes in the table
-            (all its figures from that one round); the others' range goes in a note."""
+            """The row ``rounds`` times, each between two yardstick runs: the machine's
+            speed drifts (shared cores), so each round is compared with the mean of the
+            yardstick runs just before and just after it (one before only, it moved by
+            1.2-2x within a run on this machine), and the round whose ratio is the
+            median goes in the table with that mean (all its figures from that one
+            round); the others' range goes in a note."""
             results = []
+            before = run_yardstick(yard_label)
             for _ in range(rounds):
-                yardstick = run_yardstick(yard_label)
                 row = run_row(yard_label)
-                results.append((row.persisted_per_s / yardstick.persisted_per_s, yardstick, row))
+                after = run_yardstick(yard_label)
+                around = mean_row(before, after)
+                results.append((row.persisted_per_s / around.persisted_per_s, around, row))
+                before = after
             results.sort(key=lambda result: result[0])
             _, yardstick, row = results[len(results) // 2]
             rows.extend((yardstick, row))
@@ -572,10 +588,9 @@ def main(argv: list[str] | None = None) -> int:
             del flood_proto
         if spreads:
             notes.append(
-                f"each row ran {rounds} times, each time just after its yardstick; the table"
-                " shows the round whose ratio is the median. Over all rounds: "
-                + "; ".join(spreads)
-                + "."
+                f"each row ran {rounds} times, each time between two runs of its yardstick;"
+                " the table shows the round whose ratio is the median, beside the mean of"
+                " the yardstick runs around it. Over all rounds: " + "; ".join(spreads) + "."
             )
         if len(yardsticks) > 1:
             speeds = [y.persisted_per_s for y in yardsticks]
@@ -584,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                 f" {min(speeds):,.0f} and {max(speeds):,.0f} spans/s"
                 f" ({max(speeds) / min(speeds):.2f}x): the machine's speed moved by that much"
                 " while the rows were measured, so each row is compared with the yardstick"
-                " run just before it."
+                " runs just before and after it."
             )
         if args.profile:
             notes += profile_ingest(proto, c, headers, tmpdir / "profile", RESULTS)
@@ -603,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         f" {sum(b.spans for b in small_proto)} spans in ~50-span requests; bench took"
         f" {elapsed:.0f} s. The machine is shared (other work runs on the same cores), so"
         " absolute figures vary between runs; each calltrace row's ratios are to the yardstick"
-        " measured just before it, in this one run"
+        " measured just before and just after it (their mean), in this one run"
         + (f" (the median of {rounds} rounds, see the notes)." if rounds > 1 else "."),
         "",
         "| scenario | spans/s persisted | vs yardstick | p50 ms | p99 ms | vs yardstick p99"
