@@ -94,12 +94,17 @@ class SpanBatch:
             return sum(map(span_count, self.resource_spans))
         return sum(map(self.count_of, self.resource_spans))
 
+    def known_resource_payload(self, resource_spans: ResourceSpans) -> bytes | None:
+        """The serialized resource of one of the batch's ``ResourceSpans`` where
+        ``resource_payloads`` holds it, else None."""
+        return _known_payload(self.resource_payloads, resource_spans)
+
     def resource_payload(self, resource_spans: ResourceSpans) -> bytes:
         """The serialized resource of one of the batch's ``ResourceSpans``: from
         ``resource_payloads`` where they hold it, else serialized now."""
-        known = self.resource_payloads.get(id(resource_spans)) if self.resource_payloads else None
-        if known is not None and known[0] is resource_spans:
-            return known[1]
+        known = _known_payload(self.resource_payloads, resource_spans)
+        if known is not None:
+            return known
         return bytes(resource_spans.resource.SerializeToString())
 
     def count_of(self, resource_spans: ResourceSpans) -> int:
@@ -160,6 +165,15 @@ def received_bytes(
     return sources
 
 
+def _known_payload(
+    resource_payloads: dict[int, tuple[ResourceSpans, bytes]] | None, rs: ResourceSpans
+) -> bytes | None:
+    """``rs``'s resource bytes in ``resource_payloads`` (``SpanBatch.resource_payloads``),
+    or None: the entry must be for this very message, not one that had its ``id``."""
+    known = resource_payloads.get(id(rs)) if resource_payloads else None
+    return known[1] if known is not None and known[0] is rs else None
+
+
 def received_resources(sources: dict[int, ReceivedBytes]) -> dict[int, tuple[ResourceSpans, bytes]]:
     """``SpanBatch.resource_payloads`` of messages as received: each resource's bytes, cut
     from the body at the offsets ``sources`` holds (past the field's tag and length)."""
@@ -195,10 +209,8 @@ def serialize_resource_spans(
             parts += (b"\n", varint(len(body)), body)
             continue
         _, received, start, end, resource_start, resource_end, _ = source
-        known = resource_payloads.get(id(rs)) if resource_payloads else None
-        if known is not None and known[0] is rs:
-            resource = known[1]
-        else:
+        resource = _known_payload(resource_payloads, rs)
+        if resource is None:
             resource = rs.resource.SerializeToString()
         resource_length = varint(len(resource))
         size = (

@@ -191,8 +191,7 @@ class CorrelateProcessor(Processor):
         pieces: list[tuple[ResourceSpans, tuple[str, str, str] | None, bool]] = []
         known = batch.resource_payloads
         for rs in batch.resource_spans:
-            entry = known.get(id(rs)) if known is not None else None
-            raw = entry[1] if entry is not None and entry[0] is rs else None
+            raw = batch.resource_payload(rs)
             call, payload = self._correlate_resource(project, rs.resource, raw)
             if known is not None:
                 known[id(rs)] = (rs, payload)
@@ -223,12 +222,12 @@ class CorrelateProcessor(Processor):
         return batch if result else None
 
     def _correlate_resource(
-        self, project: str, resource: Any, raw: bytes | None = None
+        self, project: str, resource: Any, raw: bytes
     ) -> tuple[tuple[str, str, str] | None, bytes]:
         """Remove client-sent call attributes from ``resource`` and, when the resource
         names its call, stamp it with the call's; returns ``(call_id, key_value,
         source)`` or None (the call is then looked for on each span), and the resource's
-        bytes after that. ``raw``: its bytes now, where the batch has them.
+        bytes after that. ``raw``: its bytes now (``SpanBatch.resource_payload``).
 
         A request holds many resources with the same attributes (every batch of spans an
         agent exports repeats its resource: 106 resources, 12 distinct, in a 500-span
@@ -237,8 +236,6 @@ class CorrelateProcessor(Processor):
         and one parse in C instead of walking the attributes in Python and hashing the
         call id again.
         """
-        if raw is None:
-            raw = bytes(resource.SerializeToString())
         outcome = self._resources.get((project, raw))
         if outcome is not None:
             call, edited = outcome

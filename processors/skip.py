@@ -65,19 +65,18 @@ class SkipProcessor(Processor):
     async def process(self, batch: SpanBatch) -> SpanBatch | None:
         kept = []
         dropped = 0
-        known = batch.resource_payloads or {}
         outcomes = self._outcomes
         for rs in batch.resource_spans:
-            entry = known.get(id(rs))
-            if entry is None or entry[0] is not rs:
+            payload = batch.known_resource_payload(rs)
+            if payload is None:
                 # No bytes at hand: serializing would cost more than looking.
                 skipped = self._skipped(rs.resource.attributes)
             else:
-                found = outcomes.get(entry[1])
+                found = outcomes.get(payload)
                 if found is None:
                     if len(outcomes) >= _OUTCOMES_LIMIT:
                         outcomes.clear()
-                    found = outcomes[entry[1]] = self._skipped(rs.resource.attributes)
+                    found = outcomes[payload] = self._skipped(rs.resource.attributes)
                 skipped = found
             if skipped:
                 dropped += span_count(rs)
