@@ -134,7 +134,6 @@ class BackgroundCheckpointer:
         self._due = threading.Event()
         self._closed = threading.Event()
         self._interval = interval
-        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="calltrace-checkpoint", daemon=True)
         self._thread.start()
 
@@ -146,7 +145,7 @@ class BackgroundCheckpointer:
         while True:
             self._due.wait()
             self._due.clear()
-            if self._stopping:
+            if self._closed.is_set():
                 return
             try:
                 self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -156,9 +155,8 @@ class BackgroundCheckpointer:
 
     def close(self) -> None:
         """Stop the thread (the writer's own close checkpoints what is left)."""
-        self._stopping = True
-        self._due.set()
         self._closed.set()
+        self._due.set()
         self._thread.join()
         self._db.close()
 
