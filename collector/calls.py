@@ -164,15 +164,14 @@ class SQLiteCallStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
         self._write_lock = write_lock(self.path)  # shared with the sqlite exporter's writer
         # Reads on a connection of their own: in WAL mode a read never waits for a write,
         # and correlate reads a new call's record (is it skipped?) before answering.
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
-        # Writes on a thread of their own, in order: waiting for the span writer's
-        # transaction, they would otherwise hold the loop's default threads (and the
-        # reads queued behind them).
+        # Writes on a thread of their own, in order, the only one that uses ``_db``:
+        # waiting for the span writer's transaction, they would otherwise hold the
+        # loop's default threads (and the reads queued behind them).
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="calltrace-calls")
 
     async def start(self) -> None:
@@ -202,7 +201,7 @@ class SQLiteCallStore:
             )
             for r in records
         ]
-        with self._lock, self._write_lock:
+        with self._write_lock:
             self._db.execute("BEGIN")
             try:
                 self._db.executemany(
@@ -240,7 +239,7 @@ class SQLiteCallStore:
 
     def _record_activity(self, activity: list[CallActivity]) -> None:
         assert self._db is not None
-        with self._lock, self._write_lock:
+        with self._write_lock:
             self._db.execute("BEGIN")
             self._db.executemany(
                 "UPDATE calls SET last_seen_ns = max(last_seen_ns, ?),"
@@ -287,7 +286,7 @@ class SQLiteCallStore:
     def _record_room(self, e: RoomEvent) -> None:
         assert self._db is not None
         now = time.time_ns()
-        with self._lock, self._write_lock:
+        with self._write_lock:
             self._db.execute(
                 "INSERT INTO calls (project, call_id, room_id, source, first_seen_ns,"
                 " last_seen_ns, skipped, room_name, metadata, room_started_ns, room_finished_ns)"
