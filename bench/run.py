@@ -11,7 +11,7 @@ The load generator runs on the same machine as the server (and, on a shared box,
 whatever else runs there): absolute figures move with the machine's load, the ratios to
 the yardstick measured minutes apart in the same run much less.
 
-    python -m bench.run [--spans 100000] [--rounds 3] [--quick] [--profile]
+    python -m bench.run [--spans 100000] [--rounds 5] [--quick] [--profile]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -279,10 +280,8 @@ def throwaway_redis() -> Iterator[str]:
         deadline = time.monotonic() + 10
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        break
+                if redis_command("127.0.0.1", port, b"PING", timeout=0.2).startswith(b"+PONG"):
+                    break
             except OSError:
                 pass
             if time.monotonic() > deadline:
@@ -294,13 +293,17 @@ def throwaway_redis() -> Iterator[str]:
         process.wait(10)
 
 
+def redis_command(host: str, port: int, command: bytes, timeout: float = 10) -> bytes:
+    """The start of the reply to an inline ``command`` (``PING``, ``FLUSHALL``)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(command + b"\r\n")
+        return sock.recv(64)
+
+
 def flush_redis(url: str) -> None:
     """Empty the throwaway Redis at ``url`` (``FLUSHALL``)."""
-    address = url.removeprefix("redis://").split("/", 1)[0]
-    host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"FLUSHALL\r\n")
-        reply = sock.recv(64)
+    address = urlsplit(url)
+    reply = redis_command(address.hostname or "127.0.0.1", address.port or 6379, b"FLUSHALL")
     if not reply.startswith(b"+OK"):
         raise RuntimeError(f"FLUSHALL on {url} answered {reply!r}")
 
