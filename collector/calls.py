@@ -9,6 +9,7 @@ file by default, or Redis when several instances share calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import sqlite3
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from collector.redisconn import RedisSettings, redis_client
-from collector.storage import open_sqlite, write_lock
+from collector.storage import execute_steps, open_sqlite, write_lock
 
 __all__ = [
     "CALLS_DDL",
@@ -179,6 +180,7 @@ class SQLiteCallStore:
         db = open_sqlite(self.path)
         ensure_calls_table(db)
         self._db = db
+        self._filename = str(db.execute("PRAGMA database_list").fetchone()[2])
         self._reader = open_sqlite(self.path)
 
     def _write(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
@@ -201,26 +203,22 @@ class SQLiteCallStore:
             )
             for r in records
         ]
+        self._transaction([(_INSERT_CALLS, rows)])
+
+    def _transaction(self, steps: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+        """``steps`` in one transaction, holding the file's write lock. Their rows run in
+        C with the GIL let go of once (``execute_steps``): executemany let go of it and
+        waited for it back around every row, holding the lock the span writer waits on
+        meanwhile (measured under the bench's load: 201 inserts of ~11 new calls took
+        640 ms, and the span writer waited 75 ms for the lock)."""
+        assert self._db is not None
         with self._write_lock:
             self._db.execute("BEGIN")
             try:
-                self._db.executemany(
-                    "INSERT INTO calls (project, call_id, room_id, source, first_seen_ns,"
-                    " last_seen_ns, span_count, skipped, room_name, metadata)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (project, call_id) DO UPDATE SET"
-                    # The storage exporter may have written the row first, from a batch
-                    # with its own clock: the record (shared through Redis) says when the
-                    # call was first seen, and what a webhook learnt about it.
-                    " first_seen_ns = min(calls.first_seen_ns, excluded.first_seen_ns),"
-                    " span_count = max(calls.span_count, excluded.span_count),"
-                    " skipped = max(calls.skipped, excluded.skipped),"
-                    " room_name = coalesce(calls.room_name, excluded.room_name),"
-                    " metadata = coalesce(calls.metadata, excluded.metadata)",
-                    rows,
-                )
-                self._db.execute("COMMIT")
+                execute_steps(self._db, self._filename, [*steps, ("COMMIT", None)])
             except BaseException:
-                self._db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
                 raise
 
     def _create(self, r: CallRecord) -> CallRecord:
@@ -239,14 +237,8 @@ class SQLiteCallStore:
 
     def _record_activity(self, activity: list[CallActivity]) -> None:
         assert self._db is not None
-        with self._write_lock:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "UPDATE calls SET last_seen_ns = max(last_seen_ns, ?),"
-                " span_count = span_count + ? WHERE project = ? AND call_id = ?",
-                [(a.last_seen_ns, a.spans, a.project, a.call_id) for a in activity],
-            )
-            self._db.execute("COMMIT")
+        rows = [(a.last_seen_ns, a.spans, a.project, a.call_id) for a in activity]
+        self._transaction([(_RECORD_ACTIVITY, rows)])
 
     async def record_activity(self, activity: list[CallActivity]) -> list[tuple[str, str]] | None:
         if activity:
@@ -321,6 +313,24 @@ class SQLiteCallStore:
                 db.close()
         self._db = self._reader = None
 
+
+_INSERT_CALLS = (
+    "INSERT INTO calls (project, call_id, room_id, source, first_seen_ns,"
+    " last_seen_ns, span_count, skipped, room_name, metadata)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (project, call_id) DO UPDATE SET"
+    # The storage exporter may have written the row first, from a batch with its own
+    # clock: the record (shared through Redis) says when the call was first seen, and
+    # what a webhook learnt about it.
+    " first_seen_ns = min(calls.first_seen_ns, excluded.first_seen_ns),"
+    " span_count = max(calls.span_count, excluded.span_count),"
+    " skipped = max(calls.skipped, excluded.skipped),"
+    " room_name = coalesce(calls.room_name, excluded.room_name),"
+    " metadata = coalesce(calls.metadata, excluded.metadata)"
+)
+_RECORD_ACTIVITY = (
+    "UPDATE calls SET last_seen_ns = max(last_seen_ns, ?), span_count = span_count + ?"
+    " WHERE project = ? AND call_id = ?"
+)
 
 _GET_CHUNK = 500
 """Call ids a query asks for at most (SQLite caps a statement's parameters)."""

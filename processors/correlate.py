@@ -128,6 +128,11 @@ class CorrelateProcessor(Processor):
         (see ``_correlate_resource``)."""
         self._activity: dict[tuple[str, str], CallActivity] = {}
         self._creating: dict[tuple[str, str], asyncio.Future[None]] = {}
+        """Records being created or waiting to be, each with a future done once it is."""
+        self._creation: asyncio.Future[None] | None = None
+        self._waiting_records: dict[tuple[str, str], CallRecord] = {}
+        """New records that came while ``_creation`` ran: created together after it."""
+        self._waiting_created: asyncio.Future[None] | None = None
         self._writing: asyncio.Future[None] | None = None
         self._unsaved: dict[tuple[str, str], CallRecord] = {}
         """Records not yet created because the store was unreachable; retried by the flusher."""
@@ -364,17 +369,33 @@ class CorrelateProcessor(Processor):
             new[key] = record
 
     def _create(self, records: dict[tuple[str, str], CallRecord]) -> None:
-        """Create a request's new call records in the background, all at once (one
-        transaction or round trip where the store supports it). Not awaited: the spans
-        carry their call id whatever happens to the record, and waiting on the store
-        (which shares SQLite's one write lock with the storage exporter) cost requests
-        hundreds of milliseconds. ``flush`` and ``shutdown`` wait for creations; records
-        a failed creation leaves wait in ``_unsaved`` for the flusher."""
-        task = asyncio.ensure_future(self._create_records(list(records.values())))
+        """Create a request's new call records in the background (one transaction or
+        round trip where the store supports it). Not awaited: the spans carry their call
+        id whatever happens to the record, and waiting on the store (which shares
+        SQLite's one write lock with the storage exporter) cost requests hundreds of
+        milliseconds. While one creation runs, the records of the requests after it wait
+        and go in the next, together: one a request made ~7 times as many transactions,
+        each waiting for the span writer's lock and holding it up in turn (measured
+        under the bench's load: 201 for 100k spans, 640 ms of lock waits). ``flush`` and
+        ``shutdown`` wait for creations; records a failed creation leaves wait in
+        ``_unsaved`` for the flusher."""
+        if self._waiting_created is None:
+            self._waiting_created = asyncio.get_running_loop().create_future()
+        self._waiting_records.update(records)
         for key in records:
-            self._creating[key] = task
+            self._creating[key] = self._waiting_created
+        if self._creation is None:
+            self._start_creation()
+
+    def _start_creation(self) -> None:
+        """Create the waiting records; when that is done, the ones that came meanwhile."""
+        records, self._waiting_records = self._waiting_records, {}
+        created, self._waiting_created = self._waiting_created, None
+        assert created is not None
+        task = self._creation = asyncio.ensure_future(self._create_records(list(records.values())))
 
         def done(task: asyncio.Future[None]) -> None:
+            self._creation = None
             for key in records:
                 self._creating.pop(key, None)
             failure = None if task.cancelled() else task.exception()
@@ -383,10 +404,14 @@ class CorrelateProcessor(Processor):
                     self._store_failed(failure)  # type: ignore[arg-type]
                 for key, record in records.items():
                     self._defer(key, record)
-                return
-            for key, record in records.items():
-                self._remember(key, record)
-            self._store_reachable()
+            else:
+                for key, record in records.items():
+                    self._remember(key, record)
+                self._store_reachable()
+            if not created.done():  # (a cancelled flush may have cancelled it)
+                created.set_result(None)  # the outcome is handled here, never raised
+            if self._waiting_records:
+                self._start_creation()
 
         task.add_done_callback(done)
 

@@ -210,3 +210,36 @@ async def test_stores_without_get_many_are_read_a_call_at_a_time(tmp_path):
         assert await store.get_many("p2", ids) == {}
     finally:
         await store.close()
+
+
+async def test_new_calls_of_requests_during_a_creation_are_created_together_next(tmp_path):
+    """While one request's new call records are being created, the next requests' wait
+    and go in one creation after it (one a request made a transaction each, all waiting
+    for SQLite's write lock); a flush waits for all of them."""
+    processor = CorrelateProcessor("correlate", CorrelateConfig(store=tmp_path / "c.db"))
+    await processor.start(FakeTelemetryHost())
+    created: list[list[str]] = []
+    release = asyncio.Event()
+    create_many = processor.store.create_many
+
+    async def held(records):
+        created.append(sorted(r.room_id for r in records))
+        await release.wait()  # the first creation waits, as for the span writer's lock
+        await create_many(records)
+
+    processor.store.create_many = held
+    try:
+        for room in ("RM_1", "RM_2", "RM_3"):
+            await processor.process(batch(resource_spans({"livekit.room.id": room}, [{}])))
+        await asyncio.sleep(0.01)
+        assert created == [["RM_1"]]  # the others wait for it
+        await processor.process(batch(resource_spans({"livekit.room.id": "RM_2"}, [{}])))
+        release.set()
+        await processor.flush()
+        assert created == [["RM_1"], ["RM_2", "RM_3"]]  # RM_2 once, though seen twice
+        rows = sqlite3.connect(tmp_path / "c.db").execute(
+            "SELECT room_id, span_count FROM calls ORDER BY room_id"
+        )
+        assert rows.fetchall() == [("RM_1", 1), ("RM_2", 2), ("RM_3", 1)]
+    finally:
+        await processor.shutdown()
