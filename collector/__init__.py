@@ -17,7 +17,7 @@ from collector.components import (
     RetryableError,
     UnauthenticatedError,
 )
-from collector.exporterhelper import ExporterConfig
+from collector.exporterhelper import ExporterConfig, QueueSettings
 from collector.spans import (
     CALL_ID_ATTRIBUTE,
     SpanBatch,
@@ -41,6 +41,7 @@ __all__ = [
     "Host",
     "PermanentError",
     "Processor",
+    "QueueSettings",
     "Receiver",
     "RefusedError",
     "RequestInfo",
