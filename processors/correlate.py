@@ -131,8 +131,12 @@ class CorrelateProcessor(Processor):
         """Records being created or waiting to be, each with a future done once it is."""
         self._creation: asyncio.Future[None] | None = None
         self._waiting_records: dict[tuple[str, str], CallRecord] = {}
-        """New records that came while ``_creation`` ran: created together after it."""
+        """New records waiting for the next creation (see ``_create``)."""
         self._waiting_created: asyncio.Future[None] | None = None
+        self._creation_timer: asyncio.TimerHandle | None = None
+        self._last_creation = float("-inf")
+        self._hurry = 0
+        """Flushes waiting for creations: while one waits, none waits for its interval."""
         self._writing: asyncio.Future[None] | None = None
         self._unsaved: dict[tuple[str, str], CallRecord] = {}
         """Records not yet created because the store was unreachable; retried by the flusher."""
@@ -373,22 +377,39 @@ class CorrelateProcessor(Processor):
         round trip where the store supports it). Not awaited: the spans carry their call
         id whatever happens to the record, and waiting on the store (which shares
         SQLite's one write lock with the storage exporter) cost requests hundreds of
-        milliseconds. While one creation runs, the records of the requests after it wait
-        and go in the next, together: one a request made ~7 times as many transactions,
-        each waiting for the span writer's lock and holding it up in turn (measured
-        under the bench's load: 201 for 100k spans, 640 ms of lock waits). ``flush`` and
-        ``shutdown`` wait for creations; records a failed creation leaves wait in
-        ``_unsaved`` for the flusher."""
+        milliseconds. Creations start at most every ``CREATE_INTERVAL``: the records of
+        the requests meanwhile wait and go together. One a request made ~7 times as many
+        transactions, each waiting for the span writer's lock and holding it up in turn
+        (measured under the bench's load: 201 for 100k spans, and the span writer waited
+        40-75 ms for the lock; 18-20 with one creation at a time, still 72-83 ms).
+        ``flush`` and ``shutdown`` wait for creations (and start a waiting one at once);
+        records a failed creation leaves wait in ``_unsaved`` for the flusher."""
         if self._waiting_created is None:
             self._waiting_created = asyncio.get_running_loop().create_future()
         self._waiting_records.update(records)
         for key in records:
             self._creating[key] = self._waiting_created
-        if self._creation is None:
+        self._schedule_creation()
+
+    CREATE_INTERVAL = 0.25
+    """Seconds from the start of one creation of call records to the next, at least."""
+
+    def _schedule_creation(self) -> None:
+        """Start creating the waiting records, now or once ``CREATE_INTERVAL`` since the
+        last start has passed; nothing if one runs (its end schedules the next)."""
+        if self._creation is not None or self._creation_timer is not None:
+            return
+        wait = self._last_creation + self.CREATE_INTERVAL - time.monotonic()
+        if wait <= 0 or self._hurry:
             self._start_creation()
+        else:
+            loop = asyncio.get_running_loop()
+            self._creation_timer = loop.call_later(wait, self._start_creation)
 
     def _start_creation(self) -> None:
         """Create the waiting records; when that is done, the ones that came meanwhile."""
+        self._creation_timer = None
+        self._last_creation = time.monotonic()
         records, self._waiting_records = self._waiting_records, {}
         created, self._waiting_created = self._waiting_created, None
         assert created is not None
@@ -411,9 +432,16 @@ class CorrelateProcessor(Processor):
             if not created.done():  # (a cancelled flush may have cancelled it)
                 created.set_result(None)  # the outcome is handled here, never raised
             if self._waiting_records:
-                self._start_creation()
+                self._schedule_creation()
 
         task.add_done_callback(done)
+
+    def _hurry_creations(self) -> None:
+        """Start the waiting creation now, not when its interval ends."""
+        if self._creation_timer is not None:
+            self._creation_timer.cancel()
+            self._creation_timer = None
+            self._start_creation()
 
     async def _create_records(self, records: list[CallRecord]) -> None:
         store = self.store
@@ -466,7 +494,12 @@ class CorrelateProcessor(Processor):
             await asyncio.gather(self._writing, return_exceptions=True)
         creating = set(self._creating.values())
         if creating:
-            await asyncio.gather(*creating, return_exceptions=True)
+            self._hurry += 1
+            try:
+                self._hurry_creations()
+                await asyncio.gather(*creating, return_exceptions=True)
+            finally:
+                self._hurry -= 1
         while self._unsaved:
             key, record = next(iter(self._unsaved.items()))
             await self.store.create(record)
@@ -537,6 +570,8 @@ class CorrelateProcessor(Processor):
                     len(self._unsaved) + len(self._activity),
                     exc,
                 )
+            if self._creation_timer is not None:  # records after the last flush: unsaved
+                self._creation_timer.cancel()
             await self.store.close()
             self.store = None
 

@@ -215,7 +215,7 @@ async def test_stores_without_get_many_are_read_a_call_at_a_time(tmp_path):
 async def test_new_calls_of_requests_during_a_creation_are_created_together_next(tmp_path):
     """While one request's new call records are being created, the next requests' wait
     and go in one creation after it (one a request made a transaction each, all waiting
-    for SQLite's write lock); a flush waits for all of them."""
+    for SQLite's write lock); a flush waits for all of them, without the interval."""
     processor = CorrelateProcessor("correlate", CorrelateConfig(store=tmp_path / "c.db"))
     await processor.start(FakeTelemetryHost())
     created: list[list[str]] = []
@@ -241,5 +241,34 @@ async def test_new_calls_of_requests_during_a_creation_are_created_together_next
             "SELECT room_id, span_count FROM calls ORDER BY room_id"
         )
         assert rows.fetchall() == [("RM_1", 1), ("RM_2", 2), ("RM_3", 1)]
+    finally:
+        await processor.shutdown()
+
+
+async def test_creations_of_call_records_start_at_most_once_an_interval(tmp_path):
+    processor = CorrelateProcessor("correlate", CorrelateConfig(store=tmp_path / "c.db"))
+    processor.CREATE_INTERVAL = 0.3
+    await processor.start(FakeTelemetryHost())
+    created: list[list[str]] = []
+    create_many = processor.store.create_many
+
+    async def counted(records):
+        created.append(sorted(r.room_id for r in records))
+        await create_many(records)
+
+    processor.store.create_many = counted
+    try:
+        await processor.process(batch(resource_spans({"livekit.room.id": "RM_1"}, [{}])))
+        await asyncio.sleep(0.05)
+        assert created == [["RM_1"]]  # the first at once
+        for room in ("RM_2", "RM_3"):
+            await processor.process(batch(resource_spans({"livekit.room.id": room}, [{}])))
+        await asyncio.sleep(0.05)
+        assert created == [["RM_1"]]  # the next wait for the interval, together
+        for _ in range(100):
+            if len(created) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert created == [["RM_1"], ["RM_2", "RM_3"]]  # and start without a flush
     finally:
         await processor.shutdown()
