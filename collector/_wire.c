@@ -123,8 +123,26 @@ next_field(const uint8_t **pp, const uint8_t *end, Field *f)
     return r;
 }
 
-/* What a batch accumulates per trace; turned into BatchRows.traces and .trace_attrs. */
+static uint64_t hash_bytes(const uint8_t *p, Py_ssize_t n);
+
+/* A trace's distinct span names, by their bytes: the (name, trace id) pair of a name
+ * is made and added to the batch's set the first time the trace has it. */
 typedef struct {
+    uint64_t hash;
+    const uint8_t *data; /* NULL: an empty slot */
+    Py_ssize_t len;
+    PyObject *name; /* borrowed: the pair in Batch.names holds it */
+} NameSlot;
+
+/* What a batch accumulates per trace; turned into BatchRows.traces and .trace_attrs.
+ * The per-trace tables below let a span add to the batch's Python sets only what its
+ * trace does not have yet: made and hashed for every span, the pairs were most of
+ * build_rows' time (a trace's spans repeat a few names, one call and their resources'
+ * and libraries' attributes). */
+typedef struct {
+    const uint8_t *id; /* its bytes in the payload (the key of Traces' table) */
+    Py_ssize_t id_len;
+    uint64_t id_hash;
     PyObject *trace_id;
     PyObject *call_id; /* the first non-None */
     PyObject *service; /* of the trace's first span */
@@ -132,13 +150,19 @@ typedef struct {
     PyObject *attrs; /* set of (key, text) */
     uint64_t start, end;
     int has_error;
-    Py_ssize_t resource; /* the last ResourceSpans whose attributes it got */
+    PyObject *resource_attrs; /* borrowed: the last resource's pairs it got */
+    PyObject *traced_call;    /* borrowed: the last call id its (call, trace) pair had */
+    NameSlot *names;
+    size_t names_mask, names_count;
+    PyObject **pairs; /* attribute pairs added to attrs, by identity (references) */
+    size_t pairs_mask, pairs_count;
 } Trace;
 
 typedef struct {
     Trace *items;
     Py_ssize_t count, capacity;
-    PyObject *index; /* trace id -> position in items */
+    Py_ssize_t *slots; /* open addressing over the ids' hashes: position + 1, 0 empty */
+    size_t mask;
 } Traces;
 
 static void
@@ -152,18 +176,52 @@ traces_free(Traces *t)
         Py_XDECREF(tr->root_name);
         Py_XDECREF(tr->root_span_id);
         Py_XDECREF(tr->attrs);
+        PyMem_Free(tr->names);
+        for (size_t j = 0; tr->pairs != NULL && j <= tr->pairs_mask; j++)
+            Py_XDECREF(tr->pairs[j]);
+        PyMem_Free(tr->pairs);
     }
     PyMem_Free(t->items);
-    Py_XDECREF(t->index);
+    PyMem_Free(t->slots);
+}
+
+/* Room for one more entry in a table of ``*mask + 1`` slots holding ``count``: doubled
+ * once it would be more than half full. 0, or -1 with MemoryError set. */
+static int
+traces_reserve(Traces *t)
+{
+    if (t->slots != NULL && (size_t)(t->count + 1) * 2 <= t->mask + 1)
+        return 0;
+    size_t size = t->slots == NULL ? 128 : (t->mask + 1) * 2;
+    Py_ssize_t *slots = PyMem_Calloc(size, sizeof *slots);
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < t->count; i++) {
+        size_t j = t->items[i].id_hash & (size - 1);
+        while (slots[j])
+            j = (j + 1) & (size - 1);
+        slots[j] = i + 1;
+    }
+    PyMem_Free(t->slots);
+    t->slots = slots;
+    t->mask = size - 1;
+    return 0;
 }
 
 static Trace *
-trace_for(Traces *t, PyObject *trace_id, PyObject *call_id, PyObject *service, uint64_t start,
-          uint64_t end)
+trace_for(Traces *t, const uint8_t *id, Py_ssize_t id_len, PyObject *call_id, PyObject *service,
+          uint64_t start, uint64_t end)
 {
-    PyObject *pos = PyDict_GetItemWithError(t->index, trace_id);
-    if (pos != NULL) {
-        Trace *tr = &t->items[PyLong_AsSsize_t(pos)];
+    if (traces_reserve(t) < 0)
+        return NULL;
+    uint64_t h = hash_bytes(id, id_len);
+    size_t j = h & t->mask;
+    for (; t->slots[j]; j = (j + 1) & t->mask) {
+        Trace *tr = &t->items[t->slots[j] - 1];
+        if (tr->id_hash != h || tr->id_len != id_len || memcmp(tr->id, id, (size_t)id_len))
+            continue;
         if (tr->call_id == Py_None && call_id != Py_None) {
             Py_INCREF(call_id);
             Py_SETREF(tr->call_id, call_id);
@@ -174,8 +232,6 @@ trace_for(Traces *t, PyObject *trace_id, PyObject *call_id, PyObject *service, u
             tr->end = end;
         return tr;
     }
-    if (PyErr_Occurred())
-        return NULL;
     if (t->count == t->capacity) {
         Py_ssize_t capacity = t->capacity ? t->capacity * 2 : 64;
         Trace *items = PyMem_Realloc(t->items, capacity * sizeof(Trace));
@@ -186,24 +242,104 @@ trace_for(Traces *t, PyObject *trace_id, PyObject *call_id, PyObject *service, u
         t->items = items;
         t->capacity = capacity;
     }
-    PyObject *attrs = PySet_New(NULL);
-    if (attrs == NULL)
-        return NULL;
-    pos = PyLong_FromSsize_t(t->count);
-    if (pos == NULL || PyDict_SetItem(t->index, trace_id, pos) < 0) {
-        Py_XDECREF(pos);
-        Py_DECREF(attrs);
+    PyObject *trace_id = PyBytes_FromStringAndSize((const char *)id, id_len);
+    PyObject *attrs = trace_id == NULL ? NULL : PySet_New(NULL);
+    if (attrs == NULL) {
+        Py_XDECREF(trace_id);
         return NULL;
     }
-    Py_DECREF(pos);
+    t->slots[j] = t->count + 1;
     Trace *tr = &t->items[t->count++];
-    Py_INCREF(trace_id);
     Py_INCREF(call_id);
     Py_INCREF(service);
     Py_INCREF(Py_None);
     Py_INCREF(Py_None);
-    *tr = (Trace){trace_id, call_id, service, Py_None, Py_None, attrs, start, end, 0, -1};
+    *tr = (Trace){id,     id_len, h, trace_id, call_id, service, Py_None, Py_None, attrs,
+                  start, end,    0, NULL,     NULL,    NULL,    0,       0,       NULL,
+                  0,     0};
     return tr;
+}
+
+/* The trace's slot for a name's bytes: the one holding them, or the empty one where they
+ * go (NULL with MemoryError set). */
+static NameSlot *
+trace_name_slot(Trace *tr, const uint8_t *data, Py_ssize_t len)
+{
+    if (tr->names == NULL || (tr->names_count + 1) * 2 > tr->names_mask + 1) {
+        size_t size = tr->names == NULL ? 16 : (tr->names_mask + 1) * 2;
+        NameSlot *slots = PyMem_Calloc(size, sizeof *slots);
+        if (slots == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        for (size_t i = 0; tr->names != NULL && i <= tr->names_mask; i++) {
+            if (tr->names[i].data == NULL)
+                continue;
+            size_t j = tr->names[i].hash & (size - 1);
+            while (slots[j].data != NULL)
+                j = (j + 1) & (size - 1);
+            slots[j] = tr->names[i];
+        }
+        PyMem_Free(tr->names);
+        tr->names = slots;
+        tr->names_mask = size - 1;
+    }
+    uint64_t h = hash_bytes(data, len);
+    size_t j = h & tr->names_mask;
+    for (; tr->names[j].data != NULL; j = (j + 1) & tr->names_mask) {
+        NameSlot *slot = &tr->names[j];
+        if (slot->hash == h && slot->len == len && memcmp(slot->data, data, (size_t)len) == 0)
+            return slot;
+    }
+    tr->names[j].hash = h;
+    tr->names[j].len = len;
+    return &tr->names[j]; /* data still NULL: the caller fills it in */
+}
+
+static size_t
+pointer_hash(const void *p)
+{
+    uint64_t h = (uint64_t)(uintptr_t)p;
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdull;
+    return (size_t)(h ^ (h >> 33));
+}
+
+/* Whether ``pair`` was added to the trace's attrs already, by identity (an equal pair
+ * that is another object is left to the set); notes it as added from now on. -1:
+ * MemoryError. */
+static int
+trace_has_pair(Trace *tr, PyObject *pair)
+{
+    if (tr->pairs == NULL || (tr->pairs_count + 1) * 2 > tr->pairs_mask + 1) {
+        size_t size = tr->pairs == NULL ? 64 : (tr->pairs_mask + 1) * 2;
+        PyObject **slots = PyMem_Calloc(size, sizeof *slots);
+        if (slots == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (size_t i = 0; tr->pairs != NULL && i <= tr->pairs_mask; i++) {
+            if (tr->pairs[i] == NULL)
+                continue;
+            size_t j = pointer_hash(tr->pairs[i]) & (size - 1);
+            while (slots[j] != NULL)
+                j = (j + 1) & (size - 1);
+            slots[j] = tr->pairs[i];
+        }
+        PyMem_Free(tr->pairs);
+        tr->pairs = slots;
+        tr->pairs_mask = size - 1;
+    }
+    size_t j = pointer_hash(pair) & tr->pairs_mask;
+    for (; tr->pairs[j] != NULL; j = (j + 1) & tr->pairs_mask)
+        if (tr->pairs[j] == pair)
+            return 1;
+    /* Held here, not only by attrs: a set keeps the first of equal pairs, so attrs may
+     * hold another, and this one, freed, could come back as a different pair at the
+     * same address. */
+    tr->pairs[j] = Py_NewRef(pair);
+    tr->pairs_count++;
+    return 0;
 }
 
 /* The tuples made here hold only str, bytes, int and None, so they can be in no
@@ -358,9 +494,10 @@ hash_bytes(const uint8_t *p, Py_ssize_t n)
     return h ^ (h >> 32);
 }
 
-/* Adds (key, attribute_text(value)) of the KeyValue in [p, p + len) to attrs if indexed. */
+/* Adds (key, attribute_text(value)) of the KeyValue in [p, p + len) to the trace's attrs
+ * if indexed (and not there already: see trace_has_pair). */
 static int
-add_attribute(PyObject *attrs, const uint8_t *p, Py_ssize_t len)
+add_attribute(Trace *tr, const uint8_t *p, Py_ssize_t len)
 {
     PyObject *pair;
     if (len > CACHE_MAX_BYTES) {
@@ -389,7 +526,14 @@ add_attribute(PyObject *attrs, const uint8_t *p, Py_ssize_t len)
             slot->hash = h;
         }
     }
-    int r = pair == Py_None ? 0 : PySet_Add(attrs, pair);
+    int r = 0;
+    if (pair != Py_None) {
+        r = trace_has_pair(tr, pair);
+        if (r == 0)
+            r = PySet_Add(tr->attrs, pair);
+        else if (r == 1)
+            r = 0;
+    }
     Py_DECREF(pair);
     return r;
 }
@@ -415,7 +559,6 @@ typedef struct {
 
 typedef struct {
     PyObject *ref, *call_id, *service, *attrs; /* borrowed from resource_cb's answer */
-    Py_ssize_t index;
     uint64_t start_min, end_max;
     int has_spans;
 } Resource;
@@ -501,6 +644,29 @@ span_fields(const uint8_t *span, Py_ssize_t span_len, SpanFields *s)
     return r;
 }
 
+/* The trace's name object for the span name in [data, data + len), made and paired with
+ * the trace id in Batch.names the first time the trace has that name. Borrowed. */
+static PyObject *
+trace_name(Batch *b, Trace *tr, const uint8_t *data, Py_ssize_t len)
+{
+    NameSlot *slot = trace_name_slot(tr, data, len);
+    if (slot == NULL)
+        return NULL;
+    if (slot->data != NULL)
+        return slot->name;
+    PyObject *name = utf8(data, len);
+    if (name == NULL)
+        return NULL;
+    int added = add_pair(b->names, name, tr->trace_id);
+    Py_DECREF(name); /* the pair in names holds it */
+    if (added < 0)
+        return NULL;
+    slot->data = data;
+    slot->name = name;
+    tr->names_count++;
+    return name;
+}
+
 static int
 read_span(Batch *b, Resource *res, PyObject *scope_ref, const uint8_t *span, Py_ssize_t span_len)
 {
@@ -514,45 +680,59 @@ read_span(Batch *b, Resource *res, PyObject *scope_ref, const uint8_t *span, Py_
     if (stop < start)
         stop = start; /* a clock glitch must not produce negative durations */
 
-    PyObject *tid = PyBytes_FromStringAndSize((const char *)s.trace_id, s.trace_id_len);
-    PyObject *sid = PyBytes_FromStringAndSize((const char *)s.span_id, s.span_id_len);
-    PyObject *pid = bytes_or_none(s.parent, s.parent_len);
-    PyObject *nm = utf8(s.name, s.name_len);
-    PyObject *row = NULL;
-    if (tid == NULL || sid == NULL || pid == NULL || nm == NULL)
-        goto error;
-    if (b->span_rows) {
-        row = Py_BuildValue("(OOOOOiKKKiOOOy#)", b->project, tid, sid, pid, nm, (int)s.kind,
-                            (unsigned long long)start, (unsigned long long)stop,
-                            (unsigned long long)(stop - start), (int)s.status, res->call_id,
-                            res->ref, scope_ref, (const char *)span, span_len);
-        if (row == NULL)
-            goto error;
-        untrack(row);
-        if (PyList_Append(b->spans, row) < 0)
-            goto error;
-    }
-    if (add_pair(b->names, nm, tid) < 0)
-        goto error;
-    if (res->call_id != Py_None && add_pair(b->call_traces, res->call_id, tid) < 0)
-        goto error;
-
-    Trace *tr = trace_for(&b->traces, tid, res->call_id, res->service, start, stop);
+    Trace *tr = trace_for(&b->traces, s.trace_id, s.trace_id_len, res->call_id, res->service,
+                          start, stop);
     if (tr == NULL)
-        goto error;
-    if (pid == Py_None) { /* a root: the last one seen names the trace */
-        Py_INCREF(nm);
-        Py_SETREF(tr->root_name, nm);
-        Py_INCREF(sid);
-        Py_SETREF(tr->root_span_id, sid);
+        return -1;
+    PyObject *tid = tr->trace_id; /* borrowed, as nm */
+    PyObject *nm = trace_name(b, tr, s.name, s.name_len);
+    if (nm == NULL)
+        return -1;
+    int root = s.parent_len == 0;
+    if (b->span_rows || root) {
+        PyObject *sid = PyBytes_FromStringAndSize((const char *)s.span_id, s.span_id_len);
+        if (sid == NULL)
+            return -1;
+        if (root) { /* a root: the last one seen names the trace */
+            Py_INCREF(nm);
+            Py_SETREF(tr->root_name, nm);
+            Py_INCREF(sid);
+            Py_SETREF(tr->root_span_id, sid);
+        }
+        if (b->span_rows) {
+            PyObject *pid = bytes_or_none(s.parent, s.parent_len);
+            PyObject *row =
+                pid == NULL
+                    ? NULL
+                    : Py_BuildValue("(OOOOOiKKKiOOOy#)", b->project, tid, sid, pid, nm,
+                                    (int)s.kind, (unsigned long long)start,
+                                    (unsigned long long)stop, (unsigned long long)(stop - start),
+                                    (int)s.status, res->call_id, res->ref, scope_ref,
+                                    (const char *)span, span_len);
+            Py_XDECREF(pid);
+            int added = row == NULL ? -1 : PyList_Append(b->spans, row);
+            if (row != NULL)
+                untrack(row);
+            Py_XDECREF(row);
+            if (added < 0) {
+                Py_DECREF(sid);
+                return -1;
+            }
+        }
+        Py_DECREF(sid);
+    }
+    if (res->call_id != Py_None && tr->traced_call != res->call_id) {
+        if (add_pair(b->call_traces, res->call_id, tid) < 0)
+            return -1;
+        tr->traced_call = res->call_id; /* the resource's answer (kept all along) holds it */
     }
     if (s.status == STATUS_ERROR)
         tr->has_error = 1;
-    if (tr->resource != res->index) { /* each trace gets its resources' attributes */
-        tr->resource = res->index;
+    if (tr->resource_attrs != res->attrs) { /* each trace gets its resources' attributes */
+        tr->resource_attrs = res->attrs;
         PyObject *it = PyObject_GetIter(res->attrs), *pair;
         if (it == NULL)
-            goto error;
+            return -1;
         while ((pair = PyIter_Next(it)) != NULL) {
             int added = PySet_Add(tr->attrs, pair);
             Py_DECREF(pair);
@@ -561,35 +741,22 @@ read_span(Batch *b, Resource *res, PyObject *scope_ref, const uint8_t *span, Py_
         }
         Py_DECREF(it);
         if (PyErr_Occurred())
-            goto error;
+            return -1;
     }
     if (s.has_attributes) {
         p = span;
         while ((r = next_field(&p, end, &f)) > 0)
-            if (f.number == 9 && f.type == WT_LEN &&
-                add_attribute(tr->attrs, f.data, f.len) < 0)
-                goto error;
+            if (f.number == 9 && f.type == WT_LEN && add_attribute(tr, f.data, f.len) < 0)
+                return -1;
         if (r < 0)
-            goto error;
+            return -1;
     }
     if (!res->has_spans || start < res->start_min)
         res->start_min = start;
     if (!res->has_spans || stop > res->end_max)
         res->end_max = stop;
     res->has_spans = 1;
-    Py_DECREF(tid);
-    Py_DECREF(sid);
-    Py_DECREF(pid);
-    Py_DECREF(nm);
-    Py_XDECREF(row);
     return 0;
-error:
-    Py_XDECREF(tid);
-    Py_XDECREF(sid);
-    Py_XDECREF(pid);
-    Py_XDECREF(nm);
-    Py_XDECREF(row);
-    return -1;
 }
 
 /* The first (merged: last) occurrence of a message field, as bytes; b"" if absent. */
@@ -712,8 +879,19 @@ PyDoc_STRVAR(build_rows_doc,
 "resource_cb(resource_bytes) returns (ref, call_id, service, attribute pairs, ...);\n"
 "scope_cb(scope_bytes) returns a scope's ref; each is called once for each distinct\n"
 "resource or scope, in the order they first appear. extents holds (resource_cb's answer,\n"
-"first start, last end) for each ResourceSpans with spans. ValueError if the payload\n"
+"first start, last end) for each run of consecutive ResourceSpans of one resource with\n"
+"spans. ValueError if the payload\n"
 "is not well-formed protobuf.");
+
+static int
+add_extent(PyObject *extents, PyObject *answer, uint64_t start, uint64_t end)
+{
+    PyObject *extent =
+        Py_BuildValue("(OKK)", answer, (unsigned long long)start, (unsigned long long)end);
+    int r = extent == NULL ? -1 : PyList_Append(extents, extent);
+    Py_XDECREF(extent);
+    return r;
+}
 
 static PyObject *
 build_rows(PyObject *self, PyObject *args)
@@ -725,15 +903,18 @@ build_rows(PyObject *self, PyObject *args)
                           &scope_cb, &span_rows))
         return NULL;
     Batch b = {project, PyList_New(0), PySet_New(NULL), PySet_New(NULL),
-               {NULL, 0, 0, PyDict_New()}, payload.buf, span_rows, PyDict_New()};
+               {NULL, 0, 0, NULL, 0}, payload.buf, span_rows, PyDict_New()};
     PyObject *extents = PyList_New(0), *resource_answers = PyDict_New(), *result = NULL;
-    if (b.spans == NULL || b.names == NULL || b.call_traces == NULL || b.traces.index == NULL ||
+    if (b.spans == NULL || b.names == NULL || b.call_traces == NULL ||
         b.scope_refs == NULL || extents == NULL || resource_answers == NULL)
         goto done;
     const uint8_t *p = payload.buf, *end = p + payload.len;
     Field f;
     int r;
-    Py_ssize_t index = 0;
+    /* Consecutive ResourceSpans of one resource (an agent's spans, exported a few at a
+     * time) make one extent, so Python merges them into their call once. */
+    PyObject *last = NULL;
+    uint64_t last_start = 0, last_end = 0;
     while ((r = next_field(&p, end, &f)) > 0) {
         if (f.number != 1 || f.type != WT_LEN)
             continue;
@@ -746,7 +927,6 @@ build_rows(PyObject *self, PyObject *args)
         if (answer == NULL)
             goto done;
         Resource res = {0};
-        res.index = index++;
         if (unpack_resource(answer, &res) < 0) {
             Py_DECREF(answer);
             goto done;
@@ -760,16 +940,26 @@ build_rows(PyObject *self, PyObject *args)
                 break;
             }
         if (s == 0 && res.has_spans) {
-            PyObject *extent = Py_BuildValue("(OKK)", answer, (unsigned long long)res.start_min,
-                                             (unsigned long long)res.end_max);
-            if (extent == NULL || PyList_Append(extents, extent) < 0)
-                s = -1;
-            Py_XDECREF(extent);
+            if (answer == last) { /* the same resource again: one extent for the run */
+                if (res.start_min < last_start)
+                    last_start = res.start_min;
+                if (res.end_max > last_end)
+                    last_end = res.end_max;
+            }
+            else {
+                if (last != NULL && add_extent(extents, last, last_start, last_end) < 0)
+                    s = -1;
+                last = answer; /* resource_answers holds it */
+                last_start = res.start_min;
+                last_end = res.end_max;
+            }
         }
         Py_DECREF(answer);
         if (s < 0)
             goto done;
     }
+    if (r == 0 && last != NULL && add_extent(extents, last, last_start, last_end) < 0)
+        goto done;
     if (r == 0)
         result = build_result(&b, extents);
 done:

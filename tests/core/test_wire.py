@@ -182,6 +182,25 @@ def _request(resources: list[dict]) -> ExportTraceServiceRequest:
     return request
 
 
+def test_a_trace_gets_every_attribute_when_equal_pairs_repeat():
+    """The C reader adds a trace's attribute pairs once each, remembering them by
+    identity: a repeated long value (past its cache) makes an equal pair each time,
+    which the set drops, and the next pair made can take its place in memory. Each must
+    still be told apart (the bug: the trace lost the next attribute)."""
+    long_value = "é" * 200  # indexed (<= 256 characters), and too long for the cache
+    request = ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add().spans
+    for n, attributes in enumerate(
+        [{"a": long_value}, {"a": long_value, "b": long_value + "b"}, {"c": "x" * 300}]
+    ):
+        span = spans.add(trace_id=b"\x01" * 16, span_id=bytes([n + 1]) * 8, name="s")
+        for key, value in attributes.items():
+            set_attribute(span.attributes, key, value)
+    python, native = _both(request)
+    _assert_same(python, native)
+    assert {k for k, _ in native.trace_attrs[b"\x01" * 16]} >= {"a", "b"}
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(resource_shapes, max_size=4))
 def test_any_batch_gives_the_same_rows(resources):
