@@ -625,7 +625,8 @@ class SQLiteExporter(Exporter):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def export(self, batch: SpanBatch) -> None:
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             raise RetryableError(f"{self.id} is not started")
         try:
             if self._writer is not None:
@@ -636,7 +637,8 @@ class SQLiteExporter(Exporter):
                     payload = serialize_resource_spans(batch.resource_spans)
                 await self._run(_write_in_process, batch.project, payload)
         except BrokenProcessPool as exc:
-            self._restart_process()
+            if self._pool is pool:  # (the other consumer's export may have restarted it)
+                self._restart_process()
             raise RetryableError(f"{self.id}: the writer process died: {exc}") from exc
         except sqlite3.OperationalError as exc:  # locked, disk full, I/O: may pass
             raise RetryableError(f"{self.config.path}: {exc}") from exc

@@ -443,6 +443,43 @@ async def test_a_killed_writer_process_is_replaced_and_the_batch_retried(tmp_pat
     assert sorted(query(exporter.path, "SELECT name FROM spans")) == [("after",), ("s",)]
 
 
+async def test_exports_in_flight_when_the_writer_process_dies_restart_it_once(tmp_path):
+    """The sqlite queue's two consumers can both have a batch in the writer process when
+    it dies: both are retried, and one new process takes them (a second restart would
+    shut down the first new one, and a retry already given to it)."""
+    from collector import RetryableError
+
+    exporter = SQLiteExporter("sqlite", SQLiteConfig(path=tmp_path / "k.db", writer="process"))
+    await exporter.start(FakeTelemetryHost())
+    made = []
+    make = exporter._writer_process
+    exporter._writer_process = lambda: made.append(1) or make()  # type: ignore[method-assign]
+    try:
+        await exporter.export(SpanBatch([call_resource("warm")], "p1"))  # the process is up
+        batches = []
+        for name, spans in (("a", 20_000), ("b", 1)):  # a's write takes a while
+            rs = call_resource(f"call_{name}")
+            trace = os.urandom(16)
+            for i in range(spans):
+                add_span(rs, trace, name, i, i + 1, text="x" * 100)
+            batches.append(SpanBatch([rs], "p1"))
+        exports = [asyncio.ensure_future(exporter.export(b)) for b in batches]
+        while len(exporter._pool._pending_work_items) < 2:  # type: ignore[union-attr]
+            await asyncio.sleep(0)  # until both are handed to the pool
+        for process in list(exporter._pool._processes.values()):  # type: ignore[union-attr]
+            process.kill()
+            process.join()
+        outcomes = await asyncio.gather(*exports, return_exceptions=True)
+        assert all(isinstance(o, RetryableError) for o in outcomes), outcomes
+        assert len(made) == 1
+        for b in batches:
+            await exporter.export(b)
+    finally:
+        await exporter.shutdown()
+    names = query(exporter.path, "SELECT name, count(*) FROM spans GROUP BY name ORDER BY name")
+    assert names == [("a", 20_000), ("b", 1)]
+
+
 async def test_files_with_a_trace_attrs_table_are_migrated(tmp_path):
     """A file from before ``trace_search`` kept a row per (key, value, trace): opening
     it turns them into search documents, and search finds the traces."""
