@@ -47,7 +47,13 @@ class ComponentConfig(BaseModel):
 
 
 class RetryableError(Exception):
-    """A transient failure: the exporter helper retries the batch with backoff."""
+    """A transient failure: the exporter helper retries the batch with backoff, waiting
+    at least ``retry_after`` seconds when the destination said how long (an HTTP
+    ``Retry-After``)."""
+
+    def __init__(self, message: str = "", retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class PermanentError(Exception):

@@ -48,6 +48,7 @@ from collector.components import (
     Exporter,
     PermanentError,
     RefusedError,
+    RetryableError,
 )
 from collector.spans import ExportTraceServiceRequest, SpanBatch, serialize_resource_spans
 from collector.units import Duration
@@ -770,6 +771,8 @@ class ExporterQueue:
                     self._count_failed(spans)
                     return "gave_up"
                 delay = interval * (1 + self.retry.randomization_factor * (2 * random.random() - 1))
+                if isinstance(exc, RetryableError) and exc.retry_after is not None:
+                    delay = max(delay, exc.retry_after)  # throttled: no sooner than asked
                 log.warning(
                     "%s: export failed (attempt %d), retrying in %.2fs: %r",
                     self.id,

@@ -51,6 +51,20 @@ async def test_retries_retryable_errors_until_delivered():
     assert telemetry.value("calltrace_exporter_sent_spans_total", exporter="recorder") == 2
 
 
+async def test_a_retry_waits_at_least_as_long_as_the_destination_asked():
+    """A RetryableError's retry_after (a server's Retry-After) outlasts the backoff."""
+    exporter = Recorder(fast_retry(), failures=[RetryableError("throttled", retry_after=0.5)])
+    queue = ExporterQueue(exporter)
+    await queue.start()
+    started = asyncio.get_running_loop().time()
+    await queue.put(batch(resource_spans({}, [{}])))
+    while not exporter.batches:
+        await asyncio.sleep(0.01)
+    waited = asyncio.get_running_loop().time() - started
+    await queue.shutdown(5)
+    assert waited >= 0.45  # the backoff alone: 1 ms
+
+
 async def test_permanent_error_is_logged_counted_not_retried(caplog):
     exporter = Recorder(fast_retry(), failures=[PermanentError("schema mismatch")])
     exporter.attempts = 0
