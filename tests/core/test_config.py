@@ -105,6 +105,9 @@ def test_example_configs_validate(path, tmp_path):
         file = tmp_path / f"{name}.pem"
         file.write_text("not a certificate: only the path is checked")
         env[name] = str(file)
+    # sidecar.yaml: its key and the gateway it forwards to
+    env |= {"CALLTRACE_KEY": "ct_local", "CALLTRACE_GATEWAY_KEY": "ct_gateway"}
+    env["CALLTRACE_GATEWAY"] = "https://gateway.example:4318"
     load_config(path, environ=env)
 
 

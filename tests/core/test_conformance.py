@@ -11,7 +11,7 @@ from tests.processors._util import FakeTelemetryHost, batch, resource_spans
 PROCESSORS = sorted(available("processors"))
 EXPORTERS = sorted(available("exporters"))
 NEEDS_SETTINGS = {"file": {"path": "out.jsonl"}}
-NEEDS_SERVER = {"redis_streams", "postgres"}  # covered by tests against real servers
+NEEDS_SERVER = {"redis_streams", "postgres", "otlphttp"}  # covered by tests against real servers
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +21,7 @@ def _in_tmp(tmp_path, monkeypatch):
 
 def test_builtins_are_registered():
     assert {"auth", "skip", "correlate", "batch"} <= set(PROCESSORS)
-    assert {"sqlite", "file", "debug"} <= set(EXPORTERS)
+    assert {"sqlite", "file", "debug", "otlphttp"} <= set(EXPORTERS)
 
 
 @pytest.mark.parametrize("type_name", PROCESSORS)
