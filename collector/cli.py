@@ -1,4 +1,4 @@
-"""``calltrace run | validate | keys``."""
+"""``calltrace run | validate | schema | keys``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ctypes
 import gc
+import json
 import logging
 import os
 import signal
@@ -39,6 +40,13 @@ def _load_or_exit(arg: str | None) -> ServiceConfig:
         for error in exc.errors:
             print(f"  {error}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from collector.config import json_schema
+
+    print(json.dumps(json_schema(builtin_only=args.builtin), indent=2))
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -240,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a config file and list every mistake")
     validate.add_argument("--config", "-c", help=f"config file (default: ./{DEFAULT_CONFIG})")
     validate.set_defaults(func=cmd_validate)
+
+    schema = sub.add_parser(
+        "schema", help="print the config file's JSON Schema (installed components included)"
+    )
+    schema.add_argument(
+        "--builtin", action="store_true", help="only calltrace's own components (no plugins)"
+    )
+    schema.set_defaults(func=cmd_schema)
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys.add_argument("--config", "-c", help="config whose auth processor names the key store")

@@ -26,9 +26,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from collector.components import ComponentConfig
-from collector.registry import KINDS, ComponentNotFound, resolve
+from collector.registry import KINDS, ComponentNotFound, available, resolve
 
-__all__ = ["ComponentSpec", "ConfigError", "ServiceConfig", "load_config", "parse_config"]
+__all__ = [
+    "ComponentSpec",
+    "ConfigError",
+    "ServiceConfig",
+    "json_schema",
+    "load_config",
+    "parse_config",
+]
 
 _ENV_REF = re.compile(r"\$\$|\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _COMPONENT_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]+)?$")
@@ -230,3 +237,94 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
     return parse_config(document, environ=environ, path=path)
+
+
+_ENV_VALUE = {"type": "string", "pattern": r"\$\{env:[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}"}
+"""A value given as an environment reference, wherever the file holds a scalar."""
+
+
+def json_schema(builtin_only: bool = False) -> dict[str, Any]:
+    """The JSON Schema of a config file, for editors (completion, checks as you type)
+    and CI: ``calltrace schema`` prints it with the installed plugins' components;
+    ``config/collector.schema.json`` is it for the built-in ones (``builtin_only``). Each registered component type's settings are its ``Config``
+    model's schema; a component with an explicit ``type:`` (a plugin given as
+    ``module:Class``) is let through unchecked, as are ``${env:NAME}`` references where
+    numbers or booleans are expected (the loader checks both). ``calltrace validate``
+    remains the full check: ids, pipelines, files that must exist."""
+    from pydantic.json_schema import models_json_schema
+
+    types = {
+        kind: sorted(
+            name
+            for name, entry in available(kind).items()
+            if not builtin_only or (entry.dist is not None and entry.dist.name == "calltrace")
+        )
+        for kind in KINDS
+    }
+    configs: dict[tuple[str, str], type[BaseModel]] = {
+        (kind, name): resolve(kind, name).Config  # type: ignore[attr-defined]
+        for kind, names in types.items()
+        for name in names
+    }
+    models: list[tuple[type[BaseModel], Any]] = [(ServiceSection, "validation")]
+    models += [(config, "validation") for config in configs.values()]
+    refs, schema = models_json_schema(models, ref_template="#/$defs/{model}")
+    defs = _env_values(schema["$defs"])
+
+    def components(kind: str) -> dict[str, Any]:
+        explicit = {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"type": "string"}},
+        }
+        return {
+            "type": "object",
+            "patternProperties": {
+                f"^{re.escape(name)}(/[A-Za-z0-9_.\\-]+)?$": {
+                    "anyOf": [
+                        {"type": "null"},
+                        refs[(configs[kind, name], "validation")],
+                        explicit,
+                    ]
+                }
+                for name in types[kind]
+            },
+            "additionalProperties": explicit,
+        }
+
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "calltrace collector.yaml",
+        "type": "object",
+        "properties": {
+            "receivers": {**components("receivers"), "minProperties": 1},
+            "processors": components("processors"),
+            "exporters": {**components("exporters"), "minProperties": 1},
+            "service": refs[(ServiceSection, "validation")],
+        },
+        "required": ["receivers", "exporters", "service"],
+        "additionalProperties": False,
+        "$defs": defs,
+    }
+
+
+def _env_values(node: Any) -> Any:
+    """``node`` with every scalar schema that a string reference would fail (numbers,
+    booleans, enums, constrained strings) also taking ``${env:...}``."""
+    if isinstance(node, list):
+        return [_env_values(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _env_values(value) for key, value in node.items()}
+    scalar = out.get("type") in ("integer", "number", "boolean")
+    constrained = (
+        "enum" in out
+        or "const" in out
+        or (
+            out.get("type") == "string"
+            and ({"pattern", "format", "minLength", "maxLength"} & set(out))
+        )
+    )
+    if scalar or constrained:
+        return {"anyOf": [out, _ENV_VALUE]}
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PlainSerializer
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d)")
 _DURATION_SECONDS = {
@@ -76,8 +76,30 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
+_DURATION_SCHEMA = {
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*(0|(\d+(\.\d+)?(ns|us|µs|ms|s|m|h|d))+)\s*$"},
+    ],
+    "description": 'a duration like "200ms", "5s", "1h30m", or seconds',
+}
+_SIZE_SCHEMA = {
+    "anyOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": r"(?i)^\s*\d+(\.\d+)?\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$"},
+    ],
+    "description": 'a size like "4MiB", "512KB", or bytes',
+}
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration),
+    WithJsonSchema(_DURATION_SCHEMA, mode="validation"),
+]
 """Seconds, written in YAML as "200ms", "5s", "1h"."""
 
-ByteSize = Annotated[int, BeforeValidator(parse_size)]
+ByteSize = Annotated[
+    int, BeforeValidator(parse_size), WithJsonSchema(_SIZE_SCHEMA, mode="validation")
+]
 """Bytes, written in YAML as an integer or "4MiB", "512KB"."""

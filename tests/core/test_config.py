@@ -167,3 +167,62 @@ def test_installed_plugin_is_found_by_entry_point(tmp_path, monkeypatch):
         assert "processors.tag_region/us.colour: unknown key" in errors_of(doc)
     finally:
         registry.available.cache_clear()
+
+
+SCHEMA = ROOT / "config" / "collector.schema.json"
+
+
+def _schema_errors(document) -> list[str]:
+    import json
+
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+    return [".".join(map(str, e.absolute_path)) for e in validator.iter_errors(document)]
+
+
+def test_the_checked_in_json_schema_is_the_generated_one():
+    """`calltrace schema --builtin > config/collector.schema.json` after changing a
+    component's config keeps it true."""
+    import json
+
+    from collector.config import json_schema
+
+    assert json.loads(SCHEMA.read_text()) == json_schema(builtin_only=True)
+    printed = subprocess.run(
+        [sys.executable, "-m", "collector", "schema", "--builtin"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(printed.stdout) == json_schema(builtin_only=True)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [ROOT / "collector.yaml", *sorted((ROOT / "config").glob("*.yaml"))],
+    ids=lambda p: p.name,
+)
+def test_the_shipped_configs_follow_the_json_schema(path):
+    # As written, with their ${env:...} references (a schema-aware editor sees these).
+    assert _schema_errors(yaml.safe_load(path.read_text())) == []
+
+
+def test_the_json_schema_catches_what_the_loader_would_refuse():
+    good = yaml.safe_load((ROOT / "collector.yaml").read_text())
+    assert _schema_errors(good) == []
+    for mistake, where in [
+        ({"exporters": {"sqlite": {"retention": "a month"}}}, "exporters.sqlite"),
+        ({"exporters": {"sqlite": {"pth": "x.db"}}}, "exporters.sqlite"),
+        ({"processors": {"batch": {"send_batch_size": "many"}}}, "processors.batch"),
+        ({"receivers": {"otlp": {"protocols": {"http": {"endpoint": 4318}}}}}, "receivers.otlp"),
+        ({"service": {"pipelines": {"traces": {"receivers": []}}}}, "service"),
+        ({"extensions": {}}, ""),
+    ]:
+        document = {**good, **{k: {**good.get(k, {}), **v} for k, v in mistake.items()}}
+        if "service" in mistake:
+            document["service"] = mistake["service"]
+        errors = _schema_errors(document)
+        assert any(e.startswith(where) for e in errors) if where else "" in errors, mistake
+    plugin = {**good, "exporters": {"mine": {"type": "my_plugins.exporters:Mine", "x": 1}}}
+    assert _schema_errors(plugin) == []  # a plugin given by module:Class is not checked
