@@ -20,8 +20,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, FilePath, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
+from collector.tls import ClientTLSSettings
 from collector.units import Duration
 
 if TYPE_CHECKING:
@@ -43,21 +44,8 @@ _SCHEMES = ("redis", "rediss", "unix")
 _TRANSIENT_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY", "OOM", "CLUSTERDOWN")
 
 
-class RedisTLSSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    ca_file: FilePath | None = None
-    """CA bundle that signed the server's certificate; default: the system's."""
-    cert_file: FilePath | None = None
-    """Client certificate (PEM) for servers that require one."""
-    key_file: FilePath | None = None
-    insecure_skip_verify: bool = False
-    """Do not verify the server's certificate (testing only)."""
-
-    @model_validator(mode="after")
-    def _cert_and_key(self) -> RedisTLSSettings:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("expected both cert_file and key_file, or neither")
-        return self
+RedisTLSSettings = ClientTLSSettings
+"""The ``tls`` block of a Redis connection (``collector.tls.ClientTLSSettings``)."""
 
 
 class RedisSettings(BaseModel):

@@ -17,11 +17,13 @@ from __future__ import annotations
 import ipaddress
 import ssl
 
-from pydantic import BaseModel, ConfigDict, FilePath
+from pydantic import BaseModel, ConfigDict, FilePath, model_validator
 
 __all__ = [
+    "ClientTLSSettings",
     "TLSSettings",
     "check_listener",
+    "client_ssl_context",
     "is_loopback",
     "parse_endpoint",
     "server_ssl_context",
@@ -36,6 +38,37 @@ class TLSSettings(BaseModel):
     cert_file: FilePath
     key_file: FilePath
     client_ca_file: FilePath | None = None
+
+
+class ClientTLSSettings(BaseModel):
+    """How calltrace checks a server it connects to (Redis, an OTLP endpoint) and, if the
+    server asks, the client certificate it shows."""
+
+    model_config = ConfigDict(extra="forbid")
+    ca_file: FilePath | None = None
+    """CA bundle that signed the server's certificate; default: the system's."""
+    cert_file: FilePath | None = None
+    """Client certificate (PEM) for servers that require one."""
+    key_file: FilePath | None = None
+    insecure_skip_verify: bool = False
+    """Do not verify the server's certificate (testing only)."""
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> ClientTLSSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("expected both cert_file and key_file, or neither")
+        return self
+
+
+def client_ssl_context(tls: ClientTLSSettings) -> ssl.SSLContext:
+    """A client-side context from ``tls`` (the system's CAs unless ``ca_file``)."""
+    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    if tls.cert_file is not None and tls.key_file is not None:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:

@@ -37,7 +37,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from pydantic import BaseModel, ConfigDict, FilePath, field_validator, model_validator
+from pydantic import field_validator
 
 from collector import (
     Exporter,
@@ -48,33 +48,17 @@ from collector import (
     SpanBatch,
 )
 from collector.otlp_json import encode_request
+from collector.tls import ClientTLSSettings, client_ssl_context
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OTLPHTTPConfig", "OTLPHTTPExporter", "OTLPHTTPTLSSettings"]
+__all__ = ["OTLPHTTPConfig", "OTLPHTTPExporter"]
 
 TRACES_PATH = "/v1/traces"
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 """What the OTLP/HTTP specification lets a client retry; every other failure is final."""
 MAX_RETRY_AFTER = 60.0
 """Seconds a ``Retry-After`` may hold a batch back at most (the queue waits behind it)."""
-
-
-class OTLPHTTPTLSSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    ca_file: FilePath | None = None
-    """CA bundle that signed the server's certificate; default: the system's."""
-    cert_file: FilePath | None = None
-    """Client certificate (PEM), for a server that asks for one (mutual TLS)."""
-    key_file: FilePath | None = None
-    insecure_skip_verify: bool = False
-    """Do not verify the server's certificate (testing only)."""
-
-    @model_validator(mode="after")
-    def _cert_and_key(self) -> OTLPHTTPTLSSettings:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("expected both cert_file and key_file, or neither")
-        return self
 
 
 class OTLPHTTPConfig(ExporterConfig):
@@ -86,7 +70,7 @@ class OTLPHTTPConfig(ExporterConfig):
     """Sent with every request (``authorization: Bearer ...``)."""
     compression: Literal["gzip", "none"] = "gzip"
     encoding: Literal["proto", "json"] = "proto"
-    tls: OTLPHTTPTLSSettings | None = None
+    tls: ClientTLSSettings | None = None
     """Client TLS for an ``https://`` endpoint (the system's CAs when absent)."""
 
     @field_validator("endpoint", "traces_endpoint")
@@ -136,13 +120,7 @@ class OTLPHTTPExporter(Exporter):
         tls = self.config.tls
         if tls is None:
             return True  # aiohttp's default verification, with the system's CAs
-        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-        if tls.cert_file is not None and tls.key_file is not None:
-            context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        if tls.insecure_skip_verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
+        return client_ssl_context(tls)
 
     def _body(self, batch: SpanBatch) -> bytes:
         if self.serialized_batches and batch.payload is not None:

@@ -1,4 +1,5 @@
-"""Shared test helpers: free ports, fixture files, an in-process collector, polling."""
+"""Shared test helpers: free ports, fixture files, an in-process collector, polling, an
+OpenTelemetry SDK set up to export to calltrace."""
 
 from __future__ import annotations
 
@@ -138,3 +139,24 @@ def postgres_execute(sql: str) -> None:
         missing_service(f"PostgreSQL at {POSTGRES_DSN} is unreachable: {unreachable[0]}")
     if failure:
         raise failure[0]
+
+
+def sdk_provider(
+    endpoint: str, key: str, resource: dict[str, Any], ca_file: Path | None = None
+) -> Any:
+    """A TracerProvider exporting with the OpenTelemetry SDK's OTLP/HTTP exporter to
+    ``endpoint`` (``.../v1/traces``) with ``key``, as agents are told to set it up;
+    ``ca_file`` for an HTTPS endpoint of a test CA (see ``no_ca_bundle_override``)."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create(resource))
+    exporter = OTLPSpanExporter(
+        endpoint=endpoint,
+        headers={"Authorization": f"Bearer {key}"},
+        certificate_file=str(ca_file) if ca_file is not None else None,
+    )
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider

@@ -9,14 +9,9 @@ import time
 from typing import Any
 
 import pytest
-import trustme
 from aiohttp import web
 from google.rpc.status_pb2 import Status
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from collector import PermanentError, RetryableError
 from collector.calls import call_id_for
@@ -27,7 +22,14 @@ from collector.otlp_json import decode_request
 from collector.spans import ExportTraceServiceRequest, SpanBatch, serialize_resource_spans
 from exporters.otlphttp import OTLPHTTPConfig, OTLPHTTPExporter
 from tests.processors._util import FakeTelemetryHost, batch, resource_spans
-from tests.support import eventually, free_port, pipeline_config, query, running_service
+from tests.support import (
+    eventually,
+    free_port,
+    pipeline_config,
+    query,
+    running_service,
+    sdk_provider,
+)
 
 
 class Sink:
@@ -203,20 +205,9 @@ def test_config_errors_name_the_path():
     assert "exporters.otlphttp.compression:" in text
 
 
-@pytest.fixture
-def gateway_tls(tmp_path, monkeypatch):
-    # REQUESTS_CA_BUNDLE would replace the SDK exporter's certificate_file (requests' rule).
-    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    paths = {n: tmp_path / f"{n}.pem" for n in ("ca", "cert", "key")}
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    cert.private_key_and_cert_chain_pem.write_to_path(str(paths["cert"]))
-    cert.private_key_pem.write_to_path(str(paths["key"]))
-    return paths
-
-
-async def test_a_sidecar_forwards_an_sdks_spans_to_a_gateway_over_https(tmp_path, gateway_tls):
+async def test_a_sidecar_forwards_an_sdks_spans_to_a_gateway_over_https(
+    tmp_path, tls_files, no_ca_bundle_override
+):
     """An agent's SDK -> a sidecar calltrace (its own key, the default pipeline, then
     otlphttp) -> a gateway calltrace over HTTPS with the gateway's key: the spans are
     stored once at the gateway, in the project of the gateway's key, linked to the call."""
@@ -225,31 +216,22 @@ async def test_a_sidecar_forwards_an_sdks_spans_to_a_gateway_over_https(tmp_path
     sidecar_key, _ = KeyStore(sidecar_db).create("agent-host")
     gateway_port, sidecar_port = free_port(), free_port()
     gateway = pipeline_config(gateway_port, gateway_db)
-    gateway["receivers"]["otlp"]["protocols"]["http"]["tls"] = {
-        "cert_file": str(gateway_tls["cert"]),
-        "key_file": str(gateway_tls["key"]),
-    }
+    gateway["receivers"]["otlp"]["protocols"]["http"]["tls"] = tls_files.server_tls()
     sidecar = pipeline_config(sidecar_port, sidecar_db)
     sidecar["exporters"] = {
         "otlphttp": {
             "endpoint": f"https://127.0.0.1:{gateway_port}",
             "headers": {"Authorization": f"Bearer {gateway_key}"},
-            "tls": {"ca_file": str(gateway_tls["ca"])},
+            "tls": {"ca_file": str(tls_files.ca_file)},
         }
     }
     sidecar["service"]["pipelines"]["traces"]["exporters"] = ["otlphttp"]
 
     def emit() -> None:
-        provider = TracerProvider(
-            resource=Resource.create({"service.name": "voice-agent", "livekit.room.id": "RM_1"})
-        )
-        provider.add_span_processor(
-            BatchSpanProcessor(
-                OTLPSpanExporter(
-                    endpoint=f"http://127.0.0.1:{sidecar_port}/v1/traces",
-                    headers={"Authorization": f"Bearer {sidecar_key}"},
-                )
-            )
+        provider = sdk_provider(
+            f"http://127.0.0.1:{sidecar_port}/v1/traces",
+            sidecar_key,
+            {"service.name": "voice-agent", "livekit.room.id": "RM_1"},
         )
         tracer = provider.get_tracer("livekit-agents")
         with (

@@ -10,16 +10,12 @@ import sys
 import time
 
 import pytest
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from collector.calls import call_id_for
 from collector.config import load_config
 from collector.keys import KeyStore
 from tests.collector_process import CollectorProcess
-from tests.support import ROOT, free_port, query
+from tests.support import ROOT, free_port, query, sdk_provider
 
 GATEWAY = ROOT / "config" / "gateway.yaml"
 
@@ -81,17 +77,11 @@ async def test_gateway_runs_https_to_sqlite_and_redis(
     collector = CollectorProcess(GATEWAY, tmp_path, port, env=env, ca_file=tls_files.ca_file)
     await asyncio.to_thread(collector.start)
     try:
-        provider = TracerProvider(
-            resource=Resource.create({"service.name": "agent", "livekit.room.id": "RM_gw"})
-        )
-        provider.add_span_processor(
-            BatchSpanProcessor(
-                OTLPSpanExporter(
-                    endpoint=f"{collector.base}/v1/traces",
-                    headers={"Authorization": f"Bearer {key}"},
-                    certificate_file=str(tls_files.ca_file),
-                )
-            )
+        provider = sdk_provider(
+            f"{collector.base}/v1/traces",
+            key,
+            {"service.name": "agent", "livekit.room.id": "RM_gw"},
+            ca_file=tls_files.ca_file,
         )
 
         def emit() -> None:

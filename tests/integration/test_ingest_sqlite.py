@@ -12,10 +12,7 @@ import pytest
 import requests
 import trustme
 import yaml
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from collector.calls import call_id_for
 from collector.keys import KeyStore
@@ -27,6 +24,7 @@ from tests.support import (
     pipeline_config,
     query,
     running_service,
+    sdk_provider,
 )
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
@@ -54,21 +52,8 @@ def livekit_style_provider(
     endpoint: str, key: str, room: str, skip: bool, ca_file
 ) -> TracerProvider:
     """Tracing set up as LiveKit Agents users are told to."""
-    provider = TracerProvider(
-        resource=Resource.create(
-            {"service.name": "voice-agent", "livekit.room.id": room, "roark.skip": skip}
-        )
-    )
-    provider.add_span_processor(
-        BatchSpanProcessor(
-            OTLPSpanExporter(
-                endpoint=endpoint,
-                headers={"Authorization": f"Bearer {key}"},
-                certificate_file=str(ca_file),
-            )
-        )
-    )
-    return provider
+    resource = {"service.name": "voice-agent", "livekit.room.id": room, "roark.skip": skip}
+    return sdk_provider(endpoint, key, resource, ca_file=ca_file)
 
 
 def emit_call(provider: TracerProvider) -> None:

@@ -16,17 +16,20 @@ from typing import Any
 
 import pytest
 import requests
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from collector.calls import call_id_for
 from collector.keys import KeyStore
 from collector.spans import ExportTraceServiceRequest, set_attribute
 from tests.collector_process import CollectorProcess
 from tests.redis_support import RedisServer
-from tests.support import eventually, fixture_requests, free_port, query, running_service
+from tests.support import (
+    eventually,
+    fixture_requests,
+    free_port,
+    query,
+    running_service,
+    sdk_provider,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -152,16 +155,10 @@ async def test_sdk_spans_reach_sqlite_and_the_stream_exactly_once(tmp_path, redi
     key, _ = KeyStore(db).create("acme")
     port = free_port()
     async with running_service(gateway_config(port, db, redis_server.url)):
-        provider = TracerProvider(
-            resource=Resource.create({"service.name": "voice-agent", "livekit.room.id": "RM_sdk"})
-        )
-        provider.add_span_processor(
-            BatchSpanProcessor(
-                OTLPSpanExporter(
-                    endpoint=f"http://127.0.0.1:{port}/v1/traces",
-                    headers={"Authorization": f"Bearer {key}"},
-                )
-            )
+        provider = sdk_provider(
+            f"http://127.0.0.1:{port}/v1/traces",
+            key,
+            {"service.name": "voice-agent", "livekit.room.id": "RM_sdk"},
         )
 
         def emit() -> None:
