@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from collector.redisconn import RedisSettings, redis_client
-from collector.storage import execute_steps, open_sqlite, write_lock
+from collector.storage import execute_steps, file_of, open_sqlite, write_lock
 
 __all__ = [
     "CALLS_DDL",
@@ -180,7 +180,7 @@ class SQLiteCallStore:
         db = open_sqlite(self.path)
         ensure_calls_table(db)
         self._db = db
-        self._filename = str(db.execute("PRAGMA database_list").fetchone()[2])
+        self._filename = file_of(db)
         self._reader = open_sqlite(self.path)
 
     def _write(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:

@@ -246,10 +246,11 @@ _ENV_VALUE = {"type": "string", "pattern": r"\$\{env:[A-Za-z_][A-Za-z0-9_]*(:-[^
 def json_schema(builtin_only: bool = False) -> dict[str, Any]:
     """The JSON Schema of a config file, for editors (completion, checks as you type)
     and CI: ``calltrace schema`` prints it with the installed plugins' components;
-    ``config/collector.schema.json`` is it for the built-in ones (``builtin_only``). Each registered component type's settings are its ``Config``
-    model's schema; a component with an explicit ``type:`` (a plugin given as
-    ``module:Class``) is let through unchecked, as are ``${env:NAME}`` references where
-    numbers or booleans are expected (the loader checks both). ``calltrace validate``
+    ``config/collector.schema.json`` is it for the built-in ones (``builtin_only``).
+    Each registered component type's settings are its ``Config`` model's schema; a
+    component with an explicit ``type:`` (a plugin given as ``module:Class``) is let
+    through unchecked, as are ``${env:NAME}`` references where a number, boolean, enum
+    or constrained string is expected (the loader checks both). ``calltrace validate``
     remains the full check: ids, pipelines, files that must exist."""
     from pydantic.json_schema import models_json_schema
 

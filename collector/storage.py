@@ -53,6 +53,7 @@ __all__ = [
     "build_rows_python",
     "execute_steps",
     "expire_periodically",
+    "file_of",
     "open_sqlite",
     "returned_ids",
     "write_lock",
@@ -82,6 +83,12 @@ def open_sqlite(path: str | Path, busy_timeout_ms: int = 10_000) -> sqlite3.Conn
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     return db
+
+
+def file_of(db: sqlite3.Connection) -> str:
+    """The path of the file ``db`` has open as ``main`` (what ``execute_steps`` and
+    ``returned_ids`` check they write to)."""
+    return str(db.execute("PRAGMA database_list").fetchone()[2])
 
 
 _WRITE_LOCKS: dict[str, threading.Lock] = {}

@@ -47,6 +47,7 @@ from collector import (
     RetryableError,
     SpanBatch,
 )
+from collector.exporterhelper import serialize_resource_spans
 from collector.otlp_json import encode_request
 from collector.tls import ClientTLSSettings, client_ssl_context
 
@@ -125,10 +126,8 @@ class OTLPHTTPExporter(Exporter):
     def _body(self, batch: SpanBatch) -> bytes:
         if self.serialized_batches and batch.payload is not None:
             body = batch.payload
-        elif self.config.encoding == "proto":
-            body = ExportTraceServiceRequest(
-                resource_spans=batch.resource_spans
-            ).SerializeToString()
+        elif self.config.encoding == "proto":  # (no sending queue: the batch's messages)
+            body = serialize_resource_spans(batch.resource_spans)
         else:
             body = encode_request(ExportTraceServiceRequest(resource_spans=batch.messages()))
         if self.config.compression == "gzip":
@@ -162,16 +161,8 @@ class OTLPHTTPExporter(Exporter):
 
     def _partial_success(self, reply: bytes, content_type: str) -> None:
         """Log the spans a 2xx answer says were rejected (the specification: not retried)."""
-        if not reply:
-            return
-        try:
-            response = ExportTraceServiceResponse()
-            if content_type == "application/json":
-                json_format.Parse(reply, response, ignore_unknown_fields=True)
-            else:
-                response.ParseFromString(reply)
-        except (json_format.ParseError, DecodeError, ValueError) as exc:
-            log.debug("%s: unreadable success response: %s", self.id, exc)
+        response = ExportTraceServiceResponse()
+        if not reply or not _parse_reply(reply, content_type, response):
             return
         partial = response.partial_success
         if partial.rejected_spans or partial.error_message:
@@ -195,16 +186,27 @@ def _error_message(reply: bytes, content_type: str) -> str:
     from google.rpc.status_pb2 import Status
 
     status = Status()
+    parsed = content_type in _MESSAGE_TYPES and _parse_reply(reply, content_type, status)
+    if parsed and status.message:
+        return str(status.message)
+    return reply[:200].decode(errors="replace").strip() or "(no body)"
+
+
+_MESSAGE_TYPES = ("application/json", "application/x-protobuf")
+
+
+def _parse_reply(reply: bytes, content_type: str, message: Any) -> bool:
+    """Parse ``reply`` into ``message``, as JSON or else protobuf by its content type;
+    whether it could be."""
     try:
         if content_type == "application/json":
-            json_format.Parse(reply, status, ignore_unknown_fields=True)
-        elif content_type == "application/x-protobuf":
-            status.ParseFromString(reply)
-        if status.message:
-            return str(status.message)
-    except (json_format.ParseError, DecodeError, ValueError):
-        pass
-    return reply[:200].decode(errors="replace").strip() or "(no body)"
+            json_format.Parse(reply, message, ignore_unknown_fields=True)
+        else:
+            message.ParseFromString(reply)
+    except (json_format.ParseError, DecodeError, ValueError) as exc:
+        log.debug("unreadable %s answer: %s", content_type, exc)
+        return False
+    return True
 
 
 def _seconds(retry_after: str | None) -> float | None:

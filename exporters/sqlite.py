@@ -65,6 +65,7 @@ from collector.storage import (  # re-exported: the query side and plugins read 
     build_rows,
     execute_steps,
     expire_periodically,
+    file_of,
     open_sqlite,
     resource_attributes,
     returned_ids,
@@ -278,7 +279,7 @@ def _upgrade(db: sqlite3.Connection) -> None:
             ).fetchone()
         )
         if old:
-            log.info("migrating %s to layout %d (trace seq)", _file_of(db), SCHEMA_VERSION)
+            log.info("migrating %s to layout %d (trace seq)", file_of(db), SCHEMA_VERSION)
             for statement in _MIGRATE_TO_TRACE_SEQ.split(";\n"):
                 if statement.strip():
                     db.execute(statement)
@@ -288,10 +289,6 @@ def _upgrade(db: sqlite3.Connection) -> None:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
         raise
-
-
-def _file_of(db: sqlite3.Connection) -> str:
-    return str(db.execute("PRAGMA database_list").fetchone()[2])
 
 
 def _migrate_trace_attrs(db: sqlite3.Connection) -> None:
@@ -335,7 +332,7 @@ class _Writer:
         self.db = connect(path)
         self.db.execute(f"PRAGMA cache_size=-{cache_size_mib * 1024}")
         self._checkpointer = BackgroundCheckpointer(self.db, path)
-        self._filename = _file_of(self.db)  # execute_steps checks it is this file
+        self._filename = file_of(self.db)  # execute_steps checks it is this file
         self._write_lock = write_lock(path)  # shared with correlate's call records
         # Ids of resources and scopes already written, by their serialized bytes.
         self._resource_ids: dict[bytes, int] = {}

@@ -160,3 +160,13 @@ def sdk_provider(
     )
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def emit_session(provider: Any) -> None:
+    """Record an ``agent_session`` span with an ``llm_node`` child through ``provider``,
+    flush them and shut it down (blocking: run it in a thread from async tests)."""
+    tracer = provider.get_tracer("livekit-agents")
+    with tracer.start_as_current_span("agent_session"), tracer.start_as_current_span("llm_node"):
+        pass
+    assert provider.force_flush(10_000)
+    provider.shutdown()

@@ -23,6 +23,7 @@ from collector.spans import ExportTraceServiceRequest, SpanBatch, serialize_reso
 from exporters.otlphttp import OTLPHTTPConfig, OTLPHTTPExporter
 from tests.processors._util import FakeTelemetryHost, batch, resource_spans
 from tests.support import (
+    emit_session,
     eventually,
     free_port,
     pipeline_config,
@@ -227,23 +228,13 @@ async def test_a_sidecar_forwards_an_sdks_spans_to_a_gateway_over_https(
     }
     sidecar["service"]["pipelines"]["traces"]["exporters"] = ["otlphttp"]
 
-    def emit() -> None:
-        provider = sdk_provider(
-            f"http://127.0.0.1:{sidecar_port}/v1/traces",
-            sidecar_key,
-            {"service.name": "voice-agent", "livekit.room.id": "RM_1"},
-        )
-        tracer = provider.get_tracer("livekit-agents")
-        with (
-            tracer.start_as_current_span("agent_session"),
-            tracer.start_as_current_span("llm_node"),
-        ):
-            pass
-        assert provider.force_flush(10_000)
-        provider.shutdown()
-
+    provider = sdk_provider(
+        f"http://127.0.0.1:{sidecar_port}/v1/traces",
+        sidecar_key,
+        {"service.name": "voice-agent", "livekit.room.id": "RM_1"},
+    )
     async with running_service(gateway), running_service(sidecar):
-        await asyncio.to_thread(emit)
+        await asyncio.to_thread(emit_session, provider)
         rows = await eventually(
             lambda: (
                 query(gateway_db, "SELECT name, project, call_id FROM spans ORDER BY name")

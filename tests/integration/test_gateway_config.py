@@ -15,7 +15,7 @@ from collector.calls import call_id_for
 from collector.config import load_config
 from collector.keys import KeyStore
 from tests.collector_process import CollectorProcess
-from tests.support import ROOT, free_port, query, sdk_provider
+from tests.support import ROOT, emit_session, free_port, query, sdk_provider
 
 GATEWAY = ROOT / "config" / "gateway.yaml"
 
@@ -83,18 +83,7 @@ async def test_gateway_runs_https_to_sqlite_and_redis(
             {"service.name": "agent", "livekit.room.id": "RM_gw"},
             ca_file=tls_files.ca_file,
         )
-
-        def emit() -> None:
-            tracer = provider.get_tracer("livekit-agents")
-            with (
-                tracer.start_as_current_span("agent_session"),
-                tracer.start_as_current_span("llm_node"),
-            ):
-                pass
-            assert provider.force_flush(10_000)
-            provider.shutdown()
-
-        await asyncio.to_thread(emit)
+        await asyncio.to_thread(emit_session, provider)
         client = redis_server.client()
         deadline = time.monotonic() + 20
         while client.xlen("calltrace:spans:acme") < 2:
