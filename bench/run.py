@@ -387,6 +387,10 @@ def profile_ingest(
     ]
 
 
+ROW_KEYS = ["default", "process", "redis", "json", "gzip", "small", "flood"]
+"""The rows of the table, in order (``--only`` picks some)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--spans", type=int, default=100_000, help="spans per scenario")
@@ -399,9 +403,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only-default", action="store_true", help="only the protobuf yardstick and default rows"
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=ROW_KEYS,
+        help="run only this row (repeatable), beside its yardstick: for measuring one change",
+    )
     parser.add_argument("--profile", action="store_true", help="also write a py-spy profile")
     parser.add_argument("--output", default=str(RESULTS / "latest.md"))
     args = parser.parse_args(argv)
+    selected = set(args.only or (["default"] if args.only_default else ROW_KEYS))
     total = 600 if args.quick else args.spans
     small_total = 300 if args.quick else max(total // 2, 1000)
     flood_total = total * 3 if args.quick else max(total * 5 // 2, 250_000)
@@ -519,12 +530,13 @@ def main(argv: list[str] | None = None) -> int:
             yardsticks.append(baseline(label, proto, warm_proto, c))
             return yardsticks[-1]
 
-        side_by_side(
-            protobuf_label(),
-            protobuf_yardstick,
-            lambda y: calltrace("calltrace default, protobuf", proto, warm_proto, y, c),
-        )
-        if not args.only_default:
+        if "default" in selected:
+            side_by_side(
+                protobuf_label(),
+                protobuf_yardstick,
+                lambda y: calltrace("calltrace default, protobuf", proto, warm_proto, y, c),
+            )
+        if "process" in selected:
             side_by_side(
                 protobuf_label(),
                 protobuf_yardstick,
@@ -532,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                     "calltrace, sqlite `writer: process`", proto, warm_proto, y, c, writer="process"
                 ),
             )
+        if "redis" in selected:
             why = redis_exporter_missing()
             if why is None:
                 with throwaway_redis() as redis_url:
@@ -545,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"  skipped: {why}", flush=True)
                 notes.append(why)
+        if "json" in selected:
             as_json = [Body(to_otlp_json(r), span_count(r), "application/json") for r in big]
             warm_json = [Body(to_otlp_json(r), span_count(r), "application/json") for r in warm]
             side_by_side(
@@ -553,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda y: calltrace("calltrace default, OTLP/JSON", as_json, warm_json, y, c),
             )
             del as_json
+        if "gzip" in selected:
             gz, warm_gz = gzip_bodies(proto), gzip_bodies(warm_proto)
             side_by_side(
                 "yardstick, protobuf+gzip",
@@ -560,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda y: calltrace("calltrace default, gzip", gz, warm_gz, y, c),
             )
             del gz
+        if "small" in selected:
             # Latency of small requests is measured one request at a time (issue 6's
             # "50-span requests one at a time: p99 <= 15 ms"): no queueing behind others.
             side_by_side(
@@ -569,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                     "calltrace default, 50-span requests", small_proto, warm_proto, y, 1
                 ),
             )
+        if "flood" in selected:
             # More spans than the sending queue holds (100k), from many connections at once:
             # calltrace must answer 503 + Retry-After and keep its memory flat.
             flood = args.flood_concurrency
