@@ -22,12 +22,33 @@ def test_quick_bench_stores_every_span(tmp_path):
     assert "1.00×" in rows[1]  # the yardstick is its own reference
 
 
+@pytest.mark.timeout(120)
+def test_quick_redis_row_waits_for_the_stream(tmp_path):
+    """The fan-out row runs on a throwaway redis-server and counts a span persisted once
+    it is in SQLite and in the stream (``wait_streamed``)."""
+    output = tmp_path / "latest.md"
+    assert (
+        run.main(["--quick", "--only", "redis-process", "--rounds", "1", "--output", str(output)])
+        == 0
+    )
+    rows = [line for line in output.read_text().splitlines() if line.startswith("| ")]
+    names = [line.split("|")[1].strip() for line in rows[1:]]
+    assert names == ["yardstick, protobuf", "calltrace + Redis Streams, sqlite `writer: process`"]
+
+
 @pytest.mark.timeout(60)
 def test_lost_spans_fail_the_bench(tmp_path):
     db = tmp_path / "empty.db"
     sqlite3.connect(db).execute("CREATE TABLE spans (x)").connection.close()
     with pytest.raises(run.LostSpans):
         asyncio.run(run.wait_stored(db, 5, timeout=0.2))
+
+
+@pytest.mark.timeout(60)
+def test_spans_missing_from_the_stream_fail_the_bench():
+    with run.throwaway_redis() as url:
+        with pytest.raises(run.LostSpans, match="calltrace:spans:bench"):
+            asyncio.run(run.wait_streamed(url, run.BENCH_STREAM, 1, timeout=0.2))
 
 
 @pytest.mark.timeout(120)
