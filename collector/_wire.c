@@ -1102,6 +1102,205 @@ resource_spans_layout(PyObject *self, PyObject *arg)
     return layout;
 }
 
+/* -- SpanBatch bytes (collector/spans.py serialize_resource_spans) ------------------- */
+
+/* One ResourceSpans' part of the body: its field, either whole (a message serialized
+ * now) or made of its resource and the two runs of received bytes around the received
+ * resource field. References are held until the body is written. */
+typedef struct {
+    PyObject *whole;    /* serialized ResourceSpans, or NULL */
+    PyObject *resource; /* its resource's bytes (with received) */
+    PyObject *received; /* the request body it came in */
+    Py_ssize_t start, end, resource_start, resource_end;
+} Piece;
+
+static size_t
+varint_size(uint64_t v)
+{
+    size_t n = 1;
+    while (v >= 0x80)
+        v >>= 7, n++;
+    return n;
+}
+
+static char *
+write_varint(char *p, uint64_t v)
+{
+    while (v >= 0x80) {
+        *p++ = (char)(v | 0x80);
+        v >>= 7;
+    }
+    *p++ = (char)v;
+    return p;
+}
+
+/* The entry of d for rs's id if it is there for this very message (its first item is
+ * rs): borrowed, NULL if not (no exception) or on error (exception set). */
+static PyObject *
+entry_for(PyObject *d, PyObject *key, PyObject *rs)
+{
+    if (d == Py_None || !PyDict_Check(d))
+        return NULL;
+    PyObject *entry = PyDict_GetItemWithError(d, key);
+    if (entry == NULL || !PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) < 2 ||
+        PyTuple_GET_ITEM(entry, 0) != rs)
+        return NULL;
+    return entry;
+}
+
+/* message.SerializeToString() as bytes (new reference) */
+static PyObject *
+serialized(PyObject *message)
+{
+    PyObject *out = PyObject_CallMethod(message, "SerializeToString", NULL);
+    if (out != NULL && !PyBytes_Check(out)) {
+        PyObject *copy = PyBytes_FromObject(out);
+        Py_SETREF(out, copy);
+    }
+    return out;
+}
+
+static int
+piece_from_source(Piece *piece, PyObject *source, PyObject *resource_payloads, PyObject *key,
+                  PyObject *rs)
+{
+    Py_ssize_t offsets[4];
+    if (PyTuple_GET_SIZE(source) < 6 || !PyBytes_Check(PyTuple_GET_ITEM(source, 1))) {
+        PyErr_SetString(PyExc_TypeError, "sources hold (message, body, start, end, ...)");
+        return -1;
+    }
+    for (int i = 0; i < 4; i++) {
+        offsets[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(source, 2 + i));
+        if (offsets[i] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    PyObject *received = PyTuple_GET_ITEM(source, 1);
+    Py_ssize_t size = PyBytes_GET_SIZE(received);
+    if (!(0 <= offsets[0] && offsets[0] <= offsets[2] && offsets[2] <= offsets[3] &&
+          offsets[3] <= offsets[1] && offsets[1] <= size)) {
+        PyErr_SetString(PyExc_ValueError, "a source's offsets are outside its body");
+        return -1;
+    }
+    PyObject *known = entry_for(resource_payloads, key, rs);
+    PyObject *resource;
+    if (known != NULL && PyBytes_Check(PyTuple_GET_ITEM(known, 1)))
+        resource = Py_NewRef(PyTuple_GET_ITEM(known, 1));
+    else {
+        if (PyErr_Occurred())
+            return -1;
+        PyObject *message = PyObject_GetAttrString(rs, "resource");
+        resource = message == NULL ? NULL : serialized(message);
+        Py_XDECREF(message);
+        if (resource == NULL)
+            return -1;
+    }
+    piece->resource = resource;
+    piece->received = Py_NewRef(received);
+    piece->start = offsets[0], piece->end = offsets[1];
+    piece->resource_start = offsets[2], piece->resource_end = offsets[3];
+    return 0;
+}
+
+/* The field of a piece: its bytes after the tag and length, and how many */
+static Py_ssize_t
+piece_size(const Piece *piece)
+{
+    if (piece->whole != NULL)
+        return PyBytes_GET_SIZE(piece->whole);
+    Py_ssize_t resource = PyBytes_GET_SIZE(piece->resource);
+    return 1 + (Py_ssize_t)varint_size((uint64_t)resource) + resource + piece->end -
+           piece->start - (piece->resource_end - piece->resource_start);
+}
+
+static char *
+write_piece(char *p, const Piece *piece)
+{
+    Py_ssize_t size = piece_size(piece);
+    *p++ = '\n';
+    p = write_varint(p, (uint64_t)size);
+    if (piece->whole != NULL) {
+        memcpy(p, PyBytes_AS_STRING(piece->whole), (size_t)size);
+        return p + size;
+    }
+    Py_ssize_t resource = PyBytes_GET_SIZE(piece->resource);
+    const char *received = PyBytes_AS_STRING(piece->received);
+    *p++ = '\n';
+    p = write_varint(p, (uint64_t)resource);
+    memcpy(p, PyBytes_AS_STRING(piece->resource), (size_t)resource);
+    p += resource;
+    memcpy(p, received + piece->start, (size_t)(piece->resource_start - piece->start));
+    p += piece->resource_start - piece->start;
+    memcpy(p, received + piece->resource_end, (size_t)(piece->end - piece->resource_end));
+    return p + (piece->end - piece->resource_end);
+}
+
+PyDoc_STRVAR(serialize_resource_spans_doc,
+"serialize_resource_spans(resource_spans, sources, resource_payloads)\n--\n\n"
+"collector.spans.serialize_resource_spans in C: the ExportTraceServiceRequest body of\n"
+"resource_spans (any iterable), each message copied from its received bytes where sources\n"
+"(a dict by id, or None) holds them for that very message, with its resource from\n"
+"resource_payloads (likewise) or serialized now; a message without a source is\n"
+"serialized whole. The bytes are copied without the GIL.");
+
+static PyObject *
+serialize_resource_spans(PyObject *self, PyObject *args)
+{
+    PyObject *messages, *sources, *resource_payloads;
+    if (!PyArg_ParseTuple(args, "OOO:serialize_resource_spans", &messages, &sources,
+                          &resource_payloads))
+        return NULL;
+    PyObject *list = PySequence_Fast(messages, "resource_spans must be iterable");
+    if (list == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(list), total = 0, made = 0;
+    Piece *pieces = PyMem_Calloc(n ? (size_t)n : 1, sizeof *pieces);
+    PyObject *result = NULL;
+    if (pieces == NULL) {
+        Py_DECREF(list);
+        return PyErr_NoMemory();
+    }
+    for (; made < n; made++) {
+        PyObject *rs = PySequence_Fast_GET_ITEM(list, made);
+        Piece *piece = &pieces[made];
+        PyObject *key = PyLong_FromVoidPtr(rs); /* id(rs) */
+        if (key == NULL)
+            goto done;
+        PyObject *source = entry_for(sources, key, rs);
+        int r;
+        if (source != NULL)
+            r = piece_from_source(piece, source, resource_payloads, key, rs);
+        else if (PyErr_Occurred())
+            r = -1;
+        else
+            r = (piece->whole = serialized(rs)) == NULL ? -1 : 0;
+        Py_DECREF(key);
+        if (r < 0) {
+            made++; /* its references, if any, are released below */
+            goto done;
+        }
+        Py_ssize_t size = piece_size(piece);
+        total += 1 + (Py_ssize_t)varint_size((uint64_t)size) + size;
+    }
+    result = PyBytes_FromStringAndSize(NULL, total);
+    if (result != NULL) {
+        char *p = PyBytes_AS_STRING(result);
+        /* the pieces hold what they point into; the new bytes are no one else's yet */
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++)
+            p = write_piece(p, &pieces[i]);
+        Py_END_ALLOW_THREADS
+    }
+done:
+    for (Py_ssize_t i = 0; i < made; i++) {
+        Py_XDECREF(pieces[i].whole);
+        Py_XDECREF(pieces[i].resource);
+        Py_XDECREF(pieces[i].received);
+    }
+    PyMem_Free(pieces);
+    Py_DECREF(list);
+    return result;
+}
+
 /* -- Redis stream entries (exporters/redis_streams.py) ------------------------------ */
 
 /* A growing byte buffer; raw allocations (PyMem_RawFree it), so that it also grows
@@ -2390,6 +2589,8 @@ static PyMethodDef methods[] = {
     {"count_replies", count_replies, METH_VARARGS, count_replies_doc},
     {"json_to_wire", json_to_wire, METH_VARARGS, json_to_wire_doc},
     {"resource_spans_layout", resource_spans_layout, METH_O, resource_spans_layout_doc},
+    {"serialize_resource_spans", serialize_resource_spans, METH_VARARGS,
+     serialize_resource_spans_doc},
     {"load_sqlite", load_sqlite, METH_O, load_sqlite_doc},
     {"execute_rows", execute_rows, METH_VARARGS, execute_rows_doc},
     {"execute_steps", execute_steps, METH_VARARGS, execute_steps_doc},

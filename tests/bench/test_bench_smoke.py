@@ -46,9 +46,8 @@ def test_lost_spans_fail_the_bench(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_spans_missing_from_the_stream_fail_the_bench():
-    with run.throwaway_redis() as url:
-        with pytest.raises(run.LostSpans, match="calltrace:spans:bench"):
-            asyncio.run(run.wait_streamed(url, run.BENCH_STREAM, 1, timeout=0.2))
+    with run.throwaway_redis() as url, pytest.raises(run.LostSpans, match="calltrace:spans:bench"):
+        asyncio.run(run.wait_streamed(url, run.BENCH_STREAM, 1, timeout=0.2))
 
 
 @pytest.mark.timeout(120)

@@ -17,6 +17,7 @@ from collector.spans import (
     CALL_KEY_ATTRIBUTE,
     ExportTraceServiceRequest,
     SpanBatch,
+    _serialize_in_python,
     serialize_resource_spans,
     set_attribute,
     span_count,
@@ -341,7 +342,9 @@ def _assert_written_out_alike(body: bytes, drop: int | None = None) -> None:
     for rs in request.resource_spans:  # the receiver's span counts
         assert SpanBatch([], sources=sources).count_of(rs) == span_count(rs)
     kept = _edited_as_a_pipeline_would(request, drop)
-    spliced = ExportTraceServiceRequest.FromString(serialize_resource_spans(kept, sources))
+    written = serialize_resource_spans(kept, sources)
+    assert written == _serialize_in_python(kept, sources, None)  # C and its reference
+    spliced = ExportTraceServiceRequest.FromString(written)
     assert spliced == ExportTraceServiceRequest(resource_spans=kept)
     batch = SpanBatch(kept, sources=sources)
     assert batch.span_count == sum(map(span_count, kept))
@@ -449,7 +452,38 @@ def _assert_resource_bytes_are_true(batch: SpanBatch) -> None:
     for rs in batch.resource_spans:
         assert type(rs.resource).FromString(batch.resource_payload(rs)) == rs.resource
     written = serialize_resource_spans(batch.resource_spans, batch.sources, batch.resource_payloads)
+    assert written == _serialize_in_python(
+        batch.resource_spans, batch.sources, batch.resource_payloads
+    )
     assert ExportTraceServiceRequest.FromString(written) == batch.to_request()
+
+
+def test_bytes_are_taken_only_for_the_very_message_they_were_kept_for():
+    """An entry of sources or resource_payloads under a message's id but for another
+    message (a freed one's id, reused) is not used: that message is serialized."""
+    body = fixture_requests("livekit")[0].read_bytes()
+    batch = _received(body)
+    first, other = batch.resource_spans[0], type(batch.resource_spans[0])()
+    other.CopyFrom(first)
+    other.resource.attributes.add(key="changed").value.string_value = "yes"
+    stale_sources = {id(other): (first, *batch.sources[id(first)][1:])}
+    stale_payloads = {id(other): (first, batch.resource_payloads[id(first)][1])}
+    for sources, payloads in ((stale_sources, None), (batch.sources, stale_payloads)):
+        written = serialize_resource_spans([other], sources, payloads)
+        assert written == _serialize_in_python([other], sources, payloads)
+        assert ExportTraceServiceRequest.FromString(written).resource_spans[0] == other
+
+
+def test_offsets_outside_the_body_are_refused():
+    from collector import _wire
+
+    batch = _received(fixture_requests("livekit")[0].read_bytes())
+    rs = batch.resource_spans[0]
+    _, body, start, end, r_start, r_end, spans = batch.sources[id(rs)]
+    for offsets in ((start, len(body) + 1, r_start, r_end), (r_start + 1, end, r_start, r_end)):
+        sources = {id(rs): (rs, body, *offsets, spans)}
+        with pytest.raises(ValueError, match="outside its body"):
+            _wire.serialize_resource_spans([rs], sources, None)
 
 
 @pytest.mark.parametrize("framework", ["livekit", "pipecat"])
