@@ -1102,6 +1102,158 @@ resource_spans_layout(PyObject *self, PyObject *arg)
     return layout;
 }
 
+/* The string_value of an AnyValue, as protobuf reads it: the string if the oneof's
+ * last member on the wire is string_value, else empty ([p, p) with *len 0). -1 if
+ * malformed. */
+static int
+any_string(const uint8_t *p, const uint8_t *end, const uint8_t **data, Py_ssize_t *len)
+{
+    Field f, kind = {0};
+    int r;
+    while ((r = next_field(&p, end, &f)) > 0)
+        if (f.number >= 1 && f.number <= 7)
+            kind = f;
+    if (r < 0)
+        return -1;
+    *data = p, *len = 0;
+    if (kind.number == 1 && kind.type == WT_LEN)
+        *data = kind.data, *len = kind.len;
+    return 0;
+}
+
+static int
+key_is(const uint8_t *key, Py_ssize_t len, const char *name)
+{
+    size_t n = strlen(name);
+    return (size_t)len == n && memcmp(key, name, n) == 0;
+}
+
+/* A str for a fact (str or None if empty and or_none), set in *slot (new reference) */
+static int
+set_fact(PyObject **slot, const uint8_t *data, Py_ssize_t len, int or_none)
+{
+    PyObject *value = len == 0 && or_none ? Py_NewRef(Py_None) : utf8(data, len);
+    if (value == NULL)
+        return -1;
+    Py_XSETREF(*slot, value);
+    return 0;
+}
+
+PyDoc_STRVAR(resource_facts_doc,
+"resource_facts(resource_bytes)\n--\n\n"
+"What collector.storage._ResourceFacts reads off a serialized Resource, in C: (attrs,\n"
+"service, call_id, call_key, call_source, has_tags). attrs: the (key, attribute_text)\n"
+"pairs of its indexed attributes but the calltrace.call.* ones, in order, keys and texts\n"
+"interned; service: service.name's string or None; call_id: calltrace.call.id's or None;\n"
+"call_key, call_source: those attributes' strings or None when absent; has_tags: whether\n"
+"a roark.project.tag.* attribute is there (their values are read in Python). For\n"
+"duplicate keys the last wins, as in Python. ValueError if malformed.");
+
+static PyObject *
+resource_facts(PyObject *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const uint8_t *p = view.buf, *end = p + view.len;
+    PyObject *attrs = PyList_New(0), *result = NULL;
+    PyObject *service = Py_NewRef(Py_None), *call_id = Py_NewRef(Py_None);
+    PyObject *call_key = Py_NewRef(Py_None), *call_source = Py_NewRef(Py_None);
+    int has_tags = 0, r;
+    Field f;
+    if (attrs == NULL)
+        goto done;
+    while ((r = next_field(&p, end, &f)) > 0) {
+        if (f.number != 1 || f.type != WT_LEN)
+            continue; /* attributes are field 1; dropped_attributes_count and others */
+        const uint8_t *q = f.data, *kv_end = f.data + f.len, *key = q, *value = NULL;
+        Py_ssize_t key_len = 0, value_len = 0;
+        Field g;
+        int t;
+        while ((t = next_field(&q, kv_end, &g)) > 0) {
+            if (g.type != WT_LEN)
+                continue;
+            if (g.number == 1)
+                key = g.data, key_len = g.len;
+            else if (g.number == 2)
+                value = g.data, value_len = g.len;
+        }
+        if (t < 0)
+            goto malformed;
+        const uint8_t *text = NULL;
+        Py_ssize_t text_len = 0;
+        if (value == NULL)
+            text = key; /* no value: an empty string_value */
+        else if (any_string(value, value + value_len, &text, &text_len) < 0)
+            goto malformed;
+        if (key_is(key, key_len, "calltrace.call.id")) {
+            if (set_fact(&call_id, text, text_len, 1) < 0)
+                goto done;
+            continue;
+        }
+        if (key_is(key, key_len, "calltrace.call.key")) {
+            if (set_fact(&call_key, text, text_len, 0) < 0)
+                goto done;
+            continue;
+        }
+        if (key_is(key, key_len, "calltrace.call.source")) {
+            if (set_fact(&call_source, text, text_len, 0) < 0)
+                goto done;
+            continue;
+        }
+        if (key_is(key, key_len, "service.name")) {
+            if (set_fact(&service, text, text_len, 1) < 0)
+                goto done;
+        }
+        else if (key_len >= 18 && memcmp(key, "roark.project.tag.", 18) == 0)
+            has_tags = 1;
+        if (value == NULL)
+            continue; /* nothing indexed */
+        PyObject *value_str = value_text(value, value + value_len);
+        if (value_str == NULL)
+            goto done;
+        if (value_str == Py_None) {
+            Py_DECREF(value_str);
+            continue;
+        }
+        PyObject *key_str = utf8(key, key_len);
+        if (key_str == NULL) {
+            Py_DECREF(value_str);
+            goto done;
+        }
+        /* interned: the same keys and most values repeat in every resource */
+        PyUnicode_InternInPlace(&key_str);
+        PyUnicode_InternInPlace(&value_str);
+        PyObject *pair = PyTuple_Pack(2, key_str, value_str);
+        Py_DECREF(key_str);
+        Py_DECREF(value_str);
+        if (pair == NULL)
+            goto done;
+        untrack(pair);
+        int added = PyList_Append(attrs, pair);
+        Py_DECREF(pair);
+        if (added < 0)
+            goto done;
+    }
+    if (r < 0)
+        goto malformed;
+    PyObject *pairs = PyList_AsTuple(attrs);
+    if (pairs != NULL)
+        result = Py_BuildValue("(NOOOOO)", pairs, service, call_id, call_key, call_source,
+                               has_tags ? Py_True : Py_False);
+    goto done;
+malformed:
+    set_malformed();
+done:
+    Py_XDECREF(attrs);
+    Py_DECREF(service);
+    Py_DECREF(call_id);
+    Py_DECREF(call_key);
+    Py_DECREF(call_source);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 /* -- SpanBatch bytes (collector/spans.py serialize_resource_spans) ------------------- */
 
 /* One ResourceSpans' part of the body: its field, either whole (a message serialized
@@ -2589,6 +2741,7 @@ static PyMethodDef methods[] = {
     {"count_replies", count_replies, METH_VARARGS, count_replies_doc},
     {"json_to_wire", json_to_wire, METH_VARARGS, json_to_wire_doc},
     {"resource_spans_layout", resource_spans_layout, METH_O, resource_spans_layout_doc},
+    {"resource_facts", resource_facts, METH_O, resource_facts_doc},
     {"serialize_resource_spans", serialize_resource_spans, METH_VARARGS,
      serialize_resource_spans_doc},
     {"load_sqlite", load_sqlite, METH_O, load_sqlite_doc},

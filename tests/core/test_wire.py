@@ -18,6 +18,7 @@ from collector.spans import (
     ExportTraceServiceRequest,
     SpanBatch,
     _serialize_in_python,
+    _set_any_value,
     serialize_resource_spans,
     set_attribute,
     span_count,
@@ -517,6 +518,43 @@ def test_a_resource_field_whose_tag_or_length_is_padded_is_cut_right(tag):
         batch = _received(body)
         assert [payload for _, payload in batch.resource_payloads.values()] == [resource]
         _assert_resource_bytes_are_true(batch)
+
+
+resource_keys = st.sampled_from(
+    [
+        "service.name",
+        CALL_ID_ATTRIBUTE,
+        CALL_KEY_ATTRIBUTE,
+        "calltrace.call.source",
+        "roark.project.tag.env",
+        "roark.project.tag.",
+        "livekit.room.id",
+        "é",
+        "",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(resource_keys, st.one_of(st.none(), attribute_values)), max_size=8))
+def test_resource_facts_are_read_off_the_bytes_as_off_the_message(attributes):
+    """``_ResourceFacts`` from the bytes (C) and from the parsed message (Python) agree:
+    duplicate keys (the last wins), stamps of any value type, values left unset."""
+    from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+
+    resource = Resource()
+    for key, value in attributes:
+        kv = resource.attributes.add(key=key)
+        if value is not None:
+            _set_any_value(kv.value, value)
+    payload = resource.SerializeToString()
+    native = storage._ResourceFacts(None, payload)
+    python = storage._ResourceFacts(Resource.FromString(payload), payload)
+    for name in storage._ResourceFacts.__slots__:
+        got, expected = getattr(native, name), getattr(python, name)
+        if name == "tags":  # NaN != NaN: compare their reprs
+            got, expected = repr(got), repr(expected)
+        assert got == expected, name
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
