@@ -425,26 +425,32 @@ value_text(const uint8_t *p, const uint8_t *end)
 
 /* (key, attribute_text(value)) of the KeyValue in [p, end): a new reference, Py_None
  * (new) if the value is not indexed, NULL on error. */
-static PyObject *
-attribute_pair(const uint8_t *p, const uint8_t *end)
+/* The key (b"" if absent) and the AnyValue (NULL if absent) of the KeyValue in [p, end),
+ * the last of each on the wire: 0, or -1 if malformed. */
+static int
+read_key_value(const uint8_t *p, const uint8_t *end, const uint8_t **key, Py_ssize_t *key_len,
+               const uint8_t **value, Py_ssize_t *value_len)
 {
     Field f;
-    const uint8_t *key = (const uint8_t *)"", *value = NULL;
-    Py_ssize_t key_len = 0, value_len = 0;
     int r;
+    *key = (const uint8_t *)"", *key_len = 0, *value = NULL, *value_len = 0;
     while ((r = next_field(&p, end, &f)) > 0) {
         if (f.type != WT_LEN)
             continue;
-        if (f.number == 1) {
-            key = f.data;
-            key_len = f.len;
-        }
-        else if (f.number == 2) {
-            value = f.data;
-            value_len = f.len;
-        }
+        if (f.number == 1)
+            *key = f.data, *key_len = f.len;
+        else if (f.number == 2)
+            *value = f.data, *value_len = f.len;
     }
-    if (r < 0)
+    return r;
+}
+
+static PyObject *
+attribute_pair(const uint8_t *p, const uint8_t *end)
+{
+    const uint8_t *key, *value;
+    Py_ssize_t key_len, value_len;
+    if (read_key_value(p, end, &key, &key_len, &value, &value_len) < 0)
         return NULL;
     if (value == NULL)
         Py_RETURN_NONE; /* no value: nothing indexed */
@@ -1166,19 +1172,9 @@ resource_facts(PyObject *self, PyObject *arg)
     while ((r = next_field(&p, end, &f)) > 0) {
         if (f.number != 1 || f.type != WT_LEN)
             continue; /* attributes are field 1; dropped_attributes_count and others */
-        const uint8_t *q = f.data, *kv_end = f.data + f.len, *key = q, *value = NULL;
-        Py_ssize_t key_len = 0, value_len = 0;
-        Field g;
-        int t;
-        while ((t = next_field(&q, kv_end, &g)) > 0) {
-            if (g.type != WT_LEN)
-                continue;
-            if (g.number == 1)
-                key = g.data, key_len = g.len;
-            else if (g.number == 2)
-                value = g.data, value_len = g.len;
-        }
-        if (t < 0)
+        const uint8_t *key, *value;
+        Py_ssize_t key_len, value_len;
+        if (read_key_value(f.data, f.data + f.len, &key, &key_len, &value, &value_len) < 0)
             goto malformed;
         const uint8_t *text = NULL;
         Py_ssize_t text_len = 0;
