@@ -1054,6 +1054,42 @@ PyDoc_STRVAR(resource_spans_layout_doc,
 "resource field (tag included), and how many spans it holds; None for one without\n"
 "exactly one resource field.");
 
+/* Where one ResourceSpans (the field f of a request starting at base) has its parts. */
+typedef struct {
+    Py_ssize_t start, end;          /* its fields */
+    Py_ssize_t resource, resource_end; /* its resource field, tag included */
+    Py_ssize_t resource_data;       /* the resource's bytes: past the tag and length */
+    Py_ssize_t resources, spans;    /* how many resource fields, how many spans */
+} RsLayout;
+
+static int
+rs_layout(const uint8_t *base, const Field *f, RsLayout *out)
+{
+    const uint8_t *q = f->data, *rs_end = f->data + f->len, *field = q;
+    Field g;
+    int r;
+    *out = (RsLayout){f->data - base, rs_end - base, 0, 0, 0, 0, 0};
+    while ((r = next_field(&q, rs_end, &g)) > 0) {
+        if (g.number == 1) {
+            out->resources++;
+            out->resource = field - base;
+            out->resource_end = q - base;
+            out->resource_data = g.type == WT_LEN ? g.data - base : out->resource_end;
+        }
+        else if (g.number == 2 && g.type == WT_LEN) { /* ScopeSpans: count its spans */
+            const uint8_t *t = g.data, *ss_end = g.data + g.len;
+            Field h;
+            while ((r = next_field(&t, ss_end, &h)) > 0)
+                if (h.number == 2 && h.type == WT_LEN)
+                    out->spans++;
+            if (r < 0)
+                return -1;
+        }
+        field = q;
+    }
+    return r;
+}
+
 static PyObject *
 resource_spans_layout(PyObject *self, PyObject *arg)
 {
@@ -1062,38 +1098,21 @@ resource_spans_layout(PyObject *self, PyObject *arg)
         return NULL;
     const uint8_t *base = payload.buf, *p = base, *end = base + payload.len;
     PyObject *layout = PyList_New(0);
-    Field f, g;
+    Field f;
     int r = layout == NULL ? -1 : 0;
     while (r == 0 && (r = next_field(&p, end, &f)) > 0) {
         r = 0;
         if (f.number != 1 || f.type != WT_LEN)
             continue;
-        const uint8_t *q = f.data, *rs_end = f.data + f.len, *resource = NULL, *field = q;
-        Py_ssize_t resources = 0, resource_end = 0, spans = 0;
-        while ((r = next_field(&q, rs_end, &g)) > 0) {
-            if (g.number == 1) {
-                resources++;
-                resource = field;
-                resource_end = q - base;
-            }
-            else if (g.number == 2 && g.type == WT_LEN) { /* ScopeSpans: count its spans */
-                const uint8_t *t = g.data, *ss_end = g.data + g.len;
-                Field h;
-                while ((r = next_field(&t, ss_end, &h)) > 0)
-                    if (h.number == 2 && h.type == WT_LEN)
-                        spans++;
-                if (r < 0)
-                    break;
-            }
-            field = q;
-        }
-        if (r < 0)
+        RsLayout at;
+        if (rs_layout(base, &f, &at) < 0) {
+            r = -1;
             break;
+        }
         PyObject *item;
-        if (resources == 1)
-            item = Py_BuildValue("(nnnnn)", (Py_ssize_t)(f.data - base),
-                                 (Py_ssize_t)(rs_end - base), (Py_ssize_t)(resource - base),
-                                 resource_end, spans);
+        if (at.resources == 1)
+            item = Py_BuildValue("(nnnnn)", at.start, at.end, at.resource, at.resource_end,
+                                 at.spans);
         else
             item = Py_NewRef(Py_None);
         if (item == NULL || PyList_Append(layout, item) < 0)
@@ -1106,6 +1125,75 @@ resource_spans_layout(PyObject *self, PyObject *arg)
         return NULL;
     }
     return layout;
+}
+
+PyDoc_STRVAR(received_doc,
+"received(resource_spans, body)\n--\n\n"
+"(SpanBatch.sources, SpanBatch.resource_payloads) of resource_spans, the messages of\n"
+"the ExportTraceServiceRequest body was parsed into, in order: what\n"
+"collector.spans.received_bytes(request, body, resource_spans_layout(body)) and\n"
+"received_resources of that give, in one pass. ValueError if body is malformed or holds\n"
+"another number of ResourceSpans.");
+
+static PyObject *
+received(PyObject *self, PyObject *args)
+{
+    PyObject *messages, *body;
+    if (!PyArg_ParseTuple(args, "OO!:received", &messages, &PyBytes_Type, &body))
+        return NULL;
+    PyObject *list = PySequence_Fast(messages, "resource_spans must be iterable");
+    if (list == NULL)
+        return NULL;
+    const uint8_t *base = (const uint8_t *)PyBytes_AS_STRING(body), *p = base;
+    const uint8_t *end = base + PyBytes_GET_SIZE(body);
+    PyObject *sources = PyDict_New(), *payloads = PyDict_New(), *result = NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(list), i = 0;
+    Field f;
+    int r = sources == NULL || payloads == NULL ? -1 : 0;
+    while (r == 0 && (r = next_field(&p, end, &f)) > 0) {
+        r = 0;
+        if (f.number != 1 || f.type != WT_LEN)
+            continue;
+        RsLayout at;
+        if (rs_layout(base, &f, &at) < 0) {
+            set_malformed();
+            r = -1;
+            break;
+        }
+        if (i == n) {
+            r = -2;
+            break;
+        }
+        PyObject *rs = PySequence_Fast_GET_ITEM(list, i++);
+        if (at.resources != 1)
+            continue;
+        PyObject *key = PyLong_FromVoidPtr(rs); /* id(rs) */
+        PyObject *source = Py_BuildValue("(OOnnnnn)", rs, body, at.start, at.end, at.resource,
+                                         at.resource_end, at.spans);
+        PyObject *resource = PyBytes_FromStringAndSize((const char *)base + at.resource_data,
+                                                       at.resource_end - at.resource_data);
+        PyObject *known = resource ? PyTuple_Pack(2, rs, resource) : NULL;
+        if (key == NULL || source == NULL || known == NULL ||
+            PyDict_SetItem(sources, key, source) < 0 || PyDict_SetItem(payloads, key, known) < 0)
+            r = -1;
+        Py_XDECREF(key);
+        Py_XDECREF(source);
+        Py_XDECREF(resource);
+        Py_XDECREF(known);
+    }
+    if (r < 0 && r != -2 && !PyErr_Occurred())
+        set_malformed();
+    if (r == 0 && i != n)
+        r = -2;
+    if (r == -2)
+        PyErr_Format(PyExc_ValueError, "the body holds another number of ResourceSpans than %zd",
+                     n);
+    else if (r == 0)
+        result = PyTuple_Pack(2, sources, payloads);
+    Py_XDECREF(sources);
+    Py_XDECREF(payloads);
+    Py_DECREF(list);
+    return result;
 }
 
 /* The string_value of an AnyValue, as protobuf reads it: the string if the oneof's
@@ -2737,6 +2825,7 @@ static PyMethodDef methods[] = {
     {"count_replies", count_replies, METH_VARARGS, count_replies_doc},
     {"json_to_wire", json_to_wire, METH_VARARGS, json_to_wire_doc},
     {"resource_spans_layout", resource_spans_layout, METH_O, resource_spans_layout_doc},
+    {"received", received, METH_VARARGS, received_doc},
     {"resource_facts", resource_facts, METH_O, resource_facts_doc},
     {"serialize_resource_spans", serialize_resource_spans, METH_VARARGS,
      serialize_resource_spans_doc},

@@ -34,8 +34,6 @@ from collector.otlp_json import INVALID_HEX_ID
 from collector.spans import (
     ExportTraceServiceRequest,
     SpanBatch,
-    received_bytes,
-    received_resources,
 )
 from collector.tls import TLSSettings, check_listener
 from collector.units import ByteSize
@@ -213,9 +211,9 @@ class TraceIngest:
             )
             if as_received:  # the spans are the body's: the pipeline may reuse its bytes
                 assert body is not None
-                layout = _wire.resource_spans_layout(body)
-                batch.sources = received_bytes(request, body, layout)
-                batch.resource_payloads = received_resources(batch.sources)
+                # In C, in one pass, what received_bytes and received_resources give:
+                # 2.25 -> 1.37 us a ResourceSpans on the bench's requests.
+                batch.sources, batch.resource_payloads = _wire.received(batch.resource_spans, body)
             try:
                 await self.consumer.consume(batch)
             except BaseException:

@@ -459,6 +459,41 @@ def _assert_resource_bytes_are_true(batch: SpanBatch) -> None:
     assert ExportTraceServiceRequest.FromString(written) == batch.to_request()
 
 
+def _assert_received_alike(body: bytes) -> None:
+    """``_wire.received`` gives what ``received_bytes`` and ``received_resources`` do."""
+    from collector import _wire
+    from collector.spans import received_bytes, received_resources
+
+    request = ExportTraceServiceRequest.FromString(body)
+    messages = list(request.resource_spans)
+    sources = received_bytes(request, body, _wire.resource_spans_layout(body))
+    assert _wire.received(messages, body) == (sources, received_resources(sources))
+
+
+@pytest.mark.parametrize("framework", ["livekit", "pipecat"])
+def test_received_bytes_in_c_are_those_of_python(framework):
+    for path in fixture_requests(framework):
+        _assert_received_alike(path.read_bytes())
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(resource_shapes, max_size=4))
+def test_any_requests_received_bytes_in_c_are_those_of_python(resources):
+    _assert_received_alike(_request(resources).SerializeToString())
+
+
+def test_received_refuses_another_number_of_messages_and_malformed_bodies():
+    from collector import _wire
+
+    body = fixture_requests("livekit")[0].read_bytes()
+    messages = list(ExportTraceServiceRequest.FromString(body).resource_spans)
+    for wrong in (messages[:-1], [*messages, messages[0]]):
+        with pytest.raises(ValueError, match="another number of ResourceSpans"):
+            _wire.received(wrong, body)
+    with pytest.raises(ValueError):
+        _wire.received(messages, body[:-3])
+
+
 def test_bytes_are_taken_only_for_the_very_message_they_were_kept_for():
     """An entry of sources or resource_payloads under a message's id but for another
     message (a freed one's id, reused) is not used: that message is serialized."""
