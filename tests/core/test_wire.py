@@ -494,6 +494,33 @@ def test_received_refuses_another_number_of_messages_and_malformed_bodies():
         _wire.received(messages, body[:-3])
 
 
+async def test_a_plugin_receivers_body_of_another_buffer_type_is_taken_as_bytes():
+    """``TraceIngest.export`` takes the body as bytes whatever buffer a receiver hands it
+    (the C helpers keep bytes objects in the batch's sources)."""
+    from collector.components import RequestInfo
+    from collector.receivers.otlp import TraceIngest
+    from collector.telemetry import Telemetry
+
+    batches: list[SpanBatch] = []
+
+    class Keep:
+        async def consume(self, batch: SpanBatch) -> None:
+            batches.append(batch)
+
+    body = fixture_requests("livekit")[0].read_bytes()
+    ingest = TraceIngest("otlp", "http", Keep(), Telemetry())
+    for handed in (bytearray(body), memoryview(body)):
+        batches.clear()
+        request = ExportTraceServiceRequest.FromString(body)
+        await ingest.export(request, RequestInfo({}), handed)  # type: ignore[arg-type]
+        (batch,) = batches
+        assert batch.sources
+        written = serialize_resource_spans(
+            batch.resource_spans, batch.sources, batch.resource_payloads
+        )
+        assert ExportTraceServiceRequest.FromString(written) == request
+
+
 def test_bytes_are_taken_only_for_the_very_message_they_were_kept_for():
     """An entry of sources or resource_payloads under a message's id but for another
     message (a freed one's id, reused) is not used: that message is serialized."""
