@@ -1401,10 +1401,6 @@ piece_from_source(Piece *piece, PyObject *source, PyObject *resource_payloads, P
                   PyObject *rs)
 {
     Py_ssize_t offsets[4];
-    if (PyTuple_GET_SIZE(source) < 6 || !PyBytes_Check(PyTuple_GET_ITEM(source, 1))) {
-        PyErr_SetString(PyExc_TypeError, "sources hold (message, body, start, end, ...)");
-        return -1;
-    }
     for (int i = 0; i < 4; i++) {
         offsets[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(source, 2 + i));
         if (offsets[i] == -1 && PyErr_Occurred())
@@ -1475,8 +1471,8 @@ PyDoc_STRVAR(serialize_resource_spans_doc,
 "collector.spans.serialize_resource_spans in C: the ExportTraceServiceRequest body of\n"
 "resource_spans (any iterable), each message copied from its received bytes where sources\n"
 "(a dict by id, or None) holds them for that very message, with its resource from\n"
-"resource_payloads (likewise) or serialized now; a message without a source is\n"
-"serialized whole. The bytes are copied without the GIL.");
+"resource_payloads (likewise) or serialized now; a message without a source (or whose\n"
+"body is not a bytes object) is serialized whole. The bytes are copied without the GIL.");
 
 static PyObject *
 serialize_resource_spans(PyObject *self, PyObject *args)
@@ -1503,7 +1499,8 @@ serialize_resource_spans(PyObject *self, PyObject *args)
             goto done;
         PyObject *source = entry_for(sources, key, rs);
         int r;
-        if (source != NULL)
+        if (source != NULL && PyTuple_GET_SIZE(source) >= 6 &&
+            PyBytes_Check(PyTuple_GET_ITEM(source, 1)))
             r = piece_from_source(piece, source, resource_payloads, key, rs);
         else if (PyErr_Occurred())
             r = -1;

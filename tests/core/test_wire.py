@@ -537,6 +537,17 @@ def test_bytes_are_taken_only_for_the_very_message_they_were_kept_for():
         assert ExportTraceServiceRequest.FromString(written).resource_spans[0] == other
 
 
+def test_sources_in_another_buffer_type_are_written_out_whole():
+    from collector import _wire
+    from collector.spans import received_bytes
+
+    body = fixture_requests("livekit")[0].read_bytes()
+    request = ExportTraceServiceRequest.FromString(body)
+    sources = received_bytes(request, bytearray(body), _wire.resource_spans_layout(body))
+    written = serialize_resource_spans(list(request.resource_spans), sources)
+    assert ExportTraceServiceRequest.FromString(written) == request
+
+
 def test_offsets_outside_the_body_are_refused():
     from collector import _wire
 
