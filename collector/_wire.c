@@ -445,13 +445,13 @@ read_key_value(const uint8_t *p, const uint8_t *end, const uint8_t **key, Py_ssi
     return r;
 }
 
+/* (key, attribute_text(value)) of a key and an AnyValue (NULL: absent), both strings
+ * interned if asked: a new reference, Py_None (new) if the value is not indexed, NULL
+ * on error. */
 static PyObject *
-attribute_pair(const uint8_t *p, const uint8_t *end)
+pair_of(const uint8_t *key, Py_ssize_t key_len, const uint8_t *value, Py_ssize_t value_len,
+        int interned)
 {
-    const uint8_t *key, *value;
-    Py_ssize_t key_len, value_len;
-    if (read_key_value(p, end, &key, &key_len, &value, &value_len) < 0)
-        return NULL;
     if (value == NULL)
         Py_RETURN_NONE; /* no value: nothing indexed */
     PyObject *text = value_text(value, value + value_len);
@@ -462,12 +462,26 @@ attribute_pair(const uint8_t *p, const uint8_t *end)
         Py_DECREF(text);
         return NULL;
     }
+    if (interned) {
+        PyUnicode_InternInPlace(&k);
+        PyUnicode_InternInPlace(&text);
+    }
     PyObject *pair = PyTuple_Pack(2, k, text);
     Py_DECREF(k);
     Py_DECREF(text);
     if (pair != NULL)
         untrack(pair);
     return pair;
+}
+
+static PyObject *
+attribute_pair(const uint8_t *p, const uint8_t *end)
+{
+    const uint8_t *key, *value;
+    Py_ssize_t key_len, value_len;
+    if (read_key_value(p, end, &key, &key_len, &value, &value_len) < 0)
+        return NULL;
+    return pair_of(key, key_len, value, value_len, 0);
 }
 
 /* Recent KeyValues' pairs, by their bytes: most attributes repeat (models, providers,
@@ -1291,29 +1305,14 @@ resource_facts(PyObject *self, PyObject *arg)
         }
         else if (key_len >= 18 && memcmp(key, "roark.project.tag.", 18) == 0)
             has_tags = 1;
-        if (value == NULL)
-            continue; /* nothing indexed */
-        PyObject *value_str = value_text(value, value + value_len);
-        if (value_str == NULL)
-            goto done;
-        if (value_str == Py_None) {
-            Py_DECREF(value_str);
-            continue;
-        }
-        PyObject *key_str = utf8(key, key_len);
-        if (key_str == NULL) {
-            Py_DECREF(value_str);
-            goto done;
-        }
         /* interned: the same keys and most values repeat in every resource */
-        PyUnicode_InternInPlace(&key_str);
-        PyUnicode_InternInPlace(&value_str);
-        PyObject *pair = PyTuple_Pack(2, key_str, value_str);
-        Py_DECREF(key_str);
-        Py_DECREF(value_str);
+        PyObject *pair = pair_of(key, key_len, value, value_len, 1);
         if (pair == NULL)
             goto done;
-        untrack(pair);
+        if (pair == Py_None) {
+            Py_DECREF(pair);
+            continue;
+        }
         int added = PyList_Append(attrs, pair);
         Py_DECREF(pair);
         if (added < 0)
