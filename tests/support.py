@@ -104,6 +104,13 @@ def query(db: Path, sql: str, *args: Any) -> list[tuple]:
         return conn.execute(sql, args).fetchall()
 
 
+async def once_stored(db: Path, spans: int, sql: str) -> list[tuple]:
+    """The rows of ``sql`` on ``db`` once its spans table holds ``spans`` rows (polled)."""
+    return await eventually(
+        lambda: query(db, sql) if len(query(db, "SELECT 1 FROM spans")) == spans else None
+    )
+
+
 def postgres_execute(sql: str) -> None:
     """Run ``sql`` on the test PostgreSQL server; skip, or fail when CI=true, if unreachable.
 

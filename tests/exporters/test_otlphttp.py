@@ -26,8 +26,8 @@ from tests.support import (
     emit_session,
     eventually,
     free_port,
+    once_stored,
     pipeline_config,
-    query,
     running_service,
     sdk_provider,
 )
@@ -235,12 +235,8 @@ async def test_a_sidecar_forwards_an_sdks_spans_to_a_gateway_over_https(
     )
     async with running_service(gateway), running_service(sidecar):
         await asyncio.to_thread(emit_session, provider)
-        rows = await eventually(
-            lambda: (
-                query(gateway_db, "SELECT name, project, call_id FROM spans ORDER BY name")
-                if len(query(gateway_db, "SELECT 1 FROM spans")) == 2
-                else None
-            )
+        rows = await once_stored(
+            gateway_db, 2, "SELECT name, project, call_id FROM spans ORDER BY name"
         )
     call = call_id_for("fleet", "RM_1")
     assert rows == [("agent_session", "fleet", call), ("llm_node", "fleet", call)]

@@ -21,6 +21,7 @@ from tests.support import (
     eventually,
     fixture_requests,
     free_port,
+    once_stored,
     pipeline_config,
     query,
     running_service,
@@ -84,13 +85,7 @@ async def test_sdk_over_https_stores_spans_with_call_id(tmp_path, tls_files, no_
         endpoint = f"https://127.0.0.1:{port}/v1/traces"
         provider = livekit_style_provider(endpoint, key, "RM_live1", False, ca_file)
         await asyncio.to_thread(emit_call, provider)
-        rows = await eventually(
-            lambda: (
-                query(db, "SELECT name, call_id, project FROM spans ORDER BY name")
-                if len(query(db, "SELECT 1 FROM spans")) == 5
-                else None
-            )
-        )
+        rows = await once_stored(db, 5, "SELECT name, call_id, project FROM spans ORDER BY name")
         expected_call = call_id_for("acme", "RM_live1")
         assert [r[0] for r in rows] == sorted(
             ["agent_session", "user_turn", "agent_turn", "llm_node", "tts_node"]
@@ -277,13 +272,7 @@ async def test_spans_are_stored_as_received_or_as_a_plugin_edited_them(tmp_path)
                 timeout=10,
             )
             assert response.status_code == 200
-            stored = await eventually(
-                lambda db=db: (
-                    dict(query(db, "SELECT span_id, span FROM spans"))
-                    if len(query(db, "SELECT 1 FROM spans")) == len(sent)
-                    else None
-                )
-            )
+            stored = dict(await once_stored(db, len(sent), "SELECT span_id, span FROM spans"))
         for span in sent:
             if plugin:
                 span.name = f"renamed {span.name}"
@@ -313,11 +302,5 @@ async def test_otlp_json_spans_are_stored_as_their_protobuf_twins(tmp_path):
             timeout=10,
         )
         assert response.status_code == 200, response.text
-        stored = await eventually(
-            lambda: (
-                dict(query(db, "SELECT span_id, span FROM spans"))
-                if len(query(db, "SELECT 1 FROM spans")) == len(sent)
-                else None
-            )
-        )
+        stored = dict(await once_stored(db, len(sent), "SELECT span_id, span FROM spans"))
     assert {span.span_id: span.SerializeToString() for span in sent} == stored
