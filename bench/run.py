@@ -205,10 +205,7 @@ async def wait_stored(db: Path, expected: int, timeout: float = 120) -> float:
 
 
 def stream_length(redis_url: str, stream: str) -> int:
-    address = urlsplit(redis_url)
-    reply = redis_command(
-        address.hostname or "127.0.0.1", address.port or 6379, b"XLEN " + stream.encode()
-    )
+    reply = redis_command(redis_url, b"XLEN " + stream.encode())
     if not reply.startswith(b":"):
         raise RuntimeError(f"XLEN {stream}: {reply!r}")
     return int(reply[1:].split(b"\r\n", 1)[0])
@@ -310,34 +307,38 @@ def throwaway_redis() -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    url = f"redis://127.0.0.1:{port}/0"
     try:
         deadline = time.monotonic() + 10
         while True:
             try:
-                if redis_command("127.0.0.1", port, b"PING", timeout=0.2).startswith(b"+PONG"):
+                if redis_command(url, b"PING", timeout=0.2).startswith(b"+PONG"):
                     break
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield url
     finally:
         process.terminate()
         process.wait(10)
 
 
-def redis_command(host: str, port: int, command: bytes, timeout: float = 10) -> bytes:
-    """The start of the reply to an inline ``command`` (``PING``, ``FLUSHALL``)."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+def redis_command(url: str, command: bytes, timeout: float = 10) -> bytes:
+    """The start of the reply of the Redis at ``url`` to an inline ``command`` (``PING``,
+    ``FLUSHALL``, ``XLEN``)."""
+    address = urlsplit(url)
+    with socket.create_connection(
+        (address.hostname or "127.0.0.1", address.port or 6379), timeout=timeout
+    ) as sock:
         sock.sendall(command + b"\r\n")
         return sock.recv(64)
 
 
 def flush_redis(url: str) -> None:
     """Empty the throwaway Redis at ``url`` (``FLUSHALL``)."""
-    address = urlsplit(url)
-    reply = redis_command(address.hostname or "127.0.0.1", address.port or 6379, b"FLUSHALL")
+    reply = redis_command(url, b"FLUSHALL")
     if not reply.startswith(b"+OK"):
         raise RuntimeError(f"FLUSHALL on {url} answered {reply!r}")
 
