@@ -20,6 +20,7 @@ from collector.components import (
 from collector.exporterhelper import ExporterConfig, QueueSettings
 from collector.spans import (
     CALL_ID_ATTRIBUTE,
+    BatchEntry,
     SpanBatch,
     any_value_to_python,
     get_attribute,
@@ -31,6 +32,7 @@ from collector.units import ByteSize, Duration
 
 __all__ = [
     "CALL_ID_ATTRIBUTE",
+    "BatchEntry",
     "ByteSize",
     "ComponentConfig",
     "Consumer",

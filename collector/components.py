@@ -130,19 +130,6 @@ Forward = Callable[[SpanBatch], Awaitable[None]]
 
 
 class Processor(_Component):
-    edits_spans: ClassVar[bool] = True
-    """Whether ``process`` may change a ``ResourceSpans`` it passes on below its resource:
-    its scopes, its spans or which spans it holds. A processor that only reads spans,
-    edits resources, or drops, adds or regroups whole ``ResourceSpans`` (new messages for
-    what it splits) sets False: the pipeline then writes unchanged spans out again from
-    the bytes they arrived in, instead of serializing them (``SpanBatch.sources``)."""
-    edits_resources: ClassVar[bool] = True
-    """Whether ``process`` may change a resource and leave ``SpanBatch.resource_payloads``
-    untrue to it. False for a processor that edits no resource, or that puts each
-    resource it edits back in ``resource_payloads`` as serialized after the edit (or
-    drops it from there): the processors after it then read resources' bytes from there
-    instead of serializing them again."""
-
     async def admit(self, request: RequestInfo) -> None:
         """Check a request from its headers alone; raise to refuse it. Default: admit."""
 
@@ -153,21 +140,18 @@ class Processor(_Component):
     async def consume(self, batch: SpanBatch, forward: Forward) -> None:
         """Pass the processed batch on. Override only to regroup batches (see ``batch``)."""
         result = await self.process(batch)
-        if result is not None and result.resource_spans:
+        if result is not None and result.resource_count:
             await forward(result)
 
 
 class Exporter(_Component, ABC):
-    serialized_batches: bool = False
-    """True: ``export`` reads only ``batch.payload`` (the spans as a serialized
-    ``ExportTraceServiceRequest``; ``batch.resource_spans`` is then empty), so the sending
-    queue hands over the bytes it holds and never parses them. For an exporter that
-    ships bytes on (to another process, over the network) without looking inside, or
-    reads the wire format itself (the storage exporters' ``collector.storage.build_rows``)."""
-
     @abstractmethod
     async def export(self, batch: SpanBatch) -> None:
-        """Write one batch. Raise ``RetryableError`` or ``PermanentError`` on failure."""
+        """Write one batch. Raise ``RetryableError`` or ``PermanentError`` on failure.
+
+        Read the spans as messages (``batch.resource_spans``) or as the bytes of an
+        ``ExportTraceServiceRequest`` (``batch.serialize()``), whichever the write needs:
+        the batch is parsed or serialized only if asked, and the two always agree."""
 
 
 class Consumer(Protocol):

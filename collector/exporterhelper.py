@@ -17,9 +17,10 @@ calltrace left is moved into the log at start.
 Queued batches are held serialized (an ``ExportTraceServiceRequest`` body), not as
 parsed messages: about a fifth of the memory, and no objects for the cyclic garbage
 collector to scan. Serialized requests concatenate into one valid request, so merging
-queued batches is a ``join``; the consumer parses them back just before exporting.
-The one exception is a batch put on a queue where nothing waits (the first queue of a
-pipeline): it is exported next, so its own messages are handed over, without a parse.
+queued batches is a ``join``; the exporter gets them as a ``SpanBatch`` that is parsed
+only if it asks for messages. The one exception is a batch put on a queue where nothing
+waits (the first queue of a pipeline): it is exported next, so the batch itself is
+handed over, without a parse.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from collector.components import (
     RefusedError,
     RetryableError,
 )
-from collector.spans import ExportTraceServiceRequest, SpanBatch, serialize_resource_spans
+from collector.spans import SpanBatch
 from collector.units import Duration
 
 if TYPE_CHECKING:
@@ -63,7 +64,6 @@ __all__ = [
     "ExporterQueue",
     "QueueSettings",
     "RetrySettings",
-    "serialize_resource_spans",
 ]
 
 
@@ -105,7 +105,7 @@ _T = TypeVar("_T")
 
 
 class _QueueItem:
-    __slots__ = ("key", "messages", "metadata", "payload", "project", "received_ns", "spans")
+    __slots__ = ("batch", "key", "metadata", "payload", "project", "received_ns", "spans")
 
     def __init__(
         self,
@@ -122,7 +122,7 @@ class _QueueItem:
         self.metadata = metadata or {}
         self.received_ns = received_ns
         self.key = key  # its key in the persistent queue
-        self.messages: list[Any] | None = None  # the batch's ResourceSpans, handed over
+        self.batch: SpanBatch | None = None  # the pipeline's batch itself, handed over
 
 
 _BATCH = 1
@@ -542,7 +542,7 @@ class ExporterQueue:
     ) -> None:
         """Queue ``batch`` (persisted first when a storage dir is set), or export it now
         when the queue is disabled. ``payload`` is the batch already serialized (by
-        ``serialize_resource_spans``), when the caller fans one batch out to several
+        ``SpanBatch.serialize``), when the caller fans one batch out to several
         queues. ``hand_over``: the caller gives up ``batch``'s messages (edits them no
         more, gives them to no other queue), so the queue may export them as they are."""
         spans = batch.span_count if spans is None else spans
@@ -573,24 +573,24 @@ class ExporterQueue:
             raise RefusedError(f"sending queue of exporter {self.id} is full")
         item = _QueueItem(payload, spans, batch.project, batch.metadata, batch.received_ns)
         near_head = self._queued_spans < 2 * self.queue_settings.batch_max_spans
-        if hand_over and self.takes_messages and not self._items and not self._storing:
-            # Nothing waits: the consumer exports this batch next, parsed, so keep its
-            # messages rather than parse the bytes back. Only then: parsed messages
-            # take about three times the memory of their bytes, too much for a backlog.
-            item.messages = batch.resource_spans
+        if hand_over and not self._items and not self._storing:
+            # Nothing waits: the consumer exports this batch next, so keep it rather than
+            # parse its bytes back. Only then: parsed messages take about three times the
+            # memory of their bytes, too much for a backlog.
+            item.batch = batch
             if self._disk is None:
-                item.payload = None  # in memory only: the bytes are not needed at all
+                item.payload = None  # in memory only: the batch has its bytes if asked
                 self._push(item)
                 return None
         if payload is None:
-            payload = item.payload = serialize_resource_spans(batch.resource_spans)
+            payload = item.payload = batch.serialize()
         if self._disk is None:
             self._push(item)
             return None
         # Far from the head the bytes wait on disk only, so a persistent queue can hold
         # a long outage's worth of spans in bounded memory; near it, they are in memory
         # (as bytes or as messages) for the consumer.
-        keep_payload = near_head and item.messages is None
+        keep_payload = near_head and item.batch is None
         self._queued_spans += spans  # room is taken now; the item joins once on disk
         self._storing += 1
         self._idle.clear()
@@ -697,47 +697,38 @@ class ExporterQueue:
                 exc_info=(type(failure), failure, failure.__traceback__),
             )
 
-    @property
-    def takes_messages(self) -> bool:
-        """Whether the exporter reads parsed spans (else only ``SpanBatch.payload``)."""
-        return not self.exporter.serialized_batches
-
     async def _parse(self, items: list[_QueueItem]) -> SpanBatch:
-        """The queued items as one batch; parsed item by item, letting other tasks run in
-        between so a large merge does not hold up the event loop. For an exporter with
-        ``serialized_batches``, their bytes joined instead (serialized requests
-        concatenate into one), never parsed."""
+        """The queued items as one batch: a handed-over batch as it is, else their bytes
+        joined (serialized requests concatenate into one), parsed only if the exporter
+        asks for messages."""
         first = items[0]
         # Request metadata describes one request: a merge of several carries none.
         metadata = dict(first.metadata) if len(items) == 1 else {}
-        if not self.takes_messages:  # (such a queue is never handed messages)
-            joined = b"".join(await self._payloads(items))
-            return SpanBatch([], first.project, metadata, first.received_ns, joined)
-        resource_spans: list[Any] = []
-        unparsed = [item for item in items if item.messages is None]
-        payloads = iter(await self._payloads(unparsed))
-        for index, item in enumerate(items):
-            if item.messages is not None:
-                resource_spans.extend(item.messages)
-                continue
-            if index:
-                await asyncio.sleep(0)
-            request = ExportTraceServiceRequest()
-            request.ParseFromString(next(payloads))
-            resource_spans.extend(request.resource_spans)
-        return SpanBatch(resource_spans, first.project, metadata, first.received_ns)
+        if len(items) == 1 and first.batch is not None:
+            return first.batch
+        joined = b"".join(await self._payloads(items))
+        spans = sum(item.spans for item in items)
+        return SpanBatch.from_bytes(joined, first.project, metadata, first.received_ns, spans)
 
     async def _payloads(self, items: list[_QueueItem]) -> list[bytes]:
-        """The items' serialized batches: kept in memory, or read back from the queue's
-        log, all in one trip to its thread (one a batch, the writer waited ~3 ms for each
-        under load: the thread answers after the appends queued before, and the event
-        loop after the requests it is handling)."""
-        on_disk = [item.key for item in items if item.payload is None]
+        """The items' serialized batches: kept in memory, made from a handed-over batch,
+        or read back from the queue's log, all in one trip to its thread (one a batch,
+        the writer waited ~3 ms for each under load: the thread answers after the appends
+        queued before, and the event loop after the requests it is handling)."""
+        on_disk = [item.key for item in items if item.payload is None and item.batch is None]
         read: Iterator[bytes] = iter(())
         if on_disk:
             assert self._disk is not None and None not in on_disk
             read = iter(await self._disk.run(self._disk.payloads, on_disk))  # type: ignore[arg-type]
-        return [next(read) if item.payload is None else item.payload for item in items]
+        payloads = []
+        for item in items:
+            if item.payload is not None:
+                payloads.append(item.payload)
+            elif item.batch is not None:
+                payloads.append(item.batch.serialize())
+            else:
+                payloads.append(next(read))
+        return payloads
 
     async def _export_with_retry(
         self, batch: SpanBatch, spans: int, count_failed: bool = True

@@ -15,7 +15,7 @@ import asyncio
 import functools
 
 from collector.components import Forward, Processor, RefusedError, RequestInfo
-from collector.exporterhelper import ExporterQueue, serialize_resource_spans
+from collector.exporterhelper import ExporterQueue
 from collector.spans import SpanBatch
 
 __all__ = ["FanOut", "Pipeline"]
@@ -29,15 +29,14 @@ class FanOut:
     it (the OpenTelemetry Collector's issue 6961).
     """
 
-    def __init__(self, queues: list[ExporterQueue], spans_as_received: bool = False):
+    def __init__(self, queues: list[ExporterQueue]):
         self.queues = queues
-        # No processor edits spans: what arrives as received is written out from its
-        # bytes (SpanBatch.sources). And then every queue gets bytes made here.
-        self.spans_as_received = spans_as_received
-        # The batch's own messages go to one queue, the first whose exporter reads them.
+        # The batch itself goes to one queue (the first), the others get its bytes, so
+        # no two exporters share a message (an exporter without a queue gets the batch
+        # itself, so then no queue is handed it).
         self._hand_over_to: ExporterQueue | None = None
-        if all(queue.queue_settings.enabled for queue in queues):
-            self._hand_over_to = next((q for q in queues if q.takes_messages), None)
+        if queues and all(queue.queue_settings.enabled for queue in queues):
+            self._hand_over_to = queues[0]
 
     def refuse_if_full(self) -> None:
         """Refuse before a request's body is read when a queue is nearly full: under a
@@ -54,21 +53,10 @@ class FanOut:
         if full:
             raise RefusedError(f"sending queue full: {', '.join(full)}", retry_after=1.0)
         # Serialized once for every queue: queues hold bytes, not parsed messages. A
-        # lone queue serializes only if it needs the bytes (see ExporterQueue.enqueue),
-        # unless the received bytes are at hand.
-        payload = None
-        if self.spans_as_received and batch.sources:
-            payload = serialize_resource_spans(
-                batch.resource_spans, batch.sources, batch.resource_payloads
-            )
-        elif len(self.queues) > 1:
-            payload = serialize_resource_spans(batch.resource_spans)
+        # lone queue serializes only if it needs the bytes (see ExporterQueue.enqueue).
+        payload = batch.serialize() if len(self.queues) > 1 else None
         # Queued on every queue before the first await, so no queue can fill up (or
-        # start shutting down) between the check above and its turn. One queue (the
-        # first whose exporter reads messages) is handed the batch's messages to export
-        # as they are; the others parse their own copy, so no two exporters share a
-        # message (an exporter without a queue gets the batch itself, so then no queue
-        # is handed it).
+        # start shutting down) between the check above and its turn.
         writes = [
             queue.enqueue(batch, spans, payload, hand_over=queue is self._hand_over_to)
             for queue in self.queues
@@ -88,14 +76,10 @@ class Pipeline:
     def __init__(self, name: str, processors: list[Processor], exporters: list[ExporterQueue]):
         self.name = name
         self.processors = processors
-        self.fan_out = FanOut(exporters, not any(p.edits_spans for p in processors))
+        self.fan_out = FanOut(exporters)
         forward: Forward = self.fan_out
         for processor in reversed(processors):
             forward = functools.partial(processor.consume, forward=forward)
-            if processor.edits_spans:
-                forward = functools.partial(_without_sources, forward)
-            elif processor.edits_resources:
-                forward = functools.partial(_without_resource_payloads, forward)
         self._entry = forward
 
     async def admit(self, request: RequestInfo) -> None:
@@ -108,19 +92,3 @@ class Pipeline:
     async def consume(self, batch: SpanBatch) -> None:
         """Push a batch through the processors to the exporters' queues."""
         await self._entry(batch)
-
-
-async def _without_sources(consume: Forward, batch: SpanBatch) -> None:
-    """Before a processor that may edit spans: the received bytes and span counts
-    (``SpanBatch.sources``) will no longer describe the messages, nor the resources'
-    bytes (``SpanBatch.resource_payloads``) their resources."""
-    batch.sources = None
-    batch.resource_payloads = None
-    await consume(batch)
-
-
-async def _without_resource_payloads(consume: Forward, batch: SpanBatch) -> None:
-    """Before a processor that may edit resources: ``SpanBatch.resource_payloads`` may no
-    longer be their bytes."""
-    batch.resource_payloads = None
-    await consume(batch)

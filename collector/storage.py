@@ -34,7 +34,6 @@ from collector.spans import (
     CALL_SOURCE_ATTRIBUTE,
     SpanBatch,
     any_value_to_python,
-    serialize_resource_spans,
 )
 from collector.wire import NATIVE_SQLITE, NATIVE_WIRE  # re-exported for the exporters
 from collector.wire import native as _wire
@@ -355,17 +354,12 @@ def build_rows(
     ``rows.span_plan`` for ``execute_steps`` (SQLite connections only); otherwise
     ``rows.spans`` holds them."""
     if _wire is not None:
-        payload = batch.payload
-        if payload is None:
-            payload = serialize_resource_spans(batch.resource_spans)
         try:
             return build_rows_native(
-                payload, batch.project, now, resource_ref, scope_ref, span_plan=span_plan
+                batch.serialize(), batch.project, now, resource_ref, scope_ref, span_plan=span_plan
             )
         except ValueError:
-            if batch.payload is None:
-                raise  # upb wrote it: not a wire format problem
-            # Not well-formed protobuf: the Python path parses it and says what is wrong.
+            pass  # not well-formed protobuf: the Python path parses it and says what is wrong
     return build_rows_python(batch, now, resource_ref, scope_ref)
 
 
@@ -519,7 +513,7 @@ def build_rows_python(
     # Each callback is asked once per distinct resource or scope, as the C path does.
     resource_ids: dict[bytes, Any] = {}
     scope_ids: dict[bytes, Any] = {}
-    for rs in batch.messages():
+    for rs in batch.resource_spans:
         resource = rs.resource
         facts = _facts_of(resource.SerializeToString(), resource)
         call_id = facts.call_id

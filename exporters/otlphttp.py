@@ -47,7 +47,6 @@ from collector import (
     RetryableError,
     SpanBatch,
 )
-from collector.exporterhelper import serialize_resource_spans
 from collector.otlp_json import encode_request
 from collector.tls import ClientTLSSettings, client_ssl_context
 
@@ -96,8 +95,6 @@ class OTLPHTTPExporter(Exporter):
 
     def __init__(self, component_id: str, config: OTLPHTTPConfig):
         super().__init__(component_id, config)
-        # Protobuf batches go out as the sending queue keeps them: nothing to parse.
-        self.serialized_batches = config.encoding == "proto"
         self._session: Any = None
         content_type = (
             "application/x-protobuf" if config.encoding == "proto" else "application/json"
@@ -124,12 +121,10 @@ class OTLPHTTPExporter(Exporter):
         return client_ssl_context(tls)
 
     def _body(self, batch: SpanBatch) -> bytes:
-        if self.serialized_batches and batch.payload is not None:
-            body = batch.payload
-        elif self.config.encoding == "proto":  # (no sending queue: the batch's messages)
-            body = serialize_resource_spans(batch.resource_spans)
+        if self.config.encoding == "proto":  # as the sending queue keeps it: no parse
+            body = batch.serialize()
         else:
-            body = encode_request(ExportTraceServiceRequest(resource_spans=batch.messages()))
+            body = encode_request(ExportTraceServiceRequest(resource_spans=batch.resource_spans))
         if self.config.compression == "gzip":
             body = gzip.compress(body, compresslevel=5)
         return bytes(body)

@@ -37,7 +37,6 @@ from collector import (
 )
 from collector.query import jsonable
 from collector.storage import (
-    NATIVE_WIRE,
     build_rows,
     expire_periodically,
     resource_attributes,
@@ -152,8 +151,6 @@ class PostgresExporter(Exporter):
 
     def __init__(self, component_id: str, config: PostgresConfig):
         super().__init__(component_id, config)
-        # build_rows reads the queue's bytes in C: nothing to parse on the event loop.
-        self.serialized_batches = NATIVE_WIRE
         self._pool: asyncpg.Pool | None = None
         self._retention_task: asyncio.Task[None] | None = None
         self._known_resources: set[bytes] = set()

@@ -107,8 +107,8 @@ class RedisStreamsExporter(Exporter):
 
     def __init__(self, component_id: str, config: RedisStreamsConfig):
         super().__init__(component_id, config)
-        # Protobuf entries are packed in C from the queue's bytes: nothing to parse.
-        self.serialized_batches = NATIVE_WIRE and config.encoding == "protobuf"
+        # Protobuf entries are packed in C from the batch's bytes: nothing to parse.
+        self._native = NATIVE_WIRE and config.encoding == "protobuf"
         self._client: Any = None
         # _resource_fields by (project, resource bytes), across batches: every batch
         # repeats the resources of the calls in progress, and packing their fields took
@@ -152,8 +152,10 @@ class RedisStreamsExporter(Exporter):
         stream = stream_name(config.stream, batch.project).encode()
         head = [b"XADD", stream, b"*"]
         packed_head = b"".join(_resp_bulk(arg) for arg in head)
-        if batch.payload is not None and self.serialized_batches:
-            packed, count = self._native_commands(batch.payload, project, len(head), packed_head)
+        if self._native:
+            packed, count = self._native_commands(
+                batch.serialize(), project, len(head), packed_head
+            )
         else:
             # Each entry is (the number of XADD arguments of its fields, those packed).
             entries = self._python_entries(batch, project)
@@ -200,7 +202,7 @@ class RedisStreamsExporter(Exporter):
         ``collector._wire`` is not built)."""
         encode = otlp_json_encode if self.config.encoding == "json" else _serialize
         entries: list[tuple[int, bytes]] = []
-        for rs in batch.messages():
+        for rs in batch.resource_spans:
             arguments, packed_tail = self._resource_fields(project, rs.resource)
             for scope_spans in rs.scope_spans:
                 for span in scope_spans.spans:

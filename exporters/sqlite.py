@@ -52,11 +52,9 @@ from collector import (
     SpanBatch,
 )
 from collector.calls import ensure_calls_table
-from collector.exporterhelper import serialize_resource_spans
 from collector.storage import (  # re-exported: the query side and plugins read them here
     MAX_INDEXED_VALUE,
     NATIVE_SQLITE,
-    NATIVE_WIRE,
     STATUS_ERROR,
     TAG_PREFIX,
     BackgroundCheckpointer,
@@ -539,7 +537,7 @@ def _start_process_writer(path: Path, cache_size_mib: int) -> None:
 def _write_in_process(project: str | None, payload: bytes) -> None:
     assert _process_writer is not None
     # build_rows reads the bytes themselves (or parses them, without collector._wire).
-    _process_writer.write(SpanBatch([], project, payload=payload))
+    _process_writer.write(SpanBatch.from_bytes(payload, project))
 
 
 def _close_process_writer() -> None:
@@ -569,10 +567,6 @@ class SQLiteExporter(Exporter):
 
     def __init__(self, component_id: str, config: SQLiteConfig):
         super().__init__(component_id, config)
-        # The queue's bytes go to the writer as they are, and the event loop neither
-        # parses nor serializes them: build_rows reads them in C, and the writer process
-        # gets bytes anyway.
-        self.serialized_batches = config.writer == "process" or NATIVE_WIRE
         self._writer: _Writer | None = None
         self._pool: Executor | None = None
         self._retention_task: asyncio.Task[None] | None = None
@@ -629,10 +623,7 @@ class SQLiteExporter(Exporter):
             if self._writer is not None:
                 await self._run(self._writer.write, batch)
             else:
-                payload = batch.payload
-                if payload is None:  # no sending queue: the batch itself
-                    payload = serialize_resource_spans(batch.resource_spans)
-                await self._run(_write_in_process, batch.project, payload)
+                await self._run(_write_in_process, batch.project, batch.serialize())
         except BrokenProcessPool as exc:
             if self._pool is pool:  # (the other consumer's export may have restarted it)
                 self._restart_process()

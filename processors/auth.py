@@ -73,8 +73,6 @@ def bearer_token(header_value: str | None) -> str | None:
 
 class AuthProcessor(Processor):
     type_name = "auth"
-    edits_spans = False  # sets the batch's project: spans untouched
-    edits_resources = False
     Config = AuthConfig
     config: AuthConfig
 

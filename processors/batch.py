@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pydantic import Field, model_validator
 
 from collector import ComponentConfig, Duration, Forward, Processor, SpanBatch
-from collector.spans import ReceivedBytes, ResourceSpans, span_count
+from collector.spans import split_resource_spans
+
+__all__ = ["BatchConfig", "BatchProcessor", "split_resource_spans"]
 
 
 class BatchConfig(ComponentConfig):
@@ -43,53 +45,14 @@ class BatchConfig(ComponentConfig):
 
 @dataclass
 class _Pending:
-    resource_spans: list[ResourceSpans] = field(default_factory=list)
-    sources: dict[int, ReceivedBytes] = field(default_factory=dict)
-    resource_payloads: dict[int, tuple[ResourceSpans, bytes]] = field(default_factory=dict)
+    batches: list[SpanBatch] = field(default_factory=list)
     spans: int = 0
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
 
 
-def split_resource_spans(
-    resource_spans: list[ResourceSpans], limit: int
-) -> list[list[ResourceSpans]]:
-    """Cut a list of ``ResourceSpans`` into chunks of at most ``limit`` spans each.
-
-    A resource with more spans than fit is copied into several ``ResourceSpans`` with
-    the same resource and scopes, each holding a slice of the spans.
-    """
-    chunks: list[list[ResourceSpans]] = []
-    current: list[ResourceSpans] = []
-    room = limit
-    for rs in resource_spans:
-        count = span_count(rs)
-        if count <= room:
-            current.append(rs)
-            room -= count
-            continue
-        for ss in rs.scope_spans:
-            start = 0
-            while start < len(ss.spans):
-                if room == 0:
-                    chunks.append(current)
-                    current, room = [], limit
-                take = min(room, len(ss.spans) - start)
-                piece = ResourceSpans(resource=rs.resource, schema_url=rs.schema_url)
-                scope = piece.scope_spans.add(scope=ss.scope, schema_url=ss.schema_url)
-                scope.spans.extend(ss.spans[start : start + take])
-                current.append(piece)
-                start += take
-                room -= take
-    if current:
-        chunks.append(current)
-    return chunks
-
-
 class BatchProcessor(Processor):
     type_name = "batch"
-    edits_spans = False  # merges lists of resources; what it splits goes into new messages
-    edits_resources = False
     Config = BatchConfig
     config: BatchConfig
 
@@ -105,11 +68,7 @@ class BatchProcessor(Processor):
         pending = self._pending.get(project)
         if pending is None:
             pending = self._pending[project] = _Pending()
-        pending.resource_spans.extend(batch.resource_spans)
-        if batch.sources:
-            pending.sources.update(batch.sources)
-        if batch.resource_payloads:
-            pending.resource_payloads.update(batch.resource_payloads)
+        pending.batches.append(batch)
         pending.spans += batch.span_count
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         pending.waiters.append(done)
@@ -135,17 +94,12 @@ class BatchProcessor(Processor):
     async def _flush(self, project: str | None, pending: _Pending) -> None:
         assert self._forward is not None
         limit = self.config.send_batch_max_size
-        chunks = (
-            split_resource_spans(pending.resource_spans, limit)
-            if limit and pending.spans > limit
-            else [pending.resource_spans]
-        )
+        merged = SpanBatch.merge(pending.batches, project)
+        chunks = merged.split(limit) if limit and pending.spans > limit else [merged]
         error: BaseException | None = None
         for chunk in chunks:
             try:
-                batch = SpanBatch(chunk, project, sources=pending.sources or None)
-                batch.resource_payloads = pending.resource_payloads or None
-                await self._forward(batch)
+                await self._forward(chunk)
             except Exception as exc:  # every waiter learns it; the clients retry
                 error = exc
         for waiter in pending.waiters:

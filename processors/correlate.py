@@ -29,6 +29,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from pydantic import Field
 
 from collector import ComponentConfig, Duration, Host, Processor, SpanBatch
@@ -45,9 +46,11 @@ from collector.spans import (
     CALL_ID_ATTRIBUTE,
     CALL_KEY_ATTRIBUTE,
     CALL_SOURCE_ATTRIBUTE,
+    BatchEntry,
     ResourceSpans,
     Span,
     any_value_to_python,
+    span_count,
 )
 
 log = logging.getLogger(__name__)
@@ -107,8 +110,6 @@ class _LRU(OrderedDict[tuple[str, ...] | tuple[str, bytes], tuple[str, str, str]
 
 class CorrelateProcessor(Processor):
     type_name = "correlate"
-    edits_spans = False  # stamps resources; what it splits goes into new messages
-    edits_resources = False  # puts each resource's bytes after the stamps in the batch
     Config = CorrelateConfig
     config: CorrelateConfig
 
@@ -196,62 +197,57 @@ class CorrelateProcessor(Processor):
     async def process(self, batch: SpanBatch) -> SpanBatch | None:
         project = batch.project or ""
         now = time.time_ns()
-        # (piece, its call, whether _correlate_resource stamped it already)
-        pieces: list[tuple[ResourceSpans, tuple[str, str, str] | None, bool]] = []
-        known = batch.resource_payloads
-        for rs in batch.resource_spans:
-            raw = batch.resource_payload(rs)
-            call, payload = self._correlate_resource(project, rs.resource, raw)
-            if known is not None:
-                known[id(rs)] = (rs, payload)
+        # Each piece: an entry of the batch (its call named by its resource), or a
+        # message whose spans name its call (a resource's spans split by call).
+        pieces: list[tuple[BatchEntry | ResourceSpans, tuple[str, str, str] | None]] = []
+        for entry in batch.entries():
+            call, edited = self._correlate_resource(project, entry.resource_bytes)
+            if edited is not None:
+                entry.set_resource(edited)
             if call is not None:
-                pieces.append((rs, call, True))
+                pieces.append((entry, call))
             else:
-                pieces += ((p, c, False) for p, c in self._split_by_span_keys(project, rs))
-        skipped = await self._skipped_calls(project, {c[0] for _, c, _ in pieces if c})
-        result: list[ResourceSpans] = []
+                pieces += self._split_by_span_keys(project, entry.message)
+        skipped = await self._skipped_calls(project, {c[0] for _, c in pieces if c})
+        result: list[BatchEntry | ResourceSpans] = []
         dropped = 0
         new: dict[tuple[str, str], CallRecord] = {}
-        for piece, call, stamped in pieces:
+        for piece, call in pieces:
             if call is not None:
                 call_id, key_value, source = call
-                spans = batch.count_of(piece)
+                if isinstance(piece, BatchEntry):
+                    spans = piece.span_count
+                else:  # the call came from the spans
+                    spans = span_count(piece)
+                    _stamp(piece.resource.attributes, call_id, key_value, source)
                 if call_id in skipped:
                     dropped += spans
                     continue
-                if not stamped:  # the call came from the spans
-                    _stamp(piece.resource.attributes, call_id, key_value, source)
                 self._seen(project, call_id, key_value, source, spans, now, new)
             result.append(piece)
         if new:
             self._create(new)
         if dropped and self._telemetry is not None:
             self._telemetry.dropped(self.id, dropped)
-        batch.resource_spans = result
+        batch.keep(result)
         return batch if result else None
 
     def _correlate_resource(
-        self, project: str, resource: Any, raw: bytes
-    ) -> tuple[tuple[str, str, str] | None, bytes]:
-        """Remove client-sent call attributes from ``resource`` and, when the resource
-        names its call, stamp it with the call's; returns ``(call_id, key_value,
-        source)`` or None (the call is then looked for on each span), and the resource's
-        bytes after that. ``raw``: its bytes now (``SpanBatch.resource_payload``).
+        self, project: str, raw: bytes
+    ) -> tuple[tuple[str, str, str] | None, bytes | None]:
+        """The call a resource serialized as ``raw`` names, if any (``(call_id,
+        key_value, source)``; else None, and the call is looked for on each span), and
+        its bytes once client-sent call attributes are removed and, with a call, the
+        call's are stamped (None: unchanged).
 
         A request holds many resources with the same attributes (every batch of spans an
-        agent exports repeats its resource: 106 resources, 12 distinct, in a 500-span
-        request of the bench workload), so the outcome is remembered by the resource's
-        serialized bytes and replayed by parsing the edited bytes back: one serialize
-        and one parse in C instead of walking the attributes in Python and hashing the
-        call id again.
+        agent exports repeats its resource), so the outcome is remembered by the
+        resource's bytes.
         """
         outcome = self._resources.get((project, raw))
         if outcome is not None:
-            call, edited = outcome
-            if edited is None:
-                return call, raw
-            resource.ParseFromString(edited)
-            return call, edited
+            return outcome
+        resource = Resource.FromString(raw)
         attributes = resource.attributes
         removed = _remove_stamps(attributes)  # never trust ids a client sent
         found = self._best_key(attributes, self._rank)
@@ -263,7 +259,7 @@ class CorrelateProcessor(Processor):
         if len(self._resources) >= self.config.cache_size:
             del self._resources[next(iter(self._resources))]  # the oldest
         self._resources[(project, raw)] = (call, edited)
-        return call, raw if edited is None else edited
+        return call, edited
 
     async def _skipped_calls(self, project: str, call_ids: set[str]) -> set[str]:
         """Which of ``call_ids`` the call store marks skipped (each cached for

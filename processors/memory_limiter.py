@@ -85,8 +85,6 @@ def rss_bytes() -> int:
 
 class MemoryLimiterProcessor(Processor):
     type_name = "memory_limiter"
-    edits_spans = False  # refuses whole batches
-    edits_resources = False
     Config = MemoryLimiterConfig
     config: MemoryLimiterConfig
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import operator
 
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from pydantic import Field
 
 from collector import ComponentConfig, Host, Processor, SpanBatch
-from collector.spans import span_count
 
 
 class SkipConfig(ComponentConfig):
@@ -35,8 +35,6 @@ def _is_true(value: object) -> bool:
 
 class SkipProcessor(Processor):
     type_name = "skip"
-    edits_spans = False  # drops whole resources
-    edits_resources = False
     Config = SkipConfig
     config: SkipConfig
 
@@ -45,11 +43,14 @@ class SkipProcessor(Processor):
         self._keys = frozenset(config.attributes)
         self._telemetry = None
         # Whether a resource is skipped, by its bytes: a request repeats a few resources
-        # many times (``SpanBatch.resource_payloads`` has their bytes at hand).
+        # many times (the batch has their received bytes at hand).
         self._outcomes: dict[bytes, bool] = {}
 
     async def start(self, host: Host) -> None:
         self._telemetry = host.telemetry
+
+    def _skipped_bytes(self, resource_payload: bytes) -> bool:
+        return self._skipped(Resource.FromString(resource_payload).attributes)
 
     def _skipped(self, resource_attributes: object) -> bool:
         # Runs for every resource (a few spans each): the keys are compared in C, and
@@ -66,24 +67,19 @@ class SkipProcessor(Processor):
         kept = []
         dropped = 0
         outcomes = self._outcomes
-        for rs in batch.resource_spans:
-            payload = batch.known_resource_payload(rs)
-            if payload is None:
-                # No bytes at hand: serializing would cost more than looking.
-                skipped = self._skipped(rs.resource.attributes)
-            else:
-                found = outcomes.get(payload)
-                if found is None:
-                    if len(outcomes) >= _OUTCOMES_LIMIT:
-                        outcomes.clear()
-                    found = outcomes[payload] = self._skipped(rs.resource.attributes)
-                skipped = found
+        for entry in batch.entries():
+            payload = entry.resource_bytes
+            skipped = outcomes.get(payload)
+            if skipped is None:
+                if len(outcomes) >= _OUTCOMES_LIMIT:
+                    outcomes.clear()
+                skipped = outcomes[payload] = self._skipped_bytes(payload)
             if skipped:
-                dropped += span_count(rs)
+                dropped += entry.span_count
             else:
-                kept.append(rs)
+                kept.append(entry)
         if dropped:
             if self._telemetry is not None:
                 self._telemetry.dropped(self.id, dropped)
-            batch.resource_spans = kept
+            batch.keep(kept)
         return batch if kept else None

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+
+# Every serialization that reuses received bytes is compared with the messages (in this
+# process and in the collectors the tests start, which inherit the environment).
+os.environ.setdefault("CALLTRACE_CHECK_BATCHES", "1")
+
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path

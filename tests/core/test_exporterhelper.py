@@ -4,7 +4,8 @@ import sqlite3
 import pytest
 
 from collector import Exporter, ExporterConfig, PermanentError, RefusedError, RetryableError
-from collector.exporterhelper import ExporterQueue, _DiskQueue, serialize_resource_spans
+from collector.exporterhelper import ExporterQueue, _DiskQueue
+from collector.spans import serialize_resource_spans
 from collector.telemetry import Telemetry
 from tests.processors._util import batch, resource_spans
 

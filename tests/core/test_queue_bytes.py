@@ -5,9 +5,9 @@ import asyncio
 import pytest
 
 from collector import RefusedError, RequestInfo
-from collector.exporterhelper import ExporterQueue, serialize_resource_spans
+from collector.exporterhelper import ExporterQueue
 from collector.pipeline import Pipeline
-from collector.spans import ExportTraceServiceRequest
+from collector.spans import ExportTraceServiceRequest, serialize_resource_spans
 from tests.core.test_exporterhelper import Recorder, fast_retry
 from tests.processors._util import batch, resource_spans
 
@@ -80,36 +80,39 @@ async def test_fan_out_hands_the_messages_to_one_queue_and_copies_to_the_others(
 class BytesRecorder(Recorder):
     """An exporter that ships bytes on (like the sqlite exporter's writer process)."""
 
-    serialized_batches = True
+    async def export(self, batch):
+        self.payloads.append(batch.serialize())
+        await super().export(batch)
 
 
-async def test_an_exporter_of_serialized_batches_gets_the_queued_bytes(tmp_path):
-    """Its queue hands over the bytes it holds (from memory or disk, merged by joining
-    them) and never parses them; the batch's messages go to a queue that reads them."""
+async def test_an_exporter_of_bytes_gets_the_queued_bytes(tmp_path):
+    """A queue hands over the bytes it holds (from memory or disk, merged by joining
+    them) as a batch that parses them only if asked; the batch itself goes to the first
+    queue."""
     reader = Recorder(fast_retry())
     shipper = BytesRecorder(fast_retry(storage=str(tmp_path), batch_max_spans=2))
+    shipper.payloads = []
     reader.gate, shipper.gate = asyncio.Event(), asyncio.Event()
-    queues = [ExporterQueue(shipper), ExporterQueue(reader)]
+    queues = [ExporterQueue(reader), ExporterQueue(shipper)]
     for queue in queues:
         await queue.start()
     pipeline = Pipeline("traces", [], queues)
     sent = [batch(resource_spans({"k": "v"}, [{"name": f"s{i}"}])) for i in range(5)]
+    first_messages = [one.resource_spans[0] for one in sent]
     for one in sent:
         await pipeline.consume(one)
     shipper.gate.set()
     reader.gate.set()
     for queue in queues:
         await queue.shutdown(5)
-    assert all(b.resource_spans == [] and b.payload for b in shipper.batches)
     names = []
-    for shipped in shipper.batches:
+    for payload in shipper.payloads:
         request = ExportTraceServiceRequest()
-        request.ParseFromString(shipped.payload)
+        request.ParseFromString(payload)
         names += [
             s.name for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans
         ]
     assert names == [f"s{i}" for i in range(5)]
-    assert len(shipper.batches) < 5  # merged: the joined bytes of several requests
-    # The messages went to the reading queue, exported without a parse.
-    assert reader.batches[0].resource_spans[0] is sent[0].resource_spans[0]
-    assert all(b.payload is None for b in reader.batches)
+    assert len(shipper.payloads) < 5  # merged: the joined bytes of several requests
+    # The first queue was handed the batch itself, exported without a parse.
+    assert reader.batches[0].resource_spans[0] is first_messages[0]

@@ -231,7 +231,7 @@ def test_malformed_bytes_are_reported_by_the_protobuf_parser():
     raises the error the exporter turns into a permanent failure."""
     with pytest.raises(ValueError):
         build_rows_native(b"\x0a\xff", "p", 0, lambda *a: 1, lambda p: 1)
-    batch = SpanBatch([], "p", payload=b"\x0a\xff")
+    batch = SpanBatch.from_bytes(b"\x0a\xff", "p")
     with pytest.raises(DecodeError):
         build_rows(batch, 0, lambda *a: 1, lambda p: 1)
 
@@ -280,9 +280,10 @@ def _stream_commands(request: ExportTraceServiceRequest, **config) -> tuple[tupl
     from exporters.redis_streams import RedisStreamsConfig, RedisStreamsExporter
 
     exporter = RedisStreamsExporter("redis_streams", RedisStreamsConfig(**config))
-    assert exporter.serialized_batches
+    assert exporter._native
     payload = serialize_resource_spans(request.resource_spans)
-    native = exporter._commands(SpanBatch([], "acme", payload=payload))
+    native = exporter._commands(SpanBatch.from_bytes(payload, "acme"))
+    exporter._native = False
     python = exporter._commands(SpanBatch(list(request.resource_spans), "acme"))
     return native, python
 
@@ -315,7 +316,7 @@ def test_any_batch_gives_the_same_stream_entries(resources, kind, maxlen):
     assert native == python
 
 
-# -- received bytes written out again (SpanBatch.sources) -------------------------------
+# -- received bytes written out again (SpanBatch._received) -----------------------------
 
 
 def _edited_as_a_pipeline_would(request: ExportTraceServiceRequest, drop: int | None):
@@ -334,6 +335,12 @@ def _edited_as_a_pipeline_would(request: ExportTraceServiceRequest, drop: int | 
     return kept
 
 
+def _with_sources(messages: list, sources: dict) -> SpanBatch:
+    batch = SpanBatch(messages)
+    batch._received = sources
+    return batch
+
+
 def _assert_written_out_alike(body: bytes, drop: int | None = None) -> None:
     from collector import _wire
     from collector.spans import received_bytes
@@ -341,13 +348,13 @@ def _assert_written_out_alike(body: bytes, drop: int | None = None) -> None:
     request = ExportTraceServiceRequest.FromString(body)
     sources = received_bytes(request, body, _wire.resource_spans_layout(body))
     for rs in request.resource_spans:  # the receiver's span counts
-        assert SpanBatch([], sources=sources).count_of(rs) == span_count(rs)
+        assert _with_sources([], sources).count_of(rs) == span_count(rs)
     kept = _edited_as_a_pipeline_would(request, drop)
     written = serialize_resource_spans(kept, sources)
     assert written == _serialize_in_python(kept, sources, None)  # C and its reference
     spliced = ExportTraceServiceRequest.FromString(written)
     assert spliced == ExportTraceServiceRequest(resource_spans=kept)
-    batch = SpanBatch(kept, sources=sources)
+    batch = _with_sources(kept, sources)
     assert batch.span_count == sum(map(span_count, kept))
 
 
@@ -398,7 +405,6 @@ async def test_spans_a_processor_drops_are_not_counted_from_the_received_bytes()
 
     class Count(Processor):
         type_name = "count"
-        edits_spans = False
 
         async def process(self, batch):
             counted.append((batch.span_count, sum(map(span_count, batch.resource_spans))))
@@ -406,8 +412,10 @@ async def test_spans_a_processor_drops_are_not_counted_from_the_received_bytes()
 
     body = fixture_requests("livekit")[0].read_bytes()
     request = ExportTraceServiceRequest.FromString(body)
-    batch = SpanBatch(list(request.resource_spans))
-    batch.sources = received_bytes(request, body, _wire.resource_spans_layout(body))
+    batch = _with_sources(
+        list(request.resource_spans),
+        received_bytes(request, body, _wire.resource_spans_layout(body)),
+    )
     received = batch.span_count
     pipeline = Pipeline("p", [Count("c1", None), DropFirstSpans("d", None), Count("c2", None)], [])
     await pipeline.consume(batch)
@@ -415,47 +423,18 @@ async def test_spans_a_processor_drops_are_not_counted_from_the_received_bytes()
     assert counted[1][0] == counted[1][1] < received
 
 
-async def test_a_processor_that_edits_spans_turns_the_reuse_off():
-    from collector.components import Processor
-    from collector.pipeline import Pipeline
-    from processors.batch import BatchConfig, BatchProcessor
-
-    class Renamer(Processor):
-        type_name = "renamer"
-
-        async def process(self, batch):
-            for rs in batch.resource_spans:
-                for ss in rs.scope_spans:
-                    for span in ss.spans:
-                        span.name = "renamed"
-            return batch
-
-    batch_processor = BatchProcessor("batch", BatchConfig())
-    assert Pipeline("p", [batch_processor], []).fan_out.spans_as_received
-    assert not Pipeline(
-        "p", [Renamer("renamer", None), batch_processor], []
-    ).fan_out.spans_as_received
-
-
 def _received(body: bytes) -> SpanBatch:
     """A batch of ``body`` as the receiver makes it, with the received bytes."""
-    from collector import _wire
-    from collector.spans import received_bytes, received_resources
-
     request = ExportTraceServiceRequest.FromString(body)
-    batch = SpanBatch(list(request.resource_spans), "p1")
-    batch.sources = received_bytes(request, body, _wire.resource_spans_layout(body))
-    batch.resource_payloads = received_resources(batch.sources)
-    return batch
+    return SpanBatch.from_received(list(request.resource_spans), body, "p1")
 
 
 def _assert_resource_bytes_are_true(batch: SpanBatch) -> None:
-    for rs in batch.resource_spans:
-        assert type(rs.resource).FromString(batch.resource_payload(rs)) == rs.resource
-    written = serialize_resource_spans(batch.resource_spans, batch.sources, batch.resource_payloads)
-    assert written == _serialize_in_python(
-        batch.resource_spans, batch.sources, batch.resource_payloads
-    )
+    messages = batch._parsed()
+    for entry, rs in zip(batch.entries(), messages, strict=True):
+        assert type(rs.resource).FromString(entry.resource_bytes) == rs.resource
+    written = serialize_resource_spans(messages, batch._received, batch._resource_bytes)
+    assert written == _serialize_in_python(messages, batch._received, batch._resource_bytes)
     assert ExportTraceServiceRequest.FromString(written) == batch.to_request()
 
 
@@ -514,10 +493,8 @@ async def test_a_plugin_receivers_body_of_another_buffer_type_is_taken_as_bytes(
         request = ExportTraceServiceRequest.FromString(body)
         await ingest.export(request, RequestInfo({}), handed)  # type: ignore[arg-type]
         (batch,) = batches
-        assert batch.sources
-        written = serialize_resource_spans(
-            batch.resource_spans, batch.sources, batch.resource_payloads
-        )
+        assert batch._received
+        written = batch.serialize()
         assert ExportTraceServiceRequest.FromString(written) == request
 
 
@@ -526,12 +503,12 @@ def test_bytes_are_taken_only_for_the_very_message_they_were_kept_for():
     message (a freed one's id, reused) is not used: that message is serialized."""
     body = fixture_requests("livekit")[0].read_bytes()
     batch = _received(body)
-    first, other = batch.resource_spans[0], type(batch.resource_spans[0])()
+    first, other = batch._parsed()[0], type(batch._parsed()[0])()
     other.CopyFrom(first)
     other.resource.attributes.add(key="changed").value.string_value = "yes"
-    stale_sources = {id(other): (first, *batch.sources[id(first)][1:])}
-    stale_payloads = {id(other): (first, batch.resource_payloads[id(first)][1])}
-    for sources, payloads in ((stale_sources, None), (batch.sources, stale_payloads)):
+    stale_sources = {id(other): (first, *batch._received[id(first)][1:])}
+    stale_payloads = {id(other): (first, batch._resource_bytes[id(first)][1])}
+    for sources, payloads in ((stale_sources, None), (batch._received, stale_payloads)):
         written = serialize_resource_spans([other], sources, payloads)
         assert written == _serialize_in_python([other], sources, payloads)
         assert ExportTraceServiceRequest.FromString(written).resource_spans[0] == other
@@ -552,8 +529,8 @@ def test_offsets_outside_the_body_are_refused():
     from collector import _wire
 
     batch = _received(fixture_requests("livekit")[0].read_bytes())
-    rs = batch.resource_spans[0]
-    _, body, start, end, r_start, r_end, spans = batch.sources[id(rs)]
+    rs = batch._parsed()[0]
+    _, body, start, end, r_start, r_end, spans = batch._received[id(rs)]
     for offsets in ((start, len(body) + 1, r_start, r_end), (r_start + 1, end, r_start, r_end)):
         sources = {id(rs): (rs, body, *offsets, spans)}
         with pytest.raises(ValueError, match="outside its body"):
@@ -564,7 +541,7 @@ def test_offsets_outside_the_body_are_refused():
 def test_received_resource_bytes_are_the_resources(framework):
     for path in fixture_requests(framework):
         batch = _received(path.read_bytes())
-        assert len(batch.resource_payloads) == len(batch.resource_spans)
+        assert len(batch._resource_bytes) == batch.resource_count
         _assert_resource_bytes_are_true(batch)
 
 
@@ -589,7 +566,7 @@ def test_a_resource_field_whose_tag_or_length_is_padded_is_cut_right(tag):
         body = b"\n" + varint(len(rs_bytes)) + rs_bytes
         assert ExportTraceServiceRequest.FromString(body).resource_spans[0] == rs
         batch = _received(body)
-        assert [payload for _, payload in batch.resource_payloads.values()] == [resource]
+        assert [payload for _, payload in batch._resource_bytes.values()] == [resource]
         _assert_resource_bytes_are_true(batch)
 
 
@@ -646,9 +623,8 @@ async def test_resource_bytes_stay_true_through_processors_that_edit_resources()
     from processors.correlate import CorrelateConfig, CorrelateProcessor
     from processors.skip import SkipConfig, SkipProcessor
 
-    class Tagger(Processor):  # a plugin's: edits resources, says nothing of their bytes
+    class Tagger(Processor):  # a plugin's: edits resources through the messages
         type_name = "tagger"
-        edits_spans = False
 
         async def process(self, batch):
             for rs in batch.resource_spans:
@@ -659,15 +635,10 @@ async def test_resource_bytes_stay_true_through_processors_that_edit_resources()
 
     class Capture(Processor):
         type_name = "capture"
-        edits_spans = False
-        edits_resources = False
 
         async def process(self, batch):
-            written = serialize_resource_spans(
-                batch.resource_spans, batch.sources, batch.resource_payloads
-            )
-            parsed = ExportTraceServiceRequest.FromString(written)
-            seen.append((batch.resource_payloads is not None, parsed, batch.to_request()))
+            parsed = ExportTraceServiceRequest.FromString(batch.serialize())
+            seen.append((batch._resource_bytes is not None, parsed, batch.to_request()))
             return batch
 
     correlate = CorrelateProcessor("correlate", CorrelateConfig(store=None))

@@ -89,7 +89,7 @@ async def test_queued_bytes_are_sent_as_protobuf_gzip_with_the_headers(sink):
     exporter = await started(endpoint=sink.url, headers={"authorization": "Bearer gw-key"})
     rs = resource_spans({"service.name": "agent"}, [{"name": "stt"}, {"name": "llm"}])
     try:
-        await exporter.export(SpanBatch([], "p1", {}, 0, serialize_resource_spans([rs])))
+        await exporter.export(SpanBatch.from_bytes(serialize_resource_spans([rs]), "p1"))
         await exporter.export(batch(resource_spans({}, [{"name": "tts"}])))  # messages too
     finally:
         await exporter.shutdown()

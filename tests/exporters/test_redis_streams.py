@@ -339,7 +339,7 @@ async def test_a_resource_seen_again_is_packed_for_its_own_project(redis_server)
     payload = serialize_resource_spans([rs])
     try:
         for project in ("acme", "beta", "acme"):
-            await exporter.export(SpanBatch([], project, {}, 0, payload))
+            await exporter.export(SpanBatch.from_bytes(payload, project))
     finally:
         await exporter.shutdown()
     for project, count in (("acme", 4), ("beta", 2)):
