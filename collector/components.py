@@ -130,6 +130,13 @@ Forward = Callable[[SpanBatch], Awaitable[None]]
 
 
 class Processor(_Component):
+    on_error: str = "drop"
+    """What becomes of a batch when ``process`` raises an unexpected exception (a bug,
+    not a ``RefusedError``): ``drop`` it (its spans counted as dropped), ``pass`` it on as
+    it came in, or ``refuse`` the request (503, so the client retries). The pipeline
+    logs the first such error of a processor with its traceback and counts each one in
+    ``calltrace_processor_errors``. Set per processor in config (``on_error: pass``)."""
+
     async def admit(self, request: RequestInfo) -> None:
         """Check a request from its headers alone; raise to refuse it. Default: admit."""
 

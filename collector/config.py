@@ -39,6 +39,8 @@ __all__ = [
 
 _ENV_REF = re.compile(r"\$\$|\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _COMPONENT_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]+)?$")
+ON_ERROR_POLICIES = ("drop", "pass", "refuse")
+"""What a processor's ``on_error`` may say (``collector.components.Processor.on_error``)."""
 
 
 class ConfigError(Exception):
@@ -93,6 +95,8 @@ class ComponentSpec:
     id: str  # "batch/fast"
     cls: type
     config: ComponentConfig
+    on_error: str = "drop"
+    """Processors: ``Processor.on_error``, from the component's ``on_error`` key."""
 
 
 @dataclass
@@ -187,6 +191,13 @@ def parse_config(
                 continue
             settings = dict(raw or {})
             type_name = settings.pop("type", component_id.split("/", 1)[0])
+            on_error = settings.pop("on_error", "drop") if kind == "processors" else "drop"
+            if on_error not in ON_ERROR_POLICIES:
+                errors.append(
+                    f"{where}.on_error: expected one of {', '.join(ON_ERROR_POLICIES)},"
+                    f" got {on_error!r}"
+                )
+                continue
             try:
                 cls = resolve(kind, str(type_name))
             except ComponentNotFound as exc:
@@ -197,7 +208,9 @@ def parse_config(
             except ValidationError as exc:
                 errors.extend(_format_validation_error(where, exc))
                 continue
-            result.components(kind)[component_id] = ComponentSpec(kind, component_id, cls, model)
+            result.components(kind)[component_id] = ComponentSpec(
+                kind, component_id, cls, model, str(on_error)
+            )
 
     owner: dict[str, str] = {}
     for name, pipeline in top.service.pipelines.items():
@@ -270,6 +283,10 @@ def json_schema(builtin_only: bool = False) -> dict[str, Any]:
     models: list[tuple[type[BaseModel], Any]] = [(ServiceSection, "validation")]
     models += [(config, "validation") for config in configs.values()]
     refs, schema = models_json_schema(models, ref_template="#/$defs/{model}")
+    for name in types["processors"]:  # every processor takes ``on_error``
+        ref = refs[(configs["processors", name], "validation")]["$ref"]
+        properties = schema["$defs"][ref.rsplit("/", 1)[1]].setdefault("properties", {})
+        properties["on_error"] = {"enum": list(ON_ERROR_POLICIES), "default": "drop"}
     defs = _env_values(schema["$defs"])
 
     def components(kind: str) -> dict[str, Any]:

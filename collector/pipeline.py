@@ -13,10 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+from typing import TYPE_CHECKING
 
-from collector.components import Forward, Processor, RefusedError, RequestInfo
+from collector.components import (
+    Forward,
+    Processor,
+    RefusedError,
+    RequestInfo,
+    UnauthenticatedError,
+)
 from collector.exporterhelper import ExporterQueue
 from collector.spans import SpanBatch
+
+if TYPE_CHECKING:
+    from collector.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FanOut", "Pipeline"]
 
@@ -73,13 +86,25 @@ class FanOut:
 
 
 class Pipeline:
-    def __init__(self, name: str, processors: list[Processor], exporters: list[ExporterQueue]):
+    def __init__(
+        self,
+        name: str,
+        processors: list[Processor],
+        exporters: list[ExporterQueue],
+        telemetry: Telemetry | None = None,
+    ):
         self.name = name
         self.processors = processors
+        self.telemetry = telemetry
         self.fan_out = FanOut(exporters)
+        self._failed: set[str] = set()
+        """Processors whose first unexpected error was logged with its traceback."""
         forward: Forward = self.fan_out
         for processor in reversed(processors):
-            forward = functools.partial(processor.consume, forward=forward)
+            if type(processor).consume is Processor.consume:
+                forward = functools.partial(self._consume, processor, forward)
+            else:  # it regroups batches (``batch``): its ``consume`` runs the show
+                forward = functools.partial(processor.consume, forward=forward)
         self._entry = forward
 
     async def admit(self, request: RequestInfo) -> None:
@@ -92,3 +117,41 @@ class Pipeline:
     async def consume(self, batch: SpanBatch) -> None:
         """Push a batch through the processors to the exporters' queues."""
         await self._entry(batch)
+
+    async def _consume(self, processor: Processor, forward: Forward, batch: SpanBatch) -> None:
+        """``Processor.consume``, with the processor's ``on_error`` policy applied to an
+        unexpected exception of its ``process`` (errors of the stages after it pass)."""
+        policy = processor.on_error
+        as_received = batch.serialize() if policy == "pass" else None
+        try:
+            result = await processor.process(batch)
+        except (RefusedError, UnauthenticatedError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            self._report(processor, policy, exc)
+            if policy == "refuse":
+                raise
+            if as_received is None:  # drop
+                if self.telemetry is not None:
+                    self.telemetry.dropped(processor.id, batch.span_count)
+                return
+            result = SpanBatch.from_bytes(
+                as_received, batch.project, batch.metadata, batch.received_ns
+            )
+        if result is not None and result.resource_count:
+            await forward(result)
+
+    def _report(self, processor: Processor, policy: str, exc: Exception) -> None:
+        if self.telemetry is not None:
+            self.telemetry.processor_error(processor.id, policy)
+        if processor.id in self._failed:
+            log.debug("%s failed again (on_error: %s): %r", processor.id, policy, exc)
+            return
+        self._failed.add(processor.id)
+        log.error(
+            "%s failed on a batch (on_error: %s); pipeline %s goes on",
+            processor.id,
+            policy,
+            self.name,
+            exc_info=exc,
+        )

@@ -46,12 +46,14 @@ class Service:
             self.exporters[spec.id] = exporter
             self.queues[spec.id] = ExporterQueue(exporter, self.telemetry)
         for spec in self.config.processors.values():
-            self.processors[spec.id] = spec.cls(spec.id, spec.config)
+            processor = self.processors[spec.id] = spec.cls(spec.id, spec.config)
+            processor.on_error = spec.on_error
         for name, pipeline_config in self.config.pipelines.items():
             pipeline = Pipeline(
                 name,
                 [self.processors[p] for p in pipeline_config.processors],
                 [self.queues[e] for e in pipeline_config.exporters],
+                self.telemetry,
             )
             self.pipelines[name] = pipeline
             for receiver_id in pipeline_config.receivers:

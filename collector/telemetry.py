@@ -38,6 +38,13 @@ class Telemetry:
             ["processor"],
             registry=r,
         )
+        self.processor_errors = Counter(
+            "calltrace_processor_errors",
+            "Batches a processor failed on with an unexpected exception, by what became of"
+            " them (on_error: drop, pass or refuse).",
+            ["processor", "outcome"],
+            registry=r,
+        )
         self.exporter_sent_spans = Counter(
             "calltrace_exporter_sent_spans",
             "Spans an exporter delivered.",
@@ -100,6 +107,9 @@ class Telemetry:
 
     def dropped(self, processor: str, spans: int) -> None:
         self.processor_dropped.labels(processor).inc(spans)
+
+    def processor_error(self, processor: str, outcome: str) -> None:
+        self.processor_errors.labels(processor, outcome).inc()
 
     def exporter_sent(self, exporter: str, spans: int, seconds: float) -> None:
         self.exporter_sent_spans.labels(exporter).inc(spans)

@@ -204,11 +204,19 @@ async def test_refusal_carries_retry_after(make_service, free_port, throttled, e
     assert headers["Retry-After"] == "7"
 
 
-async def test_crashing_processor_answers_retryable_503(make_service, free_port):
+async def test_crashing_processor_with_on_error_refuse_answers_retryable_503(
+    make_service, free_port
+):
     port = free_port()
     config = memory_pipeline(
         http_receiver(port),
-        {"crash": {"type": "tests.conftest:RefusingProcessor", "error": "crash"}},
+        {
+            "crash": {
+                "type": "tests.conftest:RefusingProcessor",
+                "error": "crash",
+                "on_error": "refuse",
+            }
+        },
     )
     await make_service(config)
     status, headers, _ = await post(
