@@ -89,9 +89,9 @@ async def test_a_failing_processor_is_isolated(make_service, free_port, caplog, 
     )
     tracebacks = [r for r in caplog.records if r.exc_info and "crash" in r.getMessage()]
     assert len(tracebacks) == 1  # logged once with its traceback, then counted
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{port_a}/metrics") as response:
-            assert 'calltrace_processor_errors_total{outcome="' + on_error in await response.text()
+    url = f"http://127.0.0.1:{port_a}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert 'calltrace_processor_errors_total{outcome="' + on_error in await response.text()
 
 
 def test_on_error_is_checked_with_its_yaml_path():
