@@ -13,9 +13,12 @@ import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from collector.config import ConfigError, ServiceConfig, load_config
+
+if TYPE_CHECKING:
+    from collector.service import Service
 
 DEFAULT_CONFIG = "collector.yaml"
 EMBEDDED_CONFIG = Path(__file__).with_name("default.yaml")
@@ -36,10 +39,25 @@ def _load_or_exit(arg: str | None) -> ServiceConfig:
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"{path}: invalid config:", file=sys.stderr)
-        for error in exc.errors:
-            print(f"  {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _invalid(path, exc)
+
+
+def _invalid(path: Path | None, exc: ConfigError) -> NoReturn:
+    print(f"{path}: invalid config:", file=sys.stderr)
+    for error in exc.errors:
+        print(f"  {error}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
+def _build_or_exit(config: ServiceConfig) -> Service:
+    """The service graph of ``config``: every start-up check short of connecting to a
+    server or opening a port (``run`` and ``validate`` share it, so they cannot drift)."""
+    from collector.service import Service
+
+    try:
+        return Service(config)
+    except ConfigError as exc:
+        _invalid(config.path, exc)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -51,15 +69,14 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     config = _load_or_exit(args.config)
+    _build_or_exit(config)
     pipelines = ", ".join(config.pipelines)
     print(f"{config.path}: valid (pipelines: {pipelines})")
     return 0
 
 
 async def _serve(config: ServiceConfig) -> None:
-    from collector.service import Service
-
-    service = Service(config)
+    service = _build_or_exit(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -91,6 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(config.service.telemetry.log_level)
     workers = config.service.workers
     if workers > 1 and os.environ.get("CALLTRACE_WORKER") is None:
+        _build_or_exit(config)  # mistakes reported once, not by every worker
         return _run_workers(workers)
     _tune_runtime()
     try:

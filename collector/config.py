@@ -212,7 +212,6 @@ def parse_config(
                 kind, component_id, cls, model, str(on_error)
             )
 
-    owner: dict[str, str] = {}
     for name, pipeline in top.service.pipelines.items():
         where = f"service.pipelines.{name}"
         if name.split("/", 1)[0] != "traces":
@@ -226,13 +225,6 @@ def parse_config(
                     )
             if len(set(ids)) != len(ids):
                 errors.append(f"{where}.{kind}: lists a component twice")
-        for index, receiver_id in enumerate(pipeline.receivers):
-            if receiver_id in owner and owner[receiver_id] != name:
-                errors.append(
-                    f"{where}.receivers[{index}]: {receiver_id!r} already feeds pipeline "
-                    f"{owner[receiver_id]!r}; a receiver feeds one pipeline"
-                )
-            owner.setdefault(receiver_id, name)
     if errors:
         raise ConfigError(errors)
     return result

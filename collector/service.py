@@ -1,35 +1,74 @@
 """The running collector: builds the pipeline graph from config, starts it exporters
-first, and shuts it down receivers first so each stage drains into a live consumer."""
+first, and shuts it down receivers first so each stage drains into a live consumer.
+
+The graph is the OpenTelemetry Collector's: receivers and exporters are shared by every
+pipeline that names them, processors are instantiated once per pipeline (``batch`` in
+two pipelines is two instances, each with its own buffer and its own exporters), and a
+receiver that several pipelines name hands each of them its own copy of every batch.
+
+Building the graph (``Service(config)``) runs every start-up check that needs neither
+the network nor the data files: each component is constructed, the query API's storage
+is resolved, TLS certificates and keys are loaded, listeners are checked for clashing
+endpoints. ``calltrace validate`` builds the same graph and stops there, so it refuses
+what ``calltrace run`` would refuse before it connects to a server or opens a port; what
+only the outside world decides (a server unreachable, a port taken by another process,
+a directory not writable) ``run`` alone finds.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel
 
-from collector.components import Exporter, Processor, Receiver
-from collector.config import ServiceConfig
+from collector.components import Exporter, Processor, Receiver, RequestInfo
+from collector.config import ConfigError, ServiceConfig
 from collector.exporterhelper import ExporterQueue
 from collector.pipeline import Pipeline
+from collector.spans import SpanBatch
 from collector.telemetry import Telemetry
+from collector.tls import (
+    ClientTLSSettings,
+    TLSSettings,
+    client_ssl_context,
+    parse_endpoint,
+    server_ssl_context,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Service"]
+__all__ = ["PipelinesFanOut", "Service"]
+
+_EVERY_INTERFACE = frozenset(("", "0.0.0.0", "::"))
 
 
 class Service:
+    """The pipeline graph of one config, and its lifecycle.
+
+    Raises ``ConfigError`` (each error ``yaml.path: what is wrong``) when the graph
+    cannot be built; nothing is opened until ``start``.
+    """
+
     def __init__(self, config: ServiceConfig):
         assert config.service is not None
         self.config = config
         self.telemetry = Telemetry()
         self.exporters: dict[str, Exporter] = {}
         self.queues: dict[str, ExporterQueue] = {}
+        self.pipeline_processors: dict[str, dict[str, Processor]] = {}
+        """Each pipeline's own processor instances, by pipeline name and component id."""
         self.processors: dict[str, Processor] = {}
+        """Per component id, the instance of the first pipeline (in config order) that
+        lists it; ``pipeline_processors`` has them all."""
         self.receivers: dict[str, Receiver] = {}
         self.pipelines: dict[str, Pipeline] = {}
+        self.query_storage: str | None = None
+        """The exporter whose store the query API reads (None: no query API)."""
         self.ready = False
         self._started = False
         self._stopped = False
@@ -38,31 +77,83 @@ class Service:
             web.get("/readyz", self._readyz),
             web.get("/metrics", self._metrics),
         ]
-        self._build()
+        errors: list[str] = []
+        self._build(errors)
+        if not errors:
+            self.query_storage = self._resolve_query_storage(errors)
+            errors += _tls_problems(config)
+            errors += _endpoint_clashes(config)
+        if errors:
+            raise ConfigError(errors)
 
-    def _build(self) -> None:
+    def _build(self, errors: list[str]) -> None:
         for spec in self.config.exporters.values():
-            exporter = spec.cls(spec.id, spec.config)
-            self.exporters[spec.id] = exporter
-            self.queues[spec.id] = ExporterQueue(exporter, self.telemetry)
-        for spec in self.config.processors.values():
-            processor = self.processors[spec.id] = spec.cls(spec.id, spec.config)
-            processor.on_error = spec.on_error
+            exporter = _construct(errors, f"exporters.{spec.id}", spec.cls, spec.id, spec.config)
+            if exporter is not None:
+                self.exporters[spec.id] = exporter
+                self.queues[spec.id] = ExporterQueue(exporter, self.telemetry)
         for name, pipeline_config in self.config.pipelines.items():
-            pipeline = Pipeline(
+            instances: dict[str, Processor] = {}
+            for processor_id in pipeline_config.processors:
+                spec = self.config.processors[processor_id]
+                where = f"processors.{processor_id}"
+                processor = _construct(errors, where, spec.cls, spec.id, spec.config)
+                if processor is not None:
+                    processor.on_error = spec.on_error
+                    instances[processor_id] = processor
+                    self.processors.setdefault(processor_id, processor)
+            self.pipeline_processors[name] = instances
+            if errors:
+                continue
+            self.pipelines[name] = Pipeline(
                 name,
-                [self.processors[p] for p in pipeline_config.processors],
+                list(instances.values()),
                 [self.queues[e] for e in pipeline_config.exporters],
-                self.telemetry,
+                self.telemetry.for_pipeline(name),  # type: ignore[arg-type]
             )
-            self.pipelines[name] = pipeline
-            for receiver_id in pipeline_config.receivers:
-                spec = self.config.receivers[receiver_id]
-                self.receivers[receiver_id] = spec.cls(spec.id, spec.config, pipeline)
+        if errors:
+            return
+        for receiver_id, spec in self.config.receivers.items():
+            fed = [
+                self.pipelines[name]
+                for name, pipeline_config in self.config.pipelines.items()
+                if receiver_id in pipeline_config.receivers
+            ]
+            if not fed:
+                continue  # defined but in no pipeline: not run, as in the Collector
+            consumer = fed[0] if len(fed) == 1 else PipelinesFanOut(fed)
+            receiver = _construct(
+                errors, f"receivers.{receiver_id}", spec.cls, spec.id, spec.config, consumer
+            )
+            if receiver is not None:
+                self.receivers[receiver_id] = receiver
+
+    def _resolve_query_storage(self, errors: list[str]) -> str | None:
+        assert self.config.service is not None
+        query = self.config.service.query
+        if not query.enabled:
+            return None
+        offering = [e.id for e in self.exporters.values() if callable(_query_store(e))]
+        if query.storage is None:
+            return offering[0] if offering else None
+        if query.storage not in self.exporters:
+            errors.append(
+                f"service.query.storage: {query.storage!r} is not defined under exporters"
+            )
+        elif query.storage not in offering:
+            errors.append(
+                f"service.query.storage: {query.storage!r} is not an exporter that offers "
+                f"queries (those defined that do: {', '.join(offering) or 'none'})"
+            )
+        return query.storage
 
     # -- Host: what components may ask of the service -------------------------------
 
     def component(self, component_id: str) -> Any:
+        """The exporter, receiver or processor of that id. A processor listed in several
+        pipelines is one instance per pipeline: this is the first pipeline's (in config
+        order); a processor's own host answers with its pipeline's instance, and
+        ``pipeline_processors`` holds every one."""
         for table in (self.exporters, self.processors, self.receivers):
             if component_id in table:
                 return table[component_id]
@@ -76,6 +167,13 @@ class Service:
         """Called by components (query API) during ``start``, before receivers listen."""
         self._routes.extend(routes)
 
+    def _processor_instances(self) -> Iterator[tuple[str, Processor]]:
+        """Every processor instance with its pipeline, pipelines in config order and each
+        pipeline's processors upstream first."""
+        for name, instances in self.pipeline_processors.items():
+            for processor in instances.values():
+                yield name, processor
+
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -87,8 +185,8 @@ class Service:
                 await exporter.start(self)
             for queue in self.queues.values():
                 await queue.start()
-            for processor in self.processors.values():
-                await processor.start(self)
+            for name, processor in self._processor_instances():
+                await processor.start(PipelineHost(self, name))
             self._mount_query_api()
             for receiver in self.receivers.values():
                 self.add_http_routes(receiver.routes())
@@ -101,22 +199,21 @@ class Service:
             raise
         self.ready = True
         log.info(
-            "calltrace started: %d receivers, %d processors, %d exporters",
+            "calltrace started: %d receivers, %d pipelines, %d processors, %d exporters",
             len(self.receivers),
-            len(self.processors),
+            len(self.pipelines),
+            sum(1 for _ in self._processor_instances()),
             len(self.exporters),
         )
 
     def _mount_query_api(self) -> None:
-        assert self.config.service is not None
-        query = self.config.service.query
-        if not query.enabled:
+        if self.query_storage is None:
             return
         try:
             from collector import api  # type: ignore[attr-defined]
         except ImportError:  # the query API is an optional part of the core
             return
-        routes = api.routes_for(self, query.storage)
+        routes = api.routes_for(self, self.query_storage)
         if routes:
             self.add_http_routes(routes)
 
@@ -130,7 +227,7 @@ class Service:
         timeout = self.config.service.shutdown_timeout
         for receiver in self.receivers.values():
             await _guard(receiver.shutdown(), receiver)
-        for processor in self.processors.values():
+        for _, processor in self._processor_instances():
             await _guard(processor.shutdown(), processor)
         for queue in self.queues.values():
             await _guard(queue.shutdown(timeout), queue.exporter)
@@ -154,6 +251,134 @@ class Service:
             body=self.telemetry.exposition(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
+
+
+class PipelineHost:
+    """The host a pipeline's processors are started with: the service, except that
+    ``component(id)`` answers with this pipeline's own instance of a processor, and
+    ``telemetry`` labels processor metrics with the pipeline's name."""
+
+    def __init__(self, service: Service, pipeline: str):
+        self.service = service
+        self.pipeline = pipeline
+        self.telemetry = service.telemetry.for_pipeline(pipeline)
+
+    def component(self, component_id: str) -> Any:
+        own = self.service.pipeline_processors.get(self.pipeline, {})
+        if component_id in own:
+            return own[component_id]
+        return self.service.component(component_id)
+
+    @property
+    def http_routes(self) -> list[Any]:
+        return self.service.http_routes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.service, name)
+
+
+class PipelinesFanOut:
+    """The consumer of a receiver that feeds several pipelines: each pipeline gets its
+    own copy of every batch (processors edit batches in place), all at once.
+
+    ``admit`` runs every pipeline's header checks. ``consume`` returns once every
+    pipeline took its copy; if one refused or failed, that error is raised after the
+    others finished, so the client retries and the pipelines that took the batch see it
+    again (as the Collector's fan-out consumer does; storage writes are idempotent).
+    """
+
+    def __init__(self, pipelines: list[Pipeline]):
+        self.pipelines = pipelines
+
+    async def admit(self, request: RequestInfo) -> None:
+        for pipeline in self.pipelines:
+            await pipeline.admit(request)
+
+    async def consume(self, batch: SpanBatch) -> None:
+        # Copied before the first pipeline runs: its processors may edit ``batch``.
+        copies = [batch] + [_copy(batch) for _ in self.pipelines[1:]]
+        outcomes = await asyncio.gather(
+            *(
+                pipeline.consume(copy)
+                for pipeline, copy in zip(self.pipelines, copies, strict=False)
+            ),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+
+def _copy(batch: SpanBatch) -> SpanBatch:
+    """A batch of ``batch``'s spans and context that shares no message with it (the
+    copy's processors edit it apart from the original); parsed only if they read it."""
+    return SpanBatch.from_bytes(
+        batch.serialize(), batch.project, dict(batch.metadata), batch.received_ns
+    )
+
+
+def _construct(errors: list[str], where: str, cls: type, *args: Any) -> Any:
+    """``cls(*args)``, or None after adding why it failed to ``errors``."""
+    try:
+        return cls(*args)
+    except Exception as exc:
+        errors.append(f"{where}: {type(exc).__name__}: {exc}")
+        return None
+
+
+def _query_store(exporter: Exporter) -> Any:
+    return getattr(exporter, "query_store", None)
+
+
+def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """``(yaml path, value)`` of ``node`` and of every model, list item and mapping
+    value inside it, a field under the name it has in YAML (its alias)."""
+    yield path, node
+    if isinstance(node, BaseModel):
+        for name, field in type(node).model_fields.items():
+            yield from _walk(getattr(node, name), f"{path}.{field.alias or name}")
+    elif isinstance(node, (list, tuple)):
+        for index, item in enumerate(node):
+            yield from _walk(item, f"{path}[{index}]")
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk(value, f"{path}.{key}")
+
+
+def _tls_problems(config: ServiceConfig) -> list[str]:
+    """Every ``tls`` block, of any component, whose files do not load."""
+    errors = []
+    for kind in ("receivers", "processors", "exporters"):
+        for spec in config.components(kind).values():
+            for path, node in _walk(spec.config, f"{kind}.{spec.id}"):
+                try:
+                    if isinstance(node, TLSSettings):
+                        server_ssl_context(node)
+                    elif isinstance(node, ClientTLSSettings):
+                        client_ssl_context(node)
+                except (ValueError, OSError, ssl.SSLError) as exc:
+                    errors.append(f"{path}: {exc}")
+    return errors
+
+
+def _endpoint_clashes(config: ServiceConfig) -> list[str]:
+    """Receivers' listeners that would bind the same port (``endpoint`` fields)."""
+    bound: list[tuple[str, str, int]] = []
+    errors = []
+    for spec in config.receivers.values():
+        for path, node in _walk(spec.config, f"receivers.{spec.id}"):
+            if not (path.endswith(".endpoint") and isinstance(node, str)):
+                continue
+            try:
+                host, port = parse_endpoint(node)
+            except ValueError:
+                continue  # not a listener's "host:port"; its model checks its own form
+            for other_path, other_host, other_port in bound:
+                same_host = host == other_host or {host, other_host} & _EVERY_INTERFACE
+                if port and port == other_port and same_host:
+                    errors.append(f"{path}: {node} is also where {other_path} listens")
+            bound.append((path, host, port))
+    return errors
 
 
 async def _guard(step: Any, component: Any) -> None:

@@ -5,9 +5,11 @@ Each service has its own registry so several services (tests, workers) never col
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["Telemetry"]
+__all__ = ["PipelineTelemetry", "Telemetry"]
 
 
 class Telemetry:
@@ -35,14 +37,14 @@ class Telemetry:
         self.processor_dropped = Counter(
             "calltrace_processor_dropped_spans",
             "Spans a processor dropped on purpose (e.g. skip).",
-            ["processor"],
+            ["processor", "pipeline"],
             registry=r,
         )
         self.processor_errors = Counter(
             "calltrace_processor_errors",
             "Batches a processor failed on with an unexpected exception, by what became of"
             " them (on_error: drop, pass or refuse).",
-            ["processor", "outcome"],
+            ["processor", "outcome", "pipeline"],
             registry=r,
         )
         self.exporter_sent_spans = Counter(
@@ -85,13 +87,13 @@ class Telemetry:
         self.memory_rss = Gauge(
             "calltrace_memory_limiter_rss_bytes",
             "Resident memory of the process as last measured by a memory_limiter.",
-            ["processor"],
+            ["processor", "pipeline"],
             registry=r,
         )
         self.memory_refusing = Gauge(
             "calltrace_memory_limiter_refusing",
             "1 while a memory_limiter refuses data, else 0.",
-            ["processor"],
+            ["processor", "pipeline"],
             registry=r,
         )
 
@@ -105,11 +107,11 @@ class Telemetry:
     def request(self, receiver: str, transport: str, status: int | str) -> None:
         self.receiver_requests.labels(receiver, transport, str(status)).inc()
 
-    def dropped(self, processor: str, spans: int) -> None:
-        self.processor_dropped.labels(processor).inc(spans)
+    def dropped(self, processor: str, spans: int, pipeline: str = "") -> None:
+        self.processor_dropped.labels(processor, pipeline).inc(spans)
 
-    def processor_error(self, processor: str, outcome: str) -> None:
-        self.processor_errors.labels(processor, outcome).inc()
+    def processor_error(self, processor: str, outcome: str, pipeline: str = "") -> None:
+        self.processor_errors.labels(processor, outcome, pipeline).inc()
 
     def exporter_sent(self, exporter: str, spans: int, seconds: float) -> None:
         self.exporter_sent_spans.labels(exporter).inc(spans)
@@ -125,13 +127,48 @@ class Telemetry:
         self.exporter_queue_size.labels(exporter).set(size)
         self.exporter_queue_capacity.labels(exporter).set(capacity)
 
-    def memory_usage(self, processor: str, rss: int, refusing: bool) -> None:
-        self.memory_rss.labels(processor).set(rss)
-        self.memory_refusing.labels(processor).set(int(refusing))
+    def memory_usage(self, processor: str, rss: int, refusing: bool, pipeline: str = "") -> None:
+        self.memory_rss.labels(processor, pipeline).set(rss)
+        self.memory_refusing.labels(processor, pipeline).set(int(refusing))
+
+    def for_pipeline(self, pipeline: str) -> PipelineTelemetry:
+        """This telemetry as a pipeline's processors report to it: their metrics carry
+        the ``pipeline`` label (a processor is one instance per pipeline)."""
+        return PipelineTelemetry(self, pipeline)
 
     def value(self, name: str, **labels: str) -> float:
-        """A sample's current value (0 if never set), for tests and the CLI."""
-        return self.registry.get_sample_value(name, labels) or 0.0
+        """The sum of the samples called ``name`` whose labels include ``labels`` (0 if
+        none was set), for tests and the CLI: ``processor="skip"`` adds up every
+        pipeline's ``skip``."""
+        total = 0.0
+        for metric in self.registry.collect():
+            for sample in metric.samples:
+                if sample.name == name and all(
+                    sample.labels.get(key) == value for key, value in labels.items()
+                ):
+                    total += sample.value
+        return total
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class PipelineTelemetry:
+    """A ``Telemetry`` whose processor metrics are labelled with one pipeline's name;
+    everything else is the service's ``Telemetry`` itself."""
+
+    def __init__(self, telemetry: Telemetry, pipeline: str):
+        self.telemetry = telemetry
+        self.pipeline = pipeline
+
+    def dropped(self, processor: str, spans: int) -> None:
+        self.telemetry.dropped(processor, spans, self.pipeline)
+
+    def memory_usage(self, processor: str, rss: int, refusing: bool) -> None:
+        self.telemetry.memory_usage(processor, rss, refusing, self.pipeline)
+
+    def processor_error(self, processor: str, outcome: str) -> None:
+        self.telemetry.processor_error(processor, outcome, self.pipeline)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.telemetry, name)
