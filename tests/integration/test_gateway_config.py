@@ -1,21 +1,15 @@
-"""``config/gateway.yaml``: validates with certificates from the environment, and runs:
-HTTPS in, SQLite and a Redis stream out, call records in Redis."""
+"""``config/gateway.yaml``: validates with certificates from the environment, and names
+what is missing without them. Running it, two instances at once, is
+``test_gateway_multi_instance.py``."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-import time
 
-import pytest
-
-from collector.calls import call_id_for
 from collector.config import load_config
-from collector.keys import KeyStore
-from tests.collector_process import CollectorProcess
-from tests.support import ROOT, emit_session, free_port, query, sdk_provider
+from tests.support import ROOT
 
 GATEWAY = ROOT / "config" / "gateway.yaml"
 
@@ -48,9 +42,17 @@ def test_gateway_config_validates_with_certificates_from_env(tls_files):
     http = config.receivers["otlp"].config.protocols.http
     assert http.endpoint == "0.0.0.0:4318" and http.tls.cert_file == tls_files.cert_file
     assert config.receivers["otlp"].config.protocols.grpc.tls is not None
-    assert list(config.exporters) == ["sqlite", "redis_streams"]
+    assert list(config.exporters) == ["postgres", "redis_streams"]
+    assert config.service.query.storage == "postgres"
+    # Nothing of an instance's own but its exporters' queues: keys, spans and call
+    # records are in the shared PostgreSQL and Redis.
+    assert config.processors["auth"].config.key_store.startswith("postgresql://")
+    assert config.processors["correlate"].config.store is None
     assert config.processors["correlate"].config.redis.ttl == 86400
-    assert config.exporters["redis_streams"].config.sending_queue.storage is not None
+    assert config.processors["correlate"].config.redis.key_prefix == "calltrace:call:"
+    assert config.exporters["redis_streams"].config.stream == "calltrace:spans:{project}"
+    for exporter in config.exporters.values():
+        assert str(exporter.config.sending_queue.storage) == "data/queue"
     assert config.pipelines["traces"].processors[0] == "memory_limiter"
 
 
@@ -59,43 +61,3 @@ def test_gateway_config_without_certificates_names_the_variables(tls_files):
     assert result.returncode == 1
     assert "environment variable CALLTRACE_TLS_CERT is not set" in result.stderr
     assert "environment variable CALLTRACE_TLS_KEY is not set" in result.stderr
-
-
-@pytest.mark.timeout(90)
-async def test_gateway_runs_https_to_sqlite_and_redis(
-    tmp_path, tls_files, redis_server, no_ca_bundle_override
-):
-    (tmp_path / "data").mkdir()
-    key, _ = KeyStore(tmp_path / "data" / "calltrace.db").create("acme")
-    port = free_port()
-    env = gateway_env(
-        tls_files,
-        CALLTRACE_HTTP_ENDPOINT=f"127.0.0.1:{port}",
-        CALLTRACE_GRPC_ENDPOINT=f"127.0.0.1:{free_port()}",
-        CALLTRACE_REDIS_URL=redis_server.url,
-    )
-    collector = CollectorProcess(GATEWAY, tmp_path, port, env=env, ca_file=tls_files.ca_file)
-    await asyncio.to_thread(collector.start)
-    try:
-        provider = sdk_provider(
-            f"{collector.base}/v1/traces",
-            key,
-            {"service.name": "agent", "livekit.room.id": "RM_gw"},
-            ca_file=tls_files.ca_file,
-        )
-        await asyncio.to_thread(emit_session, provider)
-        client = redis_server.client()
-        deadline = time.monotonic() + 20
-        while client.xlen("calltrace:spans:acme") < 2:
-            assert time.monotonic() < deadline, collector.log()
-            await asyncio.sleep(0.05)
-        assert await asyncio.to_thread(collector.stop) == 0
-    finally:
-        collector.kill()
-    call_id = call_id_for("acme", "RM_gw")
-    db = tmp_path / "data" / "calltrace.db"
-    assert query(db, "SELECT count(*), min(call_id), max(call_id) FROM spans") == [
-        (2, call_id, call_id)
-    ]
-    assert client.xlen("calltrace:spans:acme") == 2
-    assert client.hget(f"calltrace:call:acme:{call_id}", "span_count") == b"2"
