@@ -5,16 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from collector.components import ComponentConfig, Processor
 from collector.config import parse_config
 from collector.otlp_json import decode_request
 from collector.service import PipelineHost, Service
-from collector.spans import ExportTraceServiceRequest, get_attribute, iter_spans
+from collector.spans import (
+    ExportTraceServiceRequest,
+    SpanBatch,
+    get_attribute,
+    iter_spans,
+    set_attribute,
+)
 from tests.support import eventually, free_port
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
@@ -182,3 +193,120 @@ async def test_a_failing_pipeline_fails_the_request_after_the_others_took_it(
         assert response.status == 503
     await eventually(lambda: len(stored(tmp_path / f"{other}.jsonl")) == 2)
     assert service.ready
+
+
+# -- the invariant: every span reaches exactly its pipelines' exporters, edited ----------
+
+
+class StampConfig(ComponentConfig):
+    stamp: str
+
+
+class StampProcessor(Processor):
+    """Appends its ``stamp`` to each span's ``stamps`` attribute: the attribute then
+    lists the stamps of the pipeline a span went through, in order."""
+
+    Config = StampConfig
+    config: StampConfig
+
+    async def process(self, batch: SpanBatch) -> SpanBatch | None:
+        for rs in batch.resource_spans:
+            for span in iter_spans(rs):
+                stamps = get_attribute(span.attributes, "stamps") or ""
+                set_attribute(span.attributes, "stamps", f"{stamps}{self.config.stamp};")
+        return batch
+
+
+COMPONENTS = 3
+PROCESSORS = [f"stamp/{i}" for i in range(COMPONENTS)] + ["batch"]
+
+
+@st.composite
+def graphs(draw: st.DrawFn) -> list[dict[str, list[str]]]:
+    """One to three pipelines, each naming some of three receivers, some of the
+    processors (in a drawn order) and some of three exporters; shared ones allowed."""
+    ids = st.integers(0, COMPONENTS - 1)
+    pipelines = []
+    for _ in range(draw(st.integers(1, 3))):
+        receivers = draw(st.lists(ids, min_size=1, max_size=COMPONENTS, unique=True))
+        processors = draw(st.permutations(PROCESSORS))[: draw(st.integers(0, len(PROCESSORS)))]
+        exporters = draw(st.lists(ids, min_size=1, max_size=COMPONENTS, unique=True))
+        pipelines.append(
+            {
+                "receivers": [f"otlp/{i}" for i in receivers],
+                "processors": processors,
+                "exporters": [f"file/{i}" for i in exporters],
+            }
+        )
+    return pipelines
+
+
+async def run_graph(directory: Path, pipelines: list[dict[str, list[str]]]) -> None:
+    ports = [free_port() for _ in range(COMPONENTS)]
+    config = {
+        "receivers": {
+            f"otlp/{i}": {"protocols": {"http": {"endpoint": f"127.0.0.1:{port}"}}}
+            for i, port in enumerate(ports)
+        },
+        "processors": {
+            **{
+                f"stamp/{i}": {"type": f"{__name__}:StampProcessor", "stamp": str(i)}
+                for i in range(COMPONENTS)
+            },
+            "batch": {"timeout": "20ms"},
+        },
+        "exporters": {
+            f"file/{i}": {"path": str(directory / f"{i}.jsonl")} for i in range(COMPONENTS)
+        },
+        "service": {
+            "pipelines": {f"traces/{n}": p for n, p in enumerate(pipelines)},
+            "query": {"enabled": False},
+        },
+    }
+    service = Service(parse_config(config, environ=dict(os.environ)))
+    await service.start()
+    try:
+        fed = {r for p in pipelines for r in p["receivers"]}
+        async with aiohttp.ClientSession() as session:
+            await asyncio.gather(
+                *(
+                    post(session, ports[i], request(f"r{i}x{k}", k))
+                    for i in range(COMPONENTS)
+                    if f"otlp/{i}" in fed
+                    for k in range(3)
+                )
+            )
+    finally:
+        await service.shutdown()  # drains batches and queues: all is written now
+
+
+def file_spans(path: Path) -> Counter[tuple[str, str]]:
+    found: Counter[tuple[str, str]] = Counter()
+    if path.exists():
+        for line in path.read_bytes().splitlines():
+            for rs in decode_request(line).resource_spans:
+                for span in iter_spans(rs):
+                    found[span.name, get_attribute(span.attributes, "stamps") or ""] += 1
+    return found
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(pipelines=graphs())
+def test_every_span_reaches_exactly_its_pipelines_exporters_with_their_edits(pipelines):
+    with tempfile.TemporaryDirectory() as name:
+        directory = Path(name)
+        asyncio.run(run_graph(directory, pipelines))
+        for e in range(COMPONENTS):
+            expected: Counter[tuple[str, str]] = Counter()
+            for pipeline in pipelines:
+                if f"file/{e}" not in pipeline["exporters"]:
+                    continue
+                stamps = "".join(
+                    f"{p.split('/')[1]};" for p in pipeline["processors"] if p != "batch"
+                )
+                for receiver in pipeline["receivers"]:
+                    i = int(receiver.split("/")[1])
+                    for k in range(3):
+                        for n in range(2):
+                            expected[f"r{i}x{k}-{k}-{n}", stamps] += 1
+            assert file_spans(directory / f"{e}.jsonl") == expected, (e, pipelines)
