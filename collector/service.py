@@ -64,7 +64,9 @@ class Service:
         """Each pipeline's own processor instances, by pipeline name and component id."""
         self.processors: dict[str, Processor] = {}
         """Per component id, the instance of the first pipeline (in config order) that
-        lists it; ``pipeline_processors`` has them all."""
+        lists it, or the one instance of a processor in no pipeline;
+        ``pipeline_processors`` has every pipeline's."""
+        self._outside_pipelines: dict[str, Processor] = {}
         self.receivers: dict[str, Receiver] = {}
         self.pipelines: dict[str, Pipeline] = {}
         self.query_storage: str | None = None
@@ -111,6 +113,15 @@ class Service:
                 [self.queues[e] for e in pipeline_config.exporters],
                 self.telemetry.for_pipeline(name),  # type: ignore[arg-type]
             )
+        for spec in self.config.processors.values():
+            if spec.id not in self.processors:
+                # In no pipeline: one instance all the same, started with the service,
+                # as before processors were per pipeline (the query API may check keys
+                # with an ``auth`` defined for it alone).
+                where = f"processors.{spec.id}"
+                processor = _construct(errors, where, spec.cls, spec.id, spec.config)
+                if processor is not None:
+                    self.processors[spec.id] = self._outside_pipelines[spec.id] = processor
         if errors:
             return
         for receiver_id, spec in self.config.receivers.items():
@@ -167,12 +178,14 @@ class Service:
         """Called by components (query API) during ``start``, before receivers listen."""
         self._routes.extend(routes)
 
-    def _processor_instances(self) -> Iterator[tuple[str, Processor]]:
+    def _processor_instances(self) -> Iterator[tuple[str | None, Processor]]:
         """Every processor instance with its pipeline, pipelines in config order and each
-        pipeline's processors upstream first."""
+        pipeline's processors upstream first, then those in no pipeline (None)."""
         for name, instances in self.pipeline_processors.items():
             for processor in instances.values():
                 yield name, processor
+        for processor in self._outside_pipelines.values():
+            yield None, processor
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -186,7 +199,7 @@ class Service:
             for queue in self.queues.values():
                 await queue.start()
             for name, processor in self._processor_instances():
-                await processor.start(PipelineHost(self, name))
+                await processor.start(self if name is None else PipelineHost(self, name))
             self._mount_query_api()
             for receiver in self.receivers.values():
                 self.add_http_routes(receiver.routes())

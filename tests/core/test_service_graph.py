@@ -164,7 +164,12 @@ async def test_a_receiver_feeds_every_pipeline_that_names_it(tmp_path, make_serv
 
 def test_host_component_names_the_first_pipelines_processor(tmp_path):
     config = two_pipelines(tmp_path, {"a": free_port(), "b": free_port()}, shared=False)
+    config["processors"]["skip/unused"] = {}
     service = Service(parse_config(config, environ=dict(os.environ)))
+    # A processor in no pipeline is still one instance (the query API may use an auth
+    # defined for it alone).
+    unused = service.component("skip/unused")
+    assert all(unused not in p.values() for p in service.pipeline_processors.values())
     first = service.pipeline_processors["traces/a"]["batch"]
     second = service.pipeline_processors["traces/b"]["batch"]
     assert service.component("batch") is first
