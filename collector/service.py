@@ -27,7 +27,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from collector.components import Exporter, Processor, Receiver, RequestInfo
-from collector.config import ConfigError, ServiceConfig
+from collector.config import ComponentSpec, ConfigError, ServiceConfig
 from collector.exporterhelper import ExporterQueue
 from collector.pipeline import Pipeline
 from collector.spans import SpanBatch
@@ -97,11 +97,8 @@ class Service:
         for name, pipeline_config in self.config.pipelines.items():
             instances: dict[str, Processor] = {}
             for processor_id in pipeline_config.processors:
-                spec = self.config.processors[processor_id]
-                where = f"processors.{processor_id}"
-                processor = _construct(errors, where, spec.cls, spec.id, spec.config)
+                processor = _processor(errors, self.config.processors[processor_id])
                 if processor is not None:
-                    processor.on_error = spec.on_error
                     instances[processor_id] = processor
                     self.processors.setdefault(processor_id, processor)
             self.pipeline_processors[name] = instances
@@ -118,8 +115,7 @@ class Service:
                 # In no pipeline: one instance all the same, started with the service,
                 # as before processors were per pipeline (the query API may check keys
                 # with an ``auth`` defined for it alone).
-                where = f"processors.{spec.id}"
-                processor = _construct(errors, where, spec.cls, spec.id, spec.config)
+                processor = _processor(errors, spec)
                 if processor is not None:
                     self.processors[spec.id] = self._outside_pipelines[spec.id] = processor
         if errors:
@@ -337,6 +333,16 @@ def _construct(errors: list[str], where: str, cls: type, *args: Any) -> Any:
     except Exception as exc:
         errors.append(f"{where}: {type(exc).__name__}: {exc}")
         return None
+
+
+def _processor(errors: list[str], spec: ComponentSpec) -> Processor | None:
+    """A new instance of the processor ``spec`` describes (one per pipeline)."""
+    processor: Processor | None = _construct(
+        errors, f"processors.{spec.id}", spec.cls, spec.id, spec.config
+    )
+    if processor is not None:
+        processor.on_error = spec.on_error
+    return processor
 
 
 def _query_store(exporter: Exporter) -> Any:
