@@ -98,17 +98,27 @@ def test_default_config_validates_and_is_the_embedded_one():
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
-def test_example_configs_validate(path, tmp_path):
-    # Certificate paths must name files; validation does not need them to be valid PEM.
-    env = {}
-    for name in ("CALLTRACE_TLS_CERT", "CALLTRACE_TLS_KEY"):
-        file = tmp_path / f"{name}.pem"
-        file.write_text("not a certificate: only the path is checked")
-        env[name] = str(file)
+def test_example_configs_validate(path, tls_files):
+    from collector.service import Service
+
+    env = {"CALLTRACE_TLS_CERT": str(tls_files.cert_file)}
+    env["CALLTRACE_TLS_KEY"] = str(tls_files.key_file)
     # sidecar.yaml: its key and the gateway it forwards to
     env |= {"CALLTRACE_KEY": "ct_local", "CALLTRACE_GATEWAY_KEY": "ct_gateway"}
     env["CALLTRACE_GATEWAY"] = "https://gateway.example:4318"
-    load_config(path, environ=env)
+    # What validate checks: the whole graph builds (components, query storage, TLS).
+    Service(load_config(path, environ=env))
+
+
+def test_a_receiver_may_feed_several_pipelines():
+    document = yaml.safe_load(yaml.safe_dump(BASE))
+    document["service"]["pipelines"]["traces/slow"] = {
+        "receivers": ["otlp"],
+        "processors": ["batch/slow"],
+        "exporters": ["debug"],
+    }
+    config = parse_config(document)
+    assert [p.receivers for p in config.pipelines.values()] == [["otlp"], ["otlp"]]
 
 
 def test_validate_command_exit_codes(tmp_path):
