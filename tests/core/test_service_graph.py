@@ -8,7 +8,7 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import pytest
@@ -315,3 +315,36 @@ def test_every_span_reaches_exactly_its_pipelines_exporters_with_their_edits(pip
                         for n in range(2):
                             expected[f"r{i}x{k}-{k}-{n}", stamps] += 1
             assert file_spans(directory / f"{e}.jsonl") == expected, (e, pipelines)
+
+
+class LifecycleProcessor(Processor):
+    """Records, in ``events``, each instance's start (with its pipeline) and shutdown."""
+
+    events: ClassVar[list[tuple[str, int, str | None]]] = []
+
+    async def start(self, host: Any) -> None:
+        self.events.append(("start", id(self), getattr(host, "pipeline", None)))
+
+    async def shutdown(self) -> None:
+        self.events.append(("shutdown", id(self), None))
+
+
+async def test_every_processor_instance_is_started_and_shut_down(tmp_path):
+    config = two_pipelines(tmp_path, {"a": free_port(), "b": free_port()}, shared=False)
+    config["processors"]["lifecycle"] = {"type": f"{__name__}:LifecycleProcessor"}
+    for pipeline in config["service"]["pipelines"].values():
+        pipeline["processors"].append("lifecycle")
+    LifecycleProcessor.events.clear()
+    service = Service(parse_config(config, environ=dict(os.environ)))
+    instances = {
+        name: id(processors["lifecycle"])
+        for name, processors in service.pipeline_processors.items()
+    }
+    await service.start()
+    await service.shutdown()
+    assert LifecycleProcessor.events == [
+        ("start", instances["traces/a"], "traces/a"),
+        ("start", instances["traces/b"], "traces/b"),
+        ("shutdown", instances["traces/a"], None),
+        ("shutdown", instances["traces/b"], None),
+    ]
