@@ -110,8 +110,9 @@ class Service:
                 [self.queues[e] for e in pipeline_config.exporters],
                 self.telemetry.for_pipeline(name),  # type: ignore[arg-type]
             )
+        piped = {p for pipeline in self.config.pipelines.values() for p in pipeline.processors}
         for spec in self.config.processors.values():
-            if spec.id not in self.processors:
+            if spec.id not in piped:
                 # In no pipeline: one instance all the same, started with the service,
                 # as before processors were per pipeline (the query API may check keys
                 # with an ``auth`` defined for it alone).
