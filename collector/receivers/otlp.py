@@ -36,7 +36,7 @@ from collector.spans import (
     SpanBatch,
 )
 from collector.tls import TLSSettings, check_listener
-from collector.units import ByteSize
+from collector.units import ByteSize, Duration
 from collector.wire import NATIVE_WIRE
 from collector.wire import native as _wire
 
@@ -83,13 +83,16 @@ class HTTPSettings(_ListenerSettings):
     )
     max_request_body_size: ByteSize = 4 * MiB
     """Largest body accepted, compressed and after decompression (413 above it)."""
+    read_timeout: Duration = Field(default=30.0, gt=0)
+    """The whole body must arrive within this time of the request's headers (the
+    OpenTelemetry Collector's ``confighttp`` name); later, the request is answered 408
+    and the connection closed. A body being read holds no turn, lock or budget share."""
     max_concurrent_requests: int = Field(default=16, ge=1)
-    """Export requests read, decoded and handed on at once; more wait (unread, in the
-    socket) for a turn. Bounds the memory of parsed requests under a flood."""
+    """Export requests decoded and handed on at once; more wait, their bodies read, for
+    a turn. Bounds the memory of parsed requests under a flood."""
     max_concurrent_bytes: ByteSize = 3 * MiB // 2
-    """The requests read, decoded and handed on at once, by size, at most: a request
-    counts as its ``Content-Length`` until its body is decoded, then as its protobuf
-    bytes. More wait for a turn, in arrival order, and a larger request goes alone.
+    """The requests decoded and handed on at once, by size, at most: a request counts
+    as its body's size until the body is decoded, then as its protobuf bytes. More wait for a turn, in arrival order, and a larger request goes alone.
     Many small requests still share the pipeline's batches, few large ones hold few
     parsed copies: under the bench's flood (48 connections, 320 kB bodies) 16 at a time
     peaked at 166-182 MiB, 4 at a time (with ``batch_max_spans: 4096``) at 138."""

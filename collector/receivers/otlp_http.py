@@ -6,11 +6,15 @@ specification and our design ask for, cheapest refusal first:
 
 1. ``admit`` on the headers alone (auth): 401, or 503/429 with ``Retry-After``;
 2. ``Content-Type``: ``application/x-protobuf`` or ``application/json``, else 415;
-3. size: ``Content-Length`` above the limit is refused unread, the body is read with a
-   cap, and gzip/deflate is inflated with the same cap (a gzip bomb gets 413);
-4. decode (400 when malformed), drop spans with invalid ids (``partial_success``),
-   hand the rest to the pipeline;
-5. 200 with an ``ExportTraceServiceResponse`` in the request's encoding.
+3. size: ``Content-Length`` above the limit is refused unread (413);
+4. the body is read as it arrives, with the size cap and within ``read_timeout`` (408
+   after it), holding nothing other requests wait for: no turn, no budget share;
+5. a turn (``max_concurrent_requests``) and a budget share (``max_concurrent_bytes``):
+   gzip/deflate is inflated in a worker thread with the size cap (a gzip bomb gets 413,
+   more than ``MAX_GZIP_MEMBERS`` members 400), the body is decoded (400 when
+   malformed), spans with invalid ids are dropped (``partial_success``), the rest is
+   handed to the pipeline;
+6. 200 with an ``ExportTraceServiceResponse`` in the request's encoding.
 
 Error bodies are ``google.rpc.Status`` messages in the request's encoding.
 """
@@ -20,12 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import math
 import os
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -42,13 +48,18 @@ from collector.tls import parse_endpoint, server_ssl_context
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HTTPListener"]
+__all__ = ["MAX_GZIP_MEMBERS", "HTTPListener"]
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 _CONTENT_TYPES = {PROTOBUF: PROTOBUF, JSON: JSON}
 _DRAIN_TIMEOUT = 30.0
 """Seconds ``shutdown`` waits for in-flight requests (they are waiting on the pipeline)."""
+MAX_GZIP_MEMBERS = 64
+"""Most gzip members one body may hold (clients send one; each costs a fresh inflater)."""
+_INLINE_INFLATE_BYTES = 16 * 1024
+"""Compressed bodies up to this size inflate on the event loop (at most ~1 MiB of work,
+under a millisecond); larger ones in a worker thread, so the loop keeps answering."""
 
 
 class BodyBudget:
@@ -131,6 +142,11 @@ class HTTPListener:
         self._runner: web.AppRunner | None = None
         self._in_flight = asyncio.Semaphore(settings.max_concurrent_requests)
         self._bodies = BodyBudget(settings.max_concurrent_bytes)
+        self._bytes_read = 0
+        """Bytes of bodies being read or read and waiting for a turn (not yet budgeted)."""
+        self._max_bytes_read = settings.max_concurrent_requests * settings.max_request_body_size
+        """Above this, more body bytes are refused with 503 rather than held in memory."""
+        self._inflaters: ThreadPoolExecutor | None = None
 
     async def start(self, routes: list[Any]) -> None:
         settings = self.settings
@@ -183,6 +199,9 @@ class HTTPListener:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        inflaters, self._inflaters = self._inflaters, None
+        if inflaters is not None:
+            inflaters.shutdown(wait=False)
 
     # -- the export handler ---------------------------------------------------------
 
@@ -226,18 +245,31 @@ class HTTPListener:
         coding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if coding not in _DECODERS:
             return _error(reply_as, 415, f"unsupported content encoding {coding!r}; expected gzip")
-        # A body counts as its Content-Length until it is decoded, then as its protobuf
-        # bytes (a third of its JSON, several times its gzip); one of unknown length
-        # (chunked) counts as the whole budget until then.
-        size = length if length is not None else self.settings.max_concurrent_bytes
-        async with self._in_flight, self._bodies.hold(size) as share:
-            return await self._decode_and_export(
-                request, info, content_type, reply_as, coding, share
-            )
+        try:
+            async with asyncio.timeout(self.settings.read_timeout):
+                body = await self._read_body(request, limit)
+        except TimeoutError:
+            return _timed_out(reply_as, self.settings.read_timeout)
+        except _Crowded:
+            return _refused(reply_as, RefusedError("too many request bodies in hand"))
+        if body is None:
+            return _too_large(reply_as, limit)
+        # The body counts in ``_bytes_read`` until its turn, then in the budget: as its
+        # own size until decoded, then as its protobuf bytes.
+        counted = len(body)
+        try:
+            async with self._in_flight, self._bodies.hold(counted) as share:
+                self._bytes_read -= counted
+                counted = 0
+                return await self._decode_and_export(
+                    body, info, content_type, reply_as, coding, share
+                )
+        finally:
+            self._bytes_read -= counted
 
     async def _decode_and_export(
         self,
-        request: web.Request,
+        body: bytes,
         info: RequestInfo,
         content_type: str,
         reply_as: str,
@@ -246,15 +278,18 @@ class HTTPListener:
     ) -> web.Response:
         ingest = self.ingest
         limit = self.settings.max_request_body_size
-        body = await _read_capped(request, limit)
-        if body is None:
-            return _too_large(reply_as, limit)
         inflate = _DECODERS[coding]
         if inflate is not None:
             try:
-                body = inflate(body, limit)
+                body = await self._inflate(inflate, body, limit)
             except _TooLarge:
                 return _too_large(reply_as, limit, decompressed=True)
+            except _TooManyMembers:
+                return _error(
+                    reply_as,
+                    400,
+                    f"{coding} body has more than {MAX_GZIP_MEMBERS} members; send one",
+                )
             except zlib.error as exc:
                 return _error(reply_as, 400, f"invalid {coding} body: {exc}")
 
@@ -281,20 +316,50 @@ class HTTPListener:
             return web.Response(body=result.SerializeToString(), content_type=PROTOBUF)
         return web.Response(body=encode_response(result), content_type=JSON)
 
+    async def _read_body(self, request: web.Request, limit: int) -> bytes | None:
+        """The body as it arrives, or None once it grows past ``limit`` (the rest is
+        left unread). Its bytes count in ``_bytes_read`` (the caller's to release once
+        it returns a body); ``_Crowded`` when they would pass ``_max_bytes_read``."""
+        chunks: list[bytes] = []
+        size = 0
+        stream = request.content
+        try:
+            while True:
+                chunk = await stream.readany()
+                if not chunk:
+                    body = b"".join(chunks)
+                    size = 0  # the caller's now
+                    return body
+                if size + len(chunk) > limit:
+                    return None
+                if self._bytes_read + len(chunk) > self._max_bytes_read:
+                    raise _Crowded
+                size += len(chunk)
+                self._bytes_read += len(chunk)
+                chunks.append(chunk)
+        finally:
+            self._bytes_read -= size
 
-async def _read_capped(request: web.Request, limit: int) -> bytes | None:
-    """The body, or None once it grows past ``limit`` (the rest is left unread)."""
-    chunks: list[bytes] = []
-    size = 0
-    stream = request.content
-    while True:
-        chunk = await stream.readany()
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
+    async def _inflate(
+        self, inflate: Callable[[bytes, int], bytes], body: bytes, limit: int
+    ) -> bytes:
+        """``inflate(body, limit)``; in a worker thread unless the body is small."""
+        if len(body) <= _INLINE_INFLATE_BYTES:
+            return inflate(body, limit)
+        if self._inflaters is None:
+            self._inflaters = ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix=f"{self.receiver_id}-inflate"
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._inflaters, functools.partial(inflate, body, limit))
+
+
+class _Crowded(Exception):
+    """Bodies being read already hold as many bytes as the listener allows."""
+
+
+class _TooManyMembers(Exception):
+    pass
 
 
 class _TooLarge(Exception):
@@ -302,11 +367,12 @@ class _TooLarge(Exception):
 
 
 def _inflate(body: bytes, limit: int, wbits: int = zlib.MAX_WBITS | 32) -> bytes:
-    """Decompress gzip (several members too) or zlib data, never past ``limit`` bytes."""
+    """Decompress gzip (up to ``MAX_GZIP_MEMBERS`` members) or zlib data, never past
+    ``limit`` bytes: ``_TooLarge`` above it, ``_TooManyMembers``, ``zlib.error``."""
     parts = []
     total = 0
     data = body
-    while True:
+    for _ in range(MAX_GZIP_MEMBERS):
         inflater = zlib.decompressobj(wbits)
         part = inflater.decompress(data, limit - total + 1)
         total += len(part)
@@ -318,6 +384,7 @@ def _inflate(body: bytes, limit: int, wbits: int = zlib.MAX_WBITS | 32) -> bytes
         data = inflater.unused_data
         if not data:
             return b"".join(parts)
+    raise _TooManyMembers
 
 
 def _inflate_deflate(body: bytes, limit: int) -> bytes:
@@ -341,6 +408,7 @@ _DECODERS = {
 _RPC_CODES = {
     400: code_pb2.INVALID_ARGUMENT,
     401: code_pb2.UNAUTHENTICATED,
+    408: code_pb2.DEADLINE_EXCEEDED,
     413: code_pb2.INVALID_ARGUMENT,
     415: code_pb2.INVALID_ARGUMENT,
     429: code_pb2.RESOURCE_EXHAUSTED,
@@ -380,6 +448,14 @@ def _refused(encoding: str, exc: RefusedError) -> web.Response:
 
 def _unavailable(encoding: str) -> web.Response:
     return _refused(encoding, RefusedError("internal error; the data was not stored"))
+
+
+def _timed_out(encoding: str, read_timeout: float) -> web.Response:
+    response = _error(
+        encoding, 408, f"the body did not arrive within read_timeout ({read_timeout:g}s)"
+    )
+    response.force_close()  # the rest of the body is not read: no keep-alive
+    return response
 
 
 def _too_large(encoding: str, limit: int, decompressed: bool = False) -> web.Response:
