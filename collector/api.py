@@ -15,16 +15,21 @@ Routes (``collector/openapi.py`` documents every field):
 - ``GET /api/v1/traces/{trace_id}``: one trace as a tree;
 - ``GET /api/v1/openapi.json``; ``GET /``: the explorer (``collector/ui/``).
 
-Bad parameters answer 400 ``{"error": "..."}``, no or an unknown key 401, unknown ids
-404, a store that cannot answer now (``StorageUnavailableError``) 503 with Retry-After.
+Bad parameters answer 400 ``{"error": "NAME: ..."}`` (every parameter's type and range is
+checked here, before a store sees it), no or an unknown key 401, unknown ids and unknown
+paths under ``/api/`` 404 (``json_api_errors``), a store that cannot answer now
+(``StorageUnavailableError``) 503 with Retry-After. Page cursors go out sealed and come
+back checked (``collector/cursors.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import decimal
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from collector.components import RequestInfo, UnauthenticatedError
+from collector.cursors import LazySeal
 from collector.openapi import OPENAPI
 from collector.query import (
     DEFAULT_LIMIT,
@@ -48,7 +54,11 @@ from collector.query import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QueryAPI", "routes_for"]
+__all__ = ["MAX_TEXT_CHARS", "QueryAPI", "json_api_errors", "routes_for"]
+
+MAX_TEXT_CHARS = 4096
+"""Longest text a filter or id may have (names, services, attribute keys and values)."""
+_MAX_NS = 2**63 - 1
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
 _UI_FILES = {
@@ -121,6 +131,7 @@ class QueryAPI:
     def __init__(self, store: QueryStore, auth: Any | None):
         self.store = store
         self.auth = auth
+        self._cursors = LazySeal(store)
         self._ui = {name: (UI_DIR / name).read_bytes() for name in _UI_FILES}
         self._openapi = json.dumps(OPENAPI, indent=1).encode()
 
@@ -155,7 +166,11 @@ class QueryAPI:
             except UnauthenticatedError as exc:
                 return _error(401, str(exc) or "unauthenticated", {"WWW-Authenticate": "Bearer"})
             try:
+                request, endpoint = await self._open_cursor(request)
                 body = await handler(request, project)
+                if isinstance(body, dict) and isinstance(body.get("next_cursor"), str):
+                    seal = await self._cursors.get()
+                    body["next_cursor"] = seal.seal(endpoint, body["next_cursor"])
             except QueryError as exc:
                 return _error(400, str(exc))
             except StorageUnavailableError as exc:
@@ -166,6 +181,19 @@ class QueryAPI:
             return _json(200, body)
 
         return guarded
+
+    async def _open_cursor(self, request: web.Request) -> tuple[web.Request, str]:
+        """The request with its sealed ``cursor`` replaced by the store's cursor inside
+        (``QueryError`` unless this API issued it for this endpoint), and the endpoint."""
+        endpoint = request.match_info.route.resource.canonical  # type: ignore[union-attr]
+        tokens = request.query.getall("cursor", [])
+        if len(tokens) > 1:
+            raise QueryError("cursor: given more than once")
+        if not tokens or not tokens[0]:
+            return request, endpoint
+        seal = await self._cursors.get()
+        cursor = seal.open(endpoint, tokens[0])
+        return request.clone(rel_url=request.rel_url.update_query(cursor=cursor)), endpoint
 
     # -- endpoints --------------------------------------------------------------------
 
@@ -185,7 +213,7 @@ class QueryAPI:
 
     async def get_call(self, request: web.Request, project: str) -> Any:
         _Params(request.query, set(), ())
-        call_id = request.match_info["call_id"]
+        call_id = _checked_text("call_id", request.match_info["call_id"])
         found = await self.store.call(project, call_id)
         if found is None:
             return _error(404, f"no call {call_id!r}")
@@ -193,7 +221,6 @@ class QueryAPI:
 
     async def search_traces(self, request: web.Request, project: str) -> Any:
         params = _Params(request.query, _TRACE_PARAMS, ("attr.",))
-        min_ms = params.number("min_duration_ms")
         status = params.text("status")
         if status is not None and status not in ("error", "ok"):
             raise QueryError(f"status: expected error or ok, got {status!r}")
@@ -204,7 +231,7 @@ class QueryAPI:
             name=params.text("name"),
             name_contains=params.text("name_contains"),
             attributes=params.prefixed("attr."),
-            min_duration_ns=None if min_ms is None else math.ceil(min_ms * 1e6),
+            min_duration_ns=params.milliseconds_as_ns("min_duration_ms"),
             status=status,
             limit=params.limit(),
             cursor=params.text("cursor"),
@@ -216,13 +243,9 @@ class QueryAPI:
     async def get_trace(self, request: web.Request, project: str) -> Any:
         _Params(request.query, set(), ())
         text = request.match_info["trace_id"]
-        try:
-            trace_id = bytes.fromhex(text)
-        except ValueError:
-            trace_id = b""
-        if len(trace_id) != 16:
+        if not _HEX_ID.fullmatch(text):
             raise QueryError(f"trace_id: expected 32 hex digits, got {text!r}")
-        found = await self.store.trace(project, trace_id)
+        found = await self.store.trace(project, bytes.fromhex(text))
         if found is None:
             return _error(404, f"no trace {text}")
         return await asyncio.to_thread(_trace_body, found)
@@ -278,6 +301,29 @@ def _trace_body(found: dict[str, Any]) -> web.Response:
     return _json(200, body)
 
 
+@web.middleware
+async def json_api_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Under ``/api/``, aiohttp's plain-text 404 and 405 become JSON errors like every
+    other API answer; elsewhere they pass unchanged."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        if not request.path.startswith("/api/"):
+            raise
+        return _error(404, f"no API endpoint {request.path} (see /api/v1/openapi.json)")
+    except web.HTTPMethodNotAllowed as exc:
+        if not request.path.startswith("/api/"):
+            raise
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return _error(
+            405,
+            f"{request.method} is not allowed on {request.path}; use {allowed}",
+            {"Allow": allowed},
+        )
+
+
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         status=status,
@@ -313,37 +359,64 @@ class _Params:
                 raise QueryError(f"{name}: given more than once")
 
     def text(self, name: str) -> str | None:
+        """The value, None when absent or empty; ``QueryError`` unless it is text a
+        store can hold (no NUL, at most ``MAX_TEXT_CHARS``)."""
         value = self.query.get(name)
-        return value if value else None
+        return _checked_text(name, value) if value else None
 
     def time(self, name: str) -> int | None:
         value = self.text(name)
         return None if value is None else parse_time(name, value)
 
-    def number(self, name: str) -> float | None:
+    def milliseconds_as_ns(self, name: str) -> int | None:
+        """A duration in milliseconds (a plain decimal, ``12.5``) as nanoseconds, within
+        what a signed 64-bit column holds."""
         value = self.text(name)
         if value is None:
             return None
-        try:
-            number = float(value)
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number) or number < 0:
-            raise QueryError(f"{name}: expected a number of at least 0, got {value!r}")
-        return number
+        ns = None
+        if len(value) <= 32 and _DECIMAL.fullmatch(value):
+            ns = math.ceil(decimal.Decimal(value) * 1_000_000)
+        if ns is None or ns > _MAX_NS:
+            raise QueryError(
+                f"{name}: expected milliseconds from 0 to {_MAX_NS / 1e6:.0f}, like 250 or"
+                f" 12.5, got {value[:64]!r}"
+            )
+        return ns
 
     def limit(self) -> int:
         value = self.text("limit")
         if value is None:
             return DEFAULT_LIMIT
-        if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_LIMIT:
-            raise QueryError(f"limit: expected a whole number from 1 to {MAX_LIMIT}, got {value!r}")
+        if not (len(value) <= 8 and _DIGITS.fullmatch(value) and 1 <= int(value) <= MAX_LIMIT):
+            raise QueryError(
+                f"limit: expected a whole number from 1 to {MAX_LIMIT}, got {value[:64]!r}"
+            )
         return int(value)
 
     def prefixed(self, prefix: str) -> list[tuple[str, str]]:
         """``(KEY, VALUE)`` of each ``PREFIXKEY=VALUE``, repeats kept (all must hold)."""
         return [
-            (name[len(prefix) :], value)
+            (_checked_text(name, name[len(prefix) :]), _checked_text(name, value))
             for name, value in self.query.items()
             if name.startswith(prefix) and len(name) > len(prefix)
         ]
+
+
+_DIGITS = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
+_HEX_ID = re.compile(r"[0-9a-fA-F]{32}")
+
+
+def _checked_text(name: str, value: str) -> str:
+    """``value`` unless a store could not hold it: ``QueryError`` naming ``name``."""
+    if len(value) > MAX_TEXT_CHARS:
+        raise QueryError(f"{name}: longer than {MAX_TEXT_CHARS} characters")
+    if "\0" in value:
+        raise QueryError(f"{name}: must not contain a NUL character")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise QueryError(f"{name}: not valid Unicode text") from None
+    return value

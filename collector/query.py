@@ -149,7 +149,9 @@ def parse_time(name: str, text: str) -> int:
     """Unix nanoseconds from RFC 3339 (``2026-11-24T10:00:00.5Z``) or Unix nanoseconds."""
     text = text.strip()
     ns: int | None = None
-    if text.isascii() and text.isdigit():
+    if len(text) > 40:  # longer than any RFC 3339 time or int64; never parsed
+        pass
+    elif text.isascii() and text.isdigit():
         ns = int(text)
     elif match := _RFC3339.match(text):
         day, clock, fraction, offset = match.groups()
@@ -165,7 +167,7 @@ def parse_time(name: str, text: str) -> int:
     if ns is None or not 0 <= ns <= _MAX_NS:
         raise QueryError(
             f"{name}: expected an RFC 3339 time like 2026-11-24T10:00:00Z or Unix"
-            f" nanoseconds, got {text!r}"
+            f" nanoseconds from 0 to {_MAX_NS}, got {text[:64]!r}"
         )
     return ns
 
@@ -186,12 +188,16 @@ def encode_cursor(position: list[Any]) -> str:
 
 
 def decode_cursor(token: str, shape: tuple[type, ...]) -> list[Any]:
-    """The sort position in ``token``; QueryError unless it has ``shape``."""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        position = json.loads(raw)
-    except (ValueError, binascii.Error):
-        position = None
+    """The sort position in ``token``; QueryError unless it has ``shape``. (The API
+    checks a cursor's seal before this, ``collector/cursors.py``; this still holds for
+    any text.)"""
+    position = None
+    if len(token) <= 512:
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            position = json.loads(raw)
+        except (ValueError, binascii.Error, RecursionError):
+            position = None
     if (
         not isinstance(position, list)
         or len(position) != len(shape)

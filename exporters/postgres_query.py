@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -117,6 +118,38 @@ class PostgresQueryStore:
                 yield conn
         except _UNAVAILABLE as exc:
             raise StorageUnavailableError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+
+    async def shared_secret(self, name: str) -> bytes | None:
+        """A random 32-byte secret named ``name``, kept in the schema (table
+        ``query_secrets``, created on first use): the same for every instance sharing the
+        database. None when the server refuses the write and none is stored yet."""
+        s = self.schema
+        async with self._connection() as conn:
+            try:
+                for _ in range(3):  # instances creating the table at once: one wins
+                    try:
+                        await conn.execute(
+                            f"CREATE TABLE IF NOT EXISTS {s}.query_secrets"
+                            " (name text PRIMARY KEY, secret bytea NOT NULL)"
+                        )
+                        break
+                    except asyncpg.UniqueViolationError:
+                        continue
+                await conn.execute(
+                    f"INSERT INTO {s}.query_secrets (name, secret) VALUES ($1, $2)"
+                    " ON CONFLICT (name) DO NOTHING",
+                    name,
+                    os.urandom(32),
+                )
+            except (asyncpg.ReadOnlySQLTransactionError, asyncpg.InsufficientPrivilegeError):
+                log.warning("PostgreSQL refused to store the query secret %r", name)
+            try:
+                secret = await conn.fetchval(
+                    f"SELECT secret FROM {s}.query_secrets WHERE name = $1", name
+                )
+            except asyncpg.UndefinedTableError:
+                secret = None
+        return None if secret is None else bytes(secret)
 
     async def close(self) -> None:
         self._closed = True

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -136,6 +137,33 @@ class SQLiteQueryStore:
                     " WHERE project = ? AND call_id = ?",
                     (summary, spans, project, call_id),
                 )
+
+    async def shared_secret(self, name: str) -> bytes | None:
+        """A random 32-byte secret named ``name``, kept in the file (table
+        ``query_secrets``, created on first use): the same for every process reading it.
+        None when the file refuses the write (read-only)."""
+        return await self._run(self._shared_secret, name)
+
+    def _shared_secret(self, name: str) -> bytes | None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA busy_timeout=10000")
+            try:
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS query_secrets"
+                    " (name TEXT PRIMARY KEY, secret BLOB NOT NULL)"
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO query_secrets (name, secret) VALUES (?, ?)",
+                    (name, os.urandom(32)),
+                )
+            except sqlite3.OperationalError as exc:
+                if "readonly" not in str(exc):
+                    raise
+            row = db.execute("SELECT secret FROM query_secrets WHERE name = ?", (name,)).fetchone()
+            return None if row is None else bytes(row[0])
+        finally:
+            db.close()
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)

@@ -40,6 +40,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from collector.api import json_api_errors
 from collector.components import RefusedError, RequestInfo, UnauthenticatedError
 from collector.otlp_json import OTLPJSONError, decode_request_wire, encode_response
 from collector.receivers.otlp import HTTPSettings, TraceIngest
@@ -158,7 +159,10 @@ class HTTPListener:
             raise RuntimeError(f"{where}: {exc}") from None
 
         # Other routes read bodies with aiohttp's own limit; keep it above ours.
-        app = web.Application(client_max_size=max(settings.max_request_body_size + 1, 1024 * 1024))
+        app = web.Application(
+            client_max_size=max(settings.max_request_body_size + 1, 1024 * 1024),
+            middlewares=[json_api_errors],
+        )
         for path in settings.traces_paths:
             app.router.add_post(path, self._export)
         app.add_routes(routes)
