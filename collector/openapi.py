@@ -211,8 +211,15 @@ _TIME = "RFC 3339 (2026-11-24T10:00:00Z) or Unix nanoseconds; selects by start t
 _COMMON_PARAMS = [
     _param("start", "Inclusive lower bound of the start time. " + _TIME),
     _param("end", "Exclusive upper bound of the start time. " + _TIME),
-    _param("limit", "Page size, 1 to 1000 (default 50).", {"type": "integer", "minimum": 1}),
-    _param("cursor", "next_cursor of the previous page."),
+    _param(
+        "limit",
+        "Page size, 1 to 1000 (default 50).",
+        {"type": "integer", "minimum": 1, "maximum": 1000},
+    ),
+    _param(
+        "cursor",
+        "next_cursor of the previous page, as it is (sealed: any other value is 400).",
+    ),
 ]
 _ATTR_PARAM = {
     "name": "attr",
