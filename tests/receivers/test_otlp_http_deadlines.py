@@ -201,3 +201,34 @@ async def test_large_gzip_bodies_are_inflated_in_a_worker_thread_and_stored(coll
     )
     assert [status for status, _, _ in answers] == [200] * 3
     assert exporter.span_count == 18000
+
+
+async def test_bodies_in_hand_are_bounded_and_small_requests_still_pass(make_service, free_port):
+    """Bodies being read hold at most max_concurrent_requests x max_request_body_size
+    bytes in all; past that a body is refused (503, Retry-After), not waited for."""
+    port = free_port()
+    config = memory_pipeline(
+        http_receiver(
+            port, max_concurrent_requests=1, max_request_body_size="64KiB", read_timeout="5s"
+        ),
+        {"auth": {"type": "tests.conftest:HeaderAuthProcessor"}},
+    )
+    exporter = (await make_service(config)).exporters["memory"]
+    held = []
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head(port, length=60_000) + b"\x00" * 40_000)  # and then nothing
+        await writer.drain()
+        held.append((reader, writer))
+        await asyncio.sleep(0.2)
+    status, body = await asyncio.wait_for(read_response(held[1][0]), 2)
+    assert status == 503
+    assert "request bodies" in status_pb2.Status.FromString(body).message
+
+    status, _, _ = await post(
+        f"http://127.0.0.1:{port}/v1/traces", request_with(2).SerializeToString()
+    )
+    assert status == 200
+    assert exporter.span_count == 2
+    for _, writer in held:
+        writer.close()
