@@ -59,8 +59,9 @@ _DRAIN_TIMEOUT = 30.0
 MAX_GZIP_MEMBERS = 64
 """Most gzip members one body may hold (clients send one; each costs a fresh inflater)."""
 _INLINE_INFLATE_BYTES = 16 * 1024
-"""Compressed bodies up to this size inflate on the event loop (at most ~1 MiB of work,
-under a millisecond); larger ones in a worker thread, so the loop keeps answering."""
+"""Compressed bodies up to this size inflate on the event loop (a few milliseconds at
+most: inflating stops at ``max_request_body_size``); larger ones in a worker thread, so
+the loop keeps answering."""
 
 
 class BodyBudget:
