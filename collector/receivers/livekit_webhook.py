@@ -30,8 +30,9 @@ is known to be LiveKit's:
    the limit, for a body without ``Content-Length``), must hash to the token's
    ``sha256``: else 401;
 4. a token and body already admitted while the token is valid is a replay: 409 (the
-   digests are held in memory, ``replay_cache_size`` at most, or with ``redis:`` in
-   Redis, shared by every instance; 429 with ``Retry-After`` when the memory is full);
+   digests are held in this process's memory, ``replay_cache_size`` at most, 429 with
+   ``Retry-After`` when all are still valid; or with ``redis:`` in Redis, shared by
+   every instance and every worker);
 5. an event that is not a JSON object with an ``event`` name, a room event without
    ``room.sid``, text that is not Unicode, or a ``createdAt`` that is not a time in
    Unix seconds: 400;
@@ -213,20 +214,13 @@ class LiveKitWebhookReceiver(Receiver):
         usable_until = min(expires_at, issued_at + age_limit) + leeway
         return VerifiedToken(claims, issued_at, usable_until)
 
-    def verify(self, token: str, body: bytes) -> VerifiedToken:
-        """Raises ``jwt.InvalidTokenError`` unless LiveKit signed the token
-        (``verify_token``) for this very body."""
-        verified = self.verify_token(token)
-        _check_body_hash(verified.claims, body)
-        return verified
-
     async def _receive(self, request: web.Request) -> web.Response:
         limit = self.config.max_request_body_size
         if request.content_length is not None and request.content_length > limit:
             return _unread(413, f"webhook body larger than {limit} bytes")
         token = _bearer(request.headers.get("Authorization", ""))
         if not token:
-            return _answer(401, "missing webhook token")
+            return _unread(401, "missing webhook token")
         try:
             verified = self.verify_token(token)
         except jwt.InvalidTokenError as exc:
