@@ -22,6 +22,7 @@ from livekit.protocol import models, webhook
 from collector.calls import call_id_for
 from collector.keys import KeyStore
 from collector.receivers.livekit_webhook import room_metadata_skips
+from collector.receivers.webhook_replay import MemoryReplayGuard, ReplayGuardFull
 from tests.support import fixture_requests, pipeline_config, query
 
 API_KEY = "APIfixturekey"
@@ -454,3 +455,32 @@ async def test_body_over_the_limit_is_413(collector):
     assert sum(map(len, pieces)) == LIMIT + 1
     assert (await raw_post(url, pieces, token, chunked=True, finish=False))[0] == 413
     assert call_rows(db) == []
+
+
+async def test_replay_memory_is_bounded(start_collector):
+    """With every slot held by a token still valid, a new event is refused with 429 and
+    Retry-After (which LiveKit retries), never admitted by forgetting a held token."""
+    url, db = await start_collector(replay_cache_size=1)
+    first = event_body("room_started", "RM_first")
+    assert (await post(url, first, livekit_token(first)))[0] == 200
+    second = event_body("room_started", "RM_second")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            url, data=second, headers={"Authorization": livekit_token(second)}
+        ) as response,
+    ):
+        assert response.status == 429 and response.headers["Retry-After"]
+    assert [room for room, _ in call_rows(db)] == ["RM_first"]
+
+
+async def test_memory_replay_guard_forgets_expired_and_released_digests():
+    guard = MemoryReplayGuard(capacity=2)
+    assert await guard.claim("a", ttl=0.05) and await guard.claim("b", ttl=60)
+    assert not await guard.claim("b", ttl=60)
+    with pytest.raises(ReplayGuardFull):
+        await guard.claim("c", ttl=60)
+    await asyncio.sleep(0.1)  # "a" expired: its slot is free again
+    assert await guard.claim("c", ttl=60)
+    await guard.release("b")
+    assert await guard.claim("b", ttl=60) and len(guard) == 2
