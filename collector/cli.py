@@ -222,19 +222,31 @@ async def _keys_command(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         elif args.keys_command == "list":
-            print(f"{'KEY ID':<14} {'PROJECT':<20} {'CREATED':<20} STATUS")
+            print(f"{'KEY ID':<20} {'PROJECT':<20} {'CREATED':<20} STATUS")
             for rec in await call("list", args.project):
                 created = datetime.fromtimestamp(rec.created_ns / 1e9, UTC)
                 status = "revoked" if rec.revoked else "active"
-                print(f"{rec.key_id:<14} {rec.project:<20} {created:%Y-%m-%d %H:%M:%S}  {status}")
+                print(f"{rec.key_id:<20} {rec.project:<20} {created:%Y-%m-%d %H:%M:%S}  {status}")
         elif args.keys_command == "revoke":
-            if not await call("revoke", args.key):
-                print(f"no active key {args.key!r}", file=sys.stderr)
+            revoked = await call("revoke", args.key)
+            if revoked is None:
+                print(_no_active_key(args.key), file=sys.stderr)
                 return 1
-            print(f"revoked {args.key}")
+            print(f"revoked {revoked}")  # the id: the argument may be the key itself
     finally:
         await call("close")
     return 0
+
+
+def _no_active_key(key_or_id: str) -> str:
+    """Why ``keys revoke`` found nothing, without echoing an argument that may be a key."""
+    from collector.keys import KEY_ID_PREFIX, KEY_PREFIX
+
+    if key_or_id.startswith(KEY_ID_PREFIX):
+        return f"no active key with id {key_or_id}"
+    if key_or_id.startswith(KEY_PREFIX) and len(key_or_id) == len(KEY_PREFIX) + 8:
+        return "no active key with that id: key ids have changed, see `calltrace keys list`"
+    return "no active key matches the key given"
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

@@ -1,7 +1,14 @@
 """API keys: random bearer tokens, stored only as SHA-256 hashes, each owned by a project.
 
 ``calltrace keys create --project P`` prints a new key once; the database keeps its hash
-and a short public prefix to tell keys apart in ``keys list``.
+and a key id (``key_`` and 16 hex digits) to tell keys apart in ``keys list``, in logs
+and for ``keys revoke``. The id is derived one way from the key's hash
+(``key_id_for``), so it carries no key material, and the same key has the same id in
+every store.
+
+Stores written by an older calltrace kept the first eight characters of the secret as
+the id (``ct_`` and those 8 characters); opening such a store replaces those ids with
+derived ones (the keys themselves keep working).
 """
 
 from __future__ import annotations
@@ -17,9 +24,18 @@ from typing import Any
 
 from collector.storage import open_sqlite
 
-__all__ = ["KeyRecord", "KeyStore", "PostgresKeyStore", "hash_key", "is_postgres_location"]
+__all__ = [
+    "KeyRecord",
+    "KeyStore",
+    "PostgresKeyStore",
+    "hash_key",
+    "is_postgres_location",
+    "key_id_for",
+]
 
 KEY_PREFIX = "ct_"
+"""Every key starts with it; so did the ids of older stores (``ct_`` + 8 secret chars)."""
+KEY_ID_PREFIX = "key_"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -33,7 +49,29 @@ CREATE TABLE IF NOT EXISTS api_keys (
 
 
 def hash_key(key: str) -> str:
+    """The SHA-256 (hex) of a key: all a store keeps of it."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def key_id_for(key_hash: str) -> str:
+    """The public id of the key whose ``hash_key`` is ``key_hash``: a second, domain-
+    separated SHA-256, so it reveals nothing of the key (nor is it a piece of the
+    stored hash); 64 bits, unique among any realistic number of keys."""
+    digest = hashlib.sha256(b"calltrace key id\x00" + key_hash.encode("ascii")).hexdigest()
+    return KEY_ID_PREFIX + digest[:16]
+
+
+def _new_key() -> tuple[str, str]:
+    """A new key and its hash."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    return key, hash_key(key)
+
+
+_OLD_IDS = (
+    f"SELECT key_id, key_hash FROM {{table}} WHERE substr(key_id, 1, {len(KEY_ID_PREFIX)})"
+    f" <> '{KEY_ID_PREFIX}'"
+)
+"""Rows whose id is not a derived one (an older calltrace's ``ct_`` + secret prefix)."""
 
 
 @dataclass(frozen=True)
@@ -57,18 +95,42 @@ class KeyStore:
         self._lock = threading.Lock()
         self._db = open_sqlite(self.path, busy_timeout_ms=5000)
         self._db.executescript(_SCHEMA)
+        self._migrate_ids()
+
+    def _migrate_ids(self) -> None:
+        """Give keys of an older store their derived ids, in one transaction, with the
+        old ids' bytes overwritten in the file (``secure_delete``, then a checkpoint that
+        empties the write-ahead log, which held them as written)."""
+        with self._lock:
+            old = self._db.execute(_OLD_IDS.format(table="api_keys")).fetchall()
+            if not old:
+                return
+            self._db.execute("PRAGMA secure_delete=ON")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(
+                        "UPDATE api_keys SET key_id = ? WHERE key_hash = ?",
+                        [(key_id_for(key_hash), key_hash) for _old_id, key_hash in old],
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                self._db.execute("PRAGMA secure_delete=OFF")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def create(self, project: str) -> tuple[str, KeyRecord]:
         """A new key for ``project``: returns the plaintext (shown once) and its record."""
         if not project or not project.strip():
             raise ValueError("project must not be empty")
-        secret = secrets.token_urlsafe(32)
-        key = KEY_PREFIX + secret
-        record = KeyRecord(KEY_PREFIX + secret[:8], project, time.time_ns(), None)
+        key, key_hash = _new_key()
+        record = KeyRecord(key_id_for(key_hash), project, time.time_ns(), None)
         with self._lock:
             self._db.execute(
                 "INSERT INTO api_keys (key_id, project, key_hash, created_ns) VALUES (?,?,?,?)",
-                (record.key_id, project, hash_key(key), record.created_ns),
+                (record.key_id, project, key_hash, record.created_ns),
             )
         return key, record
 
@@ -94,15 +156,16 @@ class KeyStore:
             rows = self._db.execute(query + " ORDER BY created_ns", args).fetchall()
         return [KeyRecord(*row) for row in rows]
 
-    def revoke(self, key_or_id: str) -> bool:
-        """Revoke by key id (as ``keys list`` shows it) or by the key itself."""
+    def revoke(self, key_or_id: str) -> str | None:
+        """Revoke by key id (as ``keys list`` shows it) or by the key itself; returns
+        the id of the key revoked, None when no active key matched."""
         with self._lock:
-            cursor = self._db.execute(
+            rows = self._db.execute(
                 "UPDATE api_keys SET revoked_ns = ? WHERE (key_id = ? OR key_hash = ?)"
-                " AND revoked_ns IS NULL",
+                " AND revoked_ns IS NULL RETURNING key_id",
                 (time.time_ns(), key_or_id, hash_key(key_or_id)),
-            )
-        return cursor.rowcount > 0
+            ).fetchall()
+        return str(rows[0][0]) if rows else None
 
     def close(self) -> None:
         self._db.close()
@@ -143,23 +206,34 @@ class PostgresKeyStore:
         try:
             await conn.execute("SELECT pg_advisory_lock(hashtext('calltrace-keys-schema'))")
             await conn.execute(_PG_SCHEMA.format(schema=self.schema))
+            await self._migrate_ids(conn)
             await conn.execute("SELECT pg_advisory_unlock(hashtext('calltrace-keys-schema'))")
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, timeout=10)
 
+    async def _migrate_ids(self, conn: Any) -> None:
+        """Give keys of an older store their derived ids (under the schema lock)."""
+        table = f"{self.schema}.api_keys"
+        old = await conn.fetch(_OLD_IDS.format(table=table))
+        if old:
+            async with conn.transaction():
+                await conn.executemany(
+                    f"UPDATE {table} SET key_id = $1 WHERE key_hash = $2",
+                    [(key_id_for(row["key_hash"]), row["key_hash"]) for row in old],
+                )
+
     async def create(self, project: str) -> tuple[str, KeyRecord]:
         if not project or not project.strip():
             raise ValueError("project must not be empty")
-        secret = secrets.token_urlsafe(32)
-        key = KEY_PREFIX + secret
-        record = KeyRecord(KEY_PREFIX + secret[:8], project, time.time_ns(), None)
+        key, key_hash = _new_key()
+        record = KeyRecord(key_id_for(key_hash), project, time.time_ns(), None)
         await self._pool.execute(
             f"INSERT INTO {self.schema}.api_keys (key_id, project, key_hash, created_ns)"
             " VALUES ($1, $2, $3, $4)",
             record.key_id,
             project,
-            hash_key(key),
+            key_hash,
             record.created_ns,
         )
         return key, record
@@ -182,15 +256,16 @@ class PostgresKeyStore:
         )
         return [KeyRecord(*row) for row in rows]
 
-    async def revoke(self, key_or_id: str) -> bool:
-        status = await self._pool.execute(
+    async def revoke(self, key_or_id: str) -> str | None:
+        """As ``KeyStore.revoke``."""
+        key_id = await self._pool.fetchval(
             f"UPDATE {self.schema}.api_keys SET revoked_ns = $1"
-            " WHERE (key_id = $2 OR key_hash = $3) AND revoked_ns IS NULL",
+            " WHERE (key_id = $2 OR key_hash = $3) AND revoked_ns IS NULL RETURNING key_id",
             time.time_ns(),
             key_or_id,
             hash_key(key_or_id),
         )
-        return status != "UPDATE 0"
+        return None if key_id is None else str(key_id)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -160,20 +160,37 @@ function showSpan(span, row) {
   events.replaceChildren(...(span.events || []).map((e) => el("li", {}, e.name + " " + JSON.stringify(e.attributes || {}))));
 }
 
+// A time of 0 is a time (spans of a clock that was never set start at the epoch).
+const hasTime = (ns) => ns !== null && ns !== undefined;
+
+// The trace's first start and last end as BigInt ns; spans without a time are skipped,
+// and with none at all the extent is [0, 0].
+function timeExtent(rows) {
+  const starts = rows.filter(([n]) => hasTime(n.start_ns)).map(([n]) => BigInt(n.start_ns));
+  const ends = rows.filter(([n]) => hasTime(n.end_ns)).map(([n]) => BigInt(n.end_ns));
+  const t0 = starts.reduce((a, b) => (b < a ? b : a), starts.length ? starts[0] : 0n);
+  const t1 = ends.reduce((a, b) => (b > a ? b : a), ends.length ? ends[0] : t0);
+  return [t0, t1 > t0 ? t1 : t0];
+}
+
+// A span's bar as percentages of the trace's extent: [left, width].
+function barGeometry(span, t0, total) {
+  if (!hasTime(span.start_ns)) return [0, 0];
+  const left = Number(BigInt(span.start_ns) - t0) / total * 100;
+  const width = hasTime(span.end_ns) ? Math.max(Number(BigInt(span.end_ns) - BigInt(span.start_ns)), 0) / total * 100 : 0;
+  return [left, width];
+}
+
 function renderWaterfall(tree, resources) {
   currentResources = resources || {};
   const rows = flatten(tree, 0, []);
   const box = $("#waterfall");
   box.replaceChildren();
   if (rows.length === 0) { box.append(el("p", {}, "No spans.")); return; }
-  const starts = rows.filter(([n]) => n.start_ns).map(([n]) => BigInt(n.start_ns));
-  const ends = rows.filter(([n]) => n.end_ns).map(([n]) => BigInt(n.end_ns));
-  const t0 = starts.reduce((a, b) => (b < a ? b : a));
-  const t1 = ends.reduce((a, b) => (b > a ? b : a));
+  const [t0, t1] = timeExtent(rows);
   const total = Math.max(Number(t1 - t0), 1);
   for (const [span, depth] of rows) {
-    const left = span.start_ns ? Number(BigInt(span.start_ns) - t0) / total * 100 : 0;
-    const width = span.end_ns && span.start_ns ? Number(BigInt(span.end_ns) - BigInt(span.start_ns)) / total * 100 : 0;
+    const [left, width] = barGeometry(span, t0, total);
     const cat = category(span);
     const label = el("div", { class: "wf-label", style: { paddingLeft: (depth * 14 + 4) + "px" }, title: span.name }, span.name);
     const track = el("div", { class: "wf-track" },
@@ -235,10 +252,16 @@ async function openTrace(traceId) {
 
 // ---- routing ------------------------------------------------------------------------
 
+// A piece of the URL hash, decoded; a malformed escape ("%", "%zz") is kept as typed
+// rather than thrown (the API then says what it makes of it).
+function decodeHashPart(part) {
+  try { return decodeURIComponent(part); } catch (e) { return part; }
+}
+
 async function route() {
   status("");
   const hash = location.hash || "#/calls";
-  const parts = hash.slice(2).split("/").map(decodeURIComponent);
+  const parts = hash.slice(2).split("/").map(decodeHashPart);
   try {
     if (parts[0] === "calls" && parts[1]) await openCall(parts[1]);
     else if (parts[0] === "traces" && parts[1]) await openTrace(parts[1]);

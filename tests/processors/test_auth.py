@@ -1,9 +1,13 @@
+import logging
+
+import aiohttp
 import pytest
 
 from collector import RequestInfo, UnauthenticatedError
 from collector.keys import KeyStore
 from processors.auth import AuthConfig, AuthProcessor, bearer_token
 from tests.processors._util import FakeTelemetryHost
+from tests.support import fixture_requests, pipeline_config
 
 
 @pytest.fixture
@@ -70,3 +74,44 @@ def test_bearer_token_parsing():
     assert bearer_token("Bearer abc") == "abc"
     assert bearer_token("bearer  abc ") == "abc"
     assert bearer_token("Token abc") is None
+
+
+async def test_no_log_line_or_metric_carries_key_material(
+    make_service, free_port, tmp_path, caplog
+):
+    """Requests with a valid, a revoked and an unknown key, ingest and query API, logged
+    with every log record captured: no piece of any key's secret appears in the logs,
+    /metrics, the answers or the key ids."""
+    caplog.set_level(logging.DEBUG)
+    port = free_port()
+    db = tmp_path / "calltrace.db"
+    store = KeyStore(db)
+    valid, _ = store.create("acme")
+    revoked, record = store.create("acme")
+    store.revoke(record.key_id)
+    unknown = "ct_" + "u" * 43
+    await make_service(pipeline_config(port, db))
+    base = f"http://127.0.0.1:{port}"
+    body = fixture_requests("livekit")[0].read_bytes()
+    seen: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        for key, expected in ((valid, 200), (revoked, 401), (unknown, 401)):
+            headers = {"Content-Type": "application/x-protobuf", "Authorization": f"Bearer {key}"}
+            async with session.post(f"{base}/v1/traces", data=body, headers=headers) as response:
+                assert response.status == expected
+                seen.append(repr(await response.read()))
+            async with session.get(
+                f"{base}/api/v1/calls", headers={"Authorization": f"Bearer {key}"}
+            ) as response:
+                assert response.status == expected
+                seen.append(await response.text())
+        async with session.get(f"{base}/metrics") as response:
+            seen.append(await response.text())
+    seen.append(caplog.text)
+    seen += [r.key_id for r in store.list()]
+    shown = "\n".join(seen)
+    assert "calltrace_receiver_accepted_spans" in shown  # the capture did capture
+    assert "calltrace started" in caplog.text
+    for key in (valid, revoked, unknown):
+        secret = key.removeprefix("ct_")
+        assert not [secret[i : i + 6] for i in range(len(secret) - 5) if secret[i : i + 6] in shown]
