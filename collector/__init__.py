@@ -18,6 +18,7 @@ from collector.components import (
     UnauthenticatedError,
 )
 from collector.exporterhelper import ExporterConfig, QueueSettings
+from collector.matching import AttributeMatch, SpanMatch, SpanMatcher, SpanPredicate, select
 from collector.spans import (
     CALL_ID_ATTRIBUTE,
     BatchEntry,
@@ -32,6 +33,7 @@ from collector.units import ByteSize, Duration
 
 __all__ = [
     "CALL_ID_ATTRIBUTE",
+    "AttributeMatch",
     "BatchEntry",
     "ByteSize",
     "ComponentConfig",
@@ -49,10 +51,14 @@ __all__ = [
     "RequestInfo",
     "RetryableError",
     "SpanBatch",
+    "SpanMatch",
+    "SpanMatcher",
+    "SpanPredicate",
     "UnauthenticatedError",
     "any_value_to_python",
     "get_attribute",
     "iter_spans",
     "remove_attribute",
+    "select",
     "set_attribute",
 ]
