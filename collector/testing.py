@@ -43,7 +43,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span, Status
 from collector.components import ComponentConfig, Exporter, Processor
 from collector.config import parse_config
 from collector.exporterhelper import ExporterConfig
-from collector.otlp_json import OTLPJSONError, decode_request
+from collector.otlp_json import INVALID_HEX_ID, OTLPJSONError, decode_request
 from collector.spans import SpanBatch, any_value_to_python, set_attribute
 from collector.telemetry import Telemetry
 
@@ -206,13 +206,26 @@ def load_batch(path: str | Path, project: str | None = None) -> SpanBatch:
     path = Path(path)
     body = path.read_bytes()
     if path.suffix == ".json":
+        # OTLP/JSON first; its ids are hex, so base64 ids (protobuf's JSON) are not read
+        # as ids there, and the file is then read as protobuf's JSON.
         try:
             request = decode_request(body)
         except OTLPJSONError:
+            request = None
+        if request is None or _has_unreadable_ids(request):
             request = json_format.Parse(body, ExportTraceServiceRequest())
     else:
         request = ExportTraceServiceRequest.FromString(body)
     return SpanBatch(list(request.resource_spans), project)
+
+
+def _has_unreadable_ids(request: ExportTraceServiceRequest) -> bool:
+    return any(
+        INVALID_HEX_ID in (span.trace_id, span.span_id, span.parent_span_id)
+        for rs in request.resource_spans
+        for scope_spans in rs.scope_spans
+        for span in scope_spans.spans
+    )
 
 
 def batch_from_sdk(spans: Sequence[Any], project: str | None = None) -> SpanBatch:
@@ -525,14 +538,18 @@ async def arun_pipeline(
     document = yaml.safe_load(config_yaml)
     if not isinstance(document, dict):
         raise ValueError("config_yaml: expected a YAML mapping")
-    document.setdefault("receivers", {"otlp": None})
-    receiver_ids = list(document["receivers"] or {"otlp": None})
+    if document.get("receivers") is None:
+        document["receivers"] = {}
     service_section = document.get("service")
     if isinstance(service_section, dict):
         service_section.setdefault("query", {"enabled": False})
-        for pipeline_config in (service_section.get("pipelines") or {}).values():
-            if isinstance(pipeline_config, dict):
-                pipeline_config.setdefault("receivers", receiver_ids[:1])
+        pipelines = service_section.get("pipelines") or {}
+        for index, pipeline_config in enumerate(pipelines.values()):
+            # A receiver feeds one pipeline: one (never started) for each that names none.
+            if isinstance(pipeline_config, dict) and "receivers" not in pipeline_config:
+                receiver_id = f"otlp/testing_{index}"
+                document["receivers"][receiver_id] = None
+                pipeline_config["receivers"] = [receiver_id]
     config = parse_config(document, environ=environ)
     service = Service(config)
     service.receivers.clear()  # batches go straight into the pipelines
