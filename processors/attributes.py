@@ -69,8 +69,8 @@ class AttributeAction(ComponentConfig):
 
 
 class AttributesConfig(ComponentConfig):
-    actions: list[AttributeAction] = Field(min_length=1)
-    """Applied in order to each chosen span (or resource)."""
+    actions: list[AttributeAction] = Field(default_factory=list)
+    """Applied in order to each chosen span (or resource). None by default."""
     include: SpanMatch | None = None
     """Act only on spans that match."""
     exclude: SpanMatch | None = None

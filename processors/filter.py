@@ -18,15 +18,14 @@ A span matches a block when every condition it gives holds: its name is one of
 between ``min_duration`` and ``max_duration``, its status is one of ``status``
 (``unset``, ``ok``, ``error``). Dropped spans are counted in
 ``calltrace_processor_dropped_spans``; scopes and resources left without spans go too,
-and a batch left empty is not passed on. Children of a dropped span keep their
+and a batch left empty is not passed on. Without ``include`` and ``exclude`` every
+span is kept. Children of a dropped span keep their
 ``parent_span_id`` (the explorer shows them under a missing parent).
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from pydantic import model_validator
 
 from collector import ComponentConfig, Host, Processor, SpanBatch, SpanMatch, select
 
@@ -39,12 +38,6 @@ class FilterConfig(ComponentConfig):
     exclude: SpanMatch | None = None
     """Drop spans that match."""
 
-    @model_validator(mode="after")
-    def _says_something(self) -> FilterConfig:
-        if self.include is None and self.exclude is None:
-            raise ValueError("give include, exclude or both (a filter without them keeps all)")
-        return self
-
 
 class FilterProcessor(Processor):
     type_name = "filter"
@@ -53,9 +46,7 @@ class FilterProcessor(Processor):
 
     def __init__(self, component_id: str, config: FilterConfig):
         super().__init__(component_id, config)
-        kept = select(config.include, config.exclude)
-        assert kept is not None  # FilterConfig requires include or exclude
-        self._kept = kept
+        self._kept = select(config.include, config.exclude)
         self._telemetry: Any = None
 
     async def start(self, host: Host) -> None:
@@ -63,6 +54,8 @@ class FilterProcessor(Processor):
 
     async def process(self, batch: SpanBatch) -> SpanBatch | None:
         kept_test = self._kept
+        if kept_test is None:  # neither include nor exclude: every span is kept
+            return batch
         dropped = 0
         kept_resources = []
         for rs in batch.resource_spans:

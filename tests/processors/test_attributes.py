@@ -176,7 +176,10 @@ def test_nothing_else_changes():
             },
             "processors.attributes.include: span_names[0]: not a valid regular expression",
         ),
-        ({"actions": []}, "processors.attributes.actions: list should have at least 1 item"),
+        (
+            {"actions": [{"key": "", "action": "delete"}]},
+            "processors.attributes.actions.0.key: string should have at least 1 character",
+        ),
     ],
 )
 def test_config_errors_name_the_yaml_path(settings, message):

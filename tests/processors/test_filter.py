@@ -109,6 +109,15 @@ def test_everything_dropped_passes_nothing_on():
     assert host.telemetry.value(DROPPED, processor="filter") == 5
 
 
+def test_the_default_config_keeps_everything():
+    before = _batch()
+    out = run_processor(FilterProcessor, None, before)
+    assert out is not None
+    assert [rs.SerializeToString() for rs in out.resource_spans] == [
+        rs.SerializeToString() for rs in before.resource_spans
+    ]
+
+
 def test_nothing_dropped_changes_nothing():
     before = _batch()
     out = run_processor(FilterProcessor, {"exclude": {"span_names": ["absent"]}}, before)
@@ -121,7 +130,6 @@ def test_nothing_dropped_changes_nothing():
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({}, "processors.filter: give include, exclude or both"),
         (
             {"include": {"status": ["failed"]}},
             "processors.filter.include.status.0: input should be",
