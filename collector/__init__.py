@@ -19,15 +19,19 @@ from collector.components import (
 )
 from collector.exporterhelper import ExporterConfig, QueueSettings
 from collector.matching import AttributeMatch, SpanMatch, SpanMatcher, SpanPredicate, select
+from collector.otlp_json import encode as encode_otlp_json
 from collector.spans import (
     CALL_ID_ATTRIBUTE,
     BatchEntry,
+    ResourceSpans,
+    Span,
     SpanBatch,
     any_value_to_python,
     get_attribute,
     iter_spans,
     remove_attribute,
     set_attribute,
+    span_count,
 )
 from collector.units import ByteSize, Duration
 
@@ -49,16 +53,20 @@ __all__ = [
     "Receiver",
     "RefusedError",
     "RequestInfo",
+    "ResourceSpans",
     "RetryableError",
+    "Span",
     "SpanBatch",
     "SpanMatch",
     "SpanMatcher",
     "SpanPredicate",
     "UnauthenticatedError",
     "any_value_to_python",
+    "encode_otlp_json",
     "get_attribute",
     "iter_spans",
     "remove_attribute",
     "select",
     "set_attribute",
+    "span_count",
 ]
