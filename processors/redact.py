@@ -169,9 +169,17 @@ class RedactConfig(ComponentConfig):
         return self
 
 
-def _key_test(globs: list[str]) -> Callable[[str], bool]:
+def _combined(names: list[str]) -> re.Pattern[str] | None:
+    """One expression trying the named built-in patterns in turn at each position; the
+    name of what matched is ``match.lastgroup`` (the patterns have no groups of their own)."""
+    if not names:
+        return None
+    return re.compile("|".join(f"(?P<{n}>{BUILTIN_PATTERNS[n][0].pattern})" for n in names))
+
+
+def _key_test(globs: list[str]) -> Callable[[str], bool] | None:
     if not globs:
-        return lambda key: False
+        return None
     exact = frozenset(g for g in globs if not any(c in g for c in "*?["))
     compiled = [re.compile(fnmatch.translate(g)) for g in globs if g not in exact]
     return lambda key: key in exact or any(p.match(key) for p in compiled)
@@ -184,13 +192,13 @@ class RedactProcessor(Processor):
 
     def __init__(self, component_id: str, config: RedactConfig):
         super().__init__(component_id, config)
-        chosen = set(config.patterns)
-        self._patterns = [
-            (name, regex, check)
-            for name, (regex, check) in BUILTIN_PATTERNS.items()
-            if name in chosen
-        ] + [(p.name, re.compile(p.regex), None) for p in config.custom_patterns]
-        self._masks = {name: config.mask.format(pattern=name) for name, _, _ in self._patterns}
+        chosen = [name for name in BUILTIN_PATTERNS if name in config.patterns]
+        self._email = _combined(["email"]) if "email" in chosen else None
+        self._numbers = _combined([name for name in chosen if name != "email"])
+        self._phone_alone = _combined(["phone"]) if "phone" in chosen else None
+        self._custom = [(p.name, re.compile(p.regex)) for p in config.custom_patterns]
+        self._patterns = chosen + [p.name for p in config.custom_patterns]
+        self._masks = {name: config.mask.format(pattern=name) for name in self._patterns}
         self._denied_mask = config.mask.format(pattern="denied")
         self._allowed = _key_test(config.allow_keys)
         self._denied = _key_test(config.deny_keys)
@@ -200,6 +208,9 @@ class RedactProcessor(Processor):
         self._active = bool(self._patterns or config.deny_keys)
         self._counts: dict[str, int] = {}
         self._counter: Any = None
+        # Outcomes by text: agents repeat the same resource attributes, prompts and
+        # system instructions in request after request.
+        self._outcomes: dict[str, tuple[str, tuple[tuple[str, int], ...]]] = {}
 
     async def start(self, host: Host) -> None:
         self._counter = host.telemetry.counter(
@@ -212,21 +223,62 @@ class RedactProcessor(Processor):
         """``text`` with every match of the configured patterns masked (and counted)."""
         if not self._always_scan and not _MAY_MATCH(text):
             return text
-        for name, regex, check in self._patterns:
+        known = self._outcomes.get(text)
+        if known is None:
+            known = self._scan(text)
+            if len(text) <= _OUTCOME_TEXT_LIMIT:
+                if len(self._outcomes) >= _OUTCOMES_LIMIT:
+                    self._outcomes.clear()
+                self._outcomes[text] = known
+        redacted, masked = known
+        for name, count in masked:
+            self._counts[name] = self._counts.get(name, 0) + count
+        return redacted
+
+    def _scan(self, text: str) -> tuple[str, tuple[tuple[str, int], ...]]:
+        counts: dict[str, int] = {}
+        if self._email is not None and "@" in text:
+            text = self._email.sub(lambda match: self._replace_builtin(match, counts), text)
+        if self._numbers is not None:
+            text = self._mask_numbers(text, counts)
+        for name, regex in self._custom:
             mask = self._masks[name]
-            masked = 0
-
-            def replace(match: re.Match[str], mask: str = mask, check: Any = check) -> str:
-                nonlocal masked
-                if check is not None and not check(match.group(0)):
-                    return match.group(0)
-                masked += 1
-                return mask
-
-            text = regex.sub(replace, text)
+            text, masked = regex.subn(lambda _, mask=mask: mask, text)  # type: ignore[misc]
             if masked:
-                self._counts[name] = self._counts.get(name, 0) + masked
-        return text
+                counts[name] = counts.get(name, 0) + masked
+        return text, tuple(counts.items())
+
+    def _mask_numbers(self, text: str, counts: dict[str, int]) -> str:
+        """What ``self._numbers.sub`` would make of ``text``, searched only in the runs of
+        digits and separators (``_NUMBER_RUN``) that every phone and card number lies in,
+        so long texts are not searched at every position. The search reaches 2
+        characters past a run, all that the patterns' lookahead reads."""
+        numbers = self._numbers
+        assert numbers is not None
+        parts: list[str] = []
+        last = 0
+        for run in _NUMBER_RUN.finditer(text):
+            start, end = run.span()
+            for match in numbers.finditer(text, start, min(len(text), end + 2)):
+                parts += (text[last : match.start()], self._replace_builtin(match, counts))
+                last = match.end()
+        if not parts:
+            return text
+        parts.append(text[last:])
+        return "".join(parts)
+
+    def _replace_builtin(self, match: re.Match[str], counts: dict[str, int]) -> str:
+        name = match.lastgroup
+        assert name is not None
+        found = match.group(0)
+        check = BUILTIN_PATTERNS[name][1]
+        if check is None or check(found):
+            counts[name] = counts.get(name, 0) + 1
+            return self._masks[name]
+        if name == "payment_card" and self._phone_alone is not None:
+            # Not a card (Luhn): its digits may still hold a phone number.
+            return self._phone_alone.sub(lambda inner: self._replace_builtin(inner, counts), found)
+        return found
 
     def _redact_value(self, value: Any) -> None:
         """Masks the strings of one ``AnyValue`` in place, arrays and maps included."""
@@ -243,12 +295,12 @@ class RedactProcessor(Processor):
             self._redact_attributes(value.kvlist_value.values)
 
     def _redact_attributes(self, attributes: MutableSequence[Any]) -> None:
+        allowed, denied = self._allowed, self._denied
         denied_indexes = []
         for index, kv in enumerate(attributes):
-            key = kv.key
-            if self._allowed(key):
+            if allowed is not None and allowed(kv.key):
                 continue
-            if self._denied(key):
+            if denied is not None and denied(kv.key):
                 denied_indexes.append(index)
                 continue
             self._redact_value(kv.value)
@@ -295,3 +347,10 @@ class RedactProcessor(Processor):
 
 
 _MAY_MATCH = re.compile(r"[\d@]").search
+_NUMBER_RUN = re.compile(r"[+(]?\d[\d ().-]{5,}\d")
+"""Where a phone or card number may be: 7 or more characters of digits and separators,
+starting (after an optional "+" or "(") and ending with a digit."""
+_OUTCOMES_LIMIT = 4096
+"""Texts whose outcome one processor remembers before it starts over."""
+_OUTCOME_TEXT_LIMIT = 1024
+"""Longer texts (a whole conversation) are rarely seen twice and are not remembered."""

@@ -387,3 +387,13 @@ service:
     assert b"[REDACTED:payment_card]" in stored
     assert b"4111 1111 1111 1111" not in stored
     assert b"jane.doe" not in stored
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="0123456789 ().-+/,abc\n", max_size=60))
+def test_searching_number_runs_only_finds_what_a_whole_search_finds(text):
+    """The processor searches for phone and card numbers only in runs of digits and
+    separators; a search of the whole text finds exactly the same."""
+    processor = RedactProcessor("redact", RedactConfig(patterns=["phone", "payment_card"]))
+    whole = processor._numbers.sub(lambda m: processor._replace_builtin(m, {}), text)
+    assert processor._mask_numbers(text, {}) == whole
