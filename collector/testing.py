@@ -216,6 +216,7 @@ def load_batch(path: str | Path, project: str | None = None) -> SpanBatch:
             request = json_format.Parse(body, ExportTraceServiceRequest())
     else:
         request = ExportTraceServiceRequest.FromString(body)
+        return SpanBatch.from_received(list(request.resource_spans), body, project)
     return SpanBatch(list(request.resource_spans), project)
 
 
@@ -242,24 +243,24 @@ def batch_from_sdk(spans: Sequence[Any], project: str | None = None) -> SpanBatc
 
 
 def copy_batch(batch: SpanBatch) -> SpanBatch:
-    """A deep copy of a batch's messages, project and metadata."""
-    copies = []
-    for rs in batch.resource_spans:
-        copy = ResourceSpans()
-        copy.CopyFrom(rs)
-        copies.append(copy)
-    return SpanBatch(copies, batch.project, dict(batch.metadata))
+    """A deep copy of a batch (messages, project, metadata), made as a receiver makes a
+    batch of a request: parsed from the batch's bytes, which the copy keeps as its
+    received bytes, so processors and exporters under test take the same paths as in a
+    running collector. Reading ``batch`` through ``serialize`` leaves it as it was."""
+    body = batch.serialize()
+    messages = list(ExportTraceServiceRequest.FromString(body).resource_spans)
+    return SpanBatch.from_received(messages, body, batch.project, dict(batch.metadata))
 
 
 def _as_batch(item: SpanBatch | ExportTraceServiceRequest | bytes) -> SpanBatch:
     if isinstance(item, SpanBatch):
         return item
     if isinstance(item, ExportTraceServiceRequest):
-        return SpanBatch(
-            list(ExportTraceServiceRequest.FromString(item.SerializeToString()).resource_spans)
-        )
+        item = item.SerializeToString()
     if isinstance(item, bytes | bytearray | memoryview):
-        return SpanBatch(list(ExportTraceServiceRequest.FromString(bytes(item)).resource_spans))
+        body = bytes(item)
+        messages = list(ExportTraceServiceRequest.FromString(body).resource_spans)
+        return SpanBatch.from_received(messages, body)
     raise TypeError(
         f"expected a SpanBatch, an ExportTraceServiceRequest or its bytes, got {type(item).__name__}"
     )
@@ -415,8 +416,9 @@ async def arun_processor(
         return None
     if len(forwarded) == 1:
         return forwarded[0]
-    merged = [rs for out in forwarded for rs in out.resource_spans]
-    return SpanBatch(merged, forwarded[0].project, dict(forwarded[0].metadata))
+    merged = SpanBatch.merge(forwarded, forwarded[0].project)
+    merged.metadata = dict(forwarded[0].metadata)
+    return merged
 
 
 def run_processor(
@@ -446,7 +448,7 @@ async def arun_exporter(
     await instance.start(host or FakeHost())
     try:
         for batch in items:
-            await instance.export(_for_exporter(instance, copy_batch(batch)))
+            await instance.export(copy_batch(batch))
     finally:
         await instance.shutdown()
     return instance
@@ -462,13 +464,6 @@ def run_exporter(
 ) -> Exporter:
     """``arun_exporter`` in an event loop of its own."""
     return _run(arun_exporter(exporter, config, batches, host=host, component_id=component_id))
-
-
-def _for_exporter(exporter: Exporter, batch: SpanBatch) -> SpanBatch:
-    # An exporter that reads serialized batches gets the bytes too, as its queue gives them.
-    if getattr(exporter, "serialized_batches", False) and hasattr(batch, "payload"):
-        batch.payload = batch.serialize()
-    return batch
 
 
 def _run(coroutine: Awaitable[T]) -> T:
@@ -496,7 +491,7 @@ class InMemoryExporter(Exporter):
         self.batches: list[SpanBatch] = []
 
     async def export(self, batch: SpanBatch) -> None:
-        self.batches.append(copy_batch(SpanBatch(_messages(batch), batch.project)))
+        self.batches.append(copy_batch(batch))
 
     @property
     def resource_spans(self) -> list[ResourceSpans]:
@@ -591,17 +586,11 @@ def _recording(
     export = exporter.export
 
     async def recording_export(batch: SpanBatch) -> None:
-        # Copied before the exporter runs (it may consume the messages); kept once it
+        # Copied from the batch's bytes before the exporter runs (``serialize`` marks
+        # nothing as edited, so the exporter's path is unchanged); kept once the export
         # succeeded, so a retried batch is recorded once.
-        copied = copy_batch(SpanBatch(_messages(batch), batch.project))
+        copied = copy_batch(batch)
         await export(batch)
         into.extend(exported_spans(copied.resource_spans))
 
     return recording_export
-
-
-def _messages(batch: SpanBatch) -> list[ResourceSpans]:
-    # An exporter's batch holds its messages in ``resource_spans``; ``messages()``
-    # also parses them where a queue handed over bytes only.
-    messages = getattr(batch, "messages", None)
-    return list(messages()) if messages is not None else list(batch.resource_spans)

@@ -137,6 +137,13 @@ class AttributesProcessor(Processor):
 
     async def process(self, batch: SpanBatch) -> SpanBatch | None:
         selected = self._selected
+        if not self._span_edits and selected is None:
+            # Resources only: the spans are not handed out, so their received bytes stay.
+            for entry in batch.entries():
+                attributes = entry.resource.attributes
+                for edit in self._resource_edits:
+                    edit(attributes)
+            return batch
         for rs in batch.resource_spans:
             resource = rs.resource
             chosen = selected is None

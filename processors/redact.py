@@ -319,11 +319,16 @@ class RedactProcessor(Processor):
         if not self._active:
             return batch
         config = self.config
+        if not (config.spans or config.events):
+            # Resources only: the spans are not handed out, so their received bytes stay.
+            if config.resources:
+                for entry in batch.entries():
+                    self._redact_attributes(entry.resource.attributes)
+            self._flush_counts()
+            return batch
         for rs in batch.resource_spans:
             if config.resources:
                 self._redact_attributes(rs.resource.attributes)
-            if not (config.spans or config.events):
-                continue
             for span in iter_spans(rs):
                 if config.spans:
                     self._redact_attributes(span.attributes)

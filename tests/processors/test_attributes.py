@@ -221,3 +221,37 @@ service:
     for exporter_id in ("memory/a", "memory/b"):
         spans = {span.name: span for span in result[exporter_id]}
         assert_attribute(spans["tts_request"], "lk.pii.input_text", digest)
+
+
+def test_resource_only_actions_on_received_requests(tmp_path):
+    """Resource actions without a match leave the spans as received (their bytes are
+    written out again); every exporter stores the edited resources and the same spans."""
+    from collector.testing import load_batch
+    from tests.support import fixture_requests
+
+    batches = [load_batch(path, project="p1") for path in fixture_requests("livekit")]
+    expected = [span for batch in batches for span in exported_spans(batch.resource_spans)]
+    result = run_pipeline(
+        f"""
+processors:
+  attributes:
+    actions:
+      - {{key: deployment.region, action: upsert, value: eu, context: resource}}
+      - {{key: service.name, action: hash, context: resource}}
+exporters:
+  memory: {{type: "collector.testing:InMemoryExporter"}}
+  file: {{path: "{tmp_path / "out.jsonl"}"}}
+service:
+  pipelines:
+    traces: {{processors: [attributes], exporters: [memory, file]}}
+""",
+        batches,
+    )
+    for exporter_id in ("memory", "file"):
+        got = result[exporter_id]
+        assert [s.span for s in got] == [s.span for s in expected], exporter_id
+        for span in got:
+            assert_attribute(span.resource, "deployment.region", "eu")
+            assert_attribute(
+                span.resource, "service.name", hash_value("livekit-voice-agent-fixture")
+            )

@@ -210,6 +210,13 @@ def test_arrays_maps_events_and_resources():
     assert event.name == "sent to [REDACTED:email]"
     assert_attribute(event, "exception.message", "no route to [REDACTED:phone]")
 
+    # resources only: the spans stay as they came
+    resources_only = run_processor(RedactProcessor, {**ALL, "events": False, "spans": False}, batch)
+    assert resources_only is not None
+    (kept,) = exported_spans(resources_only.resource_spans)
+    assert kept.span == exported_spans(batch.resource_spans)[0].span
+    assert_attribute(kept.resource, "owner", "[REDACTED:email]")
+
     # each scope can be turned off
     off = run_processor(
         RedactProcessor, {**ALL, "events": False, "resources": False, "spans": False}, batch
