@@ -87,3 +87,22 @@ def test_the_span_match_block_validates():
 
     block = next(text for kind, text in BLOCKS if kind == "yaml" and "match_type" in text)
     SpanMatch.model_validate(yaml.safe_load(block)["include"])
+
+
+def test_the_entries_example_drops_and_edits_resources():
+    namespace: dict = {}
+    exec(
+        next(code for kind, code in BLOCKS if kind == "python" and "DropTestTraffic" in code),
+        namespace,
+    )
+    batch = make_batch(
+        [
+            {"resource": {"deployment.environment": "test"}, "spans": [{"name": "a"}]},
+            {"resource": {"deployment.environment": "prod"}, "spans": [{"name": "b"}]},
+        ]
+    )
+    out = run_processor(namespace["DropTestTraffic"], None, batch)
+    assert out is not None
+    (kept,) = out.resource_spans
+    assert_attribute(kept, "calltrace.checked", True)
+    assert kept.scope_spans[0].spans[0].name == "b"
