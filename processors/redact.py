@@ -203,7 +203,6 @@ class RedactProcessor(Processor):
         self._allowed = _key_test(config.allow_keys)
         self._denied = _key_test(config.deny_keys)
         self._remove_denied = config.deny_action == "remove"
-        # Built-in patterns need a digit or an "@"; custom ones are always tried.
         self._always_scan = bool(config.custom_patterns)
         self._active = bool(self._patterns or config.deny_keys)
         self._counts: dict[str, int] = {}
@@ -221,11 +220,12 @@ class RedactProcessor(Processor):
 
     def redact_text(self, text: str) -> str:
         """``text`` with every match of the configured patterns masked (and counted)."""
-        if not self._always_scan and not _MAY_MATCH(text):
-            return text
         known = self._outcomes.get(text)
         if known is None:
-            known = self._scan(text)
+            if not self._always_scan and not _MAY_MATCH(text):
+                known = (text, ())  # built-in patterns all need a digit or an "@"
+            else:
+                known = self._scan(text)
             if len(text) <= _OUTCOME_TEXT_LIMIT:
                 if len(self._outcomes) >= _OUTCOMES_LIMIT:
                     self._outcomes.clear()
