@@ -106,3 +106,19 @@ def test_the_entries_example_drops_and_edits_resources():
     (kept,) = out.resource_spans
     assert_attribute(kept, "calltrace.checked", True)
     assert kept.scope_spans[0].spans[0].name == "b"
+
+
+def test_the_readme_processor_example_validates():
+    readme = (ROOT / "README.md").read_text()
+    block = next(
+        text
+        for kind, text in re.findall(r"```(\w+)\n(.*?)```", readme, re.S)
+        if kind == "yaml" and "redact:" in text and "filter:" in text
+    )
+    document = yaml.safe_load(block)
+    document["receivers"] = {"otlp": None}
+    document["exporters"] = {"sqlite": None}
+    for name in ("auth", "skip", "correlate", "batch"):
+        document["processors"][name] = None
+    config = parse_config(document)
+    assert {"redact", "filter", "attributes"} <= set(config.processors)
