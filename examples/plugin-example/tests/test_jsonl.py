@@ -2,6 +2,7 @@ import json
 
 import pytest
 from collector.testing import make_batch, run_exporter, run_pipeline
+from pydantic import ValidationError
 
 from calltrace_plugin_example.jsonl import JSONLinesExporter
 
@@ -35,5 +36,5 @@ service:
 
 
 def test_bad_config_is_refused():
-    with pytest.raises(Exception, match="path"):
+    with pytest.raises(ValidationError, match="path"):
         run_exporter(JSONLinesExporter, {}, [])
