@@ -1,6 +1,7 @@
 """calltrace: an OpenTelemetry trace collector for voice-AI agents.
 
-The public plugin API is re-exported here; see ``collector.pipeline`` for the shape.
+The public plugin API is re-exported here (``docs/plugins.md`` is its guide; see
+``collector.pipeline`` for the shape); ``collector.testing`` is the plugin test kit.
 """
 
 from collector.components import (
