@@ -72,6 +72,9 @@ T = TypeVar("T")
 BASE_TIME_NS = 1_800_000_000_000_000_000
 """Where ``make_batch`` starts spans that give no start time (2027-01-15)."""
 
+_TESTING_RECEIVER = "otlp/calltrace_testing"
+"""The receiver ``run_pipeline`` gives pipelines that name none (never started)."""
+
 _KINDS = {
     "unspecified": Span.SPAN_KIND_UNSPECIFIED,
     "internal": Span.SPAN_KIND_INTERNAL,
@@ -539,12 +542,15 @@ async def arun_pipeline(
     if isinstance(service_section, dict):
         service_section.setdefault("query", {"enabled": False})
         pipelines = service_section.get("pipelines") or {}
-        for index, pipeline_config in enumerate(pipelines.values()):
-            # A receiver feeds one pipeline: one (never started) for each that names none.
+        for pipeline_config in pipelines.values():
+            # Pipelines that name no receiver get one that is never started (its port 0
+            # clashes with no listener of the YAML's own receivers).
             if isinstance(pipeline_config, dict) and "receivers" not in pipeline_config:
-                receiver_id = f"otlp/testing_{index}"
-                document["receivers"][receiver_id] = None
-                pipeline_config["receivers"] = [receiver_id]
+                document["receivers"][_TESTING_RECEIVER] = {
+                    "type": "otlp",
+                    "protocols": {"http": {"endpoint": "127.0.0.1:0"}},
+                }
+                pipeline_config["receivers"] = [_TESTING_RECEIVER]
     config = parse_config(document, environ=environ)
     service = Service(config)
     service.receivers.clear()  # batches go straight into the pipelines
