@@ -1,6 +1,7 @@
 """calltrace: an OpenTelemetry trace collector for voice-AI agents.
 
-The public plugin API is re-exported here; see ``collector.pipeline`` for the shape.
+The public plugin API is re-exported here (``docs/plugins.md`` is its guide; see
+``collector.pipeline`` for the shape); ``collector.testing`` is the plugin test kit.
 """
 
 from collector.components import (
@@ -18,20 +19,26 @@ from collector.components import (
     UnauthenticatedError,
 )
 from collector.exporterhelper import ExporterConfig, QueueSettings
+from collector.matching import AttributeMatch, SpanMatch, SpanMatcher, SpanPredicate, select
+from collector.otlp_json import encode as encode_otlp_json
 from collector.spans import (
     CALL_ID_ATTRIBUTE,
     BatchEntry,
+    ResourceSpans,
+    Span,
     SpanBatch,
     any_value_to_python,
     get_attribute,
     iter_spans,
     remove_attribute,
     set_attribute,
+    span_count,
 )
 from collector.units import ByteSize, Duration
 
 __all__ = [
     "CALL_ID_ATTRIBUTE",
+    "AttributeMatch",
     "BatchEntry",
     "ByteSize",
     "ComponentConfig",
@@ -47,12 +54,20 @@ __all__ = [
     "Receiver",
     "RefusedError",
     "RequestInfo",
+    "ResourceSpans",
     "RetryableError",
+    "Span",
     "SpanBatch",
+    "SpanMatch",
+    "SpanMatcher",
+    "SpanPredicate",
     "UnauthenticatedError",
     "any_value_to_python",
+    "encode_otlp_json",
     "get_attribute",
     "iter_spans",
     "remove_attribute",
+    "select",
     "set_attribute",
+    "span_count",
 ]

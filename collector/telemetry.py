@@ -15,6 +15,7 @@ __all__ = ["PipelineTelemetry", "Telemetry"]
 class Telemetry:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._counters: dict[str, Counter] = {}
         r = self.registry
         self.receiver_accepted = Counter(
             "calltrace_receiver_accepted_spans",
@@ -135,6 +136,17 @@ class Telemetry:
         """This telemetry as a pipeline's processors report to it: their metrics carry
         the ``pipeline`` label (a processor is one instance per pipeline)."""
         return PipelineTelemetry(self, pipeline)
+
+    def counter(self, name: str, documentation: str, labels: list[str]) -> Counter:
+        """A counter of this service's registry, made on first use: components that
+        count something of their own (``redact``: values masked, by pattern) ask for it
+        in ``start``; two instances asking for one name share it. ``name`` should start
+        with ``calltrace_`` and name the thing counted."""
+        existing = self._counters.get(name)
+        if existing is not None:
+            return existing
+        made = self._counters[name] = Counter(name, documentation, labels, registry=self.registry)
+        return made
 
     def value(self, name: str, **labels: str) -> float:
         """The sum of the samples called ``name`` whose labels include ``labels`` (0 if

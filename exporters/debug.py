@@ -10,8 +10,14 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from collector import CALL_ID_ATTRIBUTE, Exporter, ExporterConfig, SpanBatch, get_attribute
-from collector.spans import iter_spans
+from collector import (
+    CALL_ID_ATTRIBUTE,
+    Exporter,
+    ExporterConfig,
+    SpanBatch,
+    get_attribute,
+    iter_spans,
+)
 
 __all__ = ["DebugConfig", "DebugExporter"]
 

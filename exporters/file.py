@@ -12,9 +12,9 @@ import asyncio
 from pathlib import Path
 from typing import IO
 
-from collector import Exporter, ExporterConfig, Host, SpanBatch, set_attribute
-from collector.otlp_json import encode_request
-from collector.spans import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from collector import Exporter, ExporterConfig, Host, SpanBatch, encode_otlp_json, set_attribute
 
 __all__ = ["FileConfig", "FileExporter"]
 
@@ -49,7 +49,7 @@ class FileExporter(Exporter):
         if batch.project is not None:
             for rs in request.resource_spans:
                 set_attribute(rs.resource.attributes, PROJECT_ATTRIBUTE, batch.project)
-        return encode_request(request) + b"\n"
+        return encode_otlp_json(request) + b"\n"
 
     def _write(self, line: bytes) -> None:
         assert self._file is not None

@@ -1,0 +1,1 @@
+"""An example calltrace plugin: the ``tag_region`` processor and the ``jsonl`` exporter."""
