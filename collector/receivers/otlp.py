@@ -184,6 +184,12 @@ class OTLPReceiver(Receiver):
 
                 ingest = TraceIngest(self.id, "grpc", self.consumer, host.telemetry)
                 self.grpc = GRPCListener(self.id, protocols.grpc, ingest)
+                self.grpc.serve_traces = "traces" in self.consumers
+                self.grpc.signal_ingests = {
+                    signal: SignalIngest(signal, self.id, "grpc", consumer, host.telemetry)
+                    for signal, consumer in self.consumers.items()
+                    if signal != "traces"
+                }
                 await self.grpc.start()
         except BaseException:
             await self.shutdown()  # close a listener that did start

@@ -209,3 +209,59 @@ def test_config_refuses_a_component_in_a_pipeline_of_another_signal(tmp_path):
         parse_config(config)
     assert "service.pipelines.logs.processors[1]: 'batch' does not handle logs" in str(caught.value)
     assert "service.pipelines.bogus: expected a pipeline named" in str(caught.value)
+
+
+def emit_over_grpc(endpoint: str, key: str) -> None:
+    """The SDK's OTLP/gRPC log and metric exporters."""
+    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    headers = (("authorization", f"Bearer {key}"),)
+    logger_provider = LoggerProvider()
+    logger_provider.add_log_record_processor(
+        SimpleLogRecordProcessor(OTLPLogExporter(endpoint=endpoint, insecure=True, headers=headers))
+    )
+    logger_provider.get_logger("grpc-client").emit(
+        body="over grpc", attributes={"room_id": ROOM}, severity_text="INFO"
+    )
+    logger_provider.shutdown()
+    reader = PeriodicExportingMetricReader(
+        OTLPMetricExporter(endpoint=endpoint, insecure=True, headers=headers),
+        export_interval_millis=60_000,
+    )
+    meter_provider = MeterProvider(metric_readers=[reader])
+    meter_provider.get_meter("grpc-client").create_counter("calls").add(3, {"room_id": ROOM})
+    meter_provider.shutdown()
+
+
+async def test_grpc_logs_and_metrics_services(tmp_path):
+    db = tmp_path / "calltrace.db"
+    config = signals_config(free_port(), db)
+    grpc_port = free_port()
+    config["receivers"]["otlp"]["protocols"]["grpc"] = {"endpoint": f"127.0.0.1:{grpc_port}"}
+    async with running_service(config):
+        await asyncio.to_thread(emit_over_grpc, f"127.0.0.1:{grpc_port}", KEY)
+        call_id = call_id_for("acme", ROOM)
+        assert await eventually(lambda: query(db, "SELECT body, call_id FROM log_records")) == [
+            ('"over grpc"', call_id)
+        ]
+        assert await eventually(
+            lambda: query(db, "SELECT name, value, call_id FROM metric_points")
+        ) == [("calls", 3.0, call_id)]
+
+
+async def test_a_receiver_in_a_logs_pipeline_only_takes_no_traces(tmp_path):
+    db = tmp_path / "calltrace.db"
+    port = free_port()
+    config = signals_config(port, db)
+    del config["service"]["pipelines"]["traces"]
+    async with running_service(config), aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/x-protobuf"}
+        async with http.post(f"http://127.0.0.1:{port}/v1/traces", headers=headers) as response:
+            assert response.status in (404, 405)
+        async with http.post(f"http://127.0.0.1:{port}/v1/logs", headers=headers) as response:
+            assert response.status == 200
