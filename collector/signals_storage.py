@@ -261,6 +261,112 @@ def metric_rows(
     return rows
 
 
+LOG_SELECT = (
+    "time_ns, observed_ns, severity_number, severity_text, body, attributes, trace_id,"
+    " span_id, scope, scope_attributes, resource, room_id, job_id"
+)
+METRIC_SELECT = (
+    "name, kind, unit, description, temporality, monotonic, attributes, start_ns, time_ns,"
+    " value, count, sum, min, max, bucket_counts, explicit_bounds, scope, room_id, job_id"
+)
+RECORDING_SELECT = (
+    "room_id, job_id, received_ns, start_ns, duration_ms, header, session_summary,"
+    " chat_history, audio_path, audio_size, audio_sha256"
+)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def log_dict(row: Any) -> dict[str, Any]:
+    """A log record as the query API answers it, from a ``LOG_SELECT`` row."""
+    return {
+        "time_unix_nano": row[0],
+        "observed_time_unix_nano": row[1],
+        "severity_number": row[2],
+        "severity_text": row[3],
+        "body": _loads(row[4]),
+        "attributes": json.loads(row[5]),
+        "trace_id": row[6],
+        "span_id": row[7],
+        "scope": row[8],
+        "scope_attributes": json.loads(row[9]),
+        "resource": json.loads(row[10]),
+        "room_id": row[11],
+        "job_id": row[12],
+    }
+
+
+def metric_dict(row: Any) -> dict[str, Any]:
+    """A metric point as the query API answers it, from a ``METRIC_SELECT`` row."""
+    point: dict[str, Any] = {
+        "name": row[0],
+        "kind": row[1],
+        "unit": row[2],
+        "description": row[3],
+        "aggregation_temporality": row[4],
+        "is_monotonic": None if row[5] is None else bool(row[5]),
+        "attributes": json.loads(row[6]),
+        "start_time_unix_nano": row[7],
+        "time_unix_nano": row[8],
+        "scope": row[16],
+        "room_id": row[17],
+        "job_id": row[18],
+    }
+    if row[1] in ("gauge", "sum"):
+        point["value"] = row[9]
+    else:
+        point.update(count=row[10], sum=row[11], min=row[12], max=row[13])
+        if row[14] is not None:
+            point["bucket_counts"] = json.loads(row[14])
+            point["explicit_bounds"] = json.loads(row[15])
+    return point
+
+
+def recording_dict(row: Any) -> dict[str, Any]:
+    """A recording's details, from a ``RECORDING_SELECT`` row."""
+    return {
+        "room_id": row[0],
+        "job_id": row[1],
+        "received_ns": row[2],
+        "start_time_unix_nano": row[3],
+        "duration_ms": row[4],
+        "header": json.loads(row[5]),
+        "session_summary": _loads(row[6]),
+        "chat_history": _loads(row[7]),
+        "audio_path": row[8],
+        "audio_size": row[9],
+        "audio_sha256": row[10],
+    }
+
+
+def recording_row(recording: Recording, audio_path: Path | None) -> tuple[Any, ...]:
+    """A ``recordings`` row, in ``RECORDING_COLUMNS`` order."""
+    audio = recording.audio
+    return (
+        recording.project,
+        recording.room_id,
+        recording.job_id,
+        recording.call_id,
+        recording.received_ns,
+        recording.start_ns,
+        recording.duration_ms,
+        _json(recording.header),
+        None if recording.session_summary is None else _json(recording.session_summary),
+        None if recording.chat_history is None else _json(recording.chat_history),
+        None if audio_path is None else str(audio_path),
+        None if audio is None else len(audio),
+        None if audio is None else hashlib.sha256(audio).hexdigest(),
+    )
+
+
+RECORDING_COLUMNS = (
+    "project, room_id, job_id, call_id, received_ns, start_ns, duration_ms, header,"
+    " session_summary, chat_history, audio_path, audio_size, audio_sha256"
+)
+
+
 @dataclass
 class Recording:
     """One session upload (livekit-agents' ``/observability/recordings/v0``), checked
@@ -282,11 +388,11 @@ class Recording:
         return call_id_for(self.project, self.room_id)
 
 
-_LOG_COLUMNS = (
+LOG_COLUMNS = (
     "record_key, project, call_id, room_id, job_id, time_ns, observed_ns, severity_number,"
     " severity_text, body, attributes, trace_id, span_id, scope, scope_attributes, resource"
 )
-_METRIC_COLUMNS = (
+METRIC_COLUMNS = (
     "point_key, project, call_id, room_id, job_id, name, kind, unit, description,"
     " temporality, monotonic, attributes, start_ns, time_ns, value, count, sum, min, max,"
     " bucket_counts, explicit_bounds, scope, resource"
@@ -335,11 +441,11 @@ class SQLiteSignalStore:
 
     async def write_logs(self, batch: LogBatch) -> int:
         rows = log_rows(batch.project, batch.resource_logs)
-        return int(await self._run(self._insert, "log_records", _LOG_COLUMNS, rows))
+        return int(await self._run(self._insert, "log_records", LOG_COLUMNS, rows))
 
     async def write_metrics(self, batch: MetricBatch) -> int:
         rows = metric_rows(batch.project, batch.resource_metrics)
-        return int(await self._run(self._insert, "metric_points", _METRIC_COLUMNS, rows))
+        return int(await self._run(self._insert, "metric_points", METRIC_COLUMNS, rows))
 
     def _insert(self, table: str, columns: str, rows: list[tuple[Any, ...]]) -> int:
         db = self._connection()
@@ -355,29 +461,12 @@ class SQLiteSignalStore:
         await self._run(self._store_recording, recording, audio_path)
 
     def _store_recording(self, recording: Recording, audio_path: Path | None) -> None:
-        audio = recording.audio
         db = self._connection()
         with _transaction(db):
             db.execute(
-                "INSERT OR REPLACE INTO recordings (project, room_id, job_id, call_id,"
-                " received_ns, start_ns, duration_ms, header, session_summary, chat_history,"
-                " audio_path, audio_size, audio_sha256)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    recording.project,
-                    recording.room_id,
-                    recording.job_id,
-                    recording.call_id,
-                    recording.received_ns,
-                    recording.start_ns,
-                    recording.duration_ms,
-                    _json(recording.header),
-                    None if recording.session_summary is None else _json(recording.session_summary),
-                    None if recording.chat_history is None else _json(recording.chat_history),
-                    None if audio_path is None else str(audio_path),
-                    None if audio is None else len(audio),
-                    None if audio is None else hashlib.sha256(audio).hexdigest(),
-                ),
+                f"INSERT OR REPLACE INTO recordings ({RECORDING_COLUMNS})"
+                f" VALUES ({_placeholders(RECORDING_COLUMNS)})",
+                recording_row(recording, audio_path),
             )
 
     # -- reading ------------------------------------------------------------------
@@ -387,66 +476,22 @@ class SQLiteSignalStore:
 
     def _call_logs(self, project: str, call_id: str, limit: int) -> list[dict]:
         cursor = self._connection().execute(
-            "SELECT time_ns, observed_ns, severity_number, severity_text, body, attributes,"
-            " trace_id, span_id, scope, scope_attributes, resource, room_id, job_id"
-            " FROM log_records WHERE project = ? AND call_id = ? ORDER BY time_ns, id LIMIT ?",
+            f"SELECT {LOG_SELECT} FROM log_records WHERE project = ? AND call_id = ?"
+            " ORDER BY time_ns, id LIMIT ?",
             (project, call_id, limit),
         )
-        return [
-            {
-                "time_unix_nano": row[0],
-                "observed_time_unix_nano": row[1],
-                "severity_number": row[2],
-                "severity_text": row[3],
-                "body": None if row[4] is None else json.loads(row[4]),
-                "attributes": json.loads(row[5]),
-                "trace_id": row[6],
-                "span_id": row[7],
-                "scope": row[8],
-                "scope_attributes": json.loads(row[9]),
-                "resource": json.loads(row[10]),
-                "room_id": row[11],
-                "job_id": row[12],
-            }
-            for row in cursor
-        ]
+        return [log_dict(row) for row in cursor]
 
     async def call_metrics(self, project: str, call_id: str, limit: int = 10000) -> list[dict]:
         return list(await self._run(self._call_metrics, project, call_id, limit))
 
     def _call_metrics(self, project: str, call_id: str, limit: int) -> list[dict]:
         cursor = self._connection().execute(
-            "SELECT name, kind, unit, description, temporality, monotonic, attributes,"
-            " start_ns, time_ns, value, count, sum, min, max, bucket_counts, explicit_bounds,"
-            " scope, room_id, job_id FROM metric_points WHERE project = ? AND call_id = ?"
+            f"SELECT {METRIC_SELECT} FROM metric_points WHERE project = ? AND call_id = ?"
             " ORDER BY name, time_ns, id LIMIT ?",
             (project, call_id, limit),
         )
-        points = []
-        for row in cursor:
-            point: dict[str, Any] = {
-                "name": row[0],
-                "kind": row[1],
-                "unit": row[2],
-                "description": row[3],
-                "aggregation_temporality": row[4],
-                "is_monotonic": None if row[5] is None else bool(row[5]),
-                "attributes": json.loads(row[6]),
-                "start_time_unix_nano": row[7],
-                "time_unix_nano": row[8],
-                "scope": row[16],
-                "room_id": row[17],
-                "job_id": row[18],
-            }
-            if row[1] in ("gauge", "sum"):
-                point["value"] = row[9]
-            else:
-                point.update(count=row[10], sum=row[11], min=row[12], max=row[13])
-                if row[14] is not None:
-                    point["bucket_counts"] = json.loads(row[14])
-                    point["explicit_bounds"] = json.loads(row[15])
-            points.append(point)
-        return points
+        return [metric_dict(row) for row in cursor]
 
     async def call_recording(self, project: str, call_id: str) -> dict[str, Any] | None:
         """The call's latest recording (header, summary, chat history, audio file)."""
@@ -457,29 +502,13 @@ class SQLiteSignalStore:
         row = (
             self._connection()
             .execute(
-                "SELECT room_id, job_id, received_ns, start_ns, duration_ms, header,"
-                " session_summary, chat_history, audio_path, audio_size, audio_sha256"
-                " FROM recordings WHERE project = ? AND call_id = ?"
+                f"SELECT {RECORDING_SELECT} FROM recordings WHERE project = ? AND call_id = ?"
                 " ORDER BY received_ns DESC LIMIT 1",
                 (project, call_id),
             )
             .fetchone()
         )
-        if row is None:
-            return None
-        return {
-            "room_id": row[0],
-            "job_id": row[1],
-            "received_ns": row[2],
-            "start_time_unix_nano": row[3],
-            "duration_ms": row[4],
-            "header": json.loads(row[5]),
-            "session_summary": None if row[6] is None else json.loads(row[6]),
-            "chat_history": None if row[7] is None else json.loads(row[7]),
-            "audio_path": row[8],
-            "audio_size": row[9],
-            "audio_sha256": row[10],
-        }
+        return None if row is None else recording_dict(row)
 
     async def close(self) -> None:
         def close() -> None:

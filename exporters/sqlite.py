@@ -621,6 +621,7 @@ class SQLiteExporter(Exporter):
         else:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"calltrace-{self.id}")
             self._writer = await self._run(_Writer, path, cache)
+        await self.signal_store().open()  # logs, metrics, recordings tables
         if self.config.retention:
             self._retention_task = asyncio.create_task(
                 expire_periodically(
