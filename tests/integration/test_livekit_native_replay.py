@@ -32,6 +32,7 @@ QUERY_KEY = "insights-query-key-0001"
 
 def native_config(port: int, tmp_path: Path, recording: bool = True, **extra) -> dict:
     db = tmp_path / "calltrace.db"
+    storage = extra.pop("storage", "sqlite")
     receiver = {
         "keys": [
             {
@@ -59,20 +60,20 @@ def native_config(port: int, tmp_path: Path, recording: bool = True, **extra) ->
                 "traces/livekit": {
                     "receivers": ["livekit_observability"],
                     "processors": ["correlate", "batch"],
-                    "exporters": extra.pop("traces_exporters", ["sqlite"]),
+                    "exporters": extra.pop("traces_exporters", [storage]),
                 },
                 "traces": {
                     "receivers": ["otlp"],
                     "processors": ["auth", "correlate"],
-                    "exporters": ["sqlite"],
+                    "exporters": [storage],
                 },
-                "logs/livekit": {"receivers": ["livekit_observability"], "exporters": ["sqlite"]},
+                "logs/livekit": {"receivers": ["livekit_observability"], "exporters": [storage]},
                 "metrics/livekit": {
                     "receivers": ["livekit_observability"],
-                    "exporters": ["sqlite"],
+                    "exporters": [storage],
                 },
             },
-            "query": {"storage": "sqlite"},
+            "query": {"storage": storage},
         },
     }
 
