@@ -9,6 +9,7 @@ text: ``jsonb`` refuses ``\\u0000`` escapes that OTLP strings may carry.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from collector.signals_storage import (
     metric_rows,
     recording_dict,
     recording_row,
+    remove_files,
 )
 
 __all__ = ["PostgresSignalStore", "signals_ddl"]
@@ -205,6 +207,27 @@ class PostgresSignalStore:
                 call_id,
             )
         return None if row is None else recording_dict(row)
+
+    async def expire(self, older_than_ns: int) -> int:
+        """As ``SQLiteSignalStore.expire``."""
+        s = self.schema
+        async with self._pool().acquire() as conn, conn.transaction():
+            audio = [
+                row[0]
+                for row in await conn.fetch(
+                    f"DELETE FROM {s}.recordings WHERE received_ns < $1 RETURNING audio_path",
+                    older_than_ns,
+                )
+                if row[0] is not None
+            ]
+            deleted = len(audio)
+            for table in ("log_records", "metric_points"):
+                status = await conn.execute(
+                    f"DELETE FROM {s}.{table} WHERE time_ns < $1", older_than_ns
+                )
+                deleted += int(status.rsplit(" ", 1)[-1])
+        await asyncio.to_thread(remove_files, audio)
+        return deleted
 
     async def close(self) -> None:
         """Nothing of its own to close: the pool is the exporter's."""

@@ -399,6 +399,21 @@ METRIC_COLUMNS = (
 )
 
 
+_EXPIRES = (
+    ("log_records", "time_ns"),
+    ("metric_points", "time_ns"),
+    ("recordings", "received_ns"),
+)
+"""Each table and the time its retention counts from."""
+
+
+def remove_files(paths: Iterable[str]) -> None:
+    """Unlink each path; one already gone is no error."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            Path(path).unlink()
+
+
 @contextlib.contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     """One write transaction on an autocommit connection (``open_sqlite``'s)."""
@@ -509,6 +524,31 @@ class SQLiteSignalStore:
             .fetchone()
         )
         return None if row is None else recording_dict(row)
+
+    async def expire(self, older_than_ns: int) -> int:
+        """Delete log records, metric points and recordings (their audio files too)
+        older than ``older_than_ns``; the number of rows deleted."""
+        deleted, audio = await self._run(self._expire, older_than_ns)
+        await asyncio.to_thread(remove_files, audio)
+        return int(deleted)
+
+    def _expire(self, older_than_ns: int) -> tuple[int, list[str]]:
+        db = self._connection()
+        with _transaction(db):
+            audio = [
+                row[0]
+                for row in db.execute(
+                    "SELECT audio_path FROM recordings WHERE received_ns < ?"
+                    " AND audio_path IS NOT NULL",
+                    (older_than_ns,),
+                )
+            ]
+            deleted = 0
+            for table, column in _EXPIRES:
+                deleted += db.execute(
+                    f"DELETE FROM {table} WHERE {column} < ?", (older_than_ns,)
+                ).rowcount
+        return deleted, audio
 
     async def close(self) -> None:
         def close() -> None:

@@ -357,8 +357,10 @@ class PostgresExporter(Exporter):
             self._known_resources.clear()
 
     async def expire(self, older_than_ns: int) -> int:
-        """Delete spans older than ``older_than_ns`` and the traces and calls they leave."""
+        """Delete spans older than ``older_than_ns`` and the traces and calls they leave
+        (and older log records, metric points and recordings); the spans deleted."""
         assert self._pool is not None
+        await self._signal_store.expire(older_than_ns)
         s = self.schema
         async with self._pool.acquire() as conn, conn.transaction():
             # Whole traces go, spans first (found by the primary key's prefix).

@@ -676,7 +676,9 @@ class SQLiteExporter(Exporter):
             old.shutdown(wait=False, cancel_futures=True)
 
     async def expire(self, older_than_ns: int) -> int:
-        """Delete traces that ended before ``older_than_ns`` with their spans, and old calls."""
+        """Delete traces that ended before ``older_than_ns`` with their spans, and old calls
+        (and older log records, metric points and recordings); the spans deleted."""
+        await self.signal_store().expire(older_than_ns)
         if self._writer is not None:
             return int(await self._run(self._writer.expire, older_than_ns))
         return int(await self._run(_expire_in_process, older_than_ns))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import aiohttp
@@ -154,7 +155,10 @@ async def test_replayed_session_is_stored_once_on_the_rooms_call(tmp_path, run):
     base = f"http://127.0.0.1:{port}"
     db = tmp_path / "calltrace.db"
     call_id = call_id_for(PROJECT, ROOM)
-    async with running_service(native_config(port, tmp_path)), aiohttp.ClientSession() as http:
+    async with (
+        running_service(native_config(port, tmp_path)) as service,
+        aiohttp.ClientSession() as http,
+    ):
         token = fresh_token()
         for meta, body in captured(run_dir):
             status, answer = await replay(http, base, meta, body, token)
@@ -221,6 +225,12 @@ async def test_replayed_session_is_stored_once_on_the_rooms_call(tmp_path, run):
         # Another project sees nothing of it.
         async with http.get(f"{base}/api/v1/calls/{call_id}/recording") as response:
             assert response.status == 401
+
+        # Retention takes logs, metrics and recordings with the spans, audio files too.
+        await service.exporters["sqlite"].expire(time.time_ns())
+        for table in ("spans", "log_records", "metric_points", "recordings"):
+            assert query(db, f"SELECT count(*) FROM {table}") == [(0,)], table
+        assert not any((tmp_path / "recordings").iterdir())
 
 
 async def test_disabled_project_is_told_recording_is_disabled(tmp_path):
