@@ -6,6 +6,7 @@ everything is stored once and linked to the room's call."""
 from __future__ import annotations
 
 import datetime
+import gzip
 import hashlib
 import json
 import time
@@ -268,3 +269,40 @@ async def test_doubled_slash_and_base_path(tmp_path):
             assert status == 200, prefix
         status, _ = await replay(http, base, meta, body, fresh_token())
         assert status == 404  # not under the base path
+
+
+async def test_spans_key_on_their_own_room_not_the_resources(tmp_path):
+    """One process runs many jobs: its trace resource keeps the first job's room. Spans
+    go to the call of their own ``room_id``, in one request split by room."""
+    request = ExportTraceServiceRequest.FromString((NATIVE / "002.pb").read_bytes())
+    (resource_spans,) = request.resource_spans
+    for attribute in resource_spans.resource.attributes:
+        if attribute.key == "room_id":
+            attribute.value.string_value = "RM_earlierJob"
+    spans = [span for scope in resource_spans.scope_spans for span in scope.spans]
+    moved = spans[: len(spans) // 2]
+    for span in moved:
+        for attribute in span.attributes:
+            if attribute.key == "room_id":
+                attribute.value.string_value = "RM_secondRoom"
+    body = gzip.compress(request.SerializeToString())
+    meta = {
+        "path": "/observability/traces/otlp/v0",
+        "headers": [
+            ["Authorization", "x"],
+            ["content-type", "application/x-protobuf"],
+            ["Content-Encoding", "gzip"],
+        ],
+    }
+    port = free_port()
+    db = tmp_path / "calltrace.db"
+    async with (
+        running_service(native_config(port, tmp_path)),
+        aiohttp.ClientSession() as http,
+    ):
+        status, _ = await replay(http, f"http://127.0.0.1:{port}", meta, body, fresh_token())
+        assert status == 200
+        await eventually(lambda: len(query(db, "SELECT 1 FROM spans")) == len(spans))
+    assert query(db, "SELECT DISTINCT call_id FROM call_traces ORDER BY 1") == sorted(
+        [(call_id_for(PROJECT, ROOM),), (call_id_for(PROJECT, "RM_secondRoom"),)]
+    )
