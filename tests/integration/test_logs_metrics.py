@@ -265,3 +265,21 @@ async def test_a_receiver_in_a_logs_pipeline_only_takes_no_traces(tmp_path):
             assert response.status in (404, 405)
         async with http.post(f"http://127.0.0.1:{port}/v1/logs", headers=headers) as response:
             assert response.status == 200
+
+
+async def test_one_receiver_feeds_two_logs_pipelines(tmp_path):
+    """Each logs pipeline gets its own copy of the records (as traces do)."""
+    db, other_db = tmp_path / "a.db", tmp_path / "b.db"
+    port = free_port()
+    config = signals_config(port, db)
+    config["exporters"]["sqlite/other"] = {"path": str(other_db)}
+    config["service"]["pipelines"]["logs/other"] = {
+        "receivers": ["otlp"],
+        "processors": ["auth"],
+        "exporters": ["sqlite/other"],
+    }
+    async with running_service(config):
+        await asyncio.to_thread(emit_logs_and_metrics, f"http://127.0.0.1:{port}", KEY)
+        for path in (db, other_db):
+            await eventually(lambda path=path: len(query(path, "SELECT 1 FROM log_records")) == 2)
+    assert query(other_db, "SELECT count(*) FROM metric_points") == [(0,)]
