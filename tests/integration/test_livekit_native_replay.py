@@ -32,6 +32,23 @@ PROJECT = "insights"
 QUERY_KEY = "insights-query-key-0001"
 
 
+def documented(template: str, status: int, body: object) -> None:
+    """The answer is one the OpenAPI document describes for that route and status."""
+    from jsonschema import Draft202012Validator
+
+    from collector.openapi import OPENAPI
+
+    response = OPENAPI["paths"][template]["get"]["responses"][str(status)]
+    schema = response["content"]["application/json"]["schema"]
+    Draft202012Validator(
+        {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "components": OPENAPI["components"],
+            **schema,
+        }
+    ).validate(body)
+
+
 def native_config(port: int, tmp_path: Path, recording: bool = True, **extra) -> dict:
     db = tmp_path / "calltrace.db"
     storage = extra.pop("storage", "sqlite")
@@ -182,7 +199,9 @@ async def test_replayed_session_is_stored_once_on_the_rooms_call(tmp_path, run):
         auth = {"Authorization": f"Bearer {QUERY_KEY}"}
         async with http.get(f"{base}/api/v1/calls/{call_id}/logs", headers=auth) as response:
             assert response.status == 200
-            logs = (await response.json())["logs"]
+            answer = await response.json()
+            documented("/api/v1/calls/{call_id}/logs", 200, answer)
+            logs = answer["logs"]
         bodies = [log["body"] for log in logs]
         for kind, count in [
             ("session report", 1),
@@ -200,7 +219,9 @@ async def test_replayed_session_is_stored_once_on_the_rooms_call(tmp_path, run):
         assert verdicts == ["fail", "pass"]
 
         async with http.get(f"{base}/api/v1/calls/{call_id}/metrics", headers=auth) as response:
-            names = {point["name"] for point in (await response.json())["metrics"]}
+            answer = await response.json()
+            documented("/api/v1/calls/{call_id}/metrics", 200, answer)
+            names = {point["name"] for point in answer["metrics"]}
         assert names == metric_names
 
         recording_seq = [m["seq"] for m, _ in captured(run_dir) if m["kind"] == "recordings"][-1]
@@ -209,6 +230,10 @@ async def test_replayed_session_is_stored_once_on_the_rooms_call(tmp_path, run):
         async with http.get(f"{base}/api/v1/calls/{call_id}/recording", headers=auth) as response:
             assert response.status == 200
             recording = await response.json()
+            documented("/api/v1/calls/{call_id}/recording", 200, recording)
+        async with http.get(f"{base}/api/v1/calls/call_none/recording", headers=auth) as response:
+            assert response.status == 404
+            documented("/api/v1/calls/{call_id}/recording", 404, await response.json())
         assert recording["room_id"] == ROOM and recording["job_id"] == "AJ_nativeJob0001"
         assert recording["chat_history"] == chat
         assert recording["session_summary"]["room"] == "fixture-native-room"
