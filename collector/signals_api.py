@@ -1,4 +1,6 @@
-"""Query API routes for a call's logs, metric points and session recording.
+"""Query API routes for a call's logs, metric points and session recording, and the
+session page that shows them (``/session/{call_id}``: transcript, audio, evaluations and
+logs on one timeline; ``collector/session_ui/``).
 
 ``GET /api/v1/calls/{call_id}/logs``, ``/metrics`` and ``/recording`` (the recording's
 details as JSON; its audio, ``audio/ogg``, at ``/recording/audio``, served with HTTP
@@ -54,11 +56,53 @@ def signal_routes(store: SQLiteSignalStore, guard: Guard) -> list[web.RouteDef]:
         return web.FileResponse(path, headers={"Content-Type": "audio/ogg"})
 
     return [
+        web.get("/session/{call_id}", session_page),
+        web.get("/session-ui/{file}", session_file),
         web.get("/api/v1/calls/{call_id}/logs", guard(logs)),
         web.get("/api/v1/calls/{call_id}/metrics", guard(metrics)),
         web.get("/api/v1/calls/{call_id}/recording", guard(recording)),
         web.get("/api/v1/calls/{call_id}/recording/audio", guard(audio)),
     ]
+
+
+SESSION_UI = Path(__file__).parent / "session_ui"
+_SESSION_FILES = {
+    "session.html": "text/html",
+    "session.js": "text/javascript",
+    "session.css": "text/css",
+}
+# As the explorer's policy (collector/api.py), plus audio played from a Blob URL: the
+# audio is fetched with the API key, which an <audio src> could not send.
+_SESSION_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';"
+    " media-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'self';"
+    " frame-ancestors 'none'"
+)
+
+
+def _session_response(name: str) -> web.Response:
+    return web.Response(
+        body=(SESSION_UI / name).read_bytes(),
+        content_type=_SESSION_FILES[name],
+        charset="utf-8",
+        headers={
+            "Content-Security-Policy": _SESSION_CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-cache",
+        },
+    )
+
+
+async def session_page(request: web.Request) -> web.Response:
+    """The session page of a call (its data comes from the API, with the explorer's key)."""
+    return _session_response("session.html")
+
+
+async def session_file(request: web.Request) -> web.Response:
+    name = request.match_info["file"]
+    if name not in _SESSION_FILES or name == "session.html":
+        raise web.HTTPNotFound()
+    return _session_response(name)
 
 
 def _not_found(message: str) -> web.Response:
