@@ -61,7 +61,10 @@ def tokens() -> dict[str, tuple[str, str]]:
     )
     write_false = token_with(observability={"write": False})
     return {
-        "wrong secret": (fresh_token(secret="not-the-secret-0123456789abcdefghijklmno"), "signature invalid"),
+        "wrong secret": (
+            fresh_token(secret="not-the-secret-0123456789abcdefghijklmno"),
+            "signature invalid",
+        ),
         "unknown key": (fresh_token(key="otherkey"), "unknown API key 'otherkey'"),
         "expired": (expired, "expired"),
         "not yet valid": (token_with(nbf=now + 3600, exp=now + 7200), "not yet valid"),
