@@ -46,6 +46,7 @@ calltrace API keys, and this receiver's requests carry LiveKit tokens.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import math
@@ -91,6 +92,8 @@ _OTLP_PATHS = {
 }
 _RECORDINGS_PATH = "/observability/recordings/v0"
 _MAX_GZIP_MEMBERS = 16
+_INLINE_GUNZIP_BYTES = 64 * 1024
+"""Larger gzip bodies inflate in a worker thread."""
 
 
 class LiveKitKey(ComponentConfig):
@@ -126,6 +129,9 @@ class LiveKitObservabilityConfig(ComponentConfig):
     leeway: DurationSeconds = 30.0
     max_request_body_size: ByteSize = 16 * MiB
     """Largest OTLP body, compressed and after decompression (413 above it)."""
+    read_timeout: DurationSeconds = 30.0
+    """A request's body must arrive within this long (408 after it): a client sending a
+    byte a minute holds no memory or turn for long. An upload gets ten times as long."""
     recordings: RecordingsSettings = Field(default_factory=RecordingsSettings)
 
     @field_validator("base_path")
@@ -298,13 +304,24 @@ class LiveKitObservabilityReceiver(Receiver):
             return _otlp_refused(exc)
         if request.content_length is not None and request.content_length > limit:
             return _status(413, code_pb2.INVALID_ARGUMENT, f"body larger than {limit} bytes")
-        body = await _read_capped(request, limit)
+        try:
+            async with asyncio.timeout(self.config.read_timeout):
+                body = await _read_capped(request, limit)
+        except TimeoutError:
+            return _status(
+                408,
+                code_pb2.DEADLINE_EXCEEDED,
+                f"body not received within {self.config.read_timeout}s",
+            )
         if body is None:
             return _status(413, code_pb2.INVALID_ARGUMENT, f"body larger than {limit} bytes")
         coding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if coding in ("gzip", "x-gzip"):
             try:
-                body = _gunzip(body, limit)
+                if len(body) > _INLINE_GUNZIP_BYTES:  # keep the event loop answering
+                    body = await asyncio.to_thread(_gunzip, body, limit)
+                else:
+                    body = _gunzip(body, limit)
             except _TooLarge:
                 return _status(
                     413, code_pb2.INVALID_ARGUMENT, f"decompressed body larger than {limit} bytes"
@@ -348,9 +365,12 @@ class LiveKitObservabilityReceiver(Receiver):
         self._uploads += 1
         try:
             try:
-                recording = await read_upload(
-                    request, key.project, settings.max_recording_size, settings.max_audio_size
-                )
+                async with asyncio.timeout(10 * self.config.read_timeout):
+                    recording = await read_upload(
+                        request, key.project, settings.max_recording_size, settings.max_audio_size
+                    )
+            except TimeoutError:
+                return _status(408, code_pb2.DEADLINE_EXCEEDED, "upload not received in time")
             except UploadError as exc:
                 return _status(exc.status, code_pb2.INVALID_ARGUMENT, str(exc))
             try:

@@ -5,6 +5,7 @@ each livekit-agents client reads (``Retry-After`` for OTLP, ``RetryInfo`` for up
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import gzip
 import random
@@ -250,3 +251,24 @@ async def replay_with_headers(http, base, meta, body, seen_headers):
         if response.status == 503:
             seen_headers.update(response.headers)
         return response.status, await response.read()
+
+
+async def test_a_slow_body_gets_408_and_the_next_request_is_served(tmp_path):
+    port = free_port()
+    config = native_config(port, tmp_path)
+    config["receivers"]["livekit_observability"]["read_timeout"] = "300ms"
+    async with running_service(config), aiohttp.ClientSession() as http:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            (
+                f"POST {LOGS[0]['path']} HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {fresh_token()}\r\n"
+                "Content-Type: application/x-protobuf\r\nContent-Length: 1000\r\n\r\nabc"
+            ).encode()
+        )
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        assert b" 408 " in status_line
+        writer.close()
+        status, _ = await replay(http, f"http://127.0.0.1:{port}", *LOGS, fresh_token())
+        assert status == 200
