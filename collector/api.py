@@ -96,7 +96,13 @@ def routes_for(service: Any, storage_id: str | None) -> list[web.RouteDef]:
     auth = _auth_processor(service, exporter.id)
     if auth is None:
         log.warning("query API: no auth processor feeds %s; the API needs no key", exporter.id)
-    return QueryAPI(exporter.query_store(), auth).routes()
+    api = QueryAPI(exporter.query_store(), auth)
+    routes = api.routes()
+    if callable(getattr(exporter, "signal_store", None)):  # logs, metrics, recordings
+        from collector.signals_api import signal_routes
+
+        routes += signal_routes(exporter.signal_store(), api._guard)
+    return routes
 
 
 def _storage(service: Any, storage_id: str | None) -> Any:

@@ -18,11 +18,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 from collector.spans import SpanBatch
+
+if TYPE_CHECKING:
+    from collector.signals import LogBatch, MetricBatch
 
 __all__ = [
     "ComponentConfig",
@@ -111,6 +114,11 @@ class _Component:
 
     type_name: ClassVar[str] = ""
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+    signals: ClassVar[frozenset[str]] = frozenset({"traces"})
+    """The signals (``traces``, ``logs``, ``metrics``) this component handles: config
+    refuses it in a pipeline of another. A processor's ``process`` then gets that
+    signal's batch (``SpanBatch``, ``LogBatch``, ``MetricBatch``); an exporter's
+    ``export``, ``export_logs`` or ``export_metrics`` is called."""
 
     def __init__(self, component_id: str, config: ComponentConfig):
         self.id = component_id
@@ -160,6 +168,16 @@ class Exporter(_Component, ABC):
         ``ExportTraceServiceRequest`` (``batch.serialize()``), whichever the write needs:
         the batch is parsed or serialized only if asked, and the two always agree."""
 
+    async def export_logs(self, batch: LogBatch) -> None:
+        """Write one batch of log records (``batch.resource_logs`` or
+        ``batch.serialize()``); for exporters whose ``signals`` include ``logs``."""
+        raise PermanentError(f"{self.id} does not export logs")
+
+    async def export_metrics(self, batch: MetricBatch) -> None:
+        """Write one batch of metric points (``batch.resource_metrics`` or
+        ``batch.serialize()``); for exporters whose ``signals`` include ``metrics``."""
+        raise PermanentError(f"{self.id} does not export metrics")
+
 
 class Consumer(Protocol):
     """What a receiver hands data to: the pipeline."""
@@ -173,6 +191,10 @@ class Receiver(_Component):
     def __init__(self, component_id: str, config: ComponentConfig, consumer: Consumer):
         super().__init__(component_id, config)
         self.consumer = consumer
+        self.consumers: dict[str, Consumer] = {"traces": consumer}
+        """The pipelines fed, by signal (``traces``, ``logs``, ``metrics``); the service
+        sets it before ``start``. ``consumer`` is the traces one (or, for a receiver in
+        no traces pipeline, the first signal's)."""
 
     def routes(self) -> list[Any]:
         """aiohttp routes to serve on every HTTP listener (a webhook, say). Default none."""

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from collector.components import ComponentConfig
 from collector.registry import KINDS, ComponentNotFound, available, resolve
+from collector.signals import SIGNALS
 
 __all__ = [
     "ComponentSpec",
@@ -214,8 +215,14 @@ def parse_config(
 
     for name, pipeline in top.service.pipelines.items():
         where = f"service.pipelines.{name}"
-        if name.split("/", 1)[0] != "traces":
-            errors.append(f'{where}: expected a traces pipeline named "traces" or "traces/NAME"')
+        signal = name.split("/", 1)[0]
+        if signal not in SIGNALS:
+            errors.append(
+                f'{where}: expected a pipeline named "traces", "logs" or "metrics"'
+                ' (or "traces/NAME", ...)'
+            )
+        else:
+            errors += _signal_mismatches(where, signal, pipeline, result)
         for kind in KINDS:
             ids = getattr(pipeline, kind)
             for index, component_id in enumerate(ids):
@@ -228,6 +235,25 @@ def parse_config(
     if errors:
         raise ConfigError(errors)
     return result
+
+
+def _signal_mismatches(
+    where: str, signal: str, pipeline: PipelineConfig, config: ServiceConfig
+) -> list[str]:
+    """A pipeline's components that do not handle its signal (their ``signals``)."""
+    errors = []
+    for kind in KINDS:
+        for index, component_id in enumerate(getattr(pipeline, kind)):
+            spec = config.components(kind).get(component_id)
+            if spec is None:
+                continue  # undefined, or its own config is wrong: reported already
+            handled = getattr(spec.cls, "signals", frozenset({"traces"}))
+            if signal not in handled:
+                errors.append(
+                    f"{where}.{kind}[{index}]: {component_id!r} does not handle {signal}"
+                    f" (it handles {', '.join(s for s in SIGNALS if s in handled)})"
+                )
+    return errors
 
 
 def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -> ServiceConfig:

@@ -474,11 +474,26 @@ class _DiskQueue:
 
 
 class ExporterQueue:
-    """The sending queue and retry loop in front of one exporter."""
+    """The sending queue and retry loop in front of one exporter, for one signal.
 
-    def __init__(self, exporter: Exporter, telemetry: Telemetry | None = None):
+    ``signal`` (``traces``, ``logs``, ``metrics``) picks the batch type the queued bytes
+    are parsed into and the exporter's method (``export``, ``export_logs``,
+    ``export_metrics``); an exporter in pipelines of several signals has a queue for
+    each, with the same settings (a persistent one in ``DIR/{exporter}.{signal}.queue``
+    for logs and metrics)."""
+
+    def __init__(
+        self, exporter: Exporter, telemetry: Telemetry | None = None, signal: str = "traces"
+    ):
+        from collector.signals import batch_type
+
         config: Any = exporter.config
         self.exporter = exporter
+        self.signal = signal
+        self._batch_type = batch_type(signal)
+        self._export = (
+            exporter.export if signal == "traces" else getattr(exporter, f"export_{signal}")
+        )
         self.queue_settings: QueueSettings = getattr(config, "sending_queue", QueueSettings())
         self.retry: RetrySettings = getattr(config, "retry_on_failure", RetrySettings())
         self.timeout: float = getattr(config, "timeout", 30.0)
@@ -497,7 +512,9 @@ class ExporterQueue:
 
     @property
     def id(self) -> str:
-        return self.exporter.id
+        if self.signal == "traces":
+            return self.exporter.id
+        return f"{self.exporter.id}.{self.signal}"
 
     @property
     def size(self) -> int:
@@ -708,7 +725,10 @@ class ExporterQueue:
             return first.batch
         joined = b"".join(await self._payloads(items))
         spans = sum(item.spans for item in items)
-        return SpanBatch.from_bytes(joined, first.project, metadata, first.received_ns, spans)
+        batch: SpanBatch = self._batch_type.from_bytes(
+            joined, first.project, metadata, first.received_ns, spans
+        )
+        return batch
 
     async def _payloads(self, items: list[_QueueItem]) -> list[bytes]:
         """The items' serialized batches: kept in memory, made from a handed-over batch,
@@ -744,7 +764,7 @@ class ExporterQueue:
             attempt += 1
             t0 = time.perf_counter()
             try:
-                await asyncio.wait_for(self.exporter.export(batch), self.timeout or None)
+                await asyncio.wait_for(self._export(batch), self.timeout or None)
             except PermanentError as exc:
                 if count_failed:
                     log.error("%s: dropping %d spans, permanent error: %s", self.id, spans, exc)

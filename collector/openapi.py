@@ -335,3 +335,10 @@ OPENAPI: dict[str, Any] = {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
     },
 }
+
+# A call's logs, metrics and recording (collector.signals_api).
+from collector.signals_openapi import PATHS as _SIGNAL_PATHS  # noqa: E402
+from collector.signals_openapi import SCHEMAS as _SIGNAL_SCHEMAS  # noqa: E402
+
+OPENAPI["paths"].update(_SIGNAL_PATHS)
+OPENAPI["components"]["schemas"].update(_SIGNAL_SCHEMAS)

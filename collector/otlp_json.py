@@ -66,10 +66,14 @@ M = TypeVar("M", bound=Message)
 _HEX_ID_FIELDS = {
     "opentelemetry.proto.trace.v1.Span": ("trace_id", "span_id", "parent_span_id"),
     "opentelemetry.proto.trace.v1.Span.Link": ("trace_id", "span_id"),
+    "opentelemetry.proto.logs.v1.LogRecord": ("trace_id", "span_id"),
+    "opentelemetry.proto.metrics.v1.Exemplar": ("trace_id", "span_id"),
 }
 _HEX_ID_JSON_KEYS = {
     "opentelemetry.proto.trace.v1.Span": ("traceId", "spanId", "parentSpanId"),
     "opentelemetry.proto.trace.v1.Span.Link": ("traceId", "spanId"),
+    "opentelemetry.proto.logs.v1.LogRecord": ("traceId", "spanId"),
+    "opentelemetry.proto.metrics.v1.Exemplar": ("traceId", "spanId"),
 }
 
 

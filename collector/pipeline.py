@@ -94,6 +94,8 @@ class Pipeline:
         telemetry: Telemetry | None = None,
     ):
         self.name = name
+        self.signal = name.split("/", 1)[0]
+        """``traces``, ``logs`` or ``metrics``: the batch type this pipeline carries."""
         self.processors = processors
         self.telemetry = telemetry
         self.fan_out = FanOut(exporters)
@@ -115,7 +117,8 @@ class Pipeline:
         self.fan_out.refuse_if_full()
 
     async def consume(self, batch: SpanBatch) -> None:
-        """Push a batch through the processors to the exporters' queues."""
+        """Push a batch through the processors to the exporters' queues (a ``LogBatch``
+        or ``MetricBatch`` in a logs or metrics pipeline: they read the same)."""
         await self._entry(batch)
 
     async def _consume(self, processor: Processor, forward: Forward, batch: SpanBatch) -> None:
@@ -135,7 +138,7 @@ class Pipeline:
                 if self.telemetry is not None:
                     self.telemetry.dropped(processor.id, batch.span_count)
                 return
-            result = SpanBatch.from_bytes(
+            result = type(batch).from_bytes(
                 as_received, batch.project, batch.metadata, batch.received_ns
             )
         if result is not None and result.resource_count:

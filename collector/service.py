@@ -30,6 +30,7 @@ from collector.components import Exporter, Processor, Receiver, RequestInfo
 from collector.config import ComponentSpec, ConfigError, ServiceConfig
 from collector.exporterhelper import ExporterQueue
 from collector.pipeline import Pipeline
+from collector.signals import signal_of
 from collector.spans import SpanBatch
 from collector.telemetry import Telemetry
 from collector.tls import (
@@ -60,6 +61,8 @@ class Service:
         self.telemetry = Telemetry()
         self.exporters: dict[str, Exporter] = {}
         self.queues: dict[str, ExporterQueue] = {}
+        self.signal_queues: dict[tuple[str, str], ExporterQueue] = {}
+        """Exporters' queues for logs and metrics, by exporter id and signal."""
         self.pipeline_processors: dict[str, dict[str, Processor]] = {}
         """Each pipeline's own processor instances, by pipeline name and component id."""
         self.processors: dict[str, Processor] = {}
@@ -107,7 +110,7 @@ class Service:
             self.pipelines[name] = Pipeline(
                 name,
                 list(instances.values()),
-                [self.queues[e] for e in pipeline_config.exporters],
+                [self._queue(e, signal_of(name)) for e in pipeline_config.exporters],
                 self.telemetry.for_pipeline(name),  # type: ignore[arg-type]
             )
         piped = {p for pipeline in self.config.pipelines.values() for p in pipeline.processors}
@@ -122,19 +125,34 @@ class Service:
         if errors:
             return
         for receiver_id, spec in self.config.receivers.items():
-            fed = [
-                self.pipelines[name]
-                for name, pipeline_config in self.config.pipelines.items()
-                if receiver_id in pipeline_config.receivers
-            ]
+            fed: dict[str, list[Pipeline]] = {}  # by signal: a receiver may feed each
+            for name, pipeline_config in self.config.pipelines.items():
+                if receiver_id in pipeline_config.receivers:
+                    fed.setdefault(signal_of(name), []).append(self.pipelines[name])
             if not fed:
                 continue  # defined but in no pipeline: not run, as in the Collector
-            consumer = fed[0] if len(fed) == 1 else PipelinesFanOut(fed)
+            consumers: dict[str, Any] = {
+                signal: pipelines[0] if len(pipelines) == 1 else PipelinesFanOut(pipelines)
+                for signal, pipelines in fed.items()
+            }
+            consumer = consumers.get("traces") or next(iter(consumers.values()))
             receiver = _construct(
                 errors, f"receivers.{receiver_id}", spec.cls, spec.id, spec.config, consumer
             )
             if receiver is not None:
+                receiver.consumers = consumers
                 self.receivers[receiver_id] = receiver
+
+    def _queue(self, exporter_id: str, signal: str) -> ExporterQueue:
+        """The exporter's sending queue for a signal (traces: ``queues[id]``; logs and
+        metrics: ``signal_queues[id, signal]``, made when a pipeline first needs it)."""
+        if signal == "traces":
+            return self.queues[exporter_id]
+        key = (exporter_id, signal)
+        if key not in self.signal_queues:
+            exporter = self.exporters[exporter_id]
+            self.signal_queues[key] = ExporterQueue(exporter, self.telemetry, signal)
+        return self.signal_queues[key]
 
     def _resolve_query_storage(self, errors: list[str]) -> str | None:
         assert self.config.service is not None
@@ -193,7 +211,7 @@ class Service:
         try:
             for exporter in self.exporters.values():
                 await exporter.start(self)
-            for queue in self.queues.values():
+            for queue in [*self.queues.values(), *self.signal_queues.values()]:
                 await queue.start()
             for name, processor in self._processor_instances():
                 await processor.start(self if name is None else PipelineHost(self, name))
@@ -239,7 +257,7 @@ class Service:
             await _guard(receiver.shutdown(), receiver)
         for _, processor in self._processor_instances():
             await _guard(processor.shutdown(), processor)
-        for queue in self.queues.values():
+        for queue in [*self.queues.values(), *self.signal_queues.values()]:
             await _guard(queue.shutdown(timeout), queue.exporter)
         for exporter in self.exporters.values():
             await _guard(exporter.shutdown(), exporter)
@@ -321,8 +339,9 @@ class PipelinesFanOut:
 
 def _copy(batch: SpanBatch) -> SpanBatch:
     """A batch of ``batch``'s spans and context that shares no message with it (the
-    copy's processors edit it apart from the original); parsed only if they read it."""
-    return SpanBatch.from_bytes(
+    copy's processors edit it apart from the original); parsed only if they read it.
+    A ``LogBatch`` / ``MetricBatch`` the same way, as its own type."""
+    return type(batch).from_bytes(
         batch.serialize(), batch.project, dict(batch.metadata), batch.received_ns
     )
 

@@ -36,6 +36,8 @@ from collector import (
     SpanBatch,
 )
 from collector.query import jsonable
+from collector.signals import ALL_SIGNALS, LogBatch, MetricBatch
+from collector.signals_postgres import PostgresSignalStore
 from collector.storage import (
     build_rows,
     expire_periodically,
@@ -148,6 +150,7 @@ class PostgresExporter(Exporter):
     type_name = "postgres"
     Config = PostgresConfig
     config: PostgresConfig
+    signals = ALL_SIGNALS
 
     def __init__(self, component_id: str, config: PostgresConfig):
         super().__init__(component_id, config)
@@ -156,6 +159,28 @@ class PostgresExporter(Exporter):
         self._known_resources: set[bytes] = set()
         self._known_scopes: set[bytes] = set()
         self._query_store: PostgresQueryStore | None = None
+        self._signal_store = PostgresSignalStore(lambda: self._pool, config.db_schema)
+
+    def signal_store(self) -> PostgresSignalStore:
+        """Logs, metric points and recordings in this exporter's schema
+        (``collector.signals_postgres``)."""
+        return self._signal_store
+
+    async def export_logs(self, batch: LogBatch) -> None:
+        await self._signal_write(self._signal_store.write_logs, batch)
+
+    async def export_metrics(self, batch: MetricBatch) -> None:
+        await self._signal_write(self._signal_store.write_metrics, batch)
+
+    async def _signal_write(self, write: Any, batch: Any) -> None:
+        if self._pool is None:
+            raise RetryableError(f"{self.id} is not started")
+        try:
+            await write(batch)
+        except (asyncpg.DataError, asyncpg.ProgramLimitExceededError) as exc:
+            raise PermanentError(f"{self.id}: PostgreSQL refused the batch: {exc}") from exc
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise RetryableError(f"{self.id}: {type(exc).__name__}: {exc}") from exc
 
     @property
     def schema(self) -> str:
@@ -212,6 +237,7 @@ class PostgresExporter(Exporter):
             init=init,
             timeout=self.config.connect_timeout,
         )
+        await self._signal_store.open()  # logs, metrics, recordings tables
         if self.config.retention:
             self._retention_task = asyncio.create_task(
                 expire_periodically(
@@ -331,8 +357,10 @@ class PostgresExporter(Exporter):
             self._known_resources.clear()
 
     async def expire(self, older_than_ns: int) -> int:
-        """Delete spans older than ``older_than_ns`` and the traces and calls they leave."""
+        """Delete spans older than ``older_than_ns`` and the traces and calls they leave
+        (and older log records, metric points and recordings); the spans deleted."""
         assert self._pool is not None
+        await self._signal_store.expire(older_than_ns)
         s = self.schema
         async with self._pool.acquire() as conn, conn.transaction():
             # Whole traces go, spans first (found by the primary key's prefix).

@@ -52,6 +52,8 @@ from collector import (
     SpanBatch,
 )
 from collector.calls import ensure_calls_table
+from collector.signals import ALL_SIGNALS, LogBatch, MetricBatch
+from collector.signals_storage import SQLiteSignalStore
 from collector.storage import (  # re-exported: the query side and plugins read them here
     MAX_INDEXED_VALUE,
     NATIVE_SQLITE,
@@ -564,6 +566,7 @@ class SQLiteExporter(Exporter):
     type_name = "sqlite"
     Config = SQLiteConfig
     config: SQLiteConfig
+    signals = ALL_SIGNALS
 
     def __init__(self, component_id: str, config: SQLiteConfig):
         super().__init__(component_id, config)
@@ -571,6 +574,28 @@ class SQLiteExporter(Exporter):
         self._pool: Executor | None = None
         self._retention_task: asyncio.Task[None] | None = None
         self._query_store: SQLiteQueryStore | None = None
+        self._signal_store: SQLiteSignalStore | None = None
+
+    def signal_store(self) -> SQLiteSignalStore:
+        """Logs, metric points and recordings in this exporter's file (their own tables
+        and connection: ``collector.signals_storage``)."""
+        if self._signal_store is None:
+            self._signal_store = SQLiteSignalStore(self.config.path)
+        return self._signal_store
+
+    async def export_logs(self, batch: LogBatch) -> None:
+        await self._signal_write(self.signal_store().write_logs, batch)
+
+    async def export_metrics(self, batch: MetricBatch) -> None:
+        await self._signal_write(self.signal_store().write_metrics, batch)
+
+    async def _signal_write(self, write: Any, batch: Any) -> None:
+        try:
+            await write(batch)
+        except sqlite3.OperationalError as exc:  # locked, disk full, I/O: may pass
+            raise RetryableError(f"{self.config.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise PermanentError(f"{self.config.path}: {exc}") from exc
 
     @property
     def path(self) -> Path:
@@ -596,6 +621,7 @@ class SQLiteExporter(Exporter):
         else:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"calltrace-{self.id}")
             self._writer = await self._run(_Writer, path, cache)
+        await self.signal_store().open()  # logs, metrics, recordings tables
         if self.config.retention:
             self._retention_task = asyncio.create_task(
                 expire_periodically(
@@ -650,12 +676,17 @@ class SQLiteExporter(Exporter):
             old.shutdown(wait=False, cancel_futures=True)
 
     async def expire(self, older_than_ns: int) -> int:
-        """Delete traces that ended before ``older_than_ns`` with their spans, and old calls."""
+        """Delete traces that ended before ``older_than_ns`` with their spans, and old calls
+        (and older log records, metric points and recordings); the spans deleted."""
+        await self.signal_store().expire(older_than_ns)
         if self._writer is not None:
             return int(await self._run(self._writer.expire, older_than_ns))
         return int(await self._run(_expire_in_process, older_than_ns))
 
     async def shutdown(self) -> None:
+        if self._signal_store is not None:
+            await self._signal_store.close()
+            self._signal_store = None
         if self._query_store is not None:
             await self._query_store.close()
             self._query_store = None

@@ -29,6 +29,7 @@ from collector import (
     UnauthenticatedError,
 )
 from collector.keys import KeyStore, PostgresKeyStore, hash_key, is_postgres_location
+from collector.signals import ALL_SIGNALS
 
 
 class ConfiguredKey(BaseModel):
@@ -75,6 +76,7 @@ class AuthProcessor(Processor):
     type_name = "auth"
     Config = AuthConfig
     config: AuthConfig
+    signals = ALL_SIGNALS  # it checks requests' headers, whatever they carry
 
     def __init__(self, component_id: str, config: AuthConfig):
         super().__init__(component_id, config)

@@ -8,6 +8,8 @@ Config, in the OpenTelemetry Collector's shape::
           http:                      # present (even empty) => listen; default 127.0.0.1:4318
             endpoint: 127.0.0.1:4318
             traces_paths: [/v1/traces, /v1/otel/v1/traces]
+            logs_paths: [/v1/logs]         # served when the receiver feeds a logs pipeline
+            metrics_paths: [/v1/metrics]   # ... a metrics pipeline
             max_request_body_size: 4MiB
             tls: {cert_file: ..., key_file: ..., client_ca_file: ...}
             insecure: false
@@ -17,20 +19,25 @@ Config, in the OpenTelemetry Collector's shape::
 
 Without ``protocols`` only HTTP listens, with its defaults. Both transports share
 ``TraceIngest``: drop spans with invalid ids (counted in ``partial_success``), hand the
-rest to the pipeline as one ``SpanBatch``, count the outcome.
+rest to the pipeline as one ``SpanBatch``, count the outcome. Logs and metrics go the
+same way through a ``SignalIngest`` (a ``LogBatch`` / ``MetricBatch``), for each of those
+signals the receiver feeds a pipeline of (``Receiver.consumers``).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from google.protobuf.message import Message
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from collector import otlp_json
 from collector.components import ComponentConfig, Consumer, Host, Receiver, RequestInfo
 from collector.otlp_json import INVALID_HEX_ID
+from collector.signals import ALL_SIGNALS, batch_type
 from collector.spans import (
     ExportTraceServiceRequest,
     SpanBatch,
@@ -51,6 +58,7 @@ __all__ = [
     "OTLPConfig",
     "OTLPReceiver",
     "ProtocolsConfig",
+    "SignalIngest",
     "TraceIngest",
     "drop_invalid_spans",
 ]
@@ -81,6 +89,8 @@ class HTTPSettings(_ListenerSettings):
     traces_paths: list[str] = Field(
         default_factory=lambda: ["/v1/traces", "/v1/otel/v1/traces"], min_length=1
     )
+    logs_paths: list[str] = Field(default_factory=lambda: ["/v1/logs"], min_length=1)
+    metrics_paths: list[str] = Field(default_factory=lambda: ["/v1/metrics"], min_length=1)
     max_request_body_size: ByteSize = 4 * MiB
     """Largest body accepted, compressed and after decompression (413 above it)."""
     read_timeout: Duration = Field(default=30.0, gt=0)
@@ -97,7 +107,7 @@ class HTTPSettings(_ListenerSettings):
     parsed copies: under the bench's flood (48 connections, 320 kB bodies) 16 at a time
     peaked at 166-182 MiB, 4 at a time (with ``batch_max_spans: 4096``) at 138."""
 
-    @field_validator("traces_paths")
+    @field_validator("traces_paths", "logs_paths", "metrics_paths")
     @classmethod
     def _absolute_paths(cls, paths: list[str]) -> list[str]:
         for path in paths:
@@ -149,6 +159,7 @@ class OTLPReceiver(Receiver):
     type_name = "otlp"
     Config = OTLPConfig
     config: OTLPConfig
+    signals = ALL_SIGNALS
 
     def __init__(self, component_id: str, config: OTLPConfig, consumer: Consumer):
         super().__init__(component_id, config, consumer)
@@ -163,6 +174,9 @@ class OTLPReceiver(Receiver):
 
                 ingest = TraceIngest(self.id, "http", self.consumer, host.telemetry)
                 self.http = HTTPListener(self.id, protocols.http, ingest)
+                self.http.signal_paths = self._signal_paths(protocols.http, host)
+                if "traces" not in self.consumers:
+                    self.http.settings = protocols.http.model_copy(update={"traces_paths": []})
                 await self.http.start(host.http_routes)
             if protocols.grpc is not None:
                 # Imported here so a collector without gRPC never loads grpcio.
@@ -170,10 +184,29 @@ class OTLPReceiver(Receiver):
 
                 ingest = TraceIngest(self.id, "grpc", self.consumer, host.telemetry)
                 self.grpc = GRPCListener(self.id, protocols.grpc, ingest)
+                self.grpc.serve_traces = "traces" in self.consumers
+                self.grpc.signal_ingests = {
+                    signal: SignalIngest(signal, self.id, "grpc", consumer, host.telemetry)
+                    for signal, consumer in self.consumers.items()
+                    if signal != "traces"
+                }
                 await self.grpc.start()
         except BaseException:
             await self.shutdown()  # close a listener that did start
             raise
+
+    def _signal_paths(self, settings: HTTPSettings, host: Host) -> dict[str, SignalIngest]:
+        """HTTP path -> ingest, for the logs and metrics pipelines this receiver feeds."""
+        paths: dict[str, SignalIngest] = {}
+        for signal, signal_paths in (
+            ("logs", settings.logs_paths),
+            ("metrics", settings.metrics_paths),
+        ):
+            consumer = self.consumers.get(signal)
+            if consumer is not None:
+                ingest = SignalIngest(signal, self.id, "http", consumer, host.telemetry)
+                paths.update(dict.fromkeys(signal_paths, ingest))
+        return paths
 
     async def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish, close; safe to call twice."""
@@ -227,6 +260,60 @@ class TraceIngest:
 
     def refused(self, spans: int) -> None:
         self.telemetry.refused(self.receiver_id, self.transport, spans)
+
+    def answered(self, status: int | str) -> None:
+        self.telemetry.request(self.receiver_id, self.transport, status)
+
+
+class SignalIngest:
+    """``TraceIngest`` for logs and metrics: decode a request, hand its resources to
+    the signal's pipeline as one ``LogBatch`` / ``MetricBatch``, count the outcome
+    (log records or data points, in the receiver's accepted/refused counters)."""
+
+    def __init__(
+        self,
+        signal: str,
+        receiver_id: str,
+        transport: str,
+        consumer: Consumer,
+        telemetry: Telemetry,
+    ):
+        self.signal = signal
+        self.batch_type = batch_type(signal)
+        self.request_type = self.batch_type.request_type
+        self.receiver_id = receiver_id
+        self.transport = transport
+        self.consumer = consumer
+        self.telemetry = telemetry
+
+    async def admit(self, request: RequestInfo) -> None:
+        await self.consumer.admit(request)
+
+    def decode(self, body: bytes, json: bool) -> tuple[Message, bytes]:
+        """The export request in ``body`` (protobuf, or OTLP/JSON when ``json``) and its
+        protobuf bytes; raises ``DecodeError`` / ``OTLPJSONError`` when malformed."""
+        if json:
+            message = otlp_json.decode(body, self.request_type)
+            return message, message.SerializeToString()
+        return self.request_type.FromString(body), body
+
+    async def export(self, request: Message, info: RequestInfo, body: bytes | None = None) -> Any:
+        """Hand the request's resources to the pipeline; the signal's response."""
+        batch = self.batch_type(
+            getattr(request, self.batch_type.field), project=info.project, metadata=info.metadata
+        )
+        count = batch.span_count
+        if count:
+            try:
+                await self.consumer.consume(batch)
+            except BaseException:
+                self.refused(count)
+                raise
+            self.telemetry.accepted(self.receiver_id, self.transport, count)
+        return self.batch_type.response_type()
+
+    def refused(self, count: int) -> None:
+        self.telemetry.refused(self.receiver_id, self.transport, count)
 
     def answered(self, status: int | str) -> None:
         self.telemetry.request(self.receiver_id, self.transport, status)

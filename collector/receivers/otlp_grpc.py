@@ -14,19 +14,22 @@ for spans with invalid ids. Oversized messages are refused by gRPC itself
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from collector.components import RefusedError, RequestInfo, UnauthenticatedError
-from collector.receivers.otlp import GRPCSettings, TraceIngest
+from collector.receivers.otlp import GRPCSettings, SignalIngest, TraceIngest
 from collector.spans import ExportTraceServiceRequest
 from collector.tls import TLSSettings, parse_endpoint, server_ssl_context
 
@@ -35,6 +38,10 @@ log = logging.getLogger(__name__)
 __all__ = ["TRACE_SERVICE", "GRPCListener"]
 
 TRACE_SERVICE = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
+SIGNAL_SERVICES = {
+    "logs": logs_service_pb2.DESCRIPTOR.services_by_name["LogsService"].full_name,
+    "metrics": metrics_service_pb2.DESCRIPTOR.services_by_name["MetricsService"].full_name,
+}
 _DRAIN_TIMEOUT = 30.0
 """Seconds ``shutdown`` lets in-flight calls finish before cancelling them."""
 
@@ -70,6 +77,11 @@ class GRPCListener:
         self.port: int | None = None
         """The port listened on (useful with port 0), once started."""
         self._server: grpc.aio.Server | None = None
+        self.serve_traces = True
+        """False when the receiver feeds no traces pipeline (TraceService UNIMPLEMENTED)."""
+        self.signal_ingests: dict[str, SignalIngest] = {}
+        """``logs`` / ``metrics`` -> ingest, for the LogsService and MetricsService
+        (registered only for the signals the receiver feeds); set before ``start``."""
 
     async def start(self) -> None:
         settings = self.settings
@@ -99,9 +111,19 @@ class GRPCListener:
             request_deserializer=None,  # raw bytes: decoded after admit
             response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString,
         )
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(TRACE_SERVICE, {"Export": export}),)
-        )
+        if self.serve_traces:
+            server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(TRACE_SERVICE, {"Export": export}),)
+            )
+        for signal, signal_ingest in self.signal_ingests.items():
+            method = grpc.unary_unary_rpc_method_handler(
+                functools.partial(self._export_signal, signal_ingest),
+                request_deserializer=None,
+                response_serializer=lambda response: response.SerializeToString(),
+            )
+            server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(SIGNAL_SERVICES[signal], {"Export": method}),)
+            )
         try:
             if credentials is None:
                 bound = server.add_insecure_port(address)
@@ -141,10 +163,24 @@ class GRPCListener:
         self.ingest.answered("OK")
         return response
 
+    async def _export_signal(
+        self, ingest: SignalIngest, body: bytes, context: grpc.aio.ServicerContext
+    ) -> Any:
+        try:
+            response = await self._handle(body, context, ingest)
+        except _Failure as failure:
+            ingest.answered(failure.code.name)
+            await _abort(context, failure)
+        ingest.answered("OK")
+        return response
+
     async def _handle(
-        self, body: bytes, context: grpc.aio.ServicerContext
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        ingest = self.ingest
+        self,
+        body: bytes,
+        context: grpc.aio.ServicerContext,
+        ingest: TraceIngest | SignalIngest | None = None,
+    ) -> Any:
+        ingest = ingest or self.ingest
         info = RequestInfo(
             headers={
                 key.lower(): value
@@ -166,15 +202,21 @@ class GRPCListener:
             raise _unavailable() from None
 
         try:
-            request = ExportTraceServiceRequest.FromString(body)
+            if isinstance(ingest, SignalIngest):  # logs, metrics
+                request, _ = ingest.decode(body, json=False)
+            else:
+                request = ExportTraceServiceRequest.FromString(body)
         except DecodeError as exc:
             log.debug("%s: malformed request from %s: %s", self.receiver_id, info.peer, exc)
-            raise _Failure(
-                grpc.StatusCode.INVALID_ARGUMENT, f"malformed ExportTraceServiceRequest: {exc}"
-            ) from None
+            what = (
+                ingest.request_type.__name__
+                if isinstance(ingest, SignalIngest)
+                else "ExportTraceServiceRequest"
+            )
+            raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {what}: {exc}") from None
 
         try:
-            return await ingest.export(request, info, body)
+            return await ingest.export(request, info, body)  # type: ignore[arg-type]
         except RefusedError as exc:
             raise _refused(exc) from None
         except Exception:

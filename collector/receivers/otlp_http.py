@@ -40,10 +40,11 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from collector import otlp_json
 from collector.api import json_api_errors
 from collector.components import RefusedError, RequestInfo, UnauthenticatedError
-from collector.otlp_json import OTLPJSONError, decode_request_wire, encode_response
-from collector.receivers.otlp import HTTPSettings, TraceIngest
+from collector.otlp_json import OTLPJSONError, decode_request_wire
+from collector.receivers.otlp import HTTPSettings, SignalIngest, TraceIngest
 from collector.spans import ExportTraceServiceRequest
 from collector.tls import parse_endpoint, server_ssl_context
 
@@ -149,6 +150,8 @@ class HTTPListener:
         self._max_bytes_read = settings.max_concurrent_requests * settings.max_request_body_size
         """Above this, more body bytes are refused with 503 rather than held in memory."""
         self._inflaters: ThreadPoolExecutor | None = None
+        self.signal_paths: dict[str, SignalIngest] = {}
+        """Logs and metrics paths (``/v1/logs``) and their ingest, set before ``start``."""
 
     async def start(self, routes: list[Any]) -> None:
         settings = self.settings
@@ -166,6 +169,8 @@ class HTTPListener:
         )
         for path in settings.traces_paths:
             app.router.add_post(path, self._export)
+        for path, signal_ingest in self.signal_paths.items():
+            app.router.add_post(path, functools.partial(self._export_signal, signal_ingest))
         app.add_routes(routes)
         runner = web.AppRunner(
             app,
@@ -215,8 +220,15 @@ class HTTPListener:
         self.ingest.answered(response.status)
         return response
 
-    async def _handle(self, request: web.Request) -> web.Response:
-        ingest = self.ingest
+    async def _export_signal(self, ingest: SignalIngest, request: web.Request) -> web.Response:
+        response = await self._handle(request, ingest)
+        ingest.answered(response.status)
+        return response
+
+    async def _handle(
+        self, request: web.Request, ingest: TraceIngest | SignalIngest | None = None
+    ) -> web.Response:
+        ingest = ingest or self.ingest
         content_type = _CONTENT_TYPES.get(request.content_type)  # parameters are ignored
         reply_as = content_type or PROTOBUF
         length = request.content_length
@@ -267,7 +279,7 @@ class HTTPListener:
                 self._bytes_read -= counted
                 counted = 0
                 return await self._decode_and_export(
-                    body, info, content_type, reply_as, coding, share
+                    body, info, content_type, reply_as, coding, share, ingest
                 )
         finally:
             self._bytes_read -= counted
@@ -280,8 +292,9 @@ class HTTPListener:
         reply_as: str,
         coding: str,
         share: BodyBudget.Share,
+        ingest: TraceIngest | SignalIngest | None = None,
     ) -> web.Response:
-        ingest = self.ingest
+        ingest = ingest or self.ingest
         limit = self.settings.max_request_body_size
         inflate = _DECODERS[coding]
         if inflate is not None:
@@ -299,7 +312,9 @@ class HTTPListener:
                 return _error(reply_as, 400, f"invalid {coding} body: {exc}")
 
         try:
-            if content_type == PROTOBUF:
+            if isinstance(ingest, SignalIngest):  # logs, metrics
+                export_request, body = ingest.decode(body, content_type == JSON)
+            elif content_type == PROTOBUF:
                 export_request = ExportTraceServiceRequest()
                 export_request.ParseFromString(body)
             else:  # from here on, the protobuf bytes it was parsed from stand for it
@@ -310,7 +325,7 @@ class HTTPListener:
         share.resize(len(body))
 
         try:
-            result = await ingest.export(export_request, info, body)
+            result = await ingest.export(export_request, info, body)  # type: ignore[arg-type]
         except RefusedError as exc:
             return _refused(reply_as, exc)
         except Exception:
@@ -319,7 +334,7 @@ class HTTPListener:
             return _unavailable(reply_as)
         if reply_as == PROTOBUF:
             return web.Response(body=result.SerializeToString(), content_type=PROTOBUF)
-        return web.Response(body=encode_response(result), content_type=JSON)
+        return web.Response(body=otlp_json.encode(result), content_type=JSON)
 
     async def _read_body(self, request: web.Request, limit: int) -> bytes | None:
         """The body as it arrives, or None once it grows past ``limit`` (the rest is
