@@ -491,9 +491,9 @@ class ExporterQueue:
         self.exporter = exporter
         self.signal = signal
         self._batch_type = batch_type(signal)
-        self._export = (
-            exporter.export if signal == "traces" else getattr(exporter, f"export_{signal}")
-        )
+        # Looked up on each export, not bound here: a wrapper put on the exporter after
+        # the service was built (collector.testing records exports so) is honoured.
+        self._export_method = "export" if signal == "traces" else f"export_{signal}"
         self.queue_settings: QueueSettings = getattr(config, "sending_queue", QueueSettings())
         self.retry: RetrySettings = getattr(config, "retry_on_failure", RetrySettings())
         self.timeout: float = getattr(config, "timeout", 30.0)
@@ -764,7 +764,8 @@ class ExporterQueue:
             attempt += 1
             t0 = time.perf_counter()
             try:
-                await asyncio.wait_for(self._export(batch), self.timeout or None)
+                export = getattr(self.exporter, self._export_method)
+                await asyncio.wait_for(export(batch), self.timeout or None)
             except PermanentError as exc:
                 if count_failed:
                     log.error("%s: dropping %d spans, permanent error: %s", self.id, spans, exc)
