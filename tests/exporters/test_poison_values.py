@@ -1,0 +1,123 @@
+"""Values a valid OTLP request can hold that storage once could not take (issue 16
+defect 7), and how the storage exporters classify a failed write: an error that would
+repeat for the batch is permanent, one that may pass is retryable."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+
+import pytest
+
+from collector import PermanentError, RetryableError, SpanBatch
+from collector.spans import ResourceSpans
+from collector.storage import (
+    MAX_STORED_NS,
+    NATIVE_WIRE,
+    build_rows_native,
+    build_rows_python,
+    json_document,
+)
+from exporters.sqlite import SQLiteConfig, SQLiteExporter
+from tests.exporters.test_sqlite import add_span, call_resource
+from tests.processors._util import FakeTelemetryHost
+from tests.support import query
+
+
+def test_json_document_is_strict_json_for_every_attribute_value():
+    tags = {
+        "nan": math.nan,
+        "inf": [math.inf, -math.inf],
+        "blob": b"\x00\xff",
+        "nested": {"x": {"y": [math.nan, b"\x01", None, True, 3, "\x00"]}},
+    }
+    text = json_document(tags, sort_keys=True)
+    assert json.loads(text, parse_constant=pytest.fail) == {
+        "blob": "00ff",
+        "inf": ["inf", "-inf"],
+        "nan": "nan",
+        "nested": {"x": {"y": ["nan", "01", None, True, 3, "\x00"]}},
+    }
+    db = sqlite3.connect(":memory:")  # SQLite's JSON functions take it too
+    assert db.execute("SELECT json_valid(?), json_patch('{}', ?)", (text, text)).fetchone()[0]
+
+
+def _huge_times_batch(*more: ResourceSpans) -> SpanBatch:
+    rs = call_resource("call_t", **{"roark.project.tag.score": math.nan})
+    trace = os.urandom(16)
+    add_span(rs, trace, "late", 2**63 + 5, 2**64 - 1)
+    add_span(rs, trace, "ordinary", 1_000, 2_000)
+    return SpanBatch([rs, *more], "p")
+
+
+def _rows_summary(rows):
+    spans = sorted((r[4], r[6], r[7], r[8]) for r in rows.spans)
+    traces = sorted(tuple(t[3:6]) for t in rows.traces.values())
+    calls = sorted((c[0], c[5], c[6]) for c in rows.calls.values())
+    return spans, traces, calls
+
+
+def test_span_times_past_int64_are_stored_as_the_largest_one_by_both_readers():
+    batch = _huge_times_batch()
+    python = _rows_summary(build_rows_python(batch, 0, lambda s, p: 1, lambda p: 1))
+    assert python == (
+        [("late", MAX_STORED_NS, MAX_STORED_NS, 0), ("ordinary", 1_000, 2_000, 1_000)],
+        [(1_000, MAX_STORED_NS, MAX_STORED_NS - 1_000)],
+        [("call_t", 1_000, MAX_STORED_NS)],
+    )
+    if not NATIVE_WIRE:
+        pytest.skip("collector._wire is not built: the Python reader is the only one")
+    native = build_rows_native(batch.serialize(), "p", 0, lambda s, p: 1, lambda p: 1)
+    assert _rows_summary(native) == python
+
+
+@pytest.fixture(params=["process", "thread"])
+async def exporter(tmp_path, request):
+    exporter = SQLiteExporter(
+        "sqlite", SQLiteConfig(path=tmp_path / "db.sqlite", writer=request.param)
+    )
+    await exporter.start(FakeTelemetryHost())
+    yield exporter
+    await exporter.shutdown()
+
+
+async def test_sqlite_stores_nan_bytes_and_huge_times(exporter):
+    set_bytes = call_resource("call_b", **{"roark.project.tag.blob": b"\x00\xff"})
+    add_span(set_bytes, os.urandom(16), "bytes", 1, 2)
+    batch = _huge_times_batch(set_bytes)
+    await exporter.export(batch)
+    path = exporter.config.path
+    assert dict(query(path, "SELECT call_id, tags FROM calls")) == {
+        "call_t": '{"score": "nan"}',
+        "call_b": '{"blob": "00ff"}',
+    }
+    assert query(path, "SELECT max(end_ns) FROM spans") == [(MAX_STORED_NS,)]
+    for (attributes,) in query(path, "SELECT attributes FROM resources"):
+        json.loads(attributes, parse_constant=pytest.fail)
+
+
+async def test_sqlite_refusing_the_data_is_permanent_and_a_locked_file_retryable(exporter):
+    path = exporter.config.path
+    db = sqlite3.connect(path, isolation_level=None)
+    # SQLite's own "malformed JSON" for this batch's data, whatever the data is now.
+    db.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON calls BEGIN SELECT json_patch('{', '{}'); END"
+    )
+    batch = _huge_times_batch()
+    with pytest.raises(PermanentError, match="malformed JSON"):
+        await exporter.export(batch)
+    db.execute("DROP TRIGGER refuse")
+    if exporter.config.writer == "thread":  # (the process writer's errors cross as these)
+        assert exporter._writer is not None
+        exporter._writer.db.execute("PRAGMA busy_timeout=100")
+        db.execute("BEGIN EXCLUSIVE")  # another writer holds the file: it may pass
+        try:
+            with pytest.raises(RetryableError, match="locked"):
+                await exporter.export(batch)
+        finally:
+            db.execute("ROLLBACK")
+    db.close()
+    await exporter.export(batch)
+    assert len(query(path, "SELECT 1 FROM spans")) == 2
