@@ -765,8 +765,9 @@ class ExporterQueue:
         self, batch: SpanBatch, spans: int, count_failed: bool = True
     ) -> _Outcome:
         """Export until delivered, refused for good (a permanent error: logged, counted,
-        dropped) or given up on (the retry budget spent). ``count_failed=False`` leaves logging and counting a permanent error to the
-        caller, who then exports a merged batch's parts one by one.
+        dropped) or given up on (the retry budget spent). ``count_failed=False`` leaves
+        logging and counting a permanent error to the caller, who then exports a merged
+        batch's parts one by one.
 
         The budget: a failed attempt is retried after ``initial_interval``, each wait
         ``multiplier`` times the last (at most ``max_interval``) and jittered by
@@ -822,7 +823,7 @@ class ExporterQueue:
                             exc_info=exc,
                         )
                     if self._closing:
-                        if self._disk is not None:
+                        if self._disk is not None and self.queue_settings.enabled:
                             log.warning(
                                 "%s: export failed while shutting down: %r; %d spans stay"
                                 " in the persistent queue",
@@ -914,18 +915,15 @@ class ExporterQueue:
         self._closing = True
         self._shutting_down.set()
         self._wakeup.set()
-        if not await self._drained(timeout):
-            log.error(
-                "%s: shutdown timed out with %d spans undelivered%s",
+        drained = await self._drained(timeout)
+        if self._queued_spans:
+            log.log(
+                logging.WARNING if drained else logging.ERROR,
+                "%s: %s with %d spans undelivered%s",
                 self.id,
+                "stopped" if drained else "shutdown timed out",
                 self._queued_spans,
-                " (kept in the persistent queue)" if self._disk else "",
-            )
-        elif self._queued_spans:
-            log.warning(
-                "%s: %d spans kept in the persistent queue for the next start",
-                self.id,
-                self._queued_spans,
+                " (kept in the persistent queue for the next start)" if self._disk else "",
             )
         # Cancel until done: a client library that swallows a cancellation (redis-py
         # may, mid-reconnect) must not hang shutdown.
