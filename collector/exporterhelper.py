@@ -521,6 +521,8 @@ class ExporterQueue:
         success."""
         self._unexpected_since: float | None = None
         """When its first unexpected exception since its last success happened."""
+        self._shedding = False
+        """Whether its full queue drops new batches (``past_budget``), logged once."""
 
     @property
     def id(self) -> str:
@@ -539,14 +541,45 @@ class ExporterQueue:
     """Above this share of its capacity a queue refuses requests before they are read."""
 
     def nearly_full(self) -> bool:
-        return self.queue_settings.enabled and self._queued_spans >= self.HIGH_WATER * self.capacity
+        return (
+            self.queue_settings.enabled
+            and self._queued_spans >= self.HIGH_WATER * self.capacity
+            and not self.past_budget()
+        )
 
     def has_room(self, spans: int) -> bool:
+        """Whether ``enqueue`` takes ``spans`` more: queued, or shed (see ``past_budget``)."""
         if not self.queue_settings.enabled:
             return True
         # A batch larger than the whole queue is admitted when the queue is empty, so an
         # oversized request cannot be refused forever.
+        return self._fits(spans) or self.past_budget()
+
+    def _fits(self, spans: int) -> bool:
         return self._queued_spans == 0 or self._queued_spans + spans <= self.capacity
+
+    def past_budget(self) -> bool:
+        """Whether the exporter has failed for longer than ``retry_on_failure`` allows
+        since its last success. Its full queue then sheds new batches (dropped for this
+        exporter alone, counted) instead of refusing requests, so it stops the other
+        exporters no longer than its retry policy; with ``max_elapsed_time: 0`` only
+        after an unexpected exception's bound."""
+        now = time.monotonic()
+        limit = self.retry.max_elapsed_time
+        if limit and self._failing_since is not None and now - self._failing_since > limit:
+            return True
+        since = self._unexpected_since
+        return since is not None and now - since > (limit or UNEXPECTED_ERROR_MAX_ELAPSED)
+
+    def _shed(self, spans: int) -> None:
+        if not self._shedding:
+            self._shedding = True
+            log.error(
+                "%s: has failed for longer than its retry_on_failure budget and its queue is"
+                " full: new batches are dropped for it until an export succeeds",
+                self.id,
+            )
+        self._count_failed(spans)
 
     async def start(self) -> None:
         storage = self.queue_settings.storage
@@ -598,6 +631,9 @@ class ExporterQueue:
             raise RefusedError(f"exporter {self.id} is shutting down", retry_after=5.0)
         if not self.has_room(spans):
             raise RefusedError(f"sending queue of exporter {self.id} is full")
+        if not self._fits(spans):  # past its budget: shed, do not refuse
+            self._shed(spans)
+            return None
         item = _QueueItem(payload, spans, batch.project, batch.metadata, batch.received_ns)
         near_head = self._queued_spans < 2 * self.queue_settings.batch_max_spans
         if hand_over and not self._items and not self._storing:
@@ -869,6 +905,7 @@ class ExporterQueue:
                 interval = min(interval * self.retry.multiplier, self.retry.max_interval)
                 continue
             self._failing_since = self._unexpected_since = None
+            self._shedding = False
             if self.telemetry is not None:
                 self.telemetry.exporter_sent(self.id, spans, time.perf_counter() - t0)
             return "sent"

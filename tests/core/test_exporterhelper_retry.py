@@ -7,7 +7,9 @@ import asyncio
 import logging
 import time
 
-from collector import ExporterConfig, PermanentError, RetryableError, exporterhelper
+import pytest
+
+from collector import ExporterConfig, PermanentError, RefusedError, RetryableError, exporterhelper
 from collector.exporterhelper import ExporterQueue, RetrySettings
 from collector.telemetry import Telemetry
 from tests.core.test_exporterhelper import Recorder
@@ -173,3 +175,45 @@ async def test_shutdown_leaves_a_persistent_queues_failing_batch_for_the_next_st
     await queue.start()
     await queue.shutdown(5)
     assert fixed.span_names() == ["kept"]
+
+
+class SlowlyFailing(Recorder):
+    """A destination that times out: each attempt fails after 50 ms."""
+
+    async def export(self, b):
+        await asyncio.sleep(0.05)
+        raise RetryableError("timed out")
+
+
+async def test_past_its_budget_a_full_queue_sheds_instead_of_refusing(caplog):
+    exporter = SlowlyFailing(policy("100ms", queue_size=2))
+    telemetry = Telemetry()
+    queue = ExporterQueue(exporter, telemetry)
+    await queue.start()
+    await queue.put(batch(resource_spans({}, [{}, {}])))
+    assert not queue.has_room(1) and queue.nearly_full()  # within its budget: refused
+    with pytest.raises(RefusedError):
+        await queue.put(batch(resource_spans({}, [{}])))
+    while not queue.past_budget():
+        await asyncio.sleep(0.01)
+    with caplog.at_level(logging.ERROR, logger="collector.exporterhelper"):
+        for _ in range(10):  # taken, each one shed for this exporter alone
+            assert queue.has_room(1) and not queue.nearly_full()
+            await queue.put(batch(resource_spans({}, [{}])))
+    assert len([r for r in caplog.records if "dropped for it" in r.getMessage()]) == 1
+    await queue.shutdown(5)
+    assert failed_spans(telemetry) >= 10
+
+
+async def test_with_max_elapsed_time_zero_a_full_queue_keeps_refusing():
+    """Explicitly told to wait out an outage, the queue pushes back (503) rather than
+    drop anything."""
+    exporter = SlowlyFailing(policy("0", queue_size=2))
+    queue = ExporterQueue(exporter)
+    await queue.start()
+    await queue.put(batch(resource_spans({}, [{}, {}])))
+    await asyncio.sleep(0.3)
+    assert not queue.past_budget() and not queue.has_room(1)
+    with pytest.raises(RefusedError):
+        await queue.put(batch(resource_spans({}, [{}])))
+    await queue.shutdown(0.05)

@@ -11,8 +11,9 @@ import logging
 import time
 
 import aiohttp
+import pytest
 
-from collector import Exporter, ExporterConfig, SpanBatch
+from collector import Exporter, ExporterConfig, RetryableError, SpanBatch
 from collector.keys import KeyStore
 from collector.spans import ExportTraceServiceRequest
 from tests.processors._util import resource_spans
@@ -28,12 +29,22 @@ class TypeErrorExporter(Exporter):
         raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
 
 
+class DeadDestinationExporter(Exporter):
+    """A destination that does not answer: every export fails after a wait."""
+
+    Config = ExporterConfig
+
+    async def export(self, batch: SpanBatch) -> None:
+        await asyncio.sleep(0.3)
+        raise RetryableError("connection timed out")
+
+
 PLUGIN = f"{__name__}:TypeErrorExporter"
 
 
-def _config(port: int, db, **plugin_settings):
+def _config(port: int, db, plugin: str = PLUGIN, **plugin_settings):
     config = pipeline_config(port, db)
-    config["exporters"]["buggy"] = {"type": PLUGIN, **plugin_settings}
+    config["exporters"]["buggy"] = {"type": plugin, **plugin_settings}
     config["service"]["pipelines"]["traces"]["exporters"] = ["sqlite", "buggy"]
     config["service"]["shutdown_timeout"] = 30
     return config
@@ -44,9 +55,13 @@ def _request(index: int) -> bytes:
     return ExportTraceServiceRequest(resource_spans=[rs]).SerializeToString()
 
 
-async def test_a_plugin_exporter_raising_typeerror_stops_the_others_only_within_its_budget(
-    tmp_path, caplog
+@pytest.mark.parametrize("plugin", ["TypeErrorExporter", "DeadDestinationExporter"])
+async def test_a_failing_plugin_exporter_stops_the_others_only_within_its_budget(
+    tmp_path, caplog, plugin
 ):
+    """``TypeErrorExporter`` fails at once, every time; ``DeadDestinationExporter`` takes
+    0.3 s to fail, so past its budget (one attempt a batch) its queue still fills: it
+    then sheds new batches for itself alone."""
     caplog.set_level(logging.WARNING)
     db = tmp_path / "calltrace.db"
     key, _ = KeyStore(db).create("acme")
@@ -54,6 +69,7 @@ async def test_a_plugin_exporter_raising_typeerror_stops_the_others_only_within_
     config = _config(
         port,
         db,
+        f"{__name__}:{plugin}",
         sending_queue={"queue_size": 40},
         retry_on_failure={
             "initial_interval": "50ms",
@@ -99,20 +115,22 @@ async def test_a_plugin_exporter_raising_typeerror_stops_the_others_only_within_
         shutdown_started = time.monotonic()
     shutdown_took = time.monotonic() - shutdown_started
 
-    unexpected = [
+    reason = "unexpected" if plugin == "TypeErrorExporter" else "retryable"
+    errors = [
         line
         for line in metrics.splitlines()
         if line.startswith("calltrace_exporter_errors_total{")
         and 'exporter="buggy"' in line
-        and 'reason="unexpected"' in line
+        and f'reason="{reason}"' in line
     ]
-    assert unexpected and float(unexpected[0].split()[-1]) > 40, metrics
+    assert errors and float(errors[0].split()[-1]) > 1, metrics
     failed = service.telemetry.value("calltrace_exporter_send_failed_spans_total", exporter="buggy")
     assert failed >= 5 * 40
-    assert (
-        service.telemetry.value("calltrace_exporter_send_failed_spans_total", exporter="sqlite")
-        == 0
-    )
+    sqlite_failed = "calltrace_exporter_send_failed_spans_total"
+    assert service.telemetry.value(sqlite_failed, exporter="sqlite") == 0
+    assert shutdown_took < 5, shutdown_took
+    if plugin != "TypeErrorExporter":
+        return
     tracebacks = [
         r
         for r in caplog.records
@@ -120,7 +138,6 @@ async def test_a_plugin_exporter_raising_typeerror_stops_the_others_only_within_
     ]
     assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
     assert "unsupported operand" in caplog.text
-    assert shutdown_took < 5, shutdown_took
 
 
 async def test_shutdown_keeps_a_failing_exporters_batches_on_disk_without_waiting(tmp_path):
