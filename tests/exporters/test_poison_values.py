@@ -4,17 +4,20 @@ repeat for the batch is permanent, one that may pass is retryable."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sqlite3
+from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector import PermanentError, RetryableError, SpanBatch, set_attribute
+from collector import PermanentError, RetryableError, SpanBatch, set_attribute, storage
 from collector.spans import ResourceSpans
 from collector.storage import (
     MAX_STORED_NS,
@@ -23,6 +26,7 @@ from collector.storage import (
     build_rows_python,
     json_document,
 )
+from exporters import sqlite as sqlite_exporter
 from exporters.redis_streams import RedisStreamsConfig, RedisStreamsExporter
 from exporters.sqlite import SQLiteConfig, SQLiteExporter, _Writer
 from tests.exporters.test_sqlite import add_span, call_resource
@@ -195,23 +199,41 @@ GROUP = b"\xa3\x06\x08\x01\xa4\x06"
 """Field 100 as a protobuf group holding a varint: upb keeps it as an unknown field."""
 
 
+_WRITER_MODES = ("native", "executemany", "python") if NATIVE_WIRE else ("python",)
+"""How the sqlite writer turns a batch into rows: C build_rows and C inserts, C build_rows
+and executemany (``CALLTRACE_NATIVE_SQLITE=0``), or Python throughout (no extension)."""
+
+
+@contextlib.contextmanager
+def _writer_mode(mode: str) -> Iterator[None]:
+    native_sqlite = storage.NATIVE_SQLITE and mode == "native"
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(storage, "NATIVE_SQLITE", native_sqlite))
+        stack.enter_context(mock.patch.object(sqlite_exporter, "NATIVE_SQLITE", native_sqlite))
+        if mode == "python":
+            stack.enter_context(mock.patch.object(storage, "_wire", None))
+        yield
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(resources=st.lists(_resources, min_size=1, max_size=3))
 def test_any_request_is_written_by_sqlite_and_packed_for_redis(tmp_path_factory, resources):
     """No value a valid request holds makes a write fail: otherwise the request, answered
     200, would be dropped (or, before, retried forever)."""
     batch = _any_request(resources)
-    received = SpanBatch.parse(batch.serialize(), "p")  # as the receiver hands it over
-    path = tmp_path_factory.mktemp("any") / "db.sqlite"
-    writer = _Writer(path, 4)
-    try:
-        writer.write(received)
-    finally:
-        writer.close()
     spans = sum(len(spec) for _, _, spec in resources)
-    assert query(path, "SELECT count(*) FROM spans") == [(spans,)]
-    for (tags,) in query(path, "SELECT tags FROM calls WHERE tags IS NOT NULL"):
-        json.loads(tags, parse_constant=pytest.fail)
+    directory = tmp_path_factory.mktemp("any")
+    for mode in _WRITER_MODES:
+        path = directory / f"{mode}.sqlite"
+        with _writer_mode(mode):
+            writer = _Writer(path, 4)
+            try:  # as the receiver hands it over
+                writer.write(SpanBatch.parse(batch.serialize(), "p"))
+            finally:
+                writer.close()
+        assert query(path, "SELECT count(*) FROM spans") == [(spans,)], mode
+        for (tags,) in query(path, "SELECT tags FROM calls WHERE tags IS NOT NULL"):
+            json.loads(tags, parse_constant=pytest.fail)
     for protobuf_entries in (True, False):
         exporter = RedisStreamsExporter(
             "redis_streams",
