@@ -607,6 +607,15 @@ typedef struct {
     int has_attributes;
 } SpanFields;
 
+/* A span time as storage keeps it (storage.MAX_STORED_NS): fixed64 times past SQLite's
+ * and PostgreSQL's signed 64-bit integers (after the year 2262) are stored as the
+ * largest one; the span's bytes keep the time as sent. */
+static inline uint64_t
+stored_ns(uint64_t ns)
+{
+    return ns > (uint64_t)INT64_MAX ? (uint64_t)INT64_MAX : ns;
+}
+
 static int
 read_span_fields(const uint8_t *span, Py_ssize_t span_len, SpanFields *s)
 {
@@ -696,7 +705,7 @@ read_span(Batch *b, Resource *res, PyObject *scope_ref, const uint8_t *span, Py_
     int r;
     if (span_fields(span, span_len, &s) < 0)
         return -1;
-    uint64_t start = s.start, stop = s.end;
+    uint64_t start = stored_ns(s.start), stop = stored_ns(s.end);
     if (stop < start)
         stop = start; /* a clock glitch must not produce negative durations */
 
@@ -2404,11 +2413,9 @@ insert_scope_spans(sqlite3_stmt *stmt, const uint8_t *payload, const PlanEntry *
         SpanFields s;
         if (read_span_fields(f.data, f.len, &s) < 0)
             return INSERT_MALFORMED;
-        uint64_t start = s.start, stop = s.end;
+        uint64_t start = stored_ns(s.start), stop = stored_ns(s.end);
         if (stop < start)
             stop = start; /* as build_rows: no negative durations */
-        if (stop > (uint64_t)INT64_MAX)
-            return INSERT_OVERFLOW; /* what binding the Python int would raise */
         sq.bind_text(stmt, 1, project, (int)project_len, SQLITE_STATIC);
         sq.bind_blob(stmt, 2, s.trace_id, (int)s.trace_id_len, SQLITE_STATIC);
         sq.bind_blob(stmt, 3, s.span_id, (int)s.span_id_len, SQLITE_STATIC);

@@ -26,6 +26,7 @@ handed over, without a parse.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -82,14 +83,21 @@ class QueueSettings(BaseModel):
 
 
 class RetrySettings(BaseModel):
+    """Retry with exponential backoff and jitter, as the OpenTelemetry Collector's
+    exporter helper names it; ``max_elapsed_time`` bounds an exporter's failure streak."""
+
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     initial_interval: Duration = 0.1
     max_interval: Duration = 5.0
     multiplier: float = Field(default=1.5, ge=1.0)
     randomization_factor: float = Field(default=0.5, ge=0.0, le=1.0)
-    max_elapsed_time: Duration = 0.0
-    """Give up on a batch after this long; 0 retries until it is delivered (never drops)."""
+    max_elapsed_time: Duration = 300.0
+    """The Collector's default; 0: retry retryable errors until delivered."""
+
+
+UNEXPECTED_ERROR_MAX_ELAPSED = 300.0
+"""How long an unexpected exception is retried when ``max_elapsed_time`` is 0."""
 
 
 class ExporterConfig(ComponentConfig):
@@ -102,6 +110,19 @@ class ExporterConfig(ComponentConfig):
 
 _Outcome = Literal["sent", "permanent", "gave_up"]
 _T = TypeVar("_T")
+
+
+class _KeptForNextStart(Exception):
+    """A consumer stops: its batch failed while shutting down and stays on disk."""
+
+
+def _failure_reason(exc: Exception) -> str:
+    """The ``reason`` label of a failed export attempt that may be retried."""
+    if isinstance(exc, RetryableError):
+        return "retryable"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "unexpected"
 
 
 class _QueueItem:
@@ -508,7 +529,15 @@ class ExporterQueue:
         self._idle.set()
         self._consumers: list[asyncio.Task[None]] = []
         self._closing = False
+        self._shutting_down = asyncio.Event()
         self._disk: _DiskQueue | None = None
+        self._failing_since: float | None = None
+        """When the exporter's current failure streak began (monotonic); None after a
+        success."""
+        self._unexpected_since: float | None = None
+        """When its first unexpected exception since its last success happened."""
+        self._shedding = False
+        """Whether its full queue drops new batches (``past_budget``), logged once."""
 
     @property
     def id(self) -> str:
@@ -529,14 +558,45 @@ class ExporterQueue:
     """Above this share of its capacity a queue refuses requests before they are read."""
 
     def nearly_full(self) -> bool:
-        return self.queue_settings.enabled and self._queued_spans >= self.HIGH_WATER * self.capacity
+        return (
+            self.queue_settings.enabled
+            and self._queued_spans >= self.HIGH_WATER * self.capacity
+            and not self.past_budget()
+        )
 
     def has_room(self, spans: int) -> bool:
+        """Whether ``enqueue`` takes ``spans`` more: queued, or shed (see ``past_budget``)."""
         if not self.queue_settings.enabled:
             return True
         # A batch larger than the whole queue is admitted when the queue is empty, so an
         # oversized request cannot be refused forever.
+        return self._fits(spans) or self.past_budget()
+
+    def _fits(self, spans: int) -> bool:
         return self._queued_spans == 0 or self._queued_spans + spans <= self.capacity
+
+    def past_budget(self) -> bool:
+        """Whether the exporter has failed for longer than ``retry_on_failure`` allows
+        since its last success. Its full queue then sheds new batches (dropped for this
+        exporter alone, counted) instead of refusing requests, so it stops the other
+        exporters no longer than its retry policy; with ``max_elapsed_time: 0`` only
+        after an unexpected exception's bound."""
+        now = time.monotonic()
+        limit = self.retry.max_elapsed_time
+        if limit and self._failing_since is not None and now - self._failing_since > limit:
+            return True
+        since = self._unexpected_since
+        return since is not None and now - since > (limit or UNEXPECTED_ERROR_MAX_ELAPSED)
+
+    def _shed(self, spans: int) -> None:
+        if not self._shedding:
+            self._shedding = True
+            log.error(
+                "%s: has failed for longer than its retry_on_failure budget and its queue is"
+                " full: new batches are dropped for it until an export succeeds",
+                self.id,
+            )
+        self._count_failed(spans)
 
     async def start(self) -> None:
         storage = self.queue_settings.storage
@@ -588,6 +648,9 @@ class ExporterQueue:
             raise RefusedError(f"exporter {self.id} is shutting down", retry_after=5.0)
         if not self.has_room(spans):
             raise RefusedError(f"sending queue of exporter {self.id} is full")
+        if not self._fits(spans):  # past its budget: shed, do not refuse
+            self._shed(spans)
+            return None
         item = _QueueItem(payload, spans, batch.project, batch.metadata, batch.received_ns)
         near_head = self._queued_spans < 2 * self.queue_settings.batch_max_spans
         if hand_over and not self._items and not self._storing:
@@ -699,6 +762,10 @@ class ExporterQueue:
                 for item in reversed(items):
                     self._items.appendleft(item)
                 raise
+            except _KeptForNextStart:
+                for item in reversed(items):
+                    self._items.appendleft(item)
+                return
             finally:
                 self._in_flight -= 1
             self._queued_spans -= spans
@@ -756,8 +823,27 @@ class ExporterQueue:
         """Export until delivered, refused for good (a permanent error: logged, counted,
         dropped) or given up on (the retry budget spent). ``count_failed=False`` leaves
         logging and counting a permanent error to the caller, who then exports a merged
-        batch's parts one by one."""
+        batch's parts one by one.
+
+        The budget: a failed attempt is retried after ``initial_interval``, each wait
+        ``multiplier`` times the last (at most ``max_interval``) and jittered by
+        ``randomization_factor``. The batch is given up on (dropped, counted in
+        ``calltrace_exporter_send_failed_spans``) once its next wait would end more than
+        ``max_elapsed_time`` after its own first attempt or after the first failure since
+        the exporter's last success, whichever came first: an exporter that has failed
+        that long gets one attempt per batch until one succeeds, so its queue drains
+        instead of filling. ``max_elapsed_time: 0`` retries ``RetryableError`` and
+        timeouts until delivered; an unexpected exception (neither of the exporter API's
+        errors: a bug) is never retried without bound, only up to ``max_elapsed_time`` or,
+        when that is 0, ``UNEXPECTED_ERROR_MAX_ELAPSED``.
+
+        Every failed attempt is counted in ``calltrace_exporter_errors`` by reason. An
+        unexpected exception is logged with its traceback once per failure streak (the
+        failures since the exporter's last success), later ones in a line. While the
+        queue shuts down an unexpected exception is not retried: a persistent queue
+        keeps the batch for the next start (``_KeptForNextStart``), else it is dropped."""
         started = time.monotonic()
+        first_unexpected: float | None = None
         interval = self.retry.initial_interval
         attempt = 0
         while True:
@@ -767,24 +853,66 @@ class ExporterQueue:
                 export = getattr(self.exporter, self._export_method)
                 await asyncio.wait_for(export(batch), self.timeout or None)
             except PermanentError as exc:
+                self._count_error("permanent")
                 if count_failed:
                     log.error("%s: dropping %d spans, permanent error: %s", self.id, spans, exc)
                     self._count_failed(spans)
                 return "permanent"
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # retryable, timeouts and unexpected errors alike
-                elapsed = time.monotonic() - started
-                limit = self.retry.max_elapsed_time
-                if not self.retry.enabled or (limit and elapsed + interval > limit):
+            except Exception as exc:  # retryable, timeouts and unexpected errors
+                reason = _failure_reason(exc)
+                self._count_error(reason)
+                now = time.monotonic()
+                if self._failing_since is None:
+                    self._failing_since = now
+                unexpected = reason == "unexpected"
+                if unexpected:
+                    if first_unexpected is None:
+                        first_unexpected = now
+                    if self._unexpected_since is None:
+                        self._unexpected_since = now
+                        log.error(
+                            "%s: export raised an unexpected %s (retried per"
+                            " retry_on_failure; further ones are logged without traceback)",
+                            self.id,
+                            type(exc).__name__,
+                            exc_info=exc,
+                        )
+                    if self._closing:
+                        if self._disk is not None and self.queue_settings.enabled:
+                            log.warning(
+                                "%s: export failed while shutting down: %r; %d spans stay"
+                                " in the persistent queue",
+                                self.id,
+                                exc,
+                                spans,
+                            )
+                            raise _KeptForNextStart from exc
+                        log.error(
+                            "%s: dropping %d spans, export failed while shutting down: %r",
+                            self.id,
+                            spans,
+                            exc,
+                        )
+                        self._count_failed(spans)
+                        return "gave_up"
+                delay = interval * (1 + self.retry.randomization_factor * (2 * random.random() - 1))
+                if isinstance(exc, RetryableError) and exc.retry_after is not None:
+                    delay = max(delay, exc.retry_after)  # throttled: no sooner than asked
+                if unexpected:
+                    assert first_unexpected is not None and self._unexpected_since is not None
+                    since = min(first_unexpected, self._unexpected_since)
+                    limit = self.retry.max_elapsed_time or UNEXPECTED_ERROR_MAX_ELAPSED
+                else:
+                    since = min(started, self._failing_since)
+                    limit = self.retry.max_elapsed_time
+                if not self.retry.enabled or (limit and now + delay - since > limit):
                     log.error(
                         "%s: dropping %d spans after %d attempts: %r", self.id, spans, attempt, exc
                     )
                     self._count_failed(spans)
                     return "gave_up"
-                delay = interval * (1 + self.retry.randomization_factor * (2 * random.random() - 1))
-                if isinstance(exc, RetryableError) and exc.retry_after is not None:
-                    delay = max(delay, exc.retry_after)  # throttled: no sooner than asked
                 log.warning(
                     "%s: export failed (attempt %d), retrying in %.2fs: %r",
                     self.id,
@@ -794,16 +922,48 @@ class ExporterQueue:
                 )
                 if self.telemetry is not None:
                     self.telemetry.exporter_retry(self.id)
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 interval = min(interval * self.retry.multiplier, self.retry.max_interval)
                 continue
+            self._failing_since = self._unexpected_since = None
+            self._shedding = False
             if self.telemetry is not None:
                 self.telemetry.exporter_sent(self.id, spans, time.perf_counter() - t0)
             return "sent"
 
+    async def _pause(self, delay: float) -> None:
+        """Wait ``delay`` seconds before a retry, or until the queue starts to shut down
+        (then an unexpected exception is given up on at once)."""
+        if self._closing:
+            await asyncio.sleep(delay)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._shutting_down.wait(), delay)
+
     def _count_failed(self, spans: int) -> None:
         if self.telemetry is not None:
             self.telemetry.exporter_failed(self.id, spans)
+
+    def _count_error(self, reason: str) -> None:
+        if self.telemetry is not None:
+            self.telemetry.exporter_error(self.id, reason)
+
+    async def _drained(self, timeout: float) -> bool:
+        """Wait until the queue is empty or every consumer has stopped (a persistent
+        queue's consumers stop on an unexpected exception while shutting down); False
+        if ``timeout`` passed first."""
+        idle = asyncio.ensure_future(self._idle.wait())
+        waiters: set[asyncio.Future[Any]] = {idle}
+        if self._consumers:
+            waiters.add(asyncio.ensure_future(asyncio.wait(self._consumers)))
+        try:
+            done, _ = await asyncio.wait(
+                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        return bool(done)
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Deliver what is queued (up to ``timeout``), then stop the consumers.
@@ -811,15 +971,17 @@ class ExporterQueue:
         A persistent queue keeps whatever is left for the next start.
         """
         self._closing = True
+        self._shutting_down.set()
         self._wakeup.set()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            log.error(
-                "%s: shutdown timed out with %d spans undelivered%s",
+        drained = await self._drained(timeout)
+        if self._queued_spans:
+            log.log(
+                logging.WARNING if drained else logging.ERROR,
+                "%s: %s with %d spans undelivered%s",
                 self.id,
+                "stopped" if drained else "shutdown timed out",
                 self._queued_spans,
-                " (kept in the persistent queue)" if self._disk else "",
+                " (kept in the persistent queue for the next start)" if self._disk else "",
             )
         # Cancel until done: a client library that swallows a cancellation (redis-py
         # may, mid-reconnect) must not hang shutdown.

@@ -16,6 +16,7 @@ reference it is tested against and the fallback where the extension is not built
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sqlite3
@@ -28,6 +29,7 @@ from typing import Any
 
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
+from collector.query import jsonable
 from collector.spans import (
     CALL_ID_ATTRIBUTE,
     CALL_KEY_ATTRIBUTE,
@@ -40,6 +42,7 @@ from collector.wire import native as _wire
 
 __all__ = [
     "MAX_INDEXED_VALUE",
+    "MAX_STORED_NS",
     "NATIVE_SQLITE",
     "NATIVE_WIRE",
     "STATUS_ERROR",
@@ -53,6 +56,7 @@ __all__ = [
     "execute_steps",
     "expire_periodically",
     "file_of",
+    "json_document",
     "open_sqlite",
     "returned_ids",
     "write_lock",
@@ -65,6 +69,10 @@ TAG_PREFIX = "roark.project.tag."
 MAX_INDEXED_VALUE = 256
 """Attribute values longer than this (prompts, JSON payloads) are not indexed for search."""
 STATUS_ERROR = 2
+MAX_STORED_NS = 2**63 - 1
+"""The latest span time the rows hold (in 2262): SQLite's and PostgreSQL's integers are
+signed 64-bit, OTLP's times unsigned. A later time (a client's bug, but valid OTLP) is
+stored as this in the time columns; the span's own bytes keep it as sent."""
 _NOT_INDEXED = frozenset(("array_value", "kvlist_value", "bytes_value"))
 
 
@@ -165,6 +173,14 @@ class BackgroundCheckpointer:
         self._due.set()
         self._thread.join()
         self._db.close()
+
+
+def json_document(value: Any, **options: Any) -> str:
+    """``value`` (attribute values as ``any_value_to_python`` reads them: custom tags, a
+    resource's attributes) as strict JSON, which SQLite's and PostgreSQL's JSON functions
+    accept: bytes as hex, NaN and infinities as the strings ``"nan"``, ``"inf"``,
+    ``"-inf"`` (as the query API shows them). ``options`` go to ``json.dumps``."""
+    return json.dumps(jsonable(value), allow_nan=False, **options)
 
 
 def attribute_text(value: Any) -> str | None:
@@ -535,6 +551,10 @@ def build_rows_python(
                 name = span.name
                 start = span.start_time_unix_nano
                 end = span.end_time_unix_nano
+                if start > MAX_STORED_NS:
+                    start = MAX_STORED_NS
+                if end > MAX_STORED_NS:
+                    end = MAX_STORED_NS
                 if end < start:
                     end = start  # a clock glitch must not produce negative durations
                 status = span.status.code

@@ -60,6 +60,14 @@ class Telemetry:
             ["exporter"],
             registry=r,
         )
+        self.exporter_errors = Counter(
+            "calltrace_exporter_errors",
+            "Failed export attempts, by reason: retryable (RetryableError), timeout,"
+            " permanent (PermanentError: the batch is dropped) or unexpected (any other"
+            " exception: retried within retry_on_failure's bound, then dropped).",
+            ["exporter", "reason"],
+            registry=r,
+        )
         self.exporter_retries = Counter(
             "calltrace_exporter_retries",
             "Failed export attempts that were retried.",
@@ -120,6 +128,9 @@ class Telemetry:
 
     def exporter_failed(self, exporter: str, spans: int) -> None:
         self.exporter_send_failed.labels(exporter).inc(spans)
+
+    def exporter_error(self, exporter: str, reason: str) -> None:
+        self.exporter_errors.labels(exporter, reason).inc()
 
     def exporter_retry(self, exporter: str) -> None:
         self.exporter_retries.labels(exporter).inc()

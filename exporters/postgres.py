@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import asyncpg
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from pydantic import Field, SecretStr, field_validator
 
@@ -251,11 +252,15 @@ class PostgresExporter(Exporter):
     async def export(self, batch: SpanBatch) -> None:
         if self._pool is None:
             raise RetryableError(f"{self.id} is not started")
-        prepared = _Prepared(batch, time.time_ns())
+        try:
+            prepared = _Prepared(batch, time.time_ns())
+        except (OverflowError, ValueError, DecodeError) as exc:  # would repeat: the data
+            raise PermanentError(f"{self.id}: cannot store the batch: {exc!r}") from exc
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 await self._write(conn, batch.project or "", prepared)
         except (
+            OverflowError,
             asyncpg.DataError,
             asyncpg.IntegrityConstraintViolationError,
             asyncpg.ProgramLimitExceededError,

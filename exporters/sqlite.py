@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import multiprocessing
 import sqlite3
@@ -38,6 +37,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Literal
 
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from pydantic import Field
 
@@ -66,6 +66,7 @@ from collector.storage import (  # re-exported: the query side and plugins read 
     execute_steps,
     expire_periodically,
     file_of,
+    json_document,
     open_sqlite,
     resource_attributes,
     returned_ids,
@@ -329,6 +330,7 @@ class _Writer:
     ``writer: process``, inside the writer process)."""
 
     def __init__(self, path: Path, cache_size_mib: int):
+        self._path = path
         self.db = connect(path)
         self.db.execute(f"PRAGMA cache_size=-{cache_size_mib * 1024}")
         self._checkpointer = BackgroundCheckpointer(self.db, path)
@@ -341,8 +343,16 @@ class _Writer:
         """Search terms already computed, by project and (key, value)."""
 
     def write(self, batch: SpanBatch) -> None:
-        with self._write_lock:
-            self._write(batch)
+        """Write ``batch`` in one transaction; raises ``RetryableError`` for a failure that
+        may pass, ``PermanentError`` for one that would repeat for this batch."""
+        try:
+            with self._write_lock:
+                self._write(batch)
+        except Exception as exc:
+            error = _export_error(exc, self._path)
+            if error is exc:
+                raise
+            raise error from exc
         self._checkpointer.poke()
 
     def _write(self, batch: SpanBatch) -> None:
@@ -385,7 +395,7 @@ class _Writer:
             else:
                 spans = (_INSERT_SPAN, [(*row, seqs[row[1]]) for row in rows.spans])
             calls = [
-                (project, *c[:8], json.dumps(c[8], sort_keys=True) if c[8] else None)
+                (project, *c[:8], json_document(c[8], sort_keys=True) if c[8] else None)
                 for c in rows.calls.values()
             ]
             # One call, the GIL let go of once (see execute_steps).
@@ -521,6 +531,30 @@ class _Writer:
         self.db.close()
 
 
+_TRANSIENT_SQLITE_ERRORS = frozenset((3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 15, 17, 22, 23))
+"""SQLite's primary result codes of failures that may pass: PERM, ABORT, BUSY, LOCKED,
+NOMEM, READONLY, INTERRUPT, IOERR, FULL, CANTOPEN, PROTOCOL, SCHEMA, NOLFS, AUTH. The
+others (ERROR, as for ``malformed JSON``; TOOBIG, CONSTRAINT, MISMATCH, RANGE; CORRUPT,
+NOTADB) would repeat for the batch or the file."""
+
+
+def _export_error(exc: Exception, path: Path) -> Exception:
+    """What a failed write raises to the exporter helper: ``RetryableError`` for a
+    failure that may pass (the file locked, the disk full), ``PermanentError`` for one
+    that would repeat for this batch (SQLite refusing its data, a number out of range,
+    bytes that are not protobuf); any other exception as it is (a bug)."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is None:
+            transient = isinstance(exc, sqlite3.OperationalError)
+        else:
+            transient = code & 0xFF in _TRANSIENT_SQLITE_ERRORS
+        return (RetryableError if transient else PermanentError)(f"{path}: {exc}")
+    if isinstance(exc, OverflowError | ValueError | DecodeError):
+        return PermanentError(f"{path}: cannot store the batch: {exc!r}")
+    return exc
+
+
 # -- the writer process (``writer: process``) -----------------------------------------
 
 
@@ -654,10 +688,6 @@ class SQLiteExporter(Exporter):
             if self._pool is pool:  # (the other consumer's export may have restarted it)
                 self._restart_process()
             raise RetryableError(f"{self.id}: the writer process died: {exc}") from exc
-        except sqlite3.OperationalError as exc:  # locked, disk full, I/O: may pass
-            raise RetryableError(f"{self.config.path}: {exc}") from exc
-        except sqlite3.DatabaseError as exc:
-            raise PermanentError(f"{self.config.path}: {exc}") from exc
 
     def _writer_process(self) -> ProcessPoolExecutor:
         """A pool of one process that owns the writer connection (spawned on first use)."""
@@ -709,11 +739,5 @@ class SQLiteExporter(Exporter):
 
 def _resource_row(service: str | None, payload: bytes) -> tuple[Any, ...]:
     """A ``resources`` row (for ``_UPSERT_RESOURCE``) of a resource serialized as ``payload``."""
-    attributes = json.dumps(resource_attributes(payload), default=_bytes_hex)
+    attributes = json_document(resource_attributes(payload))
     return (hashlib.blake2b(payload, digest_size=16).digest(), service, attributes, payload)
-
-
-def _bytes_hex(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    raise TypeError(f"cannot encode {type(value).__name__}")
