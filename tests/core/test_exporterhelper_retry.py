@@ -100,6 +100,9 @@ async def test_once_the_budget_is_spent_each_batch_gets_one_attempt_until_one_su
     await queue.put(batch(resource_spans({}, [{}])))
     while not failed_spans(telemetry):
         await asyncio.sleep(0.01)
+    # The first batch is given up on once its next wait would end past the budget, which
+    # may be a little before the budget is spent: wait until it surely is.
+    await asyncio.sleep(0.12)
     attempts = exporter.attempts
     for _ in range(5):  # the exporter has failed for longer than its budget
         await queue.put(batch(resource_spans({}, [{}])))
