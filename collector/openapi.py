@@ -65,8 +65,12 @@ _SCHEMAS: dict[str, Any] = {
             "turn_count": _t("integer"),
             "median_turn_ms": _nullable("number", "Median end-to-end turn latency."),
             "worst_turn_ms": _nullable("number", "Worst end-to-end turn latency."),
+            "e2e_p95_ms": _nullable("number", "95th percentile end-to-end turn latency."),
             "tool_calls": _t("integer"),
-            "error_count": _t("integer", "Spans with status ERROR plus failed tool calls."),
+            "tool_failures": _t("integer"),
+            "error_count": _t(
+                "integer", "Spans with status ERROR plus failed tool calls whose span is not one."
+            ),
             "span_count": _t("integer"),
             "tags": {
                 "type": "object",
@@ -126,9 +130,26 @@ _SCHEMAS: dict[str, Any] = {
         {
             "name": _nullable("string"),
             "duration_ms": _nullable("number"),
-            "error": _t("boolean"),
-            "span_id": _nullable("string"),
+            "error": _t("boolean", "lk.function_tool.is_error or status ERROR."),
+            "span_id": _nullable("string", "Null for Pipecat, which has no tool span."),
+            "start_ns": _nullable("integer"),
+            "end_ns": _nullable("integer"),
+            "error_span": _t("boolean", "The tool's span itself has status ERROR."),
         }
+    ),
+    "Breakdown": _obj(
+        {
+            "end_of_turn_ms": _t("number", "End of speech until the turn was committed."),
+            "llm_ms": _t("number", "Waiting for the first spoken LLM token after that."),
+            "tool_ms": _t("number", "Tool calls run before that token."),
+            "tts_ms": _t("number", "TTS time to first byte on the path."),
+            "other_ms": _t(
+                "number",
+                "The gap: e2e_ms minus the parts above (queueing, text aggregation,"
+                " playout start; negative when stages overlapped).",
+            ),
+        },
+        "The critical path of e2e_ms: the parts add up to it exactly.",
     ),
     "Turn": _obj(
         {
@@ -137,13 +158,28 @@ _SCHEMAS: dict[str, Any] = {
             "user_span_id": _nullable("string"),
             "start_ns": _t("integer"),
             "end_ns": _t("integer"),
-            "user_text": _nullable("string"),
-            "stt_ms": _nullable("number"),
-            "llm_ttft_ms": _nullable("number"),
-            "tts_ttfb_ms": _nullable("number"),
+            "span_ids": {
+                "type": "array",
+                "items": _t("string"),
+                "description": "The turn's spans (its turn spans and their descendants).",
+            },
+            "user_text": _nullable("string", "What the user said (final transcript)."),
+            "agent_text": _nullable("string", "What the agent answered."),
+            "end_of_turn_ms": _nullable("number", "End of speech to the turn committed."),
+            "stt_ms": _nullable("number", "End of speech to final transcript."),
+            "llm_ttft_ms": _nullable("number", "The first LLM request's time to first token."),
+            "answer_ttft_ms": _nullable(
+                "number", "The last LLM request's (the answer after tools) time to first token."
+            ),
+            "answer_wait_ms": _nullable(
+                "number", "End of speech to the first token of the answer's LLM request."
+            ),
+            "tts_ttfb_ms": _nullable("number", "The first TTS request's time to first byte."),
+            "tool_ms": _nullable("number", "The tool calls' total duration."),
             "llm_calls": _t("integer"),
             "tool_calls": {"type": "array", "items": _ref("ToolCall")},
-            "e2e_ms": _nullable("number"),
+            "e2e_ms": _nullable("number", "End of speech to the agent's first audio."),
+            "breakdown": {"oneOf": [{"type": "null"}, _ref("Breakdown")]},
             "interrupted": _t("boolean"),
         },
         "One turn; the README's Query API section says which span each number comes from.",
@@ -153,8 +189,10 @@ _SCHEMAS: dict[str, Any] = {
             "turn_count": _t("integer"),
             "median_e2e_ms": _nullable("number"),
             "worst_e2e_ms": _nullable("number"),
+            "p95_e2e_ms": _nullable("number"),
             "tool_calls": _t("integer"),
-            "errors": _t("integer"),
+            "tool_failures": _t("integer"),
+            "errors": _t("integer", "Spans with status ERROR plus failed tools without one."),
             "stt_ms_total": _nullable("number"),
             "llm_calls": _t("integer"),
         }

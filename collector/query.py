@@ -292,7 +292,7 @@ def _placeholder(trace_id: str, span_id: str) -> dict[str, Any]:
 #   call:  call_id, room_id, source, room_name, service, start_ns, end_ns, tags (JSON
 #          text), ... (the summary cache columns follow; call_json ignores them)
 
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 """Bumped when the cached summary's shape changes, so old caches are recomputed."""
 
 
@@ -394,7 +394,9 @@ def call_json(row: Any, summary: dict[str, Any], span_count: int) -> dict[str, A
         "turn_count": totals["turn_count"],
         "median_turn_ms": totals["median_e2e_ms"],
         "worst_turn_ms": totals["worst_e2e_ms"],
+        "e2e_p95_ms": totals["p95_e2e_ms"],
         "tool_calls": totals["tool_calls"],
+        "tool_failures": totals["tool_failures"],
         "error_count": totals["errors"],
         "span_count": span_count,
         "tags": jsonable(json.loads(tags)) if tags else {},
