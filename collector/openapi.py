@@ -91,6 +91,13 @@ _SCHEMAS: dict[str, Any] = {
             "root_span_id": _nullable("string"),
             "has_error": _t("boolean", "Some span of the trace has status ERROR."),
             "span_count": _t("integer"),
+            "matched_spans": {
+                "type": "array",
+                "items": _t("string"),
+                "description": "Ids of the spans meeting a span condition of the search"
+                " (name, name_contains, attr.*; an attribute of the span itself); empty"
+                " when the search has none.",
+            },
         }
     ),
     "Event": _obj({"name": _t("string"), "time_ns": _t("integer"), "attributes": _ATTRIBUTES}),
@@ -125,6 +132,48 @@ _SCHEMAS: dict[str, Any] = {
             "children": {"type": "array", "items": _ref("Span")},
         },
         "A span with its children, nested by parent.",
+    ),
+    "SpanHit": _obj(
+        {
+            "trace_id": _t("string"),
+            "span_id": _t("string"),
+            "parent_span_id": _nullable("string"),
+            "name": _t("string"),
+            "kind": _t("integer"),
+            "start_ns": _t("integer"),
+            "end_ns": _t("integer"),
+            "duration_ms": _t("number"),
+            "status_code": _t("integer", "0 unset, 1 ok, 2 error."),
+            "status_message": _t("string"),
+            "attributes": _ATTRIBUTES,
+            "events": {"type": "array", "items": _ref("Event")},
+            "links": {"type": "array", "items": _ref("Link")},
+            "resource_id": _nullable("string"),
+            "scope": {
+                "oneOf": [
+                    {"type": "null"},
+                    _obj({"name": _t("string"), "version": _t("string")}),
+                ]
+            },
+            "call_id": _nullable("string", "The call the span belongs to."),
+            "placeholder": _t("boolean", "Always false here."),
+            "service": _nullable("string", "service.name of the span's resource."),
+            "trace": _obj(
+                {
+                    "trace_id": _t("string"),
+                    "start": _t("string"),
+                    "root_name": _nullable("string"),
+                    "duration_ms": _t("number"),
+                }
+            ),
+        },
+        "A span found by span search, with its service, trace and call.",
+    ),
+    "SpanList": _obj(
+        {
+            "spans": {"type": "array", "items": _ref("SpanHit")},
+            "next_cursor": _nullable("string", "Pass as cursor for the next page."),
+        }
     ),
     "ToolCall": _obj(
         {
@@ -195,6 +244,7 @@ _SCHEMAS: dict[str, Any] = {
             "errors": _t("integer", "Spans with status ERROR plus failed tools without one."),
             "stt_ms_total": _nullable("number"),
             "llm_calls": _t("integer"),
+            "llm_model": _nullable("string", "gen_ai.request.model of the first LLM span."),
         }
     ),
     "Resources": {
@@ -270,6 +320,14 @@ _ATTR_PARAM = {
 }
 
 
+_TAG_PARAM = {
+    **_ATTR_PARAM,
+    "name": "tag",
+    "description": "tag.KEY=VALUE, repeatable: the custom tag (resource attribute"
+    " roark.project.tag.KEY) has the text VALUE.",
+}
+
+
 def _json_response(description: str, schema: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
 
@@ -298,12 +356,48 @@ OPENAPI: dict[str, Any] = {
                 "parameters": [
                     *_COMMON_PARAMS,
                     _ATTR_PARAM,
-                    {
-                        **_ATTR_PARAM,
-                        "name": "tag",
-                        "description": "tag.KEY=VALUE, repeatable: the call's custom tag"
-                        " (resource attribute roark.project.tag.KEY) has the text VALUE.",
-                    },
+                    _TAG_PARAM,
+                    _param(
+                        "sort",
+                        "start (newest first, the default), or the largest first (calls"
+                        " without the number last): worst_turn, median_turn, e2e_p95,"
+                        " errors, duration.",
+                        {
+                            "enum": [
+                                "start",
+                                "worst_turn",
+                                "median_turn",
+                                "e2e_p95",
+                                "errors",
+                                "duration",
+                            ]
+                        },
+                    ),
+                    _param(
+                        "min_worst_turn_ms",
+                        "The worst turn's e2e_ms is at least this.",
+                        {"type": "number", "minimum": 0},
+                    ),
+                    _param(
+                        "min_median_turn_ms",
+                        "The median turn's e2e_ms is at least this.",
+                        {"type": "number", "minimum": 0},
+                    ),
+                    _param(
+                        "min_e2e_p95_ms",
+                        "The 95th percentile of e2e_ms is at least this.",
+                        {"type": "number", "minimum": 0},
+                    ),
+                    _param(
+                        "min_errors",
+                        "error_count is at least this.",
+                        {"type": "integer", "minimum": 0},
+                    ),
+                    _param(
+                        "min_duration_ms",
+                        "The call lasts at least this long.",
+                        {"type": "number", "minimum": 0},
+                    ),
                 ],
                 "responses": {"200": _json_response("A page of calls.", "CallList"), **_ERRORS},
             }
@@ -331,10 +425,13 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Trace search. Each condition must be met by some span of the trace.",
                 "parameters": [
                     *_COMMON_PARAMS,
-                    _param("service", "service.name of the trace's resource."),
+                    _param(
+                        "service", "service.name of the trace's resource contains this (any case)."
+                    ),
                     _param("name", "Some span has exactly this name."),
                     _param("name_contains", "Some span's name contains this (any case)."),
                     _ATTR_PARAM,
+                    _TAG_PARAM,
                     _param(
                         "min_duration_ms",
                         "The trace lasts at least this long (first start to last end).",
@@ -347,6 +444,35 @@ OPENAPI: dict[str, Any] = {
                     ),
                 ],
                 "responses": {"200": _json_response("A page of traces.", "TraceList"), **_ERRORS},
+            }
+        },
+        "/api/v1/spans": {
+            "get": {
+                "summary": "Span search: each condition must be met by the span itself"
+                " (attr.* and tag.* by it or its resource). Newest trace first, then in"
+                " start order within a trace.",
+                "parameters": [
+                    *_COMMON_PARAMS,
+                    _param("name", "The span's name contains this (any case)."),
+                    _param("service", "service.name of the span's resource contains this."),
+                    {
+                        **_ATTR_PARAM,
+                        "description": "attr.KEY=VALUE, repeatable: the span or its resource"
+                        " has attribute KEY with the text VALUE.",
+                    },
+                    _TAG_PARAM,
+                    _param(
+                        "min_duration_ms",
+                        "The span lasts at least this long.",
+                        {"type": "number", "minimum": 0},
+                    ),
+                    _param(
+                        "status",
+                        "error: the span has status ERROR; ok: it has not.",
+                        {"enum": ["error", "ok"]},
+                    ),
+                ],
+                "responses": {"200": _json_response("A page of spans.", "SpanList"), **_ERRORS},
             }
         },
         "/api/v1/traces/{trace_id}": {

@@ -40,27 +40,34 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from collector.spans import any_value_to_python
 
 __all__ = [
+    "CALL_SORTS",
     "DEFAULT_LIMIT",
     "MAX_LIMIT",
     "SUMMARY_VERSION",
     "TAG_PREFIX",
+    "TURN_COMPONENTS",
     "CallFilter",
     "Page",
     "QueryError",
     "QueryStore",
+    "SpanFilter",
     "StorageUnavailableError",
     "TraceFilter",
     "build_tree",
     "cached_summary",
     "call_json",
     "decode_cursor",
+    "decode_span_cursor",
     "decode_trace_cursor",
     "encode_cursor",
+    "encode_span_cursor",
     "jsonable",
     "parse_time",
     "resource_key",
     "rfc3339",
+    "span_hit_json",
     "span_json",
+    "span_matches",
     "summary_cache_text",
     "trace_json",
 ]
@@ -93,8 +100,51 @@ class TraceFilter:
     min_duration_ns: int | None = None
     status: str | None = None
     """``"error"``: traces with an ERROR span; ``"ok"``: traces without one."""
+    tags: list[tuple[str, str]] = field(default_factory=list)
+    """``(tag, value text)``: a resource attribute ``roark.project.tag.TAG`` of the trace."""
     limit: int = DEFAULT_LIMIT
     cursor: str | None = None
+
+    @property
+    def span_conditions(self) -> bool:
+        """Whether some condition is met by particular spans (``matched_spans``)."""
+        return bool(self.name or self.name_contains or self.attributes)
+
+
+@dataclass
+class SpanFilter:
+    """Span search: a span matches when it meets *every* condition itself."""
+
+    start_ns: int | None = None
+    end_ns: int | None = None
+    name: str | None = None
+    """Case-insensitive substring of the span's name."""
+    service: str | None = None
+    """Case-insensitive substring of the ``service.name`` of the span's resource."""
+    attributes: list[tuple[str, str]] = field(default_factory=list)
+    """``(key, value text)``: an attribute of the span or of its resource."""
+    tags: list[tuple[str, str]] = field(default_factory=list)
+    """``(tag, value text)``: resource attribute ``roark.project.tag.TAG`` of the span."""
+    min_duration_ns: int | None = None
+    status: str | None = None
+    """``"error"``: status ERROR; ``"ok"``: any other status."""
+    limit: int = DEFAULT_LIMIT
+    cursor: str | None = None
+
+    def resource_conditions(self) -> list[tuple[str, str]]:
+        return [(TAG_PREFIX + k, v) for k, v in self.tags]
+
+
+CALL_SORTS = {
+    "start": None,
+    "worst_turn": "worst_e2e_ms",
+    "median_turn": "median_e2e_ms",
+    "e2e_p95": "p95_e2e_ms",
+    "errors": "errors",
+    "duration": None,
+}
+"""``sort`` values of the calls list: the start (newest first, the default), the
+duration, or a field of the cached summary's ``totals`` (largest first)."""
 
 
 @dataclass
@@ -105,8 +155,38 @@ class CallFilter:
     """``(key, value text)`` pairs, each met by a span or resource attribute of the call."""
     tags: list[tuple[str, str]] = field(default_factory=list)
     """``(tag, value text)``: resource attribute ``roark.project.tag.TAG`` equals value."""
+    sort: str = "start"
+    """One of ``CALL_SORTS``: newest first, or the largest value first (nulls last)."""
+    min_worst_turn_ms: float | None = None
+    min_median_turn_ms: float | None = None
+    min_e2e_p95_ms: float | None = None
+    min_errors: int | None = None
+    min_duration_ns: int | None = None
     limit: int = DEFAULT_LIMIT
     cursor: str | None = None
+
+    @property
+    def needs_summaries(self) -> bool:
+        """Whether the statement reads the summary cache (it must be current first)."""
+        return CALL_SORTS.get(self.sort) is not None or any(
+            v is not None
+            for v in (
+                self.min_worst_turn_ms,
+                self.min_median_turn_ms,
+                self.min_e2e_p95_ms,
+                self.min_errors,
+            )
+        )
+
+    def summary_minimums(self) -> list[tuple[str, float]]:
+        """``(totals field, minimum)`` of each summary filter given."""
+        pairs = [
+            ("worst_e2e_ms", self.min_worst_turn_ms),
+            ("median_e2e_ms", self.min_median_turn_ms),
+            ("p95_e2e_ms", self.min_e2e_p95_ms),
+            ("errors", self.min_errors),
+        ]
+        return [(name, float(value)) for name, value in pairs if value is not None]
 
 
 @dataclass
@@ -133,6 +213,18 @@ class QueryStore(Protocol):
 
     async def trace(self, project: str, trace_id: bytes) -> dict[str, Any] | None:
         """``{"trace", "spans", "resources"}`` of one trace, or None."""
+        ...
+
+    async def spans(self, project: str, query: SpanFilter) -> Page:
+        """Spans matching ``query`` (``span_hit_json``), newest trace first, then in start
+        order within a trace."""
+        ...
+
+    async def summaries(
+        self, project: str, start_ns: int | None, end_ns: int | None
+    ) -> list[dict[str, Any]]:
+        """The current cached summary (``summary_cache_text``) of every call starting in
+        ``[start_ns, end_ns)``, with ``call_id``, ``start_ns``, ``service`` and ``tags``."""
         ...
 
 
@@ -216,6 +308,56 @@ def decode_trace_cursor(token: str) -> tuple[int, bytes]:
     except ValueError:
         trace_id = b""
     return start, trace_id
+
+
+def encode_span_cursor(trace_start: int, trace_id: bytes, start: int, span_id: bytes) -> str:
+    """The page token after a span, in span search order."""
+    return encode_cursor([trace_start, trace_id.hex(), start, span_id.hex()])
+
+
+def decode_span_cursor(token: str) -> tuple[int, bytes, int, bytes]:
+    """``(trace start, trace id, span start, span id)`` of a span search cursor."""
+    trace_start, trace_hex, start, span_hex = decode_cursor(token, (int, str, int, str))
+    try:
+        return trace_start, bytes.fromhex(trace_hex), start, bytes.fromhex(span_hex)
+    except ValueError:
+        raise QueryError("cursor: not a cursor this API returned") from None
+
+
+def span_matches(
+    span: dict[str, Any], resource: dict[str, Any], attributes: list[tuple[str, str]]
+) -> bool:
+    """Whether each ``(key, text)`` is an attribute of ``span`` or of its ``resource``
+    (attribute values compared as the search index keeps them: ``attribute_text``)."""
+    from collector.storage import attribute_text
+
+    for key, text in attributes:
+        found = False
+        for source in (span["attributes"], resource):
+            if key in source and attribute_text(source[key]) == text:
+                found = True
+                break
+        if not found:
+            return False
+    return True
+
+
+def span_hit_json(
+    span: dict[str, Any], service: str | None, trace_row: tuple[Any, ...]
+) -> dict[str, Any]:
+    """A span search result: the span (without children), its service and its trace
+    (``trace_id, start_ns, root_name, duration_ns``)."""
+    trace_id, trace_start, root_name, duration = trace_row
+    hit = dict(span)
+    hit.pop("children", None)
+    hit["service"] = service
+    hit["trace"] = {
+        "trace_id": trace_id.hex(),
+        "start": rfc3339(trace_start),
+        "root_name": root_name,
+        "duration_ms": round(duration / 1e6, 3),
+    }
+    return hit
 
 
 # -- trees --------------------------------------------------------------------------
@@ -373,6 +515,7 @@ def trace_json(row: Any, span_count: int) -> dict[str, Any]:
         "root_span_id": root_span_id.hex() if root_span_id else None,
         "has_error": bool(has_error),
         "span_count": span_count,
+        "matched_spans": [],
     }
 
 
@@ -403,10 +546,24 @@ def call_json(row: Any, summary: dict[str, Any], span_count: int) -> dict[str, A
     }
 
 
+TURN_COMPONENTS = (
+    "e2e_ms",
+    "end_of_turn_ms",
+    "stt_ms",
+    "llm_ttft_ms",
+    "answer_wait_ms",
+    "tts_ttfb_ms",
+    "tool_ms",
+)
+"""The turn latencies the summary cache keeps per turn (and ``stats/turns`` reports)."""
+
+
 def summary_cache_text(summary: dict[str, Any]) -> str:
-    """What ``calls.summary`` keeps of a summary: what the calls list shows."""
-    cached = {"version": SUMMARY_VERSION, "framework": summary["framework"]}
+    """What ``calls.summary`` keeps of a summary: what the calls list shows and the
+    turns' latency components (``turns``: one list in ``TURN_COMPONENTS`` order each)."""
+    cached: dict[str, Any] = {"version": SUMMARY_VERSION, "framework": summary["framework"]}
     cached["totals"] = summary["totals"]
+    cached["turns"] = [[t.get(c) for c in TURN_COMPONENTS] for t in summary["turns"]]
     return json.dumps(cached, separators=(",", ":"))
 
 

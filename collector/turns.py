@@ -27,8 +27,8 @@ the reference for every number; in short, per turn:
   ``other_ms`` (the named gap: queueing, text aggregation and playout start between
   stages; negative when stages overlapped).
 
-Call totals: turn count, median / worst / p95 of ``e2e_ms``, tool calls, failed tools
-and errors (spans with status ERROR plus failed tool calls whose span is not itself an
+Call totals: turn count, median / worst / p95 of ``e2e_ms``, tool calls, failed tools,
+the LLM model (``gen_ai.request.model`` of the first LLM span) and errors (spans with status ERROR plus failed tool calls whose span is not itself an
 ERROR span, so one failed tool counts once).
 """
 
@@ -393,8 +393,23 @@ def summarize_call(spans: list[dict[str, Any]]) -> dict[str, Any]:
             "errors": errors,
             "stt_ms_total": _sum(t["stt_ms"] for t in turns),
             "llm_calls": sum(t["llm_calls"] for t in turns),
+            "llm_model": _llm_model(tree),
         },
     }
+
+
+_LLM_SPANS = ("llm_request", "llm_node", "llm")
+
+
+def _llm_model(tree: _Tree) -> str | None:
+    """``gen_ai.request.model`` of the call's first LLM span (LiveKit ``llm_request`` /
+    ``llm_node``, Pipecat ``llm``)."""
+    for span in tree.spans:
+        if span["name"] in _LLM_SPANS:
+            model = span.get("attributes", {}).get("gen_ai.request.model")
+            if isinstance(model, str) and model:
+                return model
+    return None
 
 
 def _sum(values: Any) -> float | None:
