@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ from collector.query import (
     build_tree,
     parse_time,
 )
+from collector.turn_stats import parse_group_by, turn_stats
+from collector.units import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,8 @@ _CALL_PARAMS = {
     "min_errors",
     "min_duration_ms",
 }
+_STATS_PARAMS = {"start", "end", "step", "group_by"}
+_DAY_NS = 86_400 * 10**9
 _SPAN_PARAMS = {"start", "end", "limit", "cursor", "service", "name", "min_duration_ms", "status"}
 _TRACE_PARAMS = {
     "start",
@@ -159,6 +164,7 @@ class QueryAPI:
             web.get("/api/v1/traces", self._guard(self.search_traces)),
             web.get("/api/v1/traces/{trace_id}", self._guard(self.get_trace)),
             web.get("/api/v1/spans", self._guard(self.search_spans)),
+            web.get("/api/v1/stats/turns", self._guard(self.turn_stats)),
             web.get("/api/v1/openapi.json", self.openapi),
             web.get("/", self.page),
             web.get("/ui/{file}", self.ui_file),
@@ -288,6 +294,37 @@ class QueryAPI:
         _check_range(query.start_ns, query.end_ns)
         page = await self.store.spans(project, query)
         return {"spans": page.items, "next_cursor": page.next_cursor}
+
+    async def turn_stats(self, request: web.Request, project: str) -> Any:
+        params = _Params(request.query, _STATS_PARAMS, ("tag.",))
+        end = params.time("end")
+        if end is None:
+            end = time.time_ns()
+        start = params.time("start")
+        if start is None:
+            start = end - _DAY_NS
+        _check_range(start, end)
+        step_text = params.text("step")
+        if step_text is None:
+            step = max(1, -(-(end - start) // 24))
+        else:
+            try:
+                step = round(parse_duration(step_text) * 1e9)
+            except (ValueError, OverflowError):
+                step = 0
+            if not 0 < step <= _MAX_NS:
+                raise QueryError(f'step: expected a duration like "5m" or "1h", got {step_text!r}')
+        group_by = parse_group_by(params.text("group_by"))
+        calls = await self.store.summaries(project, start, end)
+        return await asyncio.to_thread(
+            turn_stats,
+            calls,
+            start_ns=start,
+            end_ns=end,
+            step_ns=step,
+            group_by=group_by,
+            tags=params.prefixed("tag."),
+        )
 
     async def get_trace(self, request: web.Request, project: str) -> Any:
         _Params(request.query, set(), ())

@@ -175,6 +175,50 @@ _SCHEMAS: dict[str, Any] = {
             "next_cursor": _nullable("string", "Pass as cursor for the next page."),
         }
     ),
+    "Percentiles": _obj(
+        {
+            "count": _t("integer", "Turns with this number."),
+            "p50": _nullable("number"),
+            "p95": _nullable("number"),
+            "p99": _nullable("number"),
+        }
+    ),
+    "StatsGroup": _obj(
+        {
+            "group": _nullable("string", "The group_by value; null without group_by or value."),
+            "calls": _t("integer"),
+            "turns": _t("integer"),
+            "errors": _t("integer"),
+            "tool_failures": _t("integer"),
+            "latency": {
+                "type": "object",
+                "description": "Percentiles of each turn latency component (ms): e2e_ms,"
+                " end_of_turn_ms, stt_ms, llm_ttft_ms, answer_wait_ms, tts_ttfb_ms, tool_ms.",
+                "additionalProperties": _ref("Percentiles"),
+            },
+        }
+    ),
+    "TurnStats": _obj(
+        {
+            "start": _t("string"),
+            "end": _t("string"),
+            "step_ms": _t("number"),
+            "group_by": _nullable("string"),
+            "components": {"type": "array", "items": _t("string")},
+            "buckets": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "start": _t("string"),
+                        "start_ns": _t("integer"),
+                        "groups": {"type": "array", "items": _ref("StatsGroup")},
+                    }
+                ),
+                "description": "Every bucket of the range, in time order; one with no"
+                " calls has no groups.",
+            },
+        }
+    ),
     "ToolCall": _obj(
         {
             "name": _nullable("string"),
@@ -473,6 +517,27 @@ OPENAPI: dict[str, Any] = {
                     ),
                 ],
                 "responses": {"200": _json_response("A page of spans.", "SpanList"), **_ERRORS},
+            }
+        },
+        "/api/v1/stats/turns": {
+            "get": {
+                "summary": "Turn latency percentiles and counts of calls, turns, errors and"
+                " tool failures per time bucket (by call start) and group.",
+                "parameters": [
+                    _param("start", "Inclusive start; default end minus 24 hours. " + _TIME),
+                    _param("end", "Exclusive end; default now. " + _TIME),
+                    _param(
+                        "step",
+                        'Bucket width, a duration like "5m" or "1h"; default a 24th of the'
+                        " range. At most 1000 buckets.",
+                    ),
+                    _param("group_by", "service, model (the LLM model) or tag.KEY."),
+                    _TAG_PARAM,
+                ],
+                "responses": {
+                    "200": _json_response("Buckets of groups.", "TurnStats"),
+                    **_ERRORS,
+                },
             }
         },
         "/api/v1/traces/{trace_id}": {

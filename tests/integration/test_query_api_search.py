@@ -260,3 +260,80 @@ def test_span_search_walks_indexes(dataset: Dataset, query: SpanFilter) -> None:
     assert all(
         indexed.match(step) or step == "USE TEMP B-TREE FOR RIGHT PART OF ORDER BY" for step in plan
     ), plan
+
+
+# -- trends ---------------------------------------------------------------------------
+
+_STATS_RANGE = {"start": "2026-11-24T07:00:00Z", "end": "2026-11-24T10:00:00Z", "step": "1h"}
+
+
+async def test_turn_stats_per_bucket_and_group(api: Api) -> None:
+    body = await api.ok("/api/v1/stats/turns", {**_STATS_RANGE, "group_by": "service"})
+    assert body["step_ms"] == 3_600_000 and body["group_by"] == "service"
+    # 07:00 holds the two captures (07:34, 07:36), 08:00 nothing, 09:00 the five copies.
+    assert [b["start"] for b in body["buckets"]] == [
+        "2026-11-24T07:00:00.000000000Z",
+        "2026-11-24T08:00:00.000000000Z",
+        "2026-11-24T09:00:00.000000000Z",
+    ]
+    first, empty, last = body["buckets"]
+    assert empty["groups"] == []
+    livekit, pipecat = first["groups"]
+    assert livekit["group"] == "livekit-voice-agent-fixture"
+    assert (livekit["calls"], livekit["turns"], livekit["errors"]) == (1, 3, 0)
+    # lk.e2e_latency 705.623, 710.510, 705.836 ms; lk.end_of_turn_delay ~501 ms.
+    e2e = livekit["latency"]["e2e_ms"]
+    assert e2e["count"] == 3 and e2e["p50"] == pytest.approx(705.836, abs=1e-3)
+    # p99: 705.836 + (710.510 - 705.836) * 0.98, linear between closest ranks.
+    assert e2e["p99"] == pytest.approx(710.417, abs=1e-3)
+    assert livekit["latency"]["end_of_turn_ms"]["p50"] == pytest.approx(501.099, abs=1e-3)
+    assert pipecat["latency"]["stt_ms"]["p50"] == pytest.approx(368.442, abs=1e-3)
+    assert pipecat["latency"]["tool_ms"]["count"] == 1
+    lk_last, pc_last = last["groups"]
+    assert (lk_last["calls"], lk_last["turns"], lk_last["errors"]) == (3, 9, 1)
+    assert (pc_last["calls"], pc_last["turns"]) == (2, 6)
+
+
+async def test_turn_stats_groups_by_model_and_tag_and_filters_by_tag(api: Api) -> None:
+    by_model = await api.ok("/api/v1/stats/turns", {**_STATS_RANGE, "group_by": "model"})
+    assert [g["group"] for g in by_model["buckets"][0]["groups"]] == ["fake-llm", "gpt-4.1"]
+    by_tag = await api.ok("/api/v1/stats/turns", {**_STATS_RANGE, "group_by": "tag.customer"})
+    groups = {g["group"]: g["calls"] for g in by_tag["buckets"][2]["groups"]}
+    assert groups == {"initech": 1, None: 4}
+    only = await api.ok("/api/v1/stats/turns", {**_STATS_RANGE, "tag.tier": "gold"})
+    assert [sum(g["calls"] for g in b["groups"]) for b in only["buckets"]] == [0, 0, 1]
+    # Default step: a 24th of the range.
+    default = await api.ok(
+        "/api/v1/stats/turns", {"start": _STATS_RANGE["start"], "end": _STATS_RANGE["end"]}
+    )
+    assert len(default["buckets"]) == 24
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"step": "fast"}, "step: expected a duration"),
+        ({"step": "0s"}, "step: expected a duration"),
+        ({**_STATS_RANGE, "step": "1s"}, "step: 10800 buckets from start to end, at most 1000"),
+        ({"group_by": "room"}, "group_by: expected service, model or tag.KEY"),
+        ({"group_by": "tag."}, "group_by: expected service, model or tag.KEY"),
+        (
+            {"start": "2026-11-24T10:00:00Z", "end": "2026-11-24T09:00:00Z"},
+            "start: must be before end",
+        ),
+        ({"bucket": "1h"}, "bucket: unknown parameter"),
+    ],
+)
+async def test_bad_stats_parameters_are_400_naming_them(
+    api: Api, params: dict[str, str], message: str
+) -> None:
+    status, body = await api.get("/api/v1/stats/turns", params)
+    assert status == 400 and body["error"].startswith(message), body
+
+
+async def test_turn_stats_see_only_the_keys_project(api: Api, dataset: Dataset) -> None:
+    params = {**_STATS_RANGE, "end": "2026-11-24T11:00:00Z"}
+    theirs = await api.ok("/api/v1/stats/turns", params, key=dataset.other_key)
+    assert [sum(g["calls"] for g in b["groups"]) for b in theirs["buckets"]] == [0, 0, 1, 0]
+    mine = await api.ok("/api/v1/stats/turns", params)
+    assert [sum(g["calls"] for g in b["groups"]) for b in mine["buckets"]] == [2, 0, 5, 0]

@@ -13,6 +13,9 @@ from tests.integration.test_query_api_search import (
     test_bad_search_parameters_are_400_naming_them as test_bad_search_parameters_are_400_naming_them,
 )
 from tests.integration.test_query_api_search import (
+    test_bad_stats_parameters_are_400_naming_them as test_bad_stats_parameters_are_400_naming_them,
+)
+from tests.integration.test_query_api_search import (
     test_calls_sort_by_turn_latency_errors_and_duration as test_calls_sort_by_turn_latency_errors_and_duration,
 )
 from tests.integration.test_query_api_search import (
@@ -32,6 +35,15 @@ from tests.integration.test_query_api_search import (
 )
 from tests.integration.test_query_api_search import (
     test_trace_search_tags_and_service_contains as test_trace_search_tags_and_service_contains,
+)
+from tests.integration.test_query_api_search import (
+    test_turn_stats_groups_by_model_and_tag_and_filters_by_tag as test_turn_stats_groups_by_model_and_tag_and_filters_by_tag,
+)
+from tests.integration.test_query_api_search import (
+    test_turn_stats_per_bucket_and_group as test_turn_stats_per_bucket_and_group,
+)
+from tests.integration.test_query_api_search import (
+    test_turn_stats_see_only_the_keys_project as test_turn_stats_see_only_the_keys_project,
 )
 from tests.integration.test_query_api_search import (
     test_unknown_api_paths_answer_json as test_unknown_api_paths_answer_json,
