@@ -576,7 +576,18 @@ async function openTrace(traceId, params) {
 
 const SERIES_COLOURS = ["#2f80ed", "#eb5757", "#27ae60", "#9b51e0", "#f2994a", "#56ccf2", "#6b7280", "#bb6bd9"];
 
-function drawChart(body, component, percentile) {
+const SHORT_TIME = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+const SHORT_DATE_TIME = new Intl.DateTimeFormat(undefined, { month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit" });
+
+function chartMax(bodies, component, percentile) {
+  let max = 0;
+  for (const body of bodies) {
+    for (const b of body.buckets) for (const g of b.groups) max = Math.max(max, g.latency[component][percentile] || 0);
+  }
+  return max || 1;
+}
+
+function drawChart(body, component, percentile, max) {
   const width = 640, height = 240, left = 56, right = 12, top = 12, bottom = 34;
   const chart = svg("svg", { class: "chart", viewBox: "0 0 " + width + " " + height, role: "img" });
   const buckets = body.buckets;
@@ -585,9 +596,6 @@ function drawChart(body, component, percentile) {
     const found = bucket.groups.find((g) => (g.group === null ? "(none)" : g.group) === group);
     return found ? found.latency[component][percentile] : null;
   };
-  let max = 0;
-  for (const b of buckets) for (const g of groups) max = Math.max(max, value(b, g) || 0);
-  max = max || 1;
   const x = (i) => left + (buckets.length > 1 ? i / (buckets.length - 1) : 0.5) * (width - left - right);
   const y = (v) => top + (1 - v / max) * (height - top - bottom);
   const step = tickStep(max);
@@ -599,18 +607,24 @@ function drawChart(body, component, percentile) {
   }
   chart.append(svg("line", { class: "axis", x1: left, x2: width - right, y1: y(0), y2: y(0) }));
   const labelEvery = Math.max(1, Math.ceil(buckets.length / 6));
+  const spanDays = buckets.length > 1 && Date.parse(buckets[buckets.length - 1].start) - Date.parse(buckets[0].start) >= 86400000;
   buckets.forEach((b, i) => {
     if (i % labelEvery) return;
     const label = svg("text", { x: x(i), y: height - bottom + 14, "text-anchor": "middle" });
-    label.textContent = fmtTime(b.start).replace(/:\d\d\.\d+/, "");
+    label.textContent = (spanDays ? SHORT_DATE_TIME : SHORT_TIME).format(new Date(b.start));
     chart.append(label);
   });
   groups.forEach((group, gi) => {
     const colour = SERIES_COLOURS[gi % SERIES_COLOURS.length];
     const series = svg("g", { class: "series-group", "data-group": group });
     const points = buckets.map((b, i) => [i, value(b, group)]);
-    const drawn = points.filter(([, v]) => v !== null).map(([i, v]) => x(i) + "," + y(v)).join(" ");
-    if (drawn) series.append(svg("polyline", { class: "series", points: drawn, stroke: colour }));
+    // The line breaks at a bucket without turns rather than bridging it.
+    let run = [];
+    for (const [i, v] of [...points, [-1, null]]) {
+      if (v !== null) { run.push(x(i) + "," + y(v)); continue; }
+      if (run.length > 1) series.append(svg("polyline", { class: "series", points: run.join(" "), stroke: colour }));
+      run = [];
+    }
     for (const [i, v] of points) {  // one point per bucket; hollow where it had no turns
       const point = svg("circle", { class: "pt" + (v === null ? " empty" : ""), cx: x(i), cy: y(v === null ? 0 : v), r: 3, stroke: colour, fill: colour, "data-bucket": buckets[i].start });
       const title = svg("title", {});
@@ -635,15 +649,13 @@ function countsTable(body) {
         el("td", { class: "num" }, fmtMs(g.latency.e2e_ms.p99))));
     }
   }
-  return el("table", { class: "results counts" },
-    el("thead", {}, el("tr", {}, ...["Bucket", "Group", "Calls", "Turns", "Errors", "Tool failures", "e2e p50", "e2e p95", "e2e p99"].map((h) => el("th", {}, h)))), tbody);
+  return el("div", { class: "counts-box" }, el("table", { class: "results counts" },
+    el("thead", {}, el("tr", {}, ...["Bucket", "Group", "Calls", "Turns", "Errors", "Tool failures", "e2e p50", "e2e p95", "e2e p99"].map((h) => el("th", {}, h)))), tbody));
 }
 
-async function loadTrendPanel(panel, title, query, component, percentile) {
-  const body = await api("/api/v1/stats/turns", query);
-  const [chart, legend] = drawChart(body, component, percentile);
+function fillTrendPanel(panel, title, body, component, percentile, max) {
+  const [chart, legend] = drawChart(body, component, percentile, max);
   panel.replaceChildren(el("h3", {}, title), chart, legend, countsTable(body));
-  return body;
 }
 
 // Panel A reads start, end, filters; panel B (the comparison) b_start, b_end, b_filters,
@@ -664,13 +676,17 @@ async function loadTrends(params) {
   const percentile = params.get("percentile") || "p50";
   const label = " · " + component + " " + percentile;
   const [queryA, titleA] = trendQuery(params, "");
-  const a = await loadTrendPanel($("#trends-a"), "A: " + titleA + label, queryA, component, percentile);
   const compare = ["b_start", "b_end", "b_filters"].some((name) => params.get(name));
-  $("#trends-b").hidden = !compare;
-  if (compare) {
-    const [queryB, titleB] = trendQuery(params, "b_");
-    await loadTrendPanel($("#trends-b"), "B: " + titleB + label, queryB, component, percentile);
-  }
+  const [queryB, titleB] = trendQuery(params, "b_");
+  const [a, b] = await Promise.all([
+    api("/api/v1/stats/turns", queryA),
+    compare ? api("/api/v1/stats/turns", queryB) : null,
+  ]);
+  // Side by side on one scale, so the two charts compare at a glance.
+  const max = chartMax(b ? [a, b] : [a], component, percentile);
+  fillTrendPanel($("#trends-a"), "A: " + titleA + label, a, component, percentile, max);
+  $("#trends-b").hidden = !b;
+  if (b) fillTrendPanel($("#trends-b"), "B: " + titleB + label, b, component, percentile, max);
   notice(a.buckets.every((b) => b.groups.length === 0) ? "No calls in this range." : "");
 }
 
