@@ -62,12 +62,13 @@ __all__ = [
     "encode_cursor",
     "encode_span_cursor",
     "jsonable",
+    "matched_span_ids",
     "parse_time",
+    "payload_matches",
     "resource_key",
     "rfc3339",
     "span_hit_json",
     "span_json",
-    "span_matches",
     "summary_cache_text",
     "trace_json",
 ]
@@ -324,22 +325,40 @@ def decode_span_cursor(token: str) -> tuple[int, bytes, int, bytes]:
         raise QueryError("cursor: not a cursor this API returned") from None
 
 
-def span_matches(
-    span: dict[str, Any], resource: dict[str, Any], attributes: list[tuple[str, str]]
+def payload_matches(
+    payload: bytes, resource: dict[str, Any], attributes: list[tuple[str, str]]
 ) -> bool:
-    """Whether each ``(key, text)`` is an attribute of ``span`` or of its ``resource``
-    (attribute values compared as the search index keeps them: ``attribute_text``)."""
+    """Whether each ``(key, text)`` is an attribute of the span (its stored protobuf
+    bytes) or of its ``resource``, compared as the search index keeps values
+    (``attribute_text``); only the attributes the conditions name are converted."""
+    if not attributes:
+        return True
     from collector.storage import attribute_text
 
-    for key, text in attributes:
-        found = False
-        for source in (span["attributes"], resource):
-            if key in source and attribute_text(source[key]) == text:
-                found = True
-                break
-        if not found:
-            return False
-    return True
+    wanted = {key for key, _ in attributes}
+    found = {
+        kv.key: any_value_to_python(kv.value)
+        for kv in Span.FromString(payload).attributes
+        if kv.key in wanted
+    }
+    return all(
+        (key in found and attribute_text(found[key]) == text)
+        or (key in resource and attribute_text(resource[key]) == text)
+        for key, text in attributes
+    )
+
+
+def matched_span_ids(rows: list[Any], query: TraceFilter) -> list[str]:
+    """Ids (hex) of the spans among ``rows`` (``span_id, name, span bytes``) meeting one
+    of the span conditions of ``query``: its name, or one attribute of its own."""
+    matched = []
+    for span_id, name, payload in rows:
+        by_name = (query.name is not None and name == query.name) or (
+            query.name_contains is not None and query.name_contains.lower() in name.lower()
+        )
+        if by_name or any(payload_matches(payload, {}, [pair]) for pair in query.attributes):
+            matched.append(bytes(span_id).hex())
+    return matched
 
 
 def span_hit_json(

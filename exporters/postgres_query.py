@@ -48,10 +48,11 @@ from collector.query import (
     encode_cursor,
     encode_span_cursor,
     jsonable,
+    matched_span_ids,
+    payload_matches,
     resource_key,
     span_hit_json,
     span_json,
-    span_matches,
     summary_cache_text,
     trace_json,
 )
@@ -359,7 +360,7 @@ class PostgresQueryStore:
         if not query.span_conditions:
             return []
         where, args = "s.project = $1 AND s.trace_id = $2", [project, trace_id]
-        if not query.attributes:
+        if not query.attributes:  # else every span is a candidate
             names = []
             if query.name is not None:
                 args.append(query.name)
@@ -368,17 +369,12 @@ class PostgresQueryStore:
                 args.append(query.name_contains)
                 names.append(f"strpos(lower(s.name), lower(${len(args)})) > 0")
             where += f" AND ({' OR '.join(names)})"
-        rows = await self._spans(conn, where, *args)
-        spans = await asyncio.to_thread(_decode, rows)
-        matched = []
-        for span in spans:
-            by_name = (query.name is not None and span["name"] == query.name) or (
-                query.name_contains is not None
-                and query.name_contains.lower() in span["name"].lower()
-            )
-            if by_name or any(span_matches(span, {}, [pair]) for pair in query.attributes):
-                matched.append(span["span_id"])
-        return matched
+        rows = await conn.fetch(
+            f"SELECT s.span_id, s.name, s.span FROM {self.schema}.spans s WHERE {where}"
+            " ORDER BY s.start_ns, s.span_id",
+            *args,
+        )
+        return await asyncio.to_thread(matched_span_ids, [tuple(r) for r in rows], query)
 
     # -- span search ------------------------------------------------------------------
 
@@ -476,9 +472,9 @@ def _span_hits(
         resource = resources[key]
         if not all(attribute_text(resource.get(k)) == v for k, v in query.resource_conditions()):
             continue
-        span = span_json(span_row)
-        if not span_matches(span, resource, query.attributes):
+        if not payload_matches(bytes(span_row[11]), resource, query.attributes):
             continue
+        span = span_json(span_row)
         hits.append((span_hit_json(span, service, (bytes(values[0]), *values[1:4])), position))
         if len(hits) >= wanted:
             break

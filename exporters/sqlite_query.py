@@ -51,9 +51,10 @@ from collector.query import (
     encode_cursor,
     encode_span_cursor,
     jsonable,
+    matched_span_ids,
+    payload_matches,
     span_hit_json,
     span_json,
-    span_matches,
     summary_cache_text,
     trace_json,
 )
@@ -313,28 +314,22 @@ class SQLiteQueryStore:
         """Ids of the trace's spans meeting one of the span conditions of ``query``."""
         if not query.span_conditions:
             return []
-        names, name_args = [], []
-        if query.name is not None:
-            names.append("s.name = ?")
-            name_args.append(query.name)
-        if query.name_contains is not None:
-            names.append("instr(lower(s.name), lower(?)) > 0")
-            name_args.append(query.name_contains)
         where, args = _TRACE_SPANS, [project, trace_id]
         if not query.attributes:  # else every span is a candidate
+            names = []
+            if query.name is not None:
+                names.append("s.name = ?")
+                args.append(query.name)
+            if query.name_contains is not None:
+                names.append("instr(lower(s.name), lower(?)) > 0")
+                args.append(query.name_contains)
             where += f" AND ({' OR '.join(names)})"
-            args += name_args
-        spans, _ = self._spans(db, where, tuple(args))
-        matched = []
-        for span in spans:
-            by_name = (query.name is not None and span["name"] == query.name) or (
-                query.name_contains is not None
-                and query.name_contains.lower() in span["name"].lower()
-            )
-            by_attribute = any(span_matches(span, {}, [pair]) for pair in query.attributes)
-            if by_name or by_attribute:
-                matched.append(span["span_id"])
-        return matched
+        rows = db.execute(
+            f"SELECT s.span_id, s.name, s.span FROM spans s WHERE {where}"
+            " ORDER BY s.start_ns, s.span_id",
+            args,
+        ).fetchall()
+        return matched_span_ids(rows, query)
 
     def _span_count(self, db: sqlite3.Connection, project: str, trace_id: bytes) -> int:
         """Counted in ``spans_by_trace`` alone (covering): no span row is read."""
@@ -386,9 +381,9 @@ class SQLiteQueryStore:
                 resource = resources[resource_id]
                 if not _resource_has(resource, query.resource_conditions()):
                     continue
-                span = span_json(span_row)
-                if not span_matches(span, resource, query.attributes):
+                if not payload_matches(span_row[11], resource, query.attributes):
                     continue
+                span = span_json(span_row)
                 hits.append((span_hit_json(span, service, trace_row), position))
                 if len(hits) > query.limit:
                     break
