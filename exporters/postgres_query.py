@@ -34,6 +34,7 @@ import asyncpg
 
 from collector.query import (
     CALL_SORTS,
+    SUMMARY_VERSION,
     TAG_PREFIX,
     CallFilter,
     Page,
@@ -221,7 +222,7 @@ class PostgresQueryStore:
         sql, args = calls_sql(self.schema, project, query)
         async with self._connection() as conn:
             if query.needs_summaries:
-                await self._current_summaries(conn, project, query.start_ns, query.end_ns)
+                await self._refresh_summaries(conn, project, query.start_ns, query.end_ns)
             rows = await conn.fetch(sql, *args)
             more = len(rows) > query.limit
             rows = rows[: query.limit]
@@ -260,32 +261,27 @@ class PostgresQueryStore:
         async with self._connection() as conn:
             return await self._current_summaries(conn, project, start_ns, end_ns)
 
-    async def _current_summaries(
+    async def _refresh_summaries(
         self, conn: asyncpg.Connection, project: str, start_ns: int | None, end_ns: int | None
-    ) -> list[dict[str, Any]]:
-        """Every call starting in the range with its current summary; stale or missing
-        cached summaries are recomputed and written back first."""
+    ) -> dict[str, dict[str, Any]]:
+        """Recompute (and write back) the cached summaries of the range's calls that are
+        missing, of another version or made from another number of spans, found in one
+        statement; returns them (as cached) by call id."""
         s, arg = self.schema, _Args()
         p = arg(project)
         sql = [
-            f"SELECT c.call_id, c.start_ns, c.service, c.tags::text AS tags, c.summary,"
-            f" c.summary_spans, (SELECT count(*) FROM {s}.spans s WHERE s.project = c.project"
-            f" AND {_in_calls(s, 'c.project', '= c.call_id')}) AS span_count"
-            f" FROM {s}.calls c WHERE c.project = {p} AND c.start_ns IS NOT NULL"
+            f"SELECT c.call_id FROM {s}.calls c WHERE c.project = {p} AND c.start_ns IS NOT NULL",
+            "AND (c.summary IS NULL OR c.summary_spans IS NULL",
+            f" OR (c.summary::jsonb ->> 'version') IS DISTINCT FROM {arg(str(SUMMARY_VERSION))}",
+            f" OR c.summary_spans <> (SELECT count(*) FROM {s}.spans s WHERE s.project = c.project"
+            f" AND {_in_calls(s, 'c.project', '= c.call_id')}))",
         ]
         if start_ns is not None:
             sql.append(f"AND c.start_ns >= {arg(start_ns)}")
         if end_ns is not None:
             sql.append(f"AND c.start_ns < {arg(end_ns)}")
-        rows = await conn.fetch(" ".join(sql), *arg.values)
+        stale = [row["call_id"] for row in await conn.fetch(" ".join(sql), *arg.values)]
         current: dict[str, dict[str, Any]] = {}
-        stale: list[str] = []
-        for row in rows:
-            summary = cached_summary(row["summary"], row["summary_spans"], row["span_count"])
-            if summary is None:
-                stale.append(row["call_id"])
-            else:
-                current[row["call_id"]] = summary
         for first in range(0, len(stale), _SUMMARY_CHUNK):
             chunk = stale[first : first + _SUMMARY_CHUNK]
             span_rows = await self._spans(
@@ -298,13 +294,31 @@ class PostgresQueryStore:
             await self._store_summaries(conn, project, fresh)
             for call_id, (summary, _count) in fresh.items():
                 current[call_id] = json.loads(summary_cache_text(summary))
+        return current
+
+    async def _current_summaries(
+        self, conn: asyncpg.Connection, project: str, start_ns: int | None, end_ns: int | None
+    ) -> list[dict[str, Any]]:
+        """Every call starting in the range with its current summary."""
+        fresh = await self._refresh_summaries(conn, project, start_ns, end_ns)
+        s, arg = self.schema, _Args()
+        p = arg(project)
+        sql = [
+            "SELECT c.call_id, c.start_ns, c.service, c.tags::text AS tags, c.summary"
+            f" FROM {s}.calls c WHERE c.project = {p} AND c.start_ns IS NOT NULL"
+        ]
+        if start_ns is not None:
+            sql.append(f"AND c.start_ns >= {arg(start_ns)}")
+        if end_ns is not None:
+            sql.append(f"AND c.start_ns < {arg(end_ns)}")
+        rows = await conn.fetch(" ".join(sql), *arg.values)
         return [
             {
                 "call_id": row["call_id"],
                 "start_ns": row["start_ns"],
                 "service": row["service"],
                 "tags": jsonable(json.loads(row["tags"])) if row["tags"] else {},
-                "summary": current[row["call_id"]],
+                "summary": fresh.get(row["call_id"]) or json.loads(row["summary"]),
             }
             for row in rows
         ]

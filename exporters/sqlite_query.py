@@ -37,6 +37,7 @@ from typing import Any
 
 from collector.query import (
     CALL_SORTS,
+    SUMMARY_VERSION,
     TAG_PREFIX,
     CallFilter,
     Page,
@@ -197,7 +198,7 @@ class SQLiteQueryStore:
     def _calls(self, project: str, query: CallFilter) -> Page:
         db = self._db()
         if query.needs_summaries:
-            self._current_summaries(db, project, query.start_ns, query.end_ns)
+            self._refresh_summaries(db, project, query.start_ns, query.end_ns)
         sql, args = calls_sql(project, query)
         rows = db.execute(sql, args).fetchall()
         more = len(rows) > query.limit
@@ -214,19 +215,31 @@ class SQLiteQueryStore:
     async def summaries(
         self, project: str, start_ns: int | None, end_ns: int | None
     ) -> list[dict[str, Any]]:
-        return await self._run(self._current_summaries, self._db(), project, start_ns, end_ns)
+        return await self._run(self._current_summaries, project, start_ns, end_ns)
+
+    def _refresh_summaries(
+        self, db: sqlite3.Connection, project: str, start_ns: int | None, end_ns: int | None
+    ) -> dict[str, dict[str, Any]]:
+        """Recompute (and write back) the cached summaries of the range's calls that are
+        missing or stale, found in one statement; returns them by call id."""
+        sql, args = _stale_calls_sql(project, start_ns, end_ns)
+        fresh = {}
+        for (call_id,) in db.execute(sql, args).fetchall():
+            spans, _ = self._spans(db, _CALL_SPANS, (project, project, call_id))
+            cache_text = summary_cache_text(summarize_call(spans))
+            self._store_summary(project, call_id, cache_text, len(spans))
+            fresh[call_id] = json.loads(cache_text)
+        return fresh
 
     def _current_summaries(
-        self, db: sqlite3.Connection, project: str, start_ns: int | None, end_ns: int | None
+        self, project: str, start_ns: int | None, end_ns: int | None
     ) -> list[dict[str, Any]]:
-        """Every call starting in the range with its current summary; stale or missing
-        cached summaries are recomputed and written back first."""
-        sql = [
-            "SELECT call_id, start_ns, service, tags, summary, summary_spans,"
-            f" (SELECT count(*) FROM spans s WHERE {_CALL_SPANS.replace('c.call_id = ?', 'c.call_id = calls.call_id')})"
-            " FROM calls WHERE project = ? AND start_ns IS NOT NULL"
-        ]
-        args: list[Any] = [project, project, project]
+        """Every call starting in the range with its current summary."""
+        db = self._db()
+        fresh = self._refresh_summaries(db, project, start_ns, end_ns)
+        sql = ["SELECT call_id, start_ns, service, tags, summary FROM calls"]
+        sql.append("WHERE project = ? AND start_ns IS NOT NULL")
+        args: list[Any] = [project]
         if start_ns is not None:
             sql.append("AND start_ns >= ?")
             args.append(start_ns)
@@ -234,15 +247,8 @@ class SQLiteQueryStore:
             sql.append("AND start_ns < ?")
             args.append(end_ns)
         found = []
-        for call_id, start, service, tags, text, summary_spans, count in db.execute(
-            " ".join(sql), args
-        ).fetchall():
-            summary = cached_summary(text, summary_spans, count)
-            if summary is None:
-                spans, _ = self._spans(db, _CALL_SPANS, (project, project, call_id))
-                cache_text = summary_cache_text(summarize_call(spans))
-                self._store_summary(project, call_id, cache_text, len(spans))
-                summary = json.loads(cache_text)
+        for call_id, start, service, tags, text in db.execute(" ".join(sql), args):
+            summary = fresh.get(call_id) or json.loads(text)
             found.append(
                 {
                     "call_id": call_id,
@@ -420,6 +426,28 @@ class SQLiteQueryStore:
 
 
 # -- statements -------------------------------------------------------------
+
+
+def _stale_calls_sql(
+    project: str, start_ns: int | None, end_ns: int | None
+) -> tuple[str, list[Any]]:
+    """The calls of the range whose cached summary is missing, of another version or
+    made from another number of spans than the call now has."""
+    span_count = _CALL_SPANS.replace("c.call_id = ?", "c.call_id = calls.call_id")
+    sql = [
+        "SELECT call_id FROM calls WHERE project = ? AND start_ns IS NOT NULL",
+        "AND (summary IS NULL OR summary_spans IS NULL",
+        " OR json_extract(summary, '$.version') IS NOT ?",
+        f" OR summary_spans != (SELECT count(*) FROM spans s WHERE {span_count}))",
+    ]
+    args: list[Any] = [project, SUMMARY_VERSION, project, project]
+    if start_ns is not None:
+        sql.append("AND start_ns >= ?")
+        args.append(start_ns)
+    if end_ns is not None:
+        sql.append("AND start_ns < ?")
+        args.append(end_ns)
+    return " ".join(sql), args
 
 
 def _resource_has(resource: dict[str, Any], conditions: list[tuple[str, str]]) -> bool:

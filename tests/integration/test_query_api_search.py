@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import itertools
 import re
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from collector.keys import KeyStore
 from collector.query import SpanFilter, encode_cursor
+from collector.spans import ExportTraceServiceRequest
 from exporters.sqlite_query import spans_sql
 from tests.integration.test_query_api import Api, by_room
 from tests.integration.test_query_api import api as api
 from tests.integration.test_query_api import dataset as dataset
 from tests.query_dataset import XSS_NAME, Dataset
+from tests.support import eventually, fixture_requests, free_port, query, running_service
 from tests.support import query as sqlite_query
 
 pytestmark = pytest.mark.timeout(120)
@@ -337,3 +342,46 @@ async def test_turn_stats_see_only_the_keys_project(api: Api, dataset: Dataset) 
     assert [sum(g["calls"] for g in b["groups"]) for b in theirs["buckets"]] == [0, 0, 1, 0]
     mine = await api.ok("/api/v1/stats/turns", params)
     assert [sum(g["calls"] for g in b["groups"]) for b in mine["buckets"]] == [2, 0, 5, 0]
+
+
+async def test_sorts_filters_and_stats_see_spans_that_arrived_since_the_cache(
+    tmp_path: Path,
+) -> None:
+    """The summary cache a sort, filter or stats query reads is brought up to date for
+    the range first: a call cached with no error is found by min_errors=1 once its
+    failed root span arrives."""
+    db = tmp_path / "calltrace.db"
+    key, _ = KeyStore(db).create("acme")
+    port = free_port()
+    requests = [
+        ExportTraceServiceRequest.FromString(p.read_bytes()) for p in fixture_requests("pipecat")
+    ]
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-protobuf"}
+    async with (
+        running_service(Dataset(db, key, key).config(port)),
+        aiohttp.ClientSession() as session,
+    ):
+        api = Api(f"http://127.0.0.1:{port}", session, key)
+
+        async def post(request: ExportTraceServiceRequest) -> None:
+            url = f"http://127.0.0.1:{port}/v1/traces"
+            async with session.post(url, data=request.SerializeToString(), headers=headers) as r:
+                assert r.status == 200
+
+        for request in requests[:-1]:  # all but the root
+            await post(request)
+        await eventually(lambda: query(db, "SELECT count(*) FROM spans")[0][0] == 13)
+        assert (await api.ok("/api/v1/calls", {"min_errors": "1"}))["calls"] == []
+        stats = {"start": "2026-11-24T07:00:00Z", "end": "2026-11-24T08:00:00Z", "step": "1h"}
+        [bucket] = (await api.ok("/api/v1/stats/turns", stats))["buckets"]
+        assert bucket["groups"][0]["errors"] == 0
+        assert query(db, "SELECT summary_spans FROM calls") == [(13,)]
+
+        last = requests[-1]
+        last.resource_spans[0].scope_spans[0].spans[0].status.code = 2
+        await post(last)
+        await eventually(lambda: query(db, "SELECT count(*) FROM spans")[0][0] == 14)
+        [call] = (await api.ok("/api/v1/calls", {"min_errors": "1", "sort": "errors"}))["calls"]
+        assert (call["span_count"], call["error_count"]) == (14, 1)
+        [bucket] = (await api.ok("/api/v1/stats/turns", stats))["buckets"]
+        assert bucket["groups"][0]["errors"] == 1
