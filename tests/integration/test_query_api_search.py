@@ -27,7 +27,6 @@ from tests.integration.test_query_api import api as api
 from tests.integration.test_query_api import dataset as dataset
 from tests.query_dataset import XSS_NAME, Dataset
 from tests.support import eventually, fixture_requests, free_port, query, running_service
-from tests.support import query as sqlite_query
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -247,7 +246,7 @@ async def test_unknown_api_paths_answer_json(api: Api) -> None:
 
 
 @pytest.mark.parametrize(
-    "query",
+    "span_query",
     [
         SpanFilter(),
         SpanFilter(name="llm", min_duration_ns=300_000_000, status="ok"),
@@ -255,11 +254,11 @@ async def test_unknown_api_paths_answer_json(api: Api) -> None:
         SpanFilter(service="pipe", tags=[("customer", "initech")]),
     ],
 )
-def test_span_search_walks_indexes(dataset: Dataset, query: SpanFilter) -> None:
+def test_span_search_walks_indexes(dataset: Dataset, span_query: SpanFilter) -> None:
     """Traces newest first from ``traces_by_start``, each one's spans from
     ``spans_by_trace``; the only sort is of one trace's spans at a time."""
-    sql, args = spans_sql("acme", query, (5, b"\x01", 3, b"\x02"), 257)
-    plan = [row[3] for row in sqlite_query(dataset.db, "EXPLAIN QUERY PLAN " + sql, *args)]
+    sql, args = spans_sql("acme", span_query, (5, b"\x01", 3, b"\x02"), 257)
+    plan = [row[3] for row in query(dataset.db, "EXPLAIN QUERY PLAN " + sql, *args)]
     indexed = re.compile(r"SEARCH |LIST SUBQUERY |SCAN \w+ VIRTUAL TABLE INDEX \d+:M")
     assert plan[0].startswith("SEARCH t USING INDEX traces_by_start"), plan
     assert all(
