@@ -199,7 +199,7 @@ const lists = {
       return out;
     },
     empty: "No traces match.",
-    row: (trace) => el("tr", { "data-trace-id": trace.trace_id, onclick: () => { location.hash = "#/traces/" + trace.trace_id + (trace.matched_spans.length ? "?span=" + trace.matched_spans[0] : ""); } },
+    row: (trace) => el("tr", { "data-trace-id": trace.trace_id, onclick: () => { location.hash = traceHashWithMatches(trace); } },
       el("td", {}, fmtTime(trace.start)), el("td", {}, trace.root_name || "(root missing)"), el("td", {}, trace.service || ""),
       el("td", { class: "num" }, fmtMs(trace.duration_ms)), el("td", { class: "num" }, trace.span_count),
       el("td", { class: "num" }, trace.matched_spans.length || ""),
@@ -216,6 +216,14 @@ const lists = {
   },
 };
 const cursors = {};
+
+// A trace opened from search: its first matched span selected, the matched ones marked.
+function traceHashWithMatches(trace) {
+  const params = new URLSearchParams();
+  const matched = trace.matched_spans.slice(0, 100);
+  if (matched.length) { params.set("span", matched[0]); params.set("matched", matched.join(",")); }
+  return routeHash(["traces", trace.trace_id], params);
+}
 
 async function loadList(kind, params, append) {
   const spec = lists[kind];
@@ -526,6 +534,10 @@ function summaryList(pairs) {
 function restoreDetailState(params) {
   detail.collapsed = new Set((params.get("collapsed") || "").split(",").filter((id) => detail.byId.has(id)));
   applyCollapsed();
+  for (const id of (params.get("matched") || "").split(",")) {
+    const index = detail.byId.get(id);
+    if (index !== undefined) { expandTo(index); detail.elements[index].classList.add("matched"); }
+  }
   if (params.get("turn")) highlightTurn(params.get("turn"), !params.get("span"));
   const spanId = params.get("span");
   if (spanId && detail.byId.has(spanId)) selectSpan(detail.byId.get(spanId), true);
@@ -534,6 +546,7 @@ function restoreDetailState(params) {
 async function openCall(callId, params) {
   const started = performance.now();
   const body = await api("/api/v1/calls/" + encodeURIComponent(callId));
+  const fetched = performance.now();
   show("detail-view");
   const call = body.call;
   $("#detail-title").textContent = "Call " + call.room_id;
@@ -551,7 +564,9 @@ async function openCall(callId, params) {
   $("#span-panel").hidden = true;
   renderWaterfall(body.tree, body.resources);
   restoreDetailState(params);
-  $("#waterfall").dataset.renderMs = String(Math.round(performance.now() - started));
+  // How long the last call took to arrive and to draw (the browser tests read these).
+  $("#waterfall").dataset.fetchMs = String(Math.round(fetched - started));
+  $("#waterfall").dataset.renderMs = String(Math.round(performance.now() - fetched));
 }
 
 async function openTrace(traceId, params) {
