@@ -14,9 +14,20 @@ Search semantics, shared by every store:
   are, ``true``/``false``, numbers in decimal) and sees only short scalar values, as
   indexed by the store. ``name_contains`` is a case-insensitive substring of a span
   name. ``min_duration_ms`` and ``status`` apply to the trace: its extent (first span
-  start to last span end) and whether any span has status ERROR.
-- Results are newest first; a page's ``next_cursor`` (opaque) continues after its last
-  item, so paging never repeats or skips an item that existed when paging began.
+  start to last span end) and whether any span has status ERROR. ``service`` is a
+  case-insensitive substring of the trace's service; ``tag.KEY=VALUE`` is the resource
+  attribute ``roark.project.tag.KEY``. Each trace lists the spans meeting a name or
+  attribute condition themselves (``matched_spans``).
+- Span search is span-level: a span matches when it meets every condition itself
+  (``attr.*`` and ``tag.*`` by its own attributes or its resource's); ``name`` and
+  ``service`` are case-insensitive substrings. Results come newest trace first, then in
+  start order within a trace.
+- The calls list sorts by a field of the cached summary's totals or the duration
+  (largest first, calls without the number last) and filters on minimums of them; the
+  range's cached summaries are brought up to date first.
+- Results are newest first unless sorted; a page's ``next_cursor`` (opaque) continues
+  after its last item, so paging never repeats or skips an item that existed when
+  paging began.
 
 Every store answers the same JSON: ``span_json``, ``trace_json`` and ``call_json`` build
 it from rows of the shape both storage exporters keep (the span's own protobuf bytes

@@ -15,6 +15,12 @@ connections. Every statement is scoped to a project and walks an index (the test
   ``trace_attrs`` (project, key, value) for ``attr.*``, ``spans_by_name_trace`` for
   names, ``span_names`` for name substrings;
 - one call / one trace: ``spans_by_call`` / the spans primary key; resources by digest.
+- span search: traces newest first from ``traces_by_start`` (narrowed like trace
+  search), each one's spans by the spans primary key, a chunk of candidates at a time;
+  attribute conditions are checked on each candidate's stored bytes;
+- calls sorted or filtered by turn latency: the range sorted by a field of the summary
+  cache (``summary::jsonb``), after one statement found the range's stale summaries
+  and they were recomputed.
 
 Attributes, events and links are decoded from each span's stored protobuf bytes, off the
 event loop. A server that cannot be reached answers ``StorageUnavailableError`` (503).

@@ -18,6 +18,12 @@ and walks an index (see ``EXPLAIN QUERY PLAN`` in the tests):
   call is every span of every trace that holds one of its spans (its full trace
   tree, a span of another service in the trace included);
 - one trace: its seq from ``traces_identity``, its spans from ``spans_by_trace``.
+- span search: traces newest first from ``traces_by_start`` (narrowed like trace
+  search), each one's spans from ``spans_by_trace``, a chunk of candidates at a time;
+  attribute conditions are checked on each candidate's stored bytes;
+- calls sorted or filtered by turn latency: the range of ``calls_by_start`` sorted by
+  a ``json_extract`` of the summary cache, after one statement found the range's stale
+  summaries and they were recomputed.
 
 Attributes, events and links are decoded from each span's stored protobuf bytes.
 """
