@@ -59,6 +59,7 @@ __all__ = [
     "TURN_COMPONENTS",
     "CallFilter",
     "Page",
+    "ParsedSummaries",
     "QueryError",
     "QueryStore",
     "SpanFilter",
@@ -346,6 +347,12 @@ def payload_matches(
         return True
     from collector.storage import attribute_text
 
+    for key, text in attributes:
+        # A key absent from the bytes is no attribute of the span: skip the parse.
+        if key.encode() not in payload and not (
+            key in resource and attribute_text(resource[key]) == text
+        ):
+            return False
     wanted = {key for key, _ in attributes}
     found = {
         kv.key: any_value_to_python(kv.value)
@@ -595,6 +602,26 @@ def summary_cache_text(summary: dict[str, Any]) -> str:
     cached["totals"] = summary["totals"]
     cached["turns"] = [[t.get(c) for c in TURN_COMPONENTS] for t in summary["turns"]]
     return json.dumps(cached, separators=(",", ":"))
+
+
+class ParsedSummaries:
+    """Cached summaries already parsed, by key, reused while their text is unchanged
+    (a trends query reads every call of its range; most have not changed since the
+    last one). Holds at most ``size`` entries, dropping the oldest."""
+
+    def __init__(self, size: int = 50_000):
+        self.size = size
+        self._parsed: dict[Any, tuple[str, dict[str, Any]]] = {}
+
+    def parse(self, key: Any, text: str) -> dict[str, Any]:
+        found = self._parsed.get(key)
+        if found is not None and found[0] == text:
+            return found[1]
+        parsed: dict[str, Any] = json.loads(text)
+        self._parsed[key] = (text, parsed)
+        if len(self._parsed) > self.size:
+            self._parsed.pop(next(iter(self._parsed)), None)
+        return parsed
 
 
 def cached_summary(

@@ -44,6 +44,7 @@ from collector.query import (
     TAG_PREFIX,
     CallFilter,
     Page,
+    ParsedSummaries,
     SpanFilter,
     StorageUnavailableError,
     TraceFilter,
@@ -104,6 +105,7 @@ class PostgresQueryStore:
         self._pool: asyncpg.Pool | None = None
         self._pool_lock: asyncio.Lock | None = None
         self._closed = False
+        self._parsed = ParsedSummaries()
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -324,7 +326,8 @@ class PostgresQueryStore:
                 "start_ns": row["start_ns"],
                 "service": row["service"],
                 "tags": jsonable(json.loads(row["tags"])) if row["tags"] else {},
-                "summary": fresh.get(row["call_id"]) or json.loads(row["summary"]),
+                "summary": fresh.get(row["call_id"])
+                or self._parsed.parse((project, row["call_id"]), row["summary"]),
             }
             for row in rows
         ]
@@ -399,8 +402,9 @@ class PostgresQueryStore:
     # -- span search ------------------------------------------------------------------
 
     async def spans(self, project: str, query: SpanFilter) -> Page:
-        """Walks the candidate spans in result order a chunk at a time, keeping those
-        whose attributes match (attributes live in the span's protobuf bytes)."""
+        """Walks the candidate spans in result order a chunk at a time (each four times
+        the last), keeping those whose attributes match (attributes live in the span's
+        protobuf bytes)."""
         position = decode_span_cursor(query.cursor) if query.cursor else None
         chunk = max(query.limit + 1, 256)
         resources: dict[bytes, dict[str, Any]] = {}
@@ -415,6 +419,7 @@ class PostgresQueryStore:
                 hits += found
                 if len(rows) < chunk:
                     break
+                chunk *= 4  # few hits so far: read further ahead each round
         more = len(hits) > query.limit
         hits = hits[: query.limit]
         cursor = encode_span_cursor(*hits[-1][1]) if more and hits else None

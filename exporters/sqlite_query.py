@@ -19,7 +19,7 @@ and walks an index (see ``EXPLAIN QUERY PLAN`` in the tests):
   tree, a span of another service in the trace included);
 - one trace: its seq from ``traces_identity``, its spans from ``spans_by_trace``.
 - span search: traces newest first from ``traces_by_start`` (narrowed like trace
-  search), each one's spans from ``spans_by_trace``, a chunk of candidates at a time;
+  search), each one's spans from ``spans_by_trace``, read until a page is found;
   attribute conditions are checked on each candidate's stored bytes;
 - calls sorted or filtered by turn latency: the range of ``calls_by_start`` sorted by
   a ``json_extract`` of the summary cache, after one statement found the range's stale
@@ -47,6 +47,7 @@ from collector.query import (
     TAG_PREFIX,
     CallFilter,
     Page,
+    ParsedSummaries,
     SpanFilter,
     StorageUnavailableError,
     TraceFilter,
@@ -108,6 +109,14 @@ _CALL_SPANS = (
 )
 """A call's spans: those of the traces holding one of its spans (args: project, project,
 call id)."""
+_CALL_SPAN_COUNT = (
+    "SELECT count(*) FROM spans s WHERE s.trace_seq IN (SELECT t.seq FROM call_traces c"
+    " JOIN traces t ON t.project = c.project AND t.trace_id = c.trace_id"
+    " WHERE c.project = ? AND c.call_id = {call})"
+)
+"""How many spans a call has, from ``spans_by_trace`` alone (covering: the traces of
+``call_traces`` are the project's, so the spans need no project check); ``{call}`` is
+the call id's placeholder or column (args: project[, call id])."""
 _TRACE_SPANS = "s.trace_seq = (SELECT seq FROM traces WHERE project = ? AND trace_id = ?)"
 """A trace's spans (args: project, trace id)."""
 
@@ -122,6 +131,7 @@ class SQLiteQueryStore:
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._cache_db: sqlite3.Connection | None = None
+        self._parsed = ParsedSummaries()
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -254,7 +264,7 @@ class SQLiteQueryStore:
             args.append(end_ns)
         found = []
         for call_id, start, service, tags, text in db.execute(" ".join(sql), args):
-            summary = fresh.get(call_id) or json.loads(text)
+            summary = fresh.get(call_id) or self._parsed.parse((project, call_id), text)
             found.append(
                 {
                     "call_id": call_id,
@@ -270,9 +280,7 @@ class SQLiteQueryStore:
         self, db: sqlite3.Connection, project: str, row: tuple[Any, ...]
     ) -> dict[str, Any]:
         call_id, summary_json, summary_spans = row[0], row[8], row[9]
-        (span_count,) = db.execute(
-            f"SELECT count(*) FROM spans s WHERE {_CALL_SPANS}", (project, project, call_id)
-        ).fetchone()
+        (span_count,) = db.execute(_CALL_SPAN_COUNT.format(call="?"), (project, call_id)).fetchone()
         summary = cached_summary(summary_json, summary_spans, span_count)
         if summary is None:
             spans, _ = self._spans(db, _CALL_SPANS, (project, project, call_id))
@@ -374,32 +382,27 @@ class SQLiteQueryStore:
         return await self._run(self._search_spans, project, query)
 
     def _search_spans(self, project: str, query: SpanFilter) -> Page:
-        """Walks the candidate spans in result order a chunk at a time, keeping those
-        whose attributes match (attributes live in the span's protobuf bytes)."""
+        """Walks the candidate spans in result order, keeping those whose attributes
+        match (they live in the span's protobuf bytes), and stops once it has a page:
+        SQLite steps the one statement only as far as it is read."""
         db = self._db()
         position = decode_span_cursor(query.cursor) if query.cursor else None
-        chunk = max(query.limit + 1, 256)
         resources: dict[int, dict[str, Any]] = {}
         hits: list[tuple[dict[str, Any], tuple[int, bytes, int, bytes]]] = []
-        while len(hits) <= query.limit:
-            sql, args = spans_sql(project, query, position, chunk)
-            rows = db.execute(sql, args).fetchall()
-            for row in rows:
-                trace_row, service, resource_id, attributes = row[:4], row[4], row[5], row[6]
-                span_row = row[7:]
-                position = (row[1], row[0], span_row[4], span_row[1])
-                if resource_id not in resources:
-                    resources[resource_id] = json.loads(attributes) if attributes else {}
-                resource = resources[resource_id]
-                if not _resource_has(resource, query.resource_conditions()):
-                    continue
-                if not payload_matches(span_row[11], resource, query.attributes):
-                    continue
-                span = span_json(span_row)
-                hits.append((span_hit_json(span, service, trace_row), position))
-                if len(hits) > query.limit:
-                    break
-            if len(rows) < chunk:
+        sql, args = spans_sql(project, query, position, -1)
+        for row in db.execute(sql, args):
+            trace_row, service, resource_id, attributes = row[:4], row[4], row[5], row[6]
+            span_row = row[7:]
+            if resource_id not in resources:
+                resources[resource_id] = json.loads(attributes) if attributes else {}
+            resource = resources[resource_id]
+            if not _resource_has(resource, query.resource_conditions()):
+                continue
+            if not payload_matches(span_row[11], resource, query.attributes):
+                continue
+            position = (row[1], row[0], span_row[4], span_row[1])
+            hits.append((span_hit_json(span_json(span_row), service, trace_row), position))
+            if len(hits) > query.limit:
                 break
         more = len(hits) > query.limit
         hits = hits[: query.limit]
@@ -439,14 +442,13 @@ def _stale_calls_sql(
 ) -> tuple[str, list[Any]]:
     """The calls of the range whose cached summary is missing, of another version or
     made from another number of spans than the call now has."""
-    span_count = _CALL_SPANS.replace("c.call_id = ?", "c.call_id = calls.call_id")
     sql = [
         "SELECT call_id FROM calls WHERE project = ? AND start_ns IS NOT NULL",
         "AND (summary IS NULL OR summary_spans IS NULL",
         " OR json_extract(summary, '$.version') IS NOT ?",
-        f" OR summary_spans != (SELECT count(*) FROM spans s WHERE {span_count}))",
+        f" OR summary_spans != ({_CALL_SPAN_COUNT.format(call='calls.call_id')}))",
     ]
-    args: list[Any] = [project, SUMMARY_VERSION, project, project]
+    args: list[Any] = [project, SUMMARY_VERSION, project]
     if start_ns is not None:
         sql.append("AND start_ns >= ?")
         args.append(start_ns)
@@ -565,7 +567,8 @@ def spans_sql(
     """Span search candidates in result order (trace start descending, trace id, span
     start, span id): ``traces_by_start``, each trace's spans from ``spans_by_trace``; the
     column conditions here, attribute conditions narrowed to traces holding the
-    attribute (``trace_search``) and checked on each span by the caller."""
+    attribute (``trace_search``) and checked on each span by the caller. ``limit`` -1:
+    no limit (the caller stops reading)."""
     sql = [
         "SELECT t.trace_id, t.start_ns, t.root_name, t.duration_ns, r.service,"
         f" s.resource_id, r.attributes, {_SPAN_COLUMNS}"
