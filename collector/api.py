@@ -242,7 +242,11 @@ class QueryAPI:
         )
         _check_range(query.start_ns, query.end_ns)
         page = await self.store.calls(project, query)
-        return {"calls": page.items, "next_cursor": page.next_cursor}
+        return {
+            "calls": page.items,
+            "next_cursor": page.next_cursor,
+            "pending_summaries": page.pending_summaries,
+        }
 
     async def get_call(self, request: web.Request, project: str) -> Any:
         _Params(request.query, set(), ())
@@ -315,16 +319,18 @@ class QueryAPI:
             if not 0 < step <= _MAX_NS:
                 raise QueryError(f'step: expected a duration like "5m" or "1h", got {step_text!r}')
         group_by = parse_group_by(params.text("group_by"))
-        calls = await self.store.summaries(project, start, end)
-        return await asyncio.to_thread(
+        found = await self.store.summaries(project, start, end)
+        body = await asyncio.to_thread(
             turn_stats,
-            calls,
+            found.calls,
             start_ns=start,
             end_ns=end,
             step_ns=step,
             group_by=group_by,
             tags=params.prefixed("tag."),
         )
+        body["pending_summaries"] = found.pending
+        return body
 
     async def get_trace(self, request: web.Request, project: str) -> Any:
         _Params(request.query, set(), ())

@@ -205,6 +205,11 @@ _SCHEMAS: dict[str, Any] = {
             "step_ms": _t("number"),
             "group_by": _nullable("string"),
             "components": {"type": "array", "items": _t("string")},
+            "pending_summaries": _t(
+                "integer",
+                "Calls of the range left out: their turn numbers were stale or missing"
+                " and are not recomputed yet (at most 1000 are, per request).",
+            ),
             "buckets": {
                 "type": "array",
                 "items": _obj(
@@ -300,6 +305,12 @@ _SCHEMAS: dict[str, Any] = {
         {
             "calls": {"type": "array", "items": _ref("Call")},
             "next_cursor": _nullable("string", "Pass as cursor for the next page."),
+            "pending_summaries": _t(
+                "integer",
+                "Sorted or filtered by turn latency: calls of the range whose turn numbers"
+                " were stale or missing and are not recomputed yet (at most 1000 are, per"
+                " request); they sort and filter by older numbers, or last. 0 otherwise.",
+            ),
         }
     ),
     "CallDetail": _obj(

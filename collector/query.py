@@ -54,10 +54,12 @@ __all__ = [
     "CALL_SORTS",
     "DEFAULT_LIMIT",
     "MAX_LIMIT",
+    "MAX_SUMMARY_REFRESH",
     "SUMMARY_VERSION",
     "TAG_PREFIX",
     "TURN_COMPONENTS",
     "CallFilter",
+    "CallSummaries",
     "Page",
     "ParsedSummaries",
     "QueryError",
@@ -202,10 +204,29 @@ class CallFilter:
         return [(name, float(value)) for name, value in pairs if value is not None]
 
 
+MAX_SUMMARY_REFRESH = 1000
+"""Stale or missing turn summaries one sorted, filtered or stats query recomputes at
+most (a few seconds of work); the rest are counted as ``pending_summaries``, and each
+such query recomputes the next ones, so a cold range of many calls fills in over a few
+queries instead of holding one for minutes."""
+
+
 @dataclass
 class Page:
     items: list[dict[str, Any]]
     next_cursor: str | None
+    pending_summaries: int = 0
+    """Calls of the range whose turn summary was stale or missing and not recomputed
+    by this query (``MAX_SUMMARY_REFRESH``): they are left out or show older numbers."""
+
+
+@dataclass
+class CallSummaries:
+    """``QueryStore.summaries``: the calls of a range with their current summaries."""
+
+    calls: list[dict[str, Any]]
+    pending: int
+    """Calls left out: their summary was stale or missing and not recomputed now."""
 
 
 class QueryStore(Protocol):
@@ -235,9 +256,10 @@ class QueryStore(Protocol):
 
     async def summaries(
         self, project: str, start_ns: int | None, end_ns: int | None
-    ) -> list[dict[str, Any]]:
+    ) -> CallSummaries:
         """The current cached summary (``summary_cache_text``) of every call starting in
-        ``[start_ns, end_ns)``, with ``call_id``, ``start_ns``, ``service`` and ``tags``."""
+        ``[start_ns, end_ns)``, with ``call_id``, ``start_ns``, ``service`` and ``tags``
+        (up to ``MAX_SUMMARY_REFRESH`` stale ones recomputed, the rest left out)."""
         ...
 
 

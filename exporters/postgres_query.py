@@ -40,9 +40,11 @@ import asyncpg
 
 from collector.query import (
     CALL_SORTS,
+    MAX_SUMMARY_REFRESH,
     SUMMARY_VERSION,
     TAG_PREFIX,
     CallFilter,
+    CallSummaries,
     Page,
     ParsedSummaries,
     SpanFilter,
@@ -228,9 +230,13 @@ class PostgresQueryStore:
 
     async def calls(self, project: str, query: CallFilter) -> Page:
         sql, args = calls_sql(self.schema, project, query)
+        pending = 0
         async with self._connection() as conn:
             if query.needs_summaries:
-                await self._refresh_summaries(conn, project, query.start_ns, query.end_ns)
+                _fresh, stale = await self._refresh_summaries(
+                    conn, project, query.start_ns, query.end_ns
+                )
+                pending = len(stale)
             rows = await conn.fetch(sql, *args)
             more = len(rows) > query.limit
             rows = rows[: query.limit]
@@ -261,20 +267,21 @@ class PostgresQueryStore:
             cursor = encode_cursor([last["start_ns"], last["call_id"]])
         elif last is not None:
             cursor = encode_cursor([float(last["sort_key"]), last["call_id"]])
-        return Page(items, cursor)
+        return Page(items, cursor, pending)
 
     async def summaries(
         self, project: str, start_ns: int | None, end_ns: int | None
-    ) -> list[dict[str, Any]]:
+    ) -> CallSummaries:
         async with self._connection() as conn:
             return await self._current_summaries(conn, project, start_ns, end_ns)
 
     async def _refresh_summaries(
         self, conn: asyncpg.Connection, project: str, start_ns: int | None, end_ns: int | None
-    ) -> dict[str, dict[str, Any]]:
+    ) -> tuple[dict[str, dict[str, Any]], set[str]]:
         """Recompute (and write back) the cached summaries of the range's calls that are
         missing, of another version or made from another number of spans, found in one
-        statement; returns them (as cached) by call id."""
+        statement, newest first, up to ``MAX_SUMMARY_REFRESH``; returns them (as cached)
+        by call id, and the ids of the stale calls left."""
         s, arg = self.schema, _Args()
         p = arg(project)
         sql = [
@@ -288,7 +295,9 @@ class PostgresQueryStore:
             sql.append(f"AND c.start_ns >= {arg(start_ns)}")
         if end_ns is not None:
             sql.append(f"AND c.start_ns < {arg(end_ns)}")
-        stale = [row["call_id"] for row in await conn.fetch(" ".join(sql), *arg.values)]
+        sql.append("ORDER BY c.start_ns DESC, c.call_id")
+        found = [row["call_id"] for row in await conn.fetch(" ".join(sql), *arg.values)]
+        stale, left = found[:MAX_SUMMARY_REFRESH], set(found[MAX_SUMMARY_REFRESH:])
         current: dict[str, dict[str, Any]] = {}
         for first in range(0, len(stale), _SUMMARY_CHUNK):
             chunk = stale[first : first + _SUMMARY_CHUNK]
@@ -302,13 +311,13 @@ class PostgresQueryStore:
             await self._store_summaries(conn, project, fresh)
             for call_id, (summary, _count) in fresh.items():
                 current[call_id] = json.loads(summary_cache_text(summary))
-        return current
+        return current, left
 
     async def _current_summaries(
         self, conn: asyncpg.Connection, project: str, start_ns: int | None, end_ns: int | None
-    ) -> list[dict[str, Any]]:
+    ) -> CallSummaries:
         """Every call starting in the range with its current summary."""
-        fresh = await self._refresh_summaries(conn, project, start_ns, end_ns)
+        fresh, left = await self._refresh_summaries(conn, project, start_ns, end_ns)
         s, arg = self.schema, _Args()
         p = arg(project)
         sql = [
@@ -320,7 +329,7 @@ class PostgresQueryStore:
         if end_ns is not None:
             sql.append(f"AND c.start_ns < {arg(end_ns)}")
         rows = await conn.fetch(" ".join(sql), *arg.values)
-        return [
+        calls = [
             {
                 "call_id": row["call_id"],
                 "start_ns": row["start_ns"],
@@ -330,7 +339,9 @@ class PostgresQueryStore:
                 or self._parsed.parse((project, row["call_id"]), row["summary"]),
             }
             for row in rows
+            if row["call_id"] not in left
         ]
+        return CallSummaries(calls, len(left))
 
     async def call(self, project: str, call_id: str) -> dict[str, Any] | None:
         s = self.schema

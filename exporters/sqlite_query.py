@@ -43,9 +43,11 @@ from typing import Any
 
 from collector.query import (
     CALL_SORTS,
+    MAX_SUMMARY_REFRESH,
     SUMMARY_VERSION,
     TAG_PREFIX,
     CallFilter,
+    CallSummaries,
     Page,
     ParsedSummaries,
     SpanFilter,
@@ -213,8 +215,9 @@ class SQLiteQueryStore:
 
     def _calls(self, project: str, query: CallFilter) -> Page:
         db = self._db()
+        pending = 0
         if query.needs_summaries:
-            self._refresh_summaries(db, project, query.start_ns, query.end_ns)
+            _fresh, pending = self._refresh_summaries(db, project, query.start_ns, query.end_ns)
         sql, args = calls_sql(project, query)
         rows = db.execute(sql, args).fetchall()
         more = len(rows) > query.limit
@@ -226,33 +229,39 @@ class SQLiteQueryStore:
                 cursor = encode_cursor([rows[-1][5], rows[-1][0]])
             else:
                 cursor = encode_cursor([float(rows[-1][10]), rows[-1][0]])
-        return Page(items, cursor)
+        return Page(items, cursor, pending)
 
     async def summaries(
         self, project: str, start_ns: int | None, end_ns: int | None
-    ) -> list[dict[str, Any]]:
+    ) -> CallSummaries:
         return await self._run(self._current_summaries, project, start_ns, end_ns)
 
     def _refresh_summaries(
         self, db: sqlite3.Connection, project: str, start_ns: int | None, end_ns: int | None
-    ) -> dict[str, dict[str, Any]]:
+    ) -> tuple[dict[str, dict[str, Any]], int]:
         """Recompute (and write back) the cached summaries of the range's calls that are
-        missing or stale, found in one statement; returns them by call id."""
+        missing or stale, found in one statement, newest first, up to
+        ``MAX_SUMMARY_REFRESH``; returns them by call id, and how many were left."""
         sql, args = _stale_calls_sql(project, start_ns, end_ns)
+        stale = [call_id for (call_id,) in db.execute(sql, args).fetchall()]
         fresh = {}
-        for (call_id,) in db.execute(sql, args).fetchall():
+        for call_id in stale[:MAX_SUMMARY_REFRESH]:
             spans, _ = self._spans(db, _CALL_SPANS, (project, project, call_id))
             cache_text = summary_cache_text(summarize_call(spans))
             self._store_summary(project, call_id, cache_text, len(spans))
             fresh[call_id] = json.loads(cache_text)
-        return fresh
+        return fresh, max(0, len(stale) - MAX_SUMMARY_REFRESH)
 
     def _current_summaries(
         self, project: str, start_ns: int | None, end_ns: int | None
-    ) -> list[dict[str, Any]]:
+    ) -> CallSummaries:
         """Every call starting in the range with its current summary."""
         db = self._db()
-        fresh = self._refresh_summaries(db, project, start_ns, end_ns)
+        fresh, pending = self._refresh_summaries(db, project, start_ns, end_ns)
+        left_out = set()
+        if pending:
+            sql, args = _stale_calls_sql(project, start_ns, end_ns)
+            left_out = {row[0] for row in db.execute(sql, args)} - set(fresh)
         sql = ["SELECT call_id, start_ns, service, tags, summary FROM calls"]
         sql.append("WHERE project = ? AND start_ns IS NOT NULL")
         args: list[Any] = [project]
@@ -264,6 +273,8 @@ class SQLiteQueryStore:
             args.append(end_ns)
         found = []
         for call_id, start, service, tags, text in db.execute(" ".join(sql), args):
+            if call_id in left_out:
+                continue
             summary = fresh.get(call_id) or self._parsed.parse((project, call_id), text)
             found.append(
                 {
@@ -274,7 +285,7 @@ class SQLiteQueryStore:
                     "summary": summary,
                 }
             )
-        return found
+        return CallSummaries(found, pending)
 
     def _call_item(
         self, db: sqlite3.Connection, project: str, row: tuple[Any, ...]
@@ -448,6 +459,7 @@ def _stale_calls_sql(
         " OR json_extract(summary, '$.version') IS NOT ?",
         f" OR summary_spans != ({_CALL_SPAN_COUNT.format(call='calls.call_id')}))",
     ]
+    order = "ORDER BY start_ns DESC, call_id"
     args: list[Any] = [project, SUMMARY_VERSION, project]
     if start_ns is not None:
         sql.append("AND start_ns >= ?")
@@ -455,6 +467,7 @@ def _stale_calls_sql(
     if end_ns is not None:
         sql.append("AND start_ns < ?")
         args.append(end_ns)
+    sql.append(order)
     return " ".join(sql), args
 
 

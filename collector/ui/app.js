@@ -237,7 +237,11 @@ async function loadList(kind, params, append) {
   tbody.append(fragment);
   cursors[kind] = body.next_cursor;
   $("#" + kind + "-more").hidden = !cursors[kind];
-  notice(!append && body[spec.field].length === 0 ? spec.empty : "");
+  notice(!append && body[spec.field].length === 0 ? spec.empty : pendingNotice(body.pending_summaries));
+}
+
+function pendingNotice(pending) {
+  return pending ? pending + " calls' turn numbers are still being computed: show again to include them." : "";
 }
 
 // ---- spans: categories, tree ----------------------------------------------------------
@@ -702,7 +706,8 @@ async function loadTrends(params) {
   fillTrendPanel($("#trends-a"), "A: " + titleA + label, a, component, percentile, max);
   $("#trends-b").hidden = !b;
   if (b) fillTrendPanel($("#trends-b"), "B: " + titleB + label, b, component, percentile, max);
-  notice(a.buckets.every((b) => b.groups.length === 0) ? "No calls in this range." : "");
+  const pending = a.pending_summaries + (b ? b.pending_summaries : 0);
+  notice(a.buckets.every((bucket) => bucket.groups.length === 0) && !pending ? "No calls in this range." : pendingNotice(pending));
 }
 
 // ---- routing ------------------------------------------------------------------------

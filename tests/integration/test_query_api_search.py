@@ -384,3 +384,48 @@ async def test_sorts_filters_and_stats_see_spans_that_arrived_since_the_cache(
         assert (call["span_count"], call["error_count"]) == (14, 1)
         [bucket] = (await api.ok("/api/v1/stats/turns", stats))["buckets"]
         assert bucket["groups"][0]["errors"] == 1
+
+
+async def test_a_cold_range_fills_in_over_a_few_queries(
+    api: Api, monkeypatch: pytest.MonkeyPatch, dataset: Dataset
+) -> None:
+    """At most MAX_SUMMARY_REFRESH stale summaries are recomputed per query; the
+    rest are counted as pending, then recomputed by the next queries."""
+    import exporters.postgres_query
+    import exporters.sqlite_query
+
+    for module in (exporters.sqlite_query, exporters.postgres_query):
+        monkeypatch.setattr(module, "MAX_SUMMARY_REFRESH", 2)
+    await _forget_summaries(dataset)
+    rounds = []
+    while True:
+        # limit 1: the calls a page lists are brought up to date as they are shown.
+        body = await api.ok("/api/v1/calls", {"sort": "worst_turn", "limit": "1"})
+        rounds.append(body["pending_summaries"])
+        if not body["pending_summaries"]:
+            break
+    assert rounds == [5, 3, 1, 0]  # 7 calls, two more each query
+    await _forget_summaries(dataset)
+    stats = await api.ok("/api/v1/stats/turns", {**_STATS_RANGE, "end": "2026-11-24T11:00:00Z"})
+    assert stats["pending_summaries"] == 5
+    assert sum(g["calls"] for b in stats["buckets"] for g in b["groups"]) == 2
+
+
+async def _forget_summaries(dataset: Dataset) -> None:
+    if dataset.postgres_schema is None:
+        import sqlite3
+
+        with sqlite3.connect(dataset.db) as db:
+            db.execute("UPDATE calls SET summary = NULL, summary_spans = NULL")
+        return
+    import asyncpg
+
+    from tests.support import POSTGRES_DSN
+
+    conn = await asyncpg.connect(POSTGRES_DSN, timeout=5)
+    try:
+        await conn.execute(
+            f"UPDATE {dataset.postgres_schema}.calls SET summary = NULL, summary_spans = NULL"
+        )
+    finally:
+        await conn.close()

@@ -10,6 +10,9 @@ import tests.integration.test_query_api_search as sqlite_module
 from tests.integration.test_query_api import api as api
 from tests.integration.test_query_api_postgres import dataset as dataset
 from tests.integration.test_query_api_search import (
+    test_a_cold_range_fills_in_over_a_few_queries as test_a_cold_range_fills_in_over_a_few_queries,
+)
+from tests.integration.test_query_api_search import (
     test_bad_search_parameters_are_400_naming_them as test_bad_search_parameters_are_400_naming_them,
 )
 from tests.integration.test_query_api_search import (
