@@ -306,7 +306,9 @@ class QueryAPI:
             end = time.time_ns()
         start = params.time("start")
         if start is None:
-            start = end - _DAY_NS
+            if end <= 0:
+                raise QueryError("end: must be after 1970-01-01T00:00:00Z")
+            start = max(0, end - _DAY_NS)
         _check_range(start, end)
         step_text = params.text("step")
         if step_text is None:
@@ -317,7 +319,9 @@ class QueryAPI:
             except (ValueError, OverflowError):
                 step = 0
             if not 0 < step <= _MAX_NS:
-                raise QueryError(f'step: expected a duration like "5m" or "1h", got {step_text!r}')
+                raise QueryError(
+                    f'step: expected a duration like "5m" or "1h", got {step_text[:64]!r}'
+                )
         group_by = parse_group_by(params.text("group_by"))
         found = await self.store.summaries(project, start, end)
         body = await asyncio.to_thread(

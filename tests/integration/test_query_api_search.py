@@ -318,6 +318,8 @@ async def test_turn_stats_groups_by_model_and_tag_and_filters_by_tag(api: Api) -
     [
         ({"step": "fast"}, "step: expected a duration"),
         ({"step": "0s"}, "step: expected a duration"),
+        ({"step": "9" * 400 + "h"}, "step: expected a duration"),
+        ({"step": "400000d"}, "step: expected a duration"),
         ({**_STATS_RANGE, "step": "1s"}, "step: 10800 buckets from start to end, at most 1000"),
         ({"group_by": "room"}, "group_by: expected service, model or tag.KEY"),
         ({"group_by": "tag."}, "group_by: expected service, model or tag.KEY"),
@@ -429,3 +431,25 @@ async def _forget_summaries(dataset: Dataset) -> None:
         )
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "names"),
+    [
+        ("/api/v1/spans", ["name", "service", "attr.k", "tag.k", "min_duration_ms", "status"]),
+        (
+            "/api/v1/calls",
+            ["sort", "min_worst_turn_ms", "min_median_turn_ms", "min_e2e_p95_ms", "min_errors"],
+        ),
+        ("/api/v1/stats/turns", ["step", "group_by", "tag.k", "start", "end"]),
+    ],
+)
+async def test_new_parameters_never_answer_5xx(api: Api, path: str, names: list[str]) -> None:
+    nasty = ["", "\0", "é", "x" * 5000, "-1", "1e309", "NaN", "0", "99999999999999999999999"]
+    for name in names:
+        for value in nasty:
+            status, body = await api.get(path, {name: value})
+            assert status in (200, 400), (name, value, status, body)
+            if status == 400:
+                assert body["error"].startswith(name.split(".")[0]), body
+    assert (await api.get(path, {}))[0] == 200

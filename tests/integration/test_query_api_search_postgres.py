@@ -22,6 +22,9 @@ from tests.integration.test_query_api_search import (
     test_calls_sort_by_turn_latency_errors_and_duration as test_calls_sort_by_turn_latency_errors_and_duration,
 )
 from tests.integration.test_query_api_search import (
+    test_new_parameters_never_answer_5xx as test_new_parameters_never_answer_5xx,
+)
+from tests.integration.test_query_api_search import (
     test_span_search_conditions as test_span_search_conditions,
 )
 from tests.integration.test_query_api_search import (
