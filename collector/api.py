@@ -13,6 +13,8 @@ Routes (``collector/openapi.py`` documents every field):
 - ``GET /api/v1/calls/{call_id}``: a call's spans as a tree and its per-turn latency;
 - ``GET /api/v1/traces``: trace search (semantics in ``collector/query.py``);
 - ``GET /api/v1/traces/{trace_id}``: one trace as a tree;
+- ``GET /api/v1/spans``: span search, each result with its trace and call;
+- ``GET /api/v1/stats/turns``: turn latency percentiles and counts per time bucket;
 - ``GET /api/v1/openapi.json``; ``GET /``: the explorer (``collector/ui/``).
 
 Bad parameters answer 400 ``{"error": "NAME: ..."}`` (every parameter's type and range is
@@ -30,6 +32,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -41,16 +44,20 @@ from collector.components import RequestInfo, UnauthenticatedError
 from collector.cursors import LazySeal
 from collector.openapi import OPENAPI
 from collector.query import (
+    CALL_SORTS,
     DEFAULT_LIMIT,
     MAX_LIMIT,
     CallFilter,
     QueryError,
     QueryStore,
+    SpanFilter,
     StorageUnavailableError,
     TraceFilter,
     build_tree,
     parse_time,
 )
+from collector.turn_stats import parse_group_by, turn_stats
+from collector.units import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,21 @@ _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';"
     " connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-_CALL_PARAMS = {"start", "end", "limit", "cursor"}
+_CALL_PARAMS = {
+    "start",
+    "end",
+    "limit",
+    "cursor",
+    "sort",
+    "min_worst_turn_ms",
+    "min_median_turn_ms",
+    "min_e2e_p95_ms",
+    "min_errors",
+    "min_duration_ms",
+}
+_STATS_PARAMS = {"start", "end", "step", "group_by"}
+_DAY_NS = 86_400 * 10**9
+_SPAN_PARAMS = {"start", "end", "limit", "cursor", "service", "name", "min_duration_ms", "status"}
 _TRACE_PARAMS = {
     "start",
     "end",
@@ -83,6 +104,7 @@ _TRACE_PARAMS = {
     "min_duration_ms",
     "status",
 }
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -147,6 +169,8 @@ class QueryAPI:
             web.get("/api/v1/calls/{call_id}", self._guard(self.get_call)),
             web.get("/api/v1/traces", self._guard(self.search_traces)),
             web.get("/api/v1/traces/{trace_id}", self._guard(self.get_trace)),
+            web.get("/api/v1/spans", self._guard(self.search_spans)),
+            web.get("/api/v1/stats/turns", self._guard(self.turn_stats)),
             web.get("/api/v1/openapi.json", self.openapi),
             web.get("/", self.page),
             web.get("/ui/{file}", self.ui_file),
@@ -205,17 +229,30 @@ class QueryAPI:
 
     async def list_calls(self, request: web.Request, project: str) -> Any:
         params = _Params(request.query, _CALL_PARAMS, ("attr.", "tag."))
+        sort = params.text("sort") or "start"
+        if sort not in CALL_SORTS:
+            raise QueryError(f"sort: expected one of {', '.join(CALL_SORTS)}, got {sort!r}")
         query = CallFilter(
             start_ns=params.time("start"),
             end_ns=params.time("end"),
             attributes=params.prefixed("attr."),
             tags=params.prefixed("tag."),
+            sort=sort,
+            min_worst_turn_ms=params.milliseconds("min_worst_turn_ms"),
+            min_median_turn_ms=params.milliseconds("min_median_turn_ms"),
+            min_e2e_p95_ms=params.milliseconds("min_e2e_p95_ms"),
+            min_errors=params.whole_number("min_errors"),
+            min_duration_ns=params.milliseconds_as_ns("min_duration_ms"),
             limit=params.limit(),
             cursor=params.text("cursor"),
         )
         _check_range(query.start_ns, query.end_ns)
         page = await self.store.calls(project, query)
-        return {"calls": page.items, "next_cursor": page.next_cursor}
+        return {
+            "calls": page.items,
+            "next_cursor": page.next_cursor,
+            "pending_summaries": page.pending_summaries,
+        }
 
     async def get_call(self, request: web.Request, project: str) -> Any:
         _Params(request.query, set(), ())
@@ -226,7 +263,7 @@ class QueryAPI:
         return await asyncio.to_thread(_call_body, found)
 
     async def search_traces(self, request: web.Request, project: str) -> Any:
-        params = _Params(request.query, _TRACE_PARAMS, ("attr.",))
+        params = _Params(request.query, _TRACE_PARAMS, ("attr.", "tag."))
         status = params.text("status")
         if status is not None and status not in ("error", "ok"):
             raise QueryError(f"status: expected error or ok, got {status!r}")
@@ -237,6 +274,7 @@ class QueryAPI:
             name=params.text("name"),
             name_contains=params.text("name_contains"),
             attributes=params.prefixed("attr."),
+            tags=params.prefixed("tag."),
             min_duration_ns=params.milliseconds_as_ns("min_duration_ms"),
             status=status,
             limit=params.limit(),
@@ -245,6 +283,64 @@ class QueryAPI:
         _check_range(query.start_ns, query.end_ns)
         page = await self.store.traces(project, query)
         return {"traces": page.items, "next_cursor": page.next_cursor}
+
+    async def search_spans(self, request: web.Request, project: str) -> Any:
+        params = _Params(request.query, _SPAN_PARAMS, ("attr.", "tag."))
+        status = params.text("status")
+        if status is not None and status not in ("error", "ok"):
+            raise QueryError(f"status: expected error or ok, got {status!r}")
+        query = SpanFilter(
+            start_ns=params.time("start"),
+            end_ns=params.time("end"),
+            name=params.text("name"),
+            service=params.text("service"),
+            attributes=params.prefixed("attr."),
+            tags=params.prefixed("tag."),
+            min_duration_ns=params.milliseconds_as_ns("min_duration_ms"),
+            status=status,
+            limit=params.limit(),
+            cursor=params.text("cursor"),
+        )
+        _check_range(query.start_ns, query.end_ns)
+        page = await self.store.spans(project, query)
+        return {"spans": page.items, "next_cursor": page.next_cursor}
+
+    async def turn_stats(self, request: web.Request, project: str) -> Any:
+        params = _Params(request.query, _STATS_PARAMS, ("tag.",))
+        end = params.time("end")
+        if end is None:
+            end = time.time_ns()
+        start = params.time("start")
+        if start is None:
+            if end <= 0:
+                raise QueryError("end: must be after 1970-01-01T00:00:00Z")
+            start = max(0, end - _DAY_NS)
+        _check_range(start, end)
+        step_text = params.text("step")
+        if step_text is None:
+            step = max(1, -(-(end - start) // 24))
+        else:
+            try:
+                step = round(parse_duration(step_text) * 1e9)
+            except (ValueError, OverflowError):
+                step = 0
+            if not 0 < step <= _MAX_NS:
+                raise QueryError(
+                    f'step: expected a duration like "5m" or "1h", got {step_text[:64]!r}'
+                )
+        group_by = parse_group_by(params.text("group_by"))
+        found = await self.store.summaries(project, start, end)
+        body = await asyncio.to_thread(
+            turn_stats,
+            found.calls,
+            start_ns=start,
+            end_ns=end,
+            step_ns=step,
+            group_by=group_by,
+            tags=params.prefixed("tag."),
+        )
+        body["pending_summaries"] = found.pending
+        return body
 
     async def get_trace(self, request: web.Request, project: str) -> Any:
         _Params(request.query, set(), ())
@@ -389,6 +485,20 @@ class _Params:
                 f" 12.5, got {value[:64]!r}"
             )
         return ns
+
+    def milliseconds(self, name: str) -> float | None:
+        """A duration in milliseconds (``milliseconds_as_ns``), as milliseconds."""
+        ns = self.milliseconds_as_ns(name)
+        return None if ns is None else ns / 1e6
+
+    def whole_number(self, name: str) -> int | None:
+        """A count: a whole number from 0 to 2**31 - 1."""
+        value = self.text(name)
+        if value is None:
+            return None
+        if not (len(value) <= 10 and _DIGITS.fullmatch(value) and int(value) < 2**31):
+            raise QueryError(f"{name}: expected a whole number from 0, got {value[:64]!r}")
+        return int(value)
 
     def limit(self) -> int:
         value = self.text("limit")

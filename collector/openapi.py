@@ -65,8 +65,12 @@ _SCHEMAS: dict[str, Any] = {
             "turn_count": _t("integer"),
             "median_turn_ms": _nullable("number", "Median end-to-end turn latency."),
             "worst_turn_ms": _nullable("number", "Worst end-to-end turn latency."),
+            "e2e_p95_ms": _nullable("number", "95th percentile end-to-end turn latency."),
             "tool_calls": _t("integer"),
-            "error_count": _t("integer", "Spans with status ERROR plus failed tool calls."),
+            "tool_failures": _t("integer"),
+            "error_count": _t(
+                "integer", "Spans with status ERROR plus failed tool calls whose span is not one."
+            ),
             "span_count": _t("integer"),
             "tags": {
                 "type": "object",
@@ -87,6 +91,13 @@ _SCHEMAS: dict[str, Any] = {
             "root_span_id": _nullable("string"),
             "has_error": _t("boolean", "Some span of the trace has status ERROR."),
             "span_count": _t("integer"),
+            "matched_spans": {
+                "type": "array",
+                "items": _t("string"),
+                "description": "Ids of the spans meeting a span condition of the search"
+                " (name, name_contains, attr.*; an attribute of the span itself); empty"
+                " when the search has none.",
+            },
         }
     ),
     "Event": _obj({"name": _t("string"), "time_ns": _t("integer"), "attributes": _ATTRIBUTES}),
@@ -122,13 +133,121 @@ _SCHEMAS: dict[str, Any] = {
         },
         "A span with its children, nested by parent.",
     ),
+    "SpanHit": _obj(
+        {
+            "trace_id": _t("string"),
+            "span_id": _t("string"),
+            "parent_span_id": _nullable("string"),
+            "name": _t("string"),
+            "kind": _t("integer"),
+            "start_ns": _t("integer"),
+            "end_ns": _t("integer"),
+            "duration_ms": _t("number"),
+            "status_code": _t("integer", "0 unset, 1 ok, 2 error."),
+            "status_message": _t("string"),
+            "attributes": _ATTRIBUTES,
+            "events": {"type": "array", "items": _ref("Event")},
+            "links": {"type": "array", "items": _ref("Link")},
+            "resource_id": _nullable("string"),
+            "scope": {
+                "oneOf": [
+                    {"type": "null"},
+                    _obj({"name": _t("string"), "version": _t("string")}),
+                ]
+            },
+            "call_id": _nullable("string", "The call the span belongs to."),
+            "placeholder": _t("boolean", "Always false here."),
+            "service": _nullable("string", "service.name of the span's resource."),
+            "trace": _obj(
+                {
+                    "trace_id": _t("string"),
+                    "start": _t("string"),
+                    "root_name": _nullable("string"),
+                    "duration_ms": _t("number"),
+                }
+            ),
+        },
+        "A span found by span search, with its service, trace and call.",
+    ),
+    "SpanList": _obj(
+        {
+            "spans": {"type": "array", "items": _ref("SpanHit")},
+            "next_cursor": _nullable("string", "Pass as cursor for the next page."),
+        }
+    ),
+    "Percentiles": _obj(
+        {
+            "count": _t("integer", "Turns with this number."),
+            "p50": _nullable("number"),
+            "p95": _nullable("number"),
+            "p99": _nullable("number"),
+        }
+    ),
+    "StatsGroup": _obj(
+        {
+            "group": _nullable("string", "The group_by value; null without group_by or value."),
+            "calls": _t("integer"),
+            "turns": _t("integer"),
+            "errors": _t("integer"),
+            "tool_failures": _t("integer"),
+            "latency": {
+                "type": "object",
+                "description": "Percentiles of each turn latency component (ms): e2e_ms,"
+                " end_of_turn_ms, stt_ms, llm_ttft_ms, answer_wait_ms, tts_ttfb_ms, tool_ms.",
+                "additionalProperties": _ref("Percentiles"),
+            },
+        }
+    ),
+    "TurnStats": _obj(
+        {
+            "start": _t("string"),
+            "end": _t("string"),
+            "step_ms": _t("number"),
+            "group_by": _nullable("string"),
+            "components": {"type": "array", "items": _t("string")},
+            "pending_summaries": _t(
+                "integer",
+                "Calls of the range left out: their turn numbers were stale or missing"
+                " and are not recomputed yet (at most 1000 are, per request).",
+            ),
+            "buckets": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "start": _t("string"),
+                        "start_ns": _t("integer"),
+                        "groups": {"type": "array", "items": _ref("StatsGroup")},
+                    }
+                ),
+                "description": "Every bucket of the range, in time order; one with no"
+                " calls has no groups.",
+            },
+        }
+    ),
     "ToolCall": _obj(
         {
             "name": _nullable("string"),
             "duration_ms": _nullable("number"),
-            "error": _t("boolean"),
-            "span_id": _nullable("string"),
+            "error": _t("boolean", "lk.function_tool.is_error or status ERROR."),
+            "span_id": _nullable("string", "Null for Pipecat, which has no tool span."),
+            "start_ns": _nullable("integer"),
+            "end_ns": _nullable("integer"),
+            "error_span": _t("boolean", "The tool's span itself has status ERROR."),
         }
+    ),
+    "Breakdown": _obj(
+        {
+            "end_of_turn_ms": _t("number", "End of speech until the turn was committed."),
+            "llm_ms": _t("number", "Waiting for the first spoken LLM token after that."),
+            "tool_ms": _t("number", "Tool calls run before that token."),
+            "tts_ms": _t("number", "TTS time to first byte on the path."),
+            "other_ms": _t(
+                "number",
+                "The gap: e2e_ms minus the parts above (queueing, text aggregation,"
+                " playout start; negative when stages overlapped).",
+            ),
+        },
+        "The critical path of e2e_ms: the parts add up to it exactly.",
     ),
     "Turn": _obj(
         {
@@ -137,13 +256,28 @@ _SCHEMAS: dict[str, Any] = {
             "user_span_id": _nullable("string"),
             "start_ns": _t("integer"),
             "end_ns": _t("integer"),
-            "user_text": _nullable("string"),
-            "stt_ms": _nullable("number"),
-            "llm_ttft_ms": _nullable("number"),
-            "tts_ttfb_ms": _nullable("number"),
+            "span_ids": {
+                "type": "array",
+                "items": _t("string"),
+                "description": "The turn's spans (its turn spans and their descendants).",
+            },
+            "user_text": _nullable("string", "What the user said (final transcript)."),
+            "agent_text": _nullable("string", "What the agent answered."),
+            "end_of_turn_ms": _nullable("number", "End of speech to the turn committed."),
+            "stt_ms": _nullable("number", "End of speech to final transcript."),
+            "llm_ttft_ms": _nullable("number", "The first LLM request's time to first token."),
+            "answer_ttft_ms": _nullable(
+                "number", "The last LLM request's (the answer after tools) time to first token."
+            ),
+            "answer_wait_ms": _nullable(
+                "number", "End of speech to the first token of the answer's LLM request."
+            ),
+            "tts_ttfb_ms": _nullable("number", "The first TTS request's time to first byte."),
+            "tool_ms": _nullable("number", "The tool calls' total duration."),
             "llm_calls": _t("integer"),
             "tool_calls": {"type": "array", "items": _ref("ToolCall")},
-            "e2e_ms": _nullable("number"),
+            "e2e_ms": _nullable("number", "End of speech to the agent's first audio."),
+            "breakdown": {"oneOf": [{"type": "null"}, _ref("Breakdown")]},
             "interrupted": _t("boolean"),
         },
         "One turn; the README's Query API section says which span each number comes from.",
@@ -153,10 +287,13 @@ _SCHEMAS: dict[str, Any] = {
             "turn_count": _t("integer"),
             "median_e2e_ms": _nullable("number"),
             "worst_e2e_ms": _nullable("number"),
+            "p95_e2e_ms": _nullable("number"),
             "tool_calls": _t("integer"),
-            "errors": _t("integer"),
+            "tool_failures": _t("integer"),
+            "errors": _t("integer", "Spans with status ERROR plus failed tools without one."),
             "stt_ms_total": _nullable("number"),
             "llm_calls": _t("integer"),
+            "llm_model": _nullable("string", "gen_ai.request.model of the first LLM span."),
         }
     ),
     "Resources": {
@@ -168,6 +305,12 @@ _SCHEMAS: dict[str, Any] = {
         {
             "calls": {"type": "array", "items": _ref("Call")},
             "next_cursor": _nullable("string", "Pass as cursor for the next page."),
+            "pending_summaries": _t(
+                "integer",
+                "Sorted or filtered by turn latency: calls of the range whose turn numbers"
+                " were stale or missing and are not recomputed yet (at most 1000 are, per"
+                " request); they sort and filter by older numbers, or last. 0 otherwise.",
+            ),
         }
     ),
     "CallDetail": _obj(
@@ -232,6 +375,14 @@ _ATTR_PARAM = {
 }
 
 
+_TAG_PARAM = {
+    **_ATTR_PARAM,
+    "name": "tag",
+    "description": "tag.KEY=VALUE, repeatable: the custom tag (resource attribute"
+    " roark.project.tag.KEY) has the text VALUE.",
+}
+
+
 def _json_response(description: str, schema: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
 
@@ -260,12 +411,48 @@ OPENAPI: dict[str, Any] = {
                 "parameters": [
                     *_COMMON_PARAMS,
                     _ATTR_PARAM,
-                    {
-                        **_ATTR_PARAM,
-                        "name": "tag",
-                        "description": "tag.KEY=VALUE, repeatable: the call's custom tag"
-                        " (resource attribute roark.project.tag.KEY) has the text VALUE.",
-                    },
+                    _TAG_PARAM,
+                    _param(
+                        "sort",
+                        "start (newest first, the default), or the largest first (calls"
+                        " without the number last): worst_turn, median_turn, e2e_p95,"
+                        " errors, duration.",
+                        {
+                            "enum": [
+                                "start",
+                                "worst_turn",
+                                "median_turn",
+                                "e2e_p95",
+                                "errors",
+                                "duration",
+                            ]
+                        },
+                    ),
+                    _param(
+                        "min_worst_turn_ms",
+                        "The worst turn's e2e_ms is at least this.",
+                        {"type": "number", "minimum": 0},
+                    ),
+                    _param(
+                        "min_median_turn_ms",
+                        "The median turn's e2e_ms is at least this.",
+                        {"type": "number", "minimum": 0},
+                    ),
+                    _param(
+                        "min_e2e_p95_ms",
+                        "The 95th percentile of e2e_ms is at least this.",
+                        {"type": "number", "minimum": 0},
+                    ),
+                    _param(
+                        "min_errors",
+                        "error_count is at least this.",
+                        {"type": "integer", "minimum": 0},
+                    ),
+                    _param(
+                        "min_duration_ms",
+                        "The call lasts at least this long.",
+                        {"type": "number", "minimum": 0},
+                    ),
                 ],
                 "responses": {"200": _json_response("A page of calls.", "CallList"), **_ERRORS},
             }
@@ -293,10 +480,13 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Trace search. Each condition must be met by some span of the trace.",
                 "parameters": [
                     *_COMMON_PARAMS,
-                    _param("service", "service.name of the trace's resource."),
+                    _param(
+                        "service", "service.name of the trace's resource contains this (any case)."
+                    ),
                     _param("name", "Some span has exactly this name."),
                     _param("name_contains", "Some span's name contains this (any case)."),
                     _ATTR_PARAM,
+                    _TAG_PARAM,
                     _param(
                         "min_duration_ms",
                         "The trace lasts at least this long (first start to last end).",
@@ -309,6 +499,56 @@ OPENAPI: dict[str, Any] = {
                     ),
                 ],
                 "responses": {"200": _json_response("A page of traces.", "TraceList"), **_ERRORS},
+            }
+        },
+        "/api/v1/spans": {
+            "get": {
+                "summary": "Span search: each condition must be met by the span itself"
+                " (attr.* and tag.* by it or its resource). Newest trace first, then in"
+                " start order within a trace.",
+                "parameters": [
+                    *_COMMON_PARAMS,
+                    _param("name", "The span's name contains this (any case)."),
+                    _param("service", "service.name of the span's resource contains this."),
+                    {
+                        **_ATTR_PARAM,
+                        "description": "attr.KEY=VALUE, repeatable: the span or its resource"
+                        " has attribute KEY with the text VALUE.",
+                    },
+                    _TAG_PARAM,
+                    _param(
+                        "min_duration_ms",
+                        "The span lasts at least this long.",
+                        {"type": "number", "minimum": 0},
+                    ),
+                    _param(
+                        "status",
+                        "error: the span has status ERROR; ok: it has not.",
+                        {"enum": ["error", "ok"]},
+                    ),
+                ],
+                "responses": {"200": _json_response("A page of spans.", "SpanList"), **_ERRORS},
+            }
+        },
+        "/api/v1/stats/turns": {
+            "get": {
+                "summary": "Turn latency percentiles and counts of calls, turns, errors and"
+                " tool failures per time bucket (by call start) and group.",
+                "parameters": [
+                    _param("start", "Inclusive start; default end minus 24 hours. " + _TIME),
+                    _param("end", "Exclusive end; default now. " + _TIME),
+                    _param(
+                        "step",
+                        'Bucket width, a duration like "5m" or "1h"; default a 24th of the'
+                        " range. At most 1000 buckets.",
+                    ),
+                    _param("group_by", "service, model (the LLM model) or tag.KEY."),
+                    _TAG_PARAM,
+                ],
+                "responses": {
+                    "200": _json_response("Buckets of groups.", "TurnStats"),
+                    **_ERRORS,
+                },
             }
         },
         "/api/v1/traces/{trace_id}": {

@@ -14,9 +14,20 @@ Search semantics, shared by every store:
   are, ``true``/``false``, numbers in decimal) and sees only short scalar values, as
   indexed by the store. ``name_contains`` is a case-insensitive substring of a span
   name. ``min_duration_ms`` and ``status`` apply to the trace: its extent (first span
-  start to last span end) and whether any span has status ERROR.
-- Results are newest first; a page's ``next_cursor`` (opaque) continues after its last
-  item, so paging never repeats or skips an item that existed when paging began.
+  start to last span end) and whether any span has status ERROR. ``service`` is a
+  case-insensitive substring of the trace's service; ``tag.KEY=VALUE`` is the resource
+  attribute ``roark.project.tag.KEY``. Each trace lists the spans meeting a name or
+  attribute condition themselves (``matched_spans``).
+- Span search is span-level: a span matches when it meets every condition itself
+  (``attr.*`` and ``tag.*`` by its own attributes or its resource's); ``name`` and
+  ``service`` are case-insensitive substrings. Results come newest trace first, then in
+  start order within a trace.
+- The calls list sorts by a field of the cached summary's totals or the duration
+  (largest first, calls without the number last) and filters on minimums of them; the
+  range's cached summaries are brought up to date first.
+- Results are newest first unless sorted; a page's ``next_cursor`` (opaque) continues
+  after its last item, so paging never repeats or skips an item that existed when
+  paging began.
 
 Every store answers the same JSON: ``span_json``, ``trace_json`` and ``call_json`` build
 it from rows of the shape both storage exporters keep (the span's own protobuf bytes
@@ -40,26 +51,37 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from collector.spans import any_value_to_python
 
 __all__ = [
+    "CALL_SORTS",
     "DEFAULT_LIMIT",
     "MAX_LIMIT",
+    "MAX_SUMMARY_REFRESH",
     "SUMMARY_VERSION",
     "TAG_PREFIX",
+    "TURN_COMPONENTS",
     "CallFilter",
+    "CallSummaries",
     "Page",
+    "ParsedSummaries",
     "QueryError",
     "QueryStore",
+    "SpanFilter",
     "StorageUnavailableError",
     "TraceFilter",
     "build_tree",
     "cached_summary",
     "call_json",
     "decode_cursor",
+    "decode_span_cursor",
     "decode_trace_cursor",
     "encode_cursor",
+    "encode_span_cursor",
     "jsonable",
+    "matched_span_ids",
     "parse_time",
+    "payload_matches",
     "resource_key",
     "rfc3339",
+    "span_hit_json",
     "span_json",
     "summary_cache_text",
     "trace_json",
@@ -93,8 +115,51 @@ class TraceFilter:
     min_duration_ns: int | None = None
     status: str | None = None
     """``"error"``: traces with an ERROR span; ``"ok"``: traces without one."""
+    tags: list[tuple[str, str]] = field(default_factory=list)
+    """``(tag, value text)``: a resource attribute ``roark.project.tag.TAG`` of the trace."""
     limit: int = DEFAULT_LIMIT
     cursor: str | None = None
+
+    @property
+    def span_conditions(self) -> bool:
+        """Whether some condition is met by particular spans (``matched_spans``)."""
+        return bool(self.name or self.name_contains or self.attributes)
+
+
+@dataclass
+class SpanFilter:
+    """Span search: a span matches when it meets *every* condition itself."""
+
+    start_ns: int | None = None
+    end_ns: int | None = None
+    name: str | None = None
+    """Case-insensitive substring of the span's name."""
+    service: str | None = None
+    """Case-insensitive substring of the ``service.name`` of the span's resource."""
+    attributes: list[tuple[str, str]] = field(default_factory=list)
+    """``(key, value text)``: an attribute of the span or of its resource."""
+    tags: list[tuple[str, str]] = field(default_factory=list)
+    """``(tag, value text)``: resource attribute ``roark.project.tag.TAG`` of the span."""
+    min_duration_ns: int | None = None
+    status: str | None = None
+    """``"error"``: status ERROR; ``"ok"``: any other status."""
+    limit: int = DEFAULT_LIMIT
+    cursor: str | None = None
+
+    def resource_conditions(self) -> list[tuple[str, str]]:
+        return [(TAG_PREFIX + k, v) for k, v in self.tags]
+
+
+CALL_SORTS = {
+    "start": None,
+    "worst_turn": "worst_e2e_ms",
+    "median_turn": "median_e2e_ms",
+    "e2e_p95": "p95_e2e_ms",
+    "errors": "errors",
+    "duration": None,
+}
+"""``sort`` values of the calls list: the start (newest first, the default), the
+duration, or a field of the cached summary's ``totals`` (largest first)."""
 
 
 @dataclass
@@ -105,14 +170,63 @@ class CallFilter:
     """``(key, value text)`` pairs, each met by a span or resource attribute of the call."""
     tags: list[tuple[str, str]] = field(default_factory=list)
     """``(tag, value text)``: resource attribute ``roark.project.tag.TAG`` equals value."""
+    sort: str = "start"
+    """One of ``CALL_SORTS``: newest first, or the largest value first (nulls last)."""
+    min_worst_turn_ms: float | None = None
+    min_median_turn_ms: float | None = None
+    min_e2e_p95_ms: float | None = None
+    min_errors: int | None = None
+    min_duration_ns: int | None = None
     limit: int = DEFAULT_LIMIT
     cursor: str | None = None
+
+    @property
+    def needs_summaries(self) -> bool:
+        """Whether the statement reads the summary cache (it must be current first)."""
+        return CALL_SORTS.get(self.sort) is not None or any(
+            v is not None
+            for v in (
+                self.min_worst_turn_ms,
+                self.min_median_turn_ms,
+                self.min_e2e_p95_ms,
+                self.min_errors,
+            )
+        )
+
+    def summary_minimums(self) -> list[tuple[str, float]]:
+        """``(totals field, minimum)`` of each summary filter given."""
+        pairs = [
+            ("worst_e2e_ms", self.min_worst_turn_ms),
+            ("median_e2e_ms", self.min_median_turn_ms),
+            ("p95_e2e_ms", self.min_e2e_p95_ms),
+            ("errors", self.min_errors),
+        ]
+        return [(name, float(value)) for name, value in pairs if value is not None]
+
+
+MAX_SUMMARY_REFRESH = 1000
+"""Stale or missing turn summaries one sorted, filtered or stats query recomputes at
+most (a few seconds of work); the rest are counted as ``pending_summaries``, and each
+such query recomputes the next ones, so a cold range of many calls fills in over a few
+queries instead of holding one for minutes."""
 
 
 @dataclass
 class Page:
     items: list[dict[str, Any]]
     next_cursor: str | None
+    pending_summaries: int = 0
+    """Calls of the range whose turn summary was stale or missing and not recomputed
+    by this query (``MAX_SUMMARY_REFRESH``): they are left out or show older numbers."""
+
+
+@dataclass
+class CallSummaries:
+    """``QueryStore.summaries``: the calls of a range with their current summaries."""
+
+    calls: list[dict[str, Any]]
+    pending: int
+    """Calls left out: their summary was stale or missing and not recomputed now."""
 
 
 class QueryStore(Protocol):
@@ -133,6 +247,19 @@ class QueryStore(Protocol):
 
     async def trace(self, project: str, trace_id: bytes) -> dict[str, Any] | None:
         """``{"trace", "spans", "resources"}`` of one trace, or None."""
+        ...
+
+    async def spans(self, project: str, query: SpanFilter) -> Page:
+        """Spans matching ``query`` (``span_hit_json``), newest trace first, then in start
+        order within a trace."""
+        ...
+
+    async def summaries(
+        self, project: str, start_ns: int | None, end_ns: int | None
+    ) -> CallSummaries:
+        """The current cached summary (``summary_cache_text``) of every call starting in
+        ``[start_ns, end_ns)``, with ``call_id``, ``start_ns``, ``service`` and ``tags``
+        (up to ``MAX_SUMMARY_REFRESH`` stale ones recomputed, the rest left out)."""
         ...
 
 
@@ -218,6 +345,80 @@ def decode_trace_cursor(token: str) -> tuple[int, bytes]:
     return start, trace_id
 
 
+def encode_span_cursor(trace_start: int, trace_id: bytes, start: int, span_id: bytes) -> str:
+    """The page token after a span, in span search order."""
+    return encode_cursor([trace_start, trace_id.hex(), start, span_id.hex()])
+
+
+def decode_span_cursor(token: str) -> tuple[int, bytes, int, bytes]:
+    """``(trace start, trace id, span start, span id)`` of a span search cursor."""
+    trace_start, trace_hex, start, span_hex = decode_cursor(token, (int, str, int, str))
+    try:
+        return trace_start, bytes.fromhex(trace_hex), start, bytes.fromhex(span_hex)
+    except ValueError:
+        raise QueryError("cursor: not a cursor this API returned") from None
+
+
+def payload_matches(
+    payload: bytes, resource: dict[str, Any], attributes: list[tuple[str, str]]
+) -> bool:
+    """Whether each ``(key, text)`` is an attribute of the span (its stored protobuf
+    bytes) or of its ``resource``, compared as the search index keeps values
+    (``attribute_text``); only the attributes the conditions name are converted."""
+    if not attributes:
+        return True
+    from collector.storage import attribute_text
+
+    for key, text in attributes:
+        # A key absent from the bytes is no attribute of the span: skip the parse.
+        if key.encode() not in payload and not (
+            key in resource and attribute_text(resource[key]) == text
+        ):
+            return False
+    wanted = {key for key, _ in attributes}
+    found = {
+        kv.key: any_value_to_python(kv.value)
+        for kv in Span.FromString(payload).attributes
+        if kv.key in wanted
+    }
+    return all(
+        (key in found and attribute_text(found[key]) == text)
+        or (key in resource and attribute_text(resource[key]) == text)
+        for key, text in attributes
+    )
+
+
+def matched_span_ids(rows: list[Any], query: TraceFilter) -> list[str]:
+    """Ids (hex) of the spans among ``rows`` (``span_id, name, span bytes``) meeting one
+    of the span conditions of ``query``: its name, or one attribute of its own."""
+    matched = []
+    for span_id, name, payload in rows:
+        by_name = (query.name is not None and name == query.name) or (
+            query.name_contains is not None and query.name_contains.lower() in name.lower()
+        )
+        if by_name or any(payload_matches(payload, {}, [pair]) for pair in query.attributes):
+            matched.append(bytes(span_id).hex())
+    return matched
+
+
+def span_hit_json(
+    span: dict[str, Any], service: str | None, trace_row: tuple[Any, ...]
+) -> dict[str, Any]:
+    """A span search result: the span (without children), its service and its trace
+    (``trace_id, start_ns, root_name, duration_ns``)."""
+    trace_id, trace_start, root_name, duration = trace_row
+    hit = dict(span)
+    hit.pop("children", None)
+    hit["service"] = service
+    hit["trace"] = {
+        "trace_id": trace_id.hex(),
+        "start": rfc3339(trace_start),
+        "root_name": root_name,
+        "duration_ms": round(duration / 1e6, 3),
+    }
+    return hit
+
+
 # -- trees --------------------------------------------------------------------------
 
 
@@ -292,7 +493,7 @@ def _placeholder(trace_id: str, span_id: str) -> dict[str, Any]:
 #   call:  call_id, room_id, source, room_name, service, start_ns, end_ns, tags (JSON
 #          text), ... (the summary cache columns follow; call_json ignores them)
 
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 """Bumped when the cached summary's shape changes, so old caches are recomputed."""
 
 
@@ -373,6 +574,7 @@ def trace_json(row: Any, span_count: int) -> dict[str, Any]:
         "root_span_id": root_span_id.hex() if root_span_id else None,
         "has_error": bool(has_error),
         "span_count": span_count,
+        "matched_spans": [],
     }
 
 
@@ -394,18 +596,54 @@ def call_json(row: Any, summary: dict[str, Any], span_count: int) -> dict[str, A
         "turn_count": totals["turn_count"],
         "median_turn_ms": totals["median_e2e_ms"],
         "worst_turn_ms": totals["worst_e2e_ms"],
+        "e2e_p95_ms": totals["p95_e2e_ms"],
         "tool_calls": totals["tool_calls"],
+        "tool_failures": totals["tool_failures"],
         "error_count": totals["errors"],
         "span_count": span_count,
         "tags": jsonable(json.loads(tags)) if tags else {},
     }
 
 
+TURN_COMPONENTS = (
+    "e2e_ms",
+    "end_of_turn_ms",
+    "stt_ms",
+    "llm_ttft_ms",
+    "answer_wait_ms",
+    "tts_ttfb_ms",
+    "tool_ms",
+)
+"""The turn latencies the summary cache keeps per turn (and ``stats/turns`` reports)."""
+
+
 def summary_cache_text(summary: dict[str, Any]) -> str:
-    """What ``calls.summary`` keeps of a summary: what the calls list shows."""
-    cached = {"version": SUMMARY_VERSION, "framework": summary["framework"]}
+    """What ``calls.summary`` keeps of a summary: what the calls list shows and the
+    turns' latency components (``turns``: one list in ``TURN_COMPONENTS`` order each)."""
+    cached: dict[str, Any] = {"version": SUMMARY_VERSION, "framework": summary["framework"]}
     cached["totals"] = summary["totals"]
+    cached["turns"] = [[t.get(c) for c in TURN_COMPONENTS] for t in summary["turns"]]
     return json.dumps(cached, separators=(",", ":"))
+
+
+class ParsedSummaries:
+    """Cached summaries already parsed, by key, reused while their text is unchanged
+    (a trends query reads every call of its range; most have not changed since the
+    last one). Holds at most ``size`` entries, dropping the oldest."""
+
+    def __init__(self, size: int = 50_000):
+        self.size = size
+        self._parsed: dict[Any, tuple[str, dict[str, Any]]] = {}
+
+    def parse(self, key: Any, text: str) -> dict[str, Any]:
+        found = self._parsed.get(key)
+        if found is not None and found[0] == text:
+            return found[1]
+        parsed: dict[str, Any] = json.loads(text)
+        self._parsed[key] = (text, parsed)
+        if len(self._parsed) > self.size:
+            self._parsed.pop(next(iter(self._parsed)), None)
+        return parsed
 
 
 def cached_summary(

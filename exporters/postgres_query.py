@@ -15,6 +15,12 @@ connections. Every statement is scoped to a project and walks an index (the test
   ``trace_attrs`` (project, key, value) for ``attr.*``, ``spans_by_name_trace`` for
   names, ``span_names`` for name substrings;
 - one call / one trace: ``spans_by_call`` / the spans primary key; resources by digest.
+- span search: traces newest first from ``traces_by_start`` (narrowed like trace
+  search), each one's spans by the spans primary key, a chunk of candidates at a time;
+  attribute conditions are checked on each candidate's stored bytes;
+- calls sorted or filtered by turn latency: the range sorted by a field of the summary
+  cache (``summary::jsonb``), after one statement found the range's stale summaries
+  and they were recomputed.
 
 Attributes, events and links are decoded from each span's stored protobuf bytes, off the
 event loop. A server that cannot be reached answers ``StorageUnavailableError`` (503).
@@ -33,18 +39,29 @@ from typing import Any
 import asyncpg
 
 from collector.query import (
+    CALL_SORTS,
+    MAX_SUMMARY_REFRESH,
+    SUMMARY_VERSION,
     TAG_PREFIX,
     CallFilter,
+    CallSummaries,
     Page,
+    ParsedSummaries,
+    SpanFilter,
     StorageUnavailableError,
     TraceFilter,
     cached_summary,
     call_json,
     decode_cursor,
+    decode_span_cursor,
     decode_trace_cursor,
     encode_cursor,
+    encode_span_cursor,
     jsonable,
+    matched_span_ids,
+    payload_matches,
     resource_key,
+    span_hit_json,
     span_json,
     summary_cache_text,
     trace_json,
@@ -53,7 +70,7 @@ from collector.turns import summarize_call
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PostgresQueryStore", "calls_sql", "traces_sql"]
+__all__ = ["PostgresQueryStore", "calls_sql", "spans_sql", "traces_sql"]
 
 _SPAN_COLUMNS = (
     "s.trace_id, s.span_id, s.parent_span_id, s.name, s.start_ns, s.end_ns, s.status_code,"
@@ -90,6 +107,7 @@ class PostgresQueryStore:
         self._pool: asyncpg.Pool | None = None
         self._pool_lock: asyncio.Lock | None = None
         self._closed = False
+        self._parsed = ParsedSummaries()
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -212,7 +230,13 @@ class PostgresQueryStore:
 
     async def calls(self, project: str, query: CallFilter) -> Page:
         sql, args = calls_sql(self.schema, project, query)
+        pending = 0
         async with self._connection() as conn:
+            if query.needs_summaries:
+                _fresh, stale = await self._refresh_summaries(
+                    conn, project, query.start_ns, query.end_ns
+                )
+                pending = len(stale)
             rows = await conn.fetch(sql, *args)
             more = len(rows) > query.limit
             rows = rows[: query.limit]
@@ -238,8 +262,86 @@ class PostgresQueryStore:
                 known.update(fresh)
         items = [call_json(row, *known[row["call_id"]]) for row in rows]
         last = rows[-1] if more and rows else None
-        cursor = encode_cursor([last["start_ns"], last["call_id"]]) if last else None
-        return Page(items, cursor)
+        cursor = None
+        if last is not None and query.sort == "start":
+            cursor = encode_cursor([last["start_ns"], last["call_id"]])
+        elif last is not None:
+            cursor = encode_cursor([float(last["sort_key"]), last["call_id"]])
+        return Page(items, cursor, pending)
+
+    async def summaries(
+        self, project: str, start_ns: int | None, end_ns: int | None
+    ) -> CallSummaries:
+        async with self._connection() as conn:
+            return await self._current_summaries(conn, project, start_ns, end_ns)
+
+    async def _refresh_summaries(
+        self, conn: asyncpg.Connection, project: str, start_ns: int | None, end_ns: int | None
+    ) -> tuple[dict[str, dict[str, Any]], set[str]]:
+        """Recompute (and write back) the cached summaries of the range's calls that are
+        missing, of another version or made from another number of spans, found in one
+        statement, newest first, up to ``MAX_SUMMARY_REFRESH``; returns them (as cached)
+        by call id, and the ids of the stale calls left."""
+        s, arg = self.schema, _Args()
+        p = arg(project)
+        sql = [
+            f"SELECT c.call_id FROM {s}.calls c WHERE c.project = {p} AND c.start_ns IS NOT NULL",
+            "AND (c.summary IS NULL OR c.summary_spans IS NULL",
+            f" OR (c.summary::jsonb ->> 'version') IS DISTINCT FROM {arg(str(SUMMARY_VERSION))}",
+            f" OR c.summary_spans <> (SELECT count(*) FROM {s}.spans s WHERE s.project = c.project"
+            f" AND {_in_calls(s, 'c.project', '= c.call_id')}))",
+        ]
+        if start_ns is not None:
+            sql.append(f"AND c.start_ns >= {arg(start_ns)}")
+        if end_ns is not None:
+            sql.append(f"AND c.start_ns < {arg(end_ns)}")
+        sql.append("ORDER BY c.start_ns DESC, c.call_id")
+        found = [row["call_id"] for row in await conn.fetch(" ".join(sql), *arg.values)]
+        stale, left = found[:MAX_SUMMARY_REFRESH], set(found[MAX_SUMMARY_REFRESH:])
+        current: dict[str, dict[str, Any]] = {}
+        for first in range(0, len(stale), _SUMMARY_CHUNK):
+            chunk = stale[first : first + _SUMMARY_CHUNK]
+            span_rows = await self._spans(
+                conn,
+                f"s.project = $1 AND {_in_calls(s, '$1', '= ANY($2::text[])')}",
+                project,
+                chunk,
+            )
+            fresh = await asyncio.to_thread(_summaries, chunk, span_rows)
+            await self._store_summaries(conn, project, fresh)
+            for call_id, (summary, _count) in fresh.items():
+                current[call_id] = json.loads(summary_cache_text(summary))
+        return current, left
+
+    async def _current_summaries(
+        self, conn: asyncpg.Connection, project: str, start_ns: int | None, end_ns: int | None
+    ) -> CallSummaries:
+        """Every call starting in the range with its current summary."""
+        fresh, left = await self._refresh_summaries(conn, project, start_ns, end_ns)
+        s, arg = self.schema, _Args()
+        p = arg(project)
+        sql = [
+            "SELECT c.call_id, c.start_ns, c.service, c.tags::text AS tags, c.summary"
+            f" FROM {s}.calls c WHERE c.project = {p} AND c.start_ns IS NOT NULL"
+        ]
+        if start_ns is not None:
+            sql.append(f"AND c.start_ns >= {arg(start_ns)}")
+        if end_ns is not None:
+            sql.append(f"AND c.start_ns < {arg(end_ns)}")
+        rows = await conn.fetch(" ".join(sql), *arg.values)
+        calls = [
+            {
+                "call_id": row["call_id"],
+                "start_ns": row["start_ns"],
+                "service": row["service"],
+                "tags": jsonable(json.loads(row["tags"])) if row["tags"] else {},
+                "summary": fresh.get(row["call_id"])
+                or self._parsed.parse((project, row["call_id"]), row["summary"]),
+            }
+            for row in rows
+            if row["call_id"] not in left
+        ]
+        return CallSummaries(calls, len(left))
 
     async def call(self, project: str, call_id: str) -> dict[str, Any] | None:
         s = self.schema
@@ -274,12 +376,65 @@ class PostgresQueryStore:
         sql, args = traces_sql(self.schema, project, query)
         async with self._connection() as conn:
             rows = await conn.fetch(sql, *args)
-        more = len(rows) > query.limit
-        rows = rows[: query.limit]
-        items = [trace_json(tuple(row)[:9], row["span_count"]) for row in rows]
+            more = len(rows) > query.limit
+            rows = rows[: query.limit]
+            items = [trace_json(tuple(row)[:9], row["span_count"]) for row in rows]
+            for item, row in zip(items, rows, strict=True):
+                item["matched_spans"] = await self._matched_spans(
+                    conn, project, row["trace_id"], query
+                )
         last = rows[-1] if more and rows else None
         cursor = encode_cursor([last["start_ns"], last["trace_id"].hex()]) if last else None
         return Page(items, cursor)
+
+    async def _matched_spans(
+        self, conn: asyncpg.Connection, project: str, trace_id: bytes, query: TraceFilter
+    ) -> list[str]:
+        """Ids of the trace's spans meeting one of the span conditions of ``query``."""
+        if not query.span_conditions:
+            return []
+        where, args = "s.project = $1 AND s.trace_id = $2", [project, trace_id]
+        if not query.attributes:  # else every span is a candidate
+            names = []
+            if query.name is not None:
+                args.append(query.name)
+                names.append(f"s.name = ${len(args)}")
+            if query.name_contains is not None:
+                args.append(query.name_contains)
+                names.append(f"strpos(lower(s.name), lower(${len(args)})) > 0")
+            where += f" AND ({' OR '.join(names)})"
+        rows = await conn.fetch(
+            f"SELECT s.span_id, s.name, s.span FROM {self.schema}.spans s WHERE {where}"
+            " ORDER BY s.start_ns, s.span_id",
+            *args,
+        )
+        return await asyncio.to_thread(matched_span_ids, [tuple(r) for r in rows], query)
+
+    # -- span search ------------------------------------------------------------------
+
+    async def spans(self, project: str, query: SpanFilter) -> Page:
+        """Walks the candidate spans in result order a chunk at a time (each four times
+        the last), keeping those whose attributes match (attributes live in the span's
+        protobuf bytes)."""
+        position = decode_span_cursor(query.cursor) if query.cursor else None
+        chunk = max(query.limit + 1, 256)
+        resources: dict[bytes, dict[str, Any]] = {}
+        hits: list[tuple[dict[str, Any], tuple[int, bytes, int, bytes]]] = []
+        async with self._connection() as conn:
+            while len(hits) <= query.limit:
+                sql, args = spans_sql(self.schema, project, query, position, chunk)
+                rows = await conn.fetch(sql, *args)
+                found, position = await asyncio.to_thread(
+                    _span_hits, rows, query, resources, query.limit + 1 - len(hits)
+                )
+                hits += found
+                if len(rows) < chunk:
+                    break
+                chunk *= 4  # few hits so far: read further ahead each round
+        more = len(hits) > query.limit
+        hits = hits[: query.limit]
+        cursor = encode_span_cursor(*hits[-1][1]) if more and hits else None
+        return Page([hit for hit, _ in hits], cursor)
 
     async def trace(self, project: str, trace_id: bytes) -> dict[str, Any] | None:
         s = self.schema
@@ -331,6 +486,37 @@ def _summaries(
     return {call_id: (summarize_call(found), len(found)) for call_id, found in spans.items()}
 
 
+def _span_hits(
+    rows: list[asyncpg.Record],
+    query: SpanFilter,
+    resources: dict[bytes, dict[str, Any]],
+    wanted: int,
+) -> tuple[list[tuple[dict[str, Any], tuple[int, bytes, int, bytes]]], Any]:
+    """The rows that match, up to ``wanted``, and the position after the last row read."""
+    from collector.storage import attribute_text
+
+    hits: list[tuple[dict[str, Any], tuple[int, bytes, int, bytes]]] = []
+    position = None
+    for row in rows:
+        values = tuple(row)
+        service, digest, attributes = values[4], values[5], values[6]
+        span_row = values[7:]
+        position = (values[1], bytes(values[0]), span_row[4], bytes(span_row[1]))
+        key = bytes(digest)
+        if key not in resources:
+            resources[key] = json.loads(attributes) if attributes else {}
+        resource = resources[key]
+        if not all(attribute_text(resource.get(k)) == v for k, v in query.resource_conditions()):
+            continue
+        if not payload_matches(bytes(span_row[11]), resource, query.attributes):
+            continue
+        span = span_json(span_row)
+        hits.append((span_hit_json(span, service, (bytes(values[0]), *values[1:4])), position))
+        if len(hits) >= wanted:
+            break
+    return hits, position
+
+
 # -- statements -----------------------------------------------------------------------
 
 
@@ -355,24 +541,44 @@ class _Args:
         return f"${len(self.values)}"
 
 
+def _call_sort_key(sort: str) -> str:
+    """The expression the calls list orders by for ``sort`` (never null: -1 for none)."""
+    field = CALL_SORTS[sort]
+    if field is not None:
+        return f"coalesce((c.summary::jsonb #>> '{{totals,{field}}}')::float8, -1)"
+    return "coalesce((c.end_ns - c.start_ns)::float8, -1)"
+
+
 def calls_sql(schema: str, project: str, query: CallFilter) -> tuple[str, list[Any]]:
-    """The calls list statement: a range scan of ``calls_by_start``, with span counts."""
+    """The calls list statement: a range scan of ``calls_by_start``, with span counts;
+    sorted by a summary field or the duration, every call of the range is read and
+    sorted."""
     s, arg = schema, _Args()
     p = arg(project)
+    sort_key = None if query.sort == "start" else _call_sort_key(query.sort)
+    sort_column = "" if sort_key is None else f", {sort_key} AS sort_key"
     sql = [
         f"SELECT {_CALL_COLUMNS}, (SELECT count(*) FROM {s}.spans s"
         f" WHERE s.project = c.project AND {_in_calls(s, 'c.project', '= c.call_id')})"
-        " AS span_count"
+        f" AS span_count{sort_column}"
         f" FROM {s}.calls c WHERE c.project = {p} AND c.start_ns IS NOT NULL"
     ]
+    for field, minimum in query.summary_minimums():
+        sql.append(f"AND (c.summary::jsonb #>> '{{totals,{field}}}')::float8 >= {arg(minimum)}")
+    if query.min_duration_ns is not None:
+        sql.append(f"AND c.end_ns - c.start_ns >= {arg(query.min_duration_ns)}")
     if query.start_ns is not None:
         sql.append(f"AND c.start_ns >= {arg(query.start_ns)}")
     if query.end_ns is not None:
         sql.append(f"AND c.start_ns < {arg(query.end_ns)}")
-    if query.cursor is not None:
+    if query.cursor is not None and sort_key is None:
         start, call_id = decode_cursor(query.cursor, (int, str))
         at = arg(start)
         sql.append(f"AND c.start_ns <= {at} AND (c.start_ns < {at} OR c.call_id > {arg(call_id)})")
+    elif query.cursor is not None:
+        value, call_id = decode_cursor(query.cursor, (float, str))
+        at = arg(value)
+        sql.append(f"AND ({sort_key} < {at} OR ({sort_key} = {at} AND c.call_id > {arg(call_id)}))")
     conditions = [*query.attributes, *((TAG_PREFIX + k, v) for k, v in query.tags)]
     for key, value in conditions:
         sql.append(
@@ -380,7 +586,8 @@ def calls_sql(schema: str, project: str, query: CallFilter) -> tuple[str, list[A
             " ON t.project = a.project AND t.trace_id = a.trace_id"
             f" WHERE a.project = {p} AND a.key = {arg(key)} AND a.value = {arg(value)})"
         )
-    sql.append(f"ORDER BY c.start_ns DESC, c.call_id LIMIT {arg(query.limit + 1)}")
+    order = "c.start_ns DESC" if sort_key is None else "sort_key DESC"
+    sql.append(f"ORDER BY {order}, c.call_id LIMIT {arg(query.limit + 1)}")
     return " ".join(sql), arg.values
 
 
@@ -405,7 +612,7 @@ def traces_sql(schema: str, project: str, query: TraceFilter) -> tuple[str, list
             f"AND t.start_ns <= {at} AND (t.start_ns < {at} OR t.trace_id > {arg(trace_id)})"
         )
     if query.service is not None:
-        sql.append(f"AND t.service = {arg(query.service)}")
+        sql.append(f"AND strpos(lower(t.service), lower({arg(query.service)})) > 0")
     if query.min_duration_ns is not None:
         sql.append(f"AND t.duration_ns >= {arg(query.min_duration_ns)}")
     if query.status is not None:
@@ -421,10 +628,69 @@ def traces_sql(schema: str, project: str, query: TraceFilter) -> tuple[str, list
             f" AND n.name IN (SELECT sn.name FROM {s}.span_names sn WHERE sn.project = {p}"
             f" AND strpos(lower(sn.name), lower({arg(query.name_contains)})) > 0))"
         )
-    for key, value in query.attributes:
+    for key, value in [*query.attributes, *((TAG_PREFIX + k, v) for k, v in query.tags)]:
         sql.append(
             f"AND t.trace_id IN (SELECT a.trace_id FROM {s}.trace_attrs a"
             f" WHERE a.project = {p} AND a.key = {arg(key)} AND a.value = {arg(value)})"
         )
     sql.append(f"ORDER BY t.start_ns DESC, t.trace_id LIMIT {arg(query.limit + 1)}")
+    return " ".join(sql), arg.values
+
+
+def spans_sql(
+    schema: str,
+    project: str,
+    query: SpanFilter,
+    after: tuple[int, bytes, int, bytes] | None,
+    limit: int,
+) -> tuple[str, list[Any]]:
+    """Span search candidates in result order (trace start descending, trace id, span
+    start, span id): ``traces_by_start``, each trace's spans by the spans primary key;
+    the column conditions here, attribute conditions narrowed to traces holding the
+    attribute (``trace_attrs``) and checked on each span by the caller."""
+    s, arg = schema, _Args()
+    p = arg(project)
+    sql = [
+        "SELECT t.trace_id, t.start_ns, t.root_name, t.duration_ns, r.service,"
+        f" s.resource_digest, r.attributes::text, {_SPAN_COLUMNS}"
+        f" FROM {s}.traces t JOIN {s}.spans s"
+        " ON s.project = t.project AND s.trace_id = t.trace_id"
+        f" LEFT JOIN {s}.scopes sc ON sc.digest = s.scope_digest"
+        f" LEFT JOIN {s}.resources r ON r.digest = s.resource_digest"
+        f" WHERE t.project = {p}"
+    ]
+    if query.start_ns is not None:
+        at = arg(query.start_ns)
+        sql.append(f"AND t.end_ns >= {at} AND s.start_ns >= {at}")
+    if query.end_ns is not None:
+        at = arg(query.end_ns)
+        sql.append(f"AND t.start_ns < {at} AND s.start_ns < {at}")
+    if after is not None:
+        trace_start, trace_id, start, span_id = after
+        ts, ti, ss, si = arg(trace_start), arg(trace_id), arg(start), arg(span_id)
+        sql.append(
+            f"AND (t.start_ns < {ts} OR (t.start_ns = {ts} AND (t.trace_id > {ti}"
+            f" OR (t.trace_id = {ti} AND (s.start_ns > {ss}"
+            f" OR (s.start_ns = {ss} AND s.span_id > {si}))))))"
+        )
+    if query.name is not None:
+        name = arg(query.name)
+        sql.append(
+            f"AND t.trace_id IN (SELECT n.trace_id FROM {s}.spans n WHERE n.project = {p}"
+            f" AND n.name IN (SELECT sn.name FROM {s}.span_names sn WHERE sn.project = {p}"
+            f" AND strpos(lower(sn.name), lower({name})) > 0))"
+            f" AND strpos(lower(s.name), lower({name})) > 0"
+        )
+    if query.service is not None:
+        sql.append(f"AND strpos(lower(r.service), lower({arg(query.service)})) > 0")
+    if query.min_duration_ns is not None:
+        sql.append(f"AND s.duration_ns >= {arg(query.min_duration_ns)}")
+    if query.status is not None:
+        sql.append("AND s.status_code = 2" if query.status == "error" else "AND s.status_code <> 2")
+    for key, value in [*query.attributes, *query.resource_conditions()]:
+        sql.append(
+            f"AND t.trace_id IN (SELECT a.trace_id FROM {s}.trace_attrs a"
+            f" WHERE a.project = {p} AND a.key = {arg(key)} AND a.value = {arg(value)})"
+        )
+    sql.append(f"ORDER BY t.start_ns DESC, t.trace_id, s.start_ns, s.span_id LIMIT {arg(limit)}")
     return " ".join(sql), arg.values

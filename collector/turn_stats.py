@@ -1,0 +1,114 @@
+"""Turn latency trends: percentiles and counts per time bucket and group.
+
+``turn_stats`` reads the calls' cached summaries (``collector/query.py``
+``summary_cache_text``: each call's totals and its turns' latency components) and
+answers ``GET /api/v1/stats/turns``. A call falls in the bucket of its start time and
+brings all its turns with it; every bucket of the range is listed, an empty one with no
+groups, so a chart draws one point per bucket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from collector.query import TURN_COMPONENTS, QueryError, rfc3339
+from collector.storage import attribute_text
+from collector.turns import percentile
+
+__all__ = ["GROUPINGS", "MAX_BUCKETS", "parse_group_by", "turn_stats"]
+
+MAX_BUCKETS = 1000
+GROUPINGS = ("service", "model", "tag.KEY")
+
+
+def parse_group_by(text: str | None) -> str | None:
+    """``service``, ``model`` or ``tag.KEY``; QueryError for anything else."""
+    if text is None or text in ("service", "model"):
+        return text
+    if text.startswith("tag.") and len(text) > len("tag."):
+        return text
+    raise QueryError(f"group_by: expected service, model or tag.KEY, got {text!r}")
+
+
+def _group_of(call: dict[str, Any], group_by: str | None) -> str | None:
+    if group_by is None:
+        return None
+    if group_by == "service":
+        return call["service"]
+    if group_by == "model":
+        return call["summary"]["totals"].get("llm_model")
+    value = call["tags"].get(group_by[len("tag.") :])
+    return None if value is None else attribute_text(value)
+
+
+def turn_stats(
+    calls: list[dict[str, Any]],
+    *,
+    start_ns: int,
+    end_ns: int,
+    step_ns: int,
+    group_by: str | None,
+    tags: list[tuple[str, str]],
+) -> dict[str, Any]:
+    """The ``stats/turns`` answer for ``calls`` (``QueryStore.summaries`` items) in
+    ``[start_ns, end_ns)``, bucketed by ``step_ns``, keeping calls with every tag."""
+    count = -(-(end_ns - start_ns) // step_ns)
+    if count > MAX_BUCKETS:
+        raise QueryError(
+            f"step: {count} buckets from start to end, at most {MAX_BUCKETS}: take a longer step"
+        )
+    grouped: list[dict[str | None, list[dict[str, Any]]]] = [{} for _ in range(count)]
+    for call in calls:
+        if not start_ns <= call["start_ns"] < end_ns:
+            continue
+        if any(attribute_text(call["tags"].get(k)) != v for k, v in tags):
+            continue
+        index = (call["start_ns"] - start_ns) // step_ns
+        grouped[index].setdefault(_group_of(call, group_by), []).append(call)
+    buckets = []
+    for index, groups in enumerate(grouped):
+        bucket_start = start_ns + index * step_ns
+        buckets.append(
+            {
+                "start": rfc3339(bucket_start),
+                "start_ns": bucket_start,
+                "groups": [
+                    _group_stats(group, members)
+                    for group, members in sorted(groups.items(), key=lambda g: str(g[0]))
+                ],
+            }
+        )
+    return {
+        "start": rfc3339(start_ns),
+        "end": rfc3339(end_ns),
+        "step_ms": step_ns / 1e6,
+        "group_by": group_by,
+        "components": list(TURN_COMPONENTS),
+        "buckets": buckets,
+    }
+
+
+def _group_stats(group: str | None, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    turns = [turn for call in calls for turn in call["summary"].get("turns", [])]
+    latency = {}
+    for position, component in enumerate(TURN_COMPONENTS):
+        values = [
+            float(turn[position])
+            for turn in turns
+            if len(turn) > position and isinstance(turn[position], int | float)
+        ]
+        latency[component] = {
+            "count": len(values),
+            "p50": percentile(values, 0.50),
+            "p95": percentile(values, 0.95),
+            "p99": percentile(values, 0.99),
+        }
+    totals = [call["summary"]["totals"] for call in calls]
+    return {
+        "group": group,
+        "calls": len(calls),
+        "turns": len(turns),
+        "errors": sum(int(t.get("errors") or 0) for t in totals),
+        "tool_failures": sum(int(t.get("tool_failures") or 0) for t in totals),
+        "latency": latency,
+    }
