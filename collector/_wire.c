@@ -2174,10 +2174,14 @@ json_to_wire(PyObject *self, PyObject *args)
  * executemany binds each row's values from Python objects (for span rows, objects that
  * build_rows made first: ~3 us a span holding the GIL, which the event loop waits for),
  * and lets go of the GIL around every row's step: each time, taking it back waits for
- * the event loop's turn to end. Here the rows go into the writer's SQLite connection in
- * C, span rows from the payload itself, with the GIL let go of once a batch. SQLite's functions are looked up in the library Python's own sqlite3 module
- * uses (load_sqlite), so both work on one copy of SQLite and one connection; nothing is
- * linked at build time, and without them storage takes the executemany path. */
+ * the event loop's turn to end. Here the rows go into SQLite in C, span rows from the
+ * payload itself, with the GIL let go of once a batch, on a handle of the writer's own
+ * (SQLiteHandle: sqlite3_open_v2 on the file; WAL lets it beside Python's connections).
+ * SQLite's functions are looked up in the library Python's own sqlite3 module is linked
+ * to (load_sqlite): one copy of SQLite in the process, whose POSIX file locks then know
+ * of every connection to a file (two copies would each drop the other's locks). Nothing
+ * of Python's sqlite3 objects is read, and nothing is linked at build time; without
+ * SQLite's functions storage takes the executemany path. */
 
 typedef struct sqlite3 sqlite3;
 typedef struct sqlite3_stmt sqlite3_stmt;
@@ -2202,6 +2206,8 @@ static struct {
     const char *(*errmsg)(sqlite3 *);
     int (*get_autocommit)(sqlite3 *);
     const char *(*db_filename)(sqlite3 *, const char *);
+    int (*open_v2)(const char *, sqlite3 **, int, const char *);
+    int (*close)(sqlite3 *);
 } sq;
 static int sqlite_loaded;
 
@@ -2210,7 +2216,8 @@ static int sqlite_loaded;
 PyDoc_STRVAR(load_sqlite_doc,
 "load_sqlite(module_file)\n--\n\n"
 "Look up SQLite's functions in the library that the extension module at module_file\n"
-"(_sqlite3's __file__) is linked to; True if all were found (execute_steps and execute_rows work).");
+"(_sqlite3's __file__, already loaded) is linked to; True if all were found (SQLiteHandle,\n"
+"execute_steps and execute_rows work). False for a file not loaded or without them.");
 
 static PyObject *
 load_sqlite(PyObject *self, PyObject *arg)
@@ -2241,48 +2248,181 @@ load_sqlite(PyObject *self, PyObject *arg)
         {(void **)&sq.errmsg, "sqlite3_errmsg"},
         {(void **)&sq.get_autocommit, "sqlite3_get_autocommit"},
         {(void **)&sq.db_filename, "sqlite3_db_filename"},
+        {(void **)&sq.open_v2, "sqlite3_open_v2"},
+        {(void **)&sq.close, "sqlite3_close"},
     };
-    int found = 1;
+    /* Into a copy first: a library without them leaves what an earlier call found. */
+    void *found[sizeof symbols / sizeof symbols[0]];
+    int all = 1;
     for (size_t i = 0; i < sizeof symbols / sizeof symbols[0]; i++)
-        if ((*symbols[i].slot = dlsym(handle, symbols[i].name)) == NULL)
-            found = 0;
+        if ((found[i] = dlsym(handle, symbols[i].name)) == NULL)
+            all = 0;
+    if (all && !sqlite_loaded) {
+        for (size_t i = 0; i < sizeof symbols / sizeof symbols[0]; i++)
+            *symbols[i].slot = found[i];
+        sqlite_loaded = 1;
+    }
     dlclose(handle); /* the module stays loaded: Python holds it */
-    sqlite_loaded = found;
-    return PyBool_FromLong(found);
+    return PyBool_FromLong(all);
 }
 
-/* The head of CPython's pysqlite_Connection (Modules/_sqlite/connection.h, 3.8-3.13):
- * its first field is the sqlite3 handle. writer_handle checks the type and the file name
- * before it uses it. */
+#define SQLITE_OPEN_READWRITE 0x00000002
+#define SQLITE_OPEN_NOMUTEX 0x00008000
+
+/* A SQLite connection of the extension's own: the writer's transactions run on it. */
 typedef struct {
     PyObject_HEAD
     sqlite3 *db;
-} ConnectionHead;
+    int busy; /* a call runs on it without the GIL: closing it now is refused */
+    PyObject *filename;
+} SQLiteHandle;
 
-/* The SQLite handle of connection, a connection_type (sqlite3.Connection) that must be
- * open on filename and inside a transaction; NULL with an exception set if not. */
-static sqlite3 *
-writer_handle(PyObject *connection, PyObject *connection_type, const char *filename)
+static PyTypeObject SQLiteHandleType;
+
+static int
+handle_init(SQLiteHandle *self, PyObject *args, PyObject *kwargs)
 {
+    static char *kwlist[] = {"filename", NULL};
+    PyObject *filename;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "U:SQLiteHandle", kwlist, &filename))
+        return -1;
     if (!sqlite_loaded) {
         PyErr_SetString(PyExc_RuntimeError, "load_sqlite() found no SQLite library");
+        return -1;
+    }
+    if (self->db != NULL || self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "the handle is open already");
+        return -1;
+    }
+    const char *path = PyUnicode_AsUTF8(filename);
+    if (path == NULL)
+        return -1;
+    if (path[0] == '\0' || strcmp(path, ":memory:") == 0) {
+        /* SQLite would open a database of the handle's own, not the caller's */
+        PyErr_SetString(PyExc_ValueError, "a handle is opened on a file");
+        return -1;
+    }
+    sqlite3 *db = NULL;
+    int rc;
+    /* An existing file only, read-write: Python's connection made it and its schema. The
+     * handle is used by one thread at a time (busy), as Python's connections are. */
+    Py_BEGIN_ALLOW_THREADS
+    rc = sq.open_v2(path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
+    Py_END_ALLOW_THREADS
+    if (rc != SQLITE_OK) {
+        PyErr_Format(PyExc_OSError, "cannot open %s: %s (%d)", path,
+                     db == NULL ? "out of memory" : sq.errmsg(db), rc);
+        if (db != NULL)
+            sq.close(db);
+        return -1;
+    }
+    self->db = db;
+    Py_XSETREF(self->filename, Py_NewRef(filename));
+    return 0;
+}
+
+static PyObject *
+handle_close(SQLiteHandle *self, PyObject *unused)
+{
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "the handle is in use");
         return NULL;
     }
-    if (!PyObject_TypeCheck(connection, (PyTypeObject *)connection_type)) {
-        PyErr_SetString(PyExc_TypeError, "connection is not of connection_type");
+    if (self->db != NULL) {
+        sqlite3 *db = self->db;
+        self->db = NULL;
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = sq.close(db); /* every statement is finalized by the call that made it */
+        Py_END_ALLOW_THREADS
+        (void)rc;
+    }
+    Py_RETURN_NONE;
+}
+
+static void
+handle_dealloc(SQLiteHandle *self)
+{
+    if (self->db != NULL)
+        sq.close(self->db);
+    Py_XDECREF(self->filename);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+handle_in_transaction(SQLiteHandle *self, void *closure)
+{
+    if (self->db == NULL)
+        Py_RETURN_FALSE;
+    return PyBool_FromLong(!sq.get_autocommit(self->db));
+}
+
+static PyObject *
+handle_filename(SQLiteHandle *self, void *closure)
+{
+    return Py_NewRef(self->filename ? self->filename : Py_None);
+}
+
+static PyMethodDef handle_methods[] = {
+    {"close", (PyCFunction)handle_close, METH_NOARGS,
+     "close()\n--\n\nClose the connection (again: nothing). RuntimeError while a call runs on it."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef handle_getset[] = {
+    {"in_transaction", (getter)handle_in_transaction, NULL,
+     "Whether a transaction is open on it.", NULL},
+    {"filename", (getter)handle_filename, NULL, "The file it was opened on.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyDoc_STRVAR(handle_doc,
+"SQLiteHandle(filename)\n--\n\n"
+"A read-write SQLite connection to the existing file filename, opened with\n"
+"sqlite3_open_v2 through the library load_sqlite found, for execute_rows and\n"
+"execute_steps. Its settings (PRAGMAs) are the caller's to run. OSError if SQLite\n"
+"cannot open the file, RuntimeError without load_sqlite. One thread at a time.");
+
+static PyTypeObject SQLiteHandleType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "collector._wire.SQLiteHandle",
+    .tp_basicsize = sizeof(SQLiteHandle),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = handle_doc,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)handle_init,
+    .tp_dealloc = (destructor)handle_dealloc,
+    .tp_methods = handle_methods,
+    .tp_getset = handle_getset,
+};
+
+/* The open SQLite connection of handle, an SQLiteHandle (its type checked), marked busy
+ * for the call (handle_release after); NULL with an exception set if not usable. */
+static sqlite3 *
+handle_acquire(PyObject *handle)
+{
+    if (!PyObject_TypeCheck(handle, &SQLiteHandleType)) {
+        PyErr_Format(PyExc_TypeError, "expected an SQLiteHandle, not %.100s",
+                     Py_TYPE(handle)->tp_name);
         return NULL;
     }
-    sqlite3 *db = ((ConnectionHead *)connection)->db;
-    const char *open_on = db == NULL ? NULL : sq.db_filename(db, "main");
-    if (open_on == NULL || strcmp(open_on, filename) != 0) {
-        PyErr_Format(PyExc_ValueError, "the connection is not open on %s", filename);
+    SQLiteHandle *h = (SQLiteHandle *)handle;
+    if (h->db == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the handle is closed");
         return NULL;
     }
-    if (sq.get_autocommit(db)) {
-        PyErr_SetString(PyExc_ValueError, "rows are written inside a transaction");
+    if (h->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "the handle is in use by another call");
         return NULL;
     }
-    return db;
+    h->busy = 1;
+    return h->db;
+}
+
+static void
+handle_release(PyObject *handle)
+{
+    ((SQLiteHandle *)handle)->busy = 0;
 }
 
 typedef struct {
@@ -2603,23 +2743,23 @@ run_rows(sqlite3 *db, sqlite3_stmt *stmt, const Value *values, Py_ssize_t n,
 }
 
 PyDoc_STRVAR(execute_rows_doc,
-"execute_rows(connection, connection_type, filename, sql, rows, returning=False)\n--\n\n"
-"executemany(sql, rows) on connection (a connection_type open on filename, inside a\n"
-"transaction), the rows' values (None, int, float, str, bytes) bound as sqlite3 binds\n"
-"them, with the GIL released once for all rows instead of for each. Returns the number\n"
-"of rows changed or, with returning, the first column of every row the statement\n"
-"returned, as integers (RETURNING id); (code, message) for an error SQLite reported.");
+"execute_rows(handle, sql, rows, returning=False)\n--\n\n"
+"executemany(sql, rows) on handle (an SQLiteHandle), the rows' values (None, int, float,\n"
+"str, bytes) bound as sqlite3 binds them, with the GIL released once for all rows\n"
+"instead of for each. Returns the number of rows changed or, with returning, the first\n"
+"column of every row the statement returned, as integers (RETURNING id, or a SELECT's);\n"
+"(code, message) for an error SQLite reported.");
 
 static PyObject *
 execute_rows(PyObject *self, PyObject *args)
 {
-    PyObject *connection, *connection_type, *rows;
-    const char *filename, *sql;
+    PyObject *handle, *rows;
+    const char *sql;
     int returning = 0;
-    if (!PyArg_ParseTuple(args, "OO!ssO!|p:execute_rows", &connection, &PyType_Type,
-                          &connection_type, &filename, &sql, &PyList_Type, &rows, &returning))
+    if (!PyArg_ParseTuple(args, "OsO!|p:execute_rows", &handle, &sql, &PyList_Type, &rows,
+                          &returning))
         return NULL;
-    sqlite3 *db = writer_handle(connection, connection_type, filename);
+    sqlite3 *db = handle_acquire(handle);
     if (db == NULL)
         return NULL;
     Value *values;
@@ -2628,8 +2768,10 @@ execute_rows(PyObject *self, PyObject *args)
     /* Up to the first row that cannot be bound; executemany would have run the rows
      * before it (and a failing one among them raises first), then raised for it. */
     if (read_rows(rows, &values, &width, &runnable) < 0) {
-        if (values == NULL)
+        if (values == NULL) {
+            handle_release(handle);
             return NULL;
+        }
         PyErr_Fetch(&bad_type, &bad_value, &bad_tb);
     }
     sqlite3_stmt *stmt = NULL;
@@ -2669,6 +2811,7 @@ execute_rows(PyObject *self, PyObject *args)
         result = PyLong_FromLong(changed);
     if (stmt != NULL)
         sq.finalize(stmt);
+    handle_release(handle);
     free(returned.ids);
     PyMem_Free(values);
     return result;
@@ -2770,10 +2913,10 @@ run_step(sqlite3 *db, const Step *step)
 }
 
 PyDoc_STRVAR(execute_steps_doc,
-"execute_steps(connection, connection_type, filename, steps)\n--\n\n"
-"Run steps in order on connection (a connection_type open on filename, inside a\n"
-"transaction) with the GIL released once for all of them: (sql, None) runs sql once\n"
-"(COMMIT); (sql, rows) runs it for each row, values bound as sqlite3 binds them;\n"
+"execute_steps(handle, steps)\n--\n\n"
+"Run steps in order on handle (an SQLiteHandle) with the GIL released once for all of\n"
+"them: (sql, None) runs sql once (BEGIN, COMMIT); (sql, rows) runs it for each row,\n"
+"values bound as sqlite3 binds them;\n"
 "(sql, payload, project, plan) runs it for each span of payload that plan lists, with\n"
 "parameters ?1-?14 a span row's values as build_rows gives them; with seqs, a dict of\n"
 "trace id -> int, as (sql, payload, project, plan, seqs), ?15 is the span's trace's\n"
@@ -2785,21 +2928,22 @@ PyDoc_STRVAR(execute_steps_doc,
 static PyObject *
 execute_steps(PyObject *self, PyObject *args)
 {
-    PyObject *connection, *connection_type, *list;
-    const char *filename;
-    if (!PyArg_ParseTuple(args, "OO!sO!:execute_steps", &connection, &PyType_Type,
-                          &connection_type, &filename, &PyList_Type, &list))
+    PyObject *handle, *list;
+    if (!PyArg_ParseTuple(args, "OO!:execute_steps", &handle, &PyList_Type, &list))
         return NULL;
-    sqlite3 *db = writer_handle(connection, connection_type, filename);
+    sqlite3 *db = handle_acquire(handle);
     if (db == NULL)
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(list);
     Step *steps = PyMem_Calloc(n ? n : 1, sizeof *steps);
-    if (steps == NULL)
+    if (steps == NULL) {
+        handle_release(handle);
         return PyErr_NoMemory();
+    }
     for (Py_ssize_t i = 0; i < n; i++)
         if (read_step(PyList_GET_ITEM(list, i), &steps[i]) < 0) {
             steps_free(steps, n);
+            handle_release(handle);
             return NULL;
         }
     int outcome = INSERT_OK;
@@ -2817,6 +2961,7 @@ execute_steps(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_OverflowError, "Python int too large to convert to SQLite INTEGER");
     else
         result = Py_NewRef(Py_None);
+    handle_release(handle);
     steps_free(steps, n);
     return result;
 }
@@ -2851,5 +2996,15 @@ PyInit__wire(void)
     FALSE_TEXT = PyUnicode_InternFromString("false");
     if (TRUE_TEXT == NULL || FALSE_TEXT == NULL)
         return NULL;
-    return PyModule_Create(&module);
+    if (PyType_Ready(&SQLiteHandleType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObject(m, "SQLiteHandle", Py_NewRef((PyObject *)&SQLiteHandleType)) < 0) {
+        Py_DECREF(&SQLiteHandleType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

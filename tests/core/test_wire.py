@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 
 import pytest
 from google.protobuf.message import DecodeError
@@ -24,6 +25,7 @@ from collector.spans import (
     span_count,
 )
 from collector.storage import BatchRows, build_rows, build_rows_native, build_rows_python
+from tests.native_support import native_module
 from tests.support import fixture_requests
 
 pytestmark = pytest.mark.skipif(
@@ -717,19 +719,23 @@ def _insert_both_ways(
         if setup:
             db.execute(setup)
         rows = build_rows_native(payload, "p1", 7, *_int_refs(), span_plan=way == "execute_steps")
-        db.execute("BEGIN")
+        writes = storage.SQLiteWriter(db)
+        assert writes.native
         try:
             if way == "executemany":
+                db.execute("BEGIN")
                 db.executemany(sql, rows.spans)
+                db.execute("COMMIT")
             else:
                 assert not rows.spans and rows.span_plan is not None
-                filename = db.execute("PRAGMA database_list").fetchone()[2]
-                storage.execute_steps(db, filename, [(sql, payload, "p1", rows.span_plan[1])])
-            db.execute("COMMIT")
+                writes.transaction([(sql, payload, "p1", rows.span_plan[1])])
             outcomes.append(_stored(db))
         except Exception as exc:  # both ways must raise the same
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            assert not writes.in_transaction
             outcomes.append((type(exc), str(exc)))
+        writes.close()
         db.close()
     return outcomes
 
@@ -796,18 +802,17 @@ def test_a_spans_step_binds_each_spans_trace_seq_from_the_table_it_is_given(tmp_
     db = sqlite3.connect(tmp_path / "seq.db", isolation_level=None)
     db.execute(_PLAIN_SPANS.replace(", span)", ", span, trace_seq NOT NULL)"))
     sql = _PLAIN_INSERT.replace("?14)", "?14,?15)")
-    filename = db.execute("PRAGMA database_list").fetchone()[2]
-    db.execute("BEGIN")
-    storage.execute_steps(db, filename, [(sql, payload, "p1", rows.span_plan[1], seqs)])
-    db.execute("COMMIT")
+    writes = storage.SQLiteWriter(db)
+    writes.transaction([(sql, payload, "p1", rows.span_plan[1], seqs)])
     assert sorted(db.execute("SELECT span_id, trace_seq FROM spans")) == expected
     del seqs[traces[0]]
-    db.execute("BEGIN")
+    writes.begin()
     with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
-        storage.execute_steps(db, filename, [(sql, payload, "p2", rows.span_plan[1], seqs)])
+        writes.execute_steps([(sql, payload, "p2", rows.span_plan[1], seqs)])
     with pytest.raises(TypeError, match="seqs"):
-        storage.execute_steps(db, filename, [(sql, payload, "p2", rows.span_plan[1], [])])
-    db.execute("ROLLBACK")
+        writes.execute_steps([(sql, payload, "p2", rows.span_plan[1], [])])
+    writes.rollback()
+    writes.close()
 
 
 def test_execute_steps_refuses_a_connection_it_cannot_vouch_for(tmp_path):
@@ -822,26 +827,168 @@ def test_execute_steps_refuses_a_connection_it_cannot_vouch_for(tmp_path):
     plan = rows.span_plan[1]
     db = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
     db.execute(_PLAIN_SPANS)
-    filename = db.execute("PRAGMA database_list").fetchone()[2]
-    with pytest.raises(ValueError, match="inside a transaction"):
-        _wire.execute_steps(db, sqlite3.Connection, filename, [(_PLAIN_INSERT, payload, "p", plan)])
-    db.execute("BEGIN")
+    handle = _wire.SQLiteHandle(str(tmp_path / "a.db"))
     step = [(_PLAIN_INSERT, payload, "p", plan)]
-    with pytest.raises(ValueError, match="not open on"):
-        _wire.execute_steps(db, sqlite3.Connection, "/elsewhere.db", step)
-    with pytest.raises(TypeError):
-        _wire.execute_steps(object(), sqlite3.Connection, filename, step)
+    for not_a_handle in (db, object(), None, handle.filename):  # never dereferenced
+        with pytest.raises(TypeError, match="SQLiteHandle"):
+            _wire.execute_steps(not_a_handle, step)
+        with pytest.raises(TypeError, match="SQLiteHandle"):
+            _wire.execute_rows(not_a_handle, "SELECT 1", [()])
+    assert _wire.execute_steps(handle, [("BEGIN", None)]) is None
+    assert handle.in_transaction
     with pytest.raises(TypeError, match="a step is"):
-        _wire.execute_steps(db, sqlite3.Connection, filename, [(_PLAIN_INSERT,)])
+        _wire.execute_steps(handle, [(_PLAIN_INSERT,)])
     with pytest.raises(OverflowError):  # read before any step runs: none ran
-        _wire.execute_steps(db, sqlite3.Connection, filename, [*step, ("SELECT ?", [(2**63,)])])
+        _wire.execute_steps(handle, [*step, ("SELECT ?", [(2**63,)])])
     with pytest.raises(ValueError, match="outside the payload"):
-        _wire.execute_steps(
-            db, sqlite3.Connection, filename, [(_PLAIN_INSERT, payload[:10], "p", plan)]
-        )
+        _wire.execute_steps(handle, [(_PLAIN_INSERT, payload[:10], "p", plan)])
+    assert _wire.execute_steps(handle, [("ROLLBACK", None)]) is None
     assert _stored(db) == []
-    db.execute("ROLLBACK")
+    handle.close()
+    handle.close()  # again: nothing
+    with pytest.raises(ValueError, match="closed"):
+        _wire.execute_steps(handle, step)
+    with pytest.raises(OSError, match="unable to open"):
+        _wire.SQLiteHandle(str(tmp_path / "missing" / "b.db"))  # never creates a file
     db.close()
+
+
+# -- the sqlite exporter's writer: a SQLite handle of its own (SQLiteWriter) ----------
+
+
+def test_the_writer_runs_its_transactions_on_a_handle_of_its_own(tmp_path):
+    """On this Python the writer opens the file again in C (no object of Python's
+    sqlite3 is read there); its transaction is not the Python connection's, and the
+    settings open_sqlite gives a connection are the handle's too."""
+    import sqlite3
+
+    native_module()
+    db = storage.open_sqlite(tmp_path / "w.db", busy_timeout_ms=1234)
+    db.execute("CREATE TABLE t (a)")
+    writes = storage.SQLiteWriter(db, busy_timeout_ms=1234)
+    assert writes.native
+    writes.pragma("PRAGMA cache_size=-2048")
+    writes.begin()
+    assert writes.in_transaction and not db.in_transaction
+    settings = [
+        "PRAGMA busy_timeout",
+        "PRAGMA synchronous",
+        "PRAGMA journal_mode",
+        "PRAGMA cache_size",
+    ]
+    read = [writes.returned_ids(f"SELECT * FROM pragma_{p.split()[1]}", [()]) for p in settings]
+    assert read[:2] + read[3:] == [[1234], [1], [-2048]]  # NORMAL is 1
+    assert writes.returned_ids("INSERT INTO t VALUES (?) RETURNING a", [(5,), (6,)]) == [5, 6]
+    assert db.execute("SELECT count(*) FROM t").fetchone() == (0,)  # not committed yet
+    writes.execute_steps([("COMMIT", None)])
+    assert db.execute("SELECT a FROM t").fetchall() == [(5,), (6,)]
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        db.execute("CREATE UNIQUE INDEX t_a ON t (a)")
+        writes.transaction([("INSERT INTO t VALUES (?)", [(7,), (5,)])])
+    assert not writes.in_transaction  # rolled back: 7 is not there
+    assert db.execute("SELECT a FROM t").fetchall() == [(5,), (6,)]
+    writes.close()
+    db.close()
+
+
+def test_the_writer_falls_back_to_sqlite3_on_what_it_cannot_vouch_for(tmp_path):
+    """Where the handle cannot be had, the same transactions run through sqlite3: a
+    database that is no file (another handle would open a database of its own), a
+    library without SQLite's functions (load_sqlite says so and keeps what it found)."""
+    from collector import _wire
+
+    native_module()
+    db = storage.open_sqlite(":memory:")
+    db.execute("CREATE TABLE t (a)")
+    writes = storage.SQLiteWriter(db)
+    assert not writes.native
+    writes.transaction([("INSERT INTO t VALUES (?)", [(1,), (2,)])])
+    assert writes.returned_ids("SELECT a FROM t ORDER BY a", [()]) == [1, 2]
+    with pytest.raises(ValueError, match="on a file"):
+        _wire.SQLiteHandle(":memory:")
+    assert _wire.load_sqlite(_wire.__file__) is False  # loaded, but no SQLite in it
+    assert _wire.load_sqlite(str(tmp_path / "nowhere.so")) is False  # not loaded
+    db = storage.open_sqlite(tmp_path / "still.db")
+    writes = storage.SQLiteWriter(db)
+    assert writes.native  # what load_sqlite found first is kept
+    writes.transaction([("CREATE TABLE t (a)", None)])
+    writes.close()
+    db.close()
+
+
+def _stored_tables(path) -> dict[str, list[tuple]]:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    names = [n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    tables = {
+        name: sorted(db.execute(f"SELECT * FROM {name}").fetchall(), key=repr)
+        for name in names
+        if not name.startswith(("sqlite_", "trace_search_"))
+    }
+    db.close()
+    return tables
+
+
+async def _stored_by_exporter(path, batches: list[SpanBatch], native: bool, monkeypatch):
+    import exporters.sqlite as sqlite_exporter
+    from exporters.sqlite import SQLiteConfig, SQLiteExporter
+    from tests.processors._util import FakeTelemetryHost
+
+    class FixedClock:  # the write time is stored (calls' last_seen_ns): the same both ways
+        @staticmethod
+        def time_ns() -> int:
+            return 1_700_000_000_000_000_000
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "NATIVE_SQLITE", native)
+        patch.setattr(sqlite_exporter, "time", FixedClock)
+        exporter = SQLiteExporter("sqlite", SQLiteConfig(path=path))
+        await exporter.start(FakeTelemetryHost())
+        try:
+            assert exporter._writer is not None and exporter._writer.writes.native == native
+            for batch in batches:
+                await exporter.export(batch)
+        finally:
+            await exporter.shutdown()
+    return _stored_tables(path)
+
+
+async def test_rows_written_in_c_are_the_rows_sqlite3_writes(tmp_path, monkeypatch):
+    """Every table of the file, written by the writer's handle in C and through
+    executemany, from the fixtures' requests (with and without calls)."""
+    native_module()
+    batches = []
+    for index, path in enumerate(fixture_requests("livekit") + fixture_requests("pipecat")):
+        request = ExportTraceServiceRequest.FromString(path.read_bytes())
+        if index % 2:
+            for rs in request.resource_spans:
+                set_attribute(rs.resource.attributes, CALL_ID_ATTRIBUTE, f"call-{index % 3}")
+        batches.append(SpanBatch(list(request.resource_spans), f"p{index % 2}"))
+    in_c = await _stored_by_exporter(tmp_path / "c.db", batches, True, monkeypatch)
+    in_python = await _stored_by_exporter(tmp_path / "py.db", batches, False, monkeypatch)
+    assert in_c["spans"] and in_c["calls"]
+    assert in_c == in_python
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(st.lists(st.lists(resource_shapes, max_size=3), min_size=1, max_size=3))
+async def test_any_batches_are_written_in_c_as_sqlite3_writes_them(
+    tmp_path_factory, monkeypatch, batches
+):
+    native_module()
+    tmp = tmp_path_factory.mktemp("writer")
+    made = [SpanBatch(list(_request(resources).resource_spans), "p") for resources in batches]
+    outcomes = []
+    for native in (True, False):
+        try:
+            outcomes.append(
+                await _stored_by_exporter(tmp / f"{native}.db", made, native, monkeypatch)
+            )
+        except Exception as exc:  # both ways must raise the same
+            outcomes.append((type(exc), str(exc)))
+    assert outcomes[0] == outcomes[1]
 
 
 def _execute_both_ways(tmp_path, sql: str, rows: list, setup: str = "") -> list:
@@ -859,22 +1006,30 @@ def _execute_both_ways(tmp_path, sql: str, rows: list, setup: str = "") -> list:
         db.execute("CREATE TABLE t (a, b, c UNIQUE)")
         if setup:
             db.execute(setup)
-        db.execute("BEGIN")
+        handle = _wire.SQLiteHandle(str(path))
+        if way == "executemany":
+            db.execute("BEGIN")
+        else:
+            _wire.execute_steps(handle, [("BEGIN", None)])
         try:
             if way == "executemany":
                 db.executemany(sql, rows)
+                db.execute("COMMIT")
             else:
-                filename = db.execute("PRAGMA database_list").fetchone()[2]
-                outcome = _wire.execute_rows(db, sqlite3.Connection, filename, sql, rows)
+                outcome = _wire.execute_rows(handle, sql, rows)
                 if isinstance(outcome, tuple):  # what SQLite reported: raised as sqlite3 does
                     raise storage.sqlite_error(*outcome)
-            db.execute("COMMIT")
+                assert _wire.execute_steps(handle, [("COMMIT", None)]) is None
             outcomes.append(
                 db.execute("SELECT a, typeof(a), b, c FROM t ORDER BY rowid").fetchall()
             )
         except Exception as exc:  # both ways must raise the same
-            db.execute("ROLLBACK")
+            if way == "executemany":
+                db.execute("ROLLBACK")
+            else:
+                _wire.execute_steps(handle, [("ROLLBACK", None)])
             outcomes.append((type(exc), str(exc)))
+        handle.close()
         db.close()
     return outcomes
 
@@ -927,18 +1082,17 @@ def test_execute_rows_refuses_what_it_cannot_bind(tmp_path):
 
     db = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
     db.execute("CREATE TABLE t (a, b)")
-    filename = db.execute("PRAGMA database_list").fetchone()[2]
+    handle = _wire.SQLiteHandle(str(tmp_path / "t.db"))
     sql = "INSERT INTO t VALUES (?, ?)"
-    with pytest.raises(ValueError, match="inside a transaction"):
-        _wire.execute_rows(db, sqlite3.Connection, filename, sql, [(1, 2)])
-    db.execute("BEGIN")
+    _wire.execute_steps(handle, [("BEGIN", None)])
     with pytest.raises(TypeError, match="not supported"):
-        _wire.execute_rows(db, sqlite3.Connection, filename, sql, [(1, object())])
+        _wire.execute_rows(handle, sql, [(1, object())])
     with pytest.raises(ValueError, match="as many values"):  # after the rows before it
-        _wire.execute_rows(db, sqlite3.Connection, filename, sql, [(1, 2), (3,)])
-    assert _wire.execute_rows(db, sqlite3.Connection, filename, sql, [(5, 6), [7, 8]]) == 2
-    db.execute("COMMIT")
+        _wire.execute_rows(handle, sql, [(1, 2), (3,)])
+    assert _wire.execute_rows(handle, sql, [(5, 6), [7, 8]]) == 2
+    _wire.execute_steps(handle, [("COMMIT", None)])
     assert db.execute("SELECT * FROM t").fetchall() == [(1, 2), (5, 6), (7, 8)]
+    handle.close()
     db.close()
 
 
@@ -992,15 +1146,16 @@ def _insert_spans_of_damaged(good: bytes, damaged: bytes) -> None:
 
     plan = build_rows_native(good, "p", 0, *_int_refs(), span_plan=True).span_plan
     assert plan is not None
-    db = sqlite3.connect(":memory:", isolation_level=None)
-    db.execute(_PLAIN_SPANS)
-    db.execute("BEGIN")
-    filename = db.execute("PRAGMA database_list").fetchone()[2]
-    with contextlib.suppress(ValueError, OverflowError):
-        _wire.execute_steps(
-            db, sqlite3.Connection, filename, [(_PLAIN_INSERT, damaged, "p", plan[1])]
-        )
-    db.close()
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "spans.db")
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute(_PLAIN_SPANS)
+        handle = _wire.SQLiteHandle(path)
+        _wire.execute_steps(handle, [("BEGIN", None)])
+        with contextlib.suppress(ValueError, OverflowError):
+            _wire.execute_steps(handle, [(_PLAIN_INSERT, damaged, "p", plan[1])])
+        handle.close()
+        db.close()
 
 
 json_values = st.recursive(
@@ -1069,24 +1224,25 @@ def test_the_c_functions_keep_no_memory_once_their_results_are_gone():
 
     import sqlite3
 
-    db = sqlite3.connect(":memory:", isolation_level=None)
+    directory = tempfile.TemporaryDirectory()
+    path = os.path.join(directory.name, "spans.db")
+    db = sqlite3.connect(path, isolation_level=None)
     db.execute(_PLAIN_SPANS)
-    filename = db.execute("PRAGMA database_list").fetchone()[2]
+    writes = storage.SQLiteWriter(db)
 
     def every_function():
         for body in bodies:
             plain = build_rows_native(body, "p", 0, lambda *a: (1, 2), lambda p: 3).spans
             rows = build_rows_native(body, "p", 0, lambda *a: 1, lambda p: 3, span_plan=True)
-            db.execute("BEGIN")
-            storage.execute_steps(
-                db, filename, [(_PLAIN_INSERT, body, "p", rows.span_plan[1]), ("SELECT 1", None)]
+            writes.begin()
+            writes.execute_steps(
+                [(_PLAIN_INSERT, body, "p", rows.span_plan[1]), ("SELECT 1", None)]
             )
-            storage.execute_steps(
-                db, filename, [(_PLAIN_INSERT, [(*r[:11], 1, 3, r[13]) for r in plain])]
-            )
+            writes.execute_steps([(_PLAIN_INSERT, [(*r[:11], 1, 3, r[13]) for r in plain])])
             with contextlib.suppress(OverflowError):
-                _wire.execute_rows(db, sqlite3.Connection, filename, "SELECT ?", [(1,), (2**64,)])
-            db.execute("ROLLBACK")
+                writes.returned_ids("SELECT ?", [(1,), (2**64,)])
+            writes.rollback()
+            _wire.SQLiteHandle(path).close()
             _wire.check_spans(body)
             _wire.stream_commands(body, lambda b: (1, b"$1\r\n1\r\n"), 5, b"h")
             _wire.resource_spans_layout(body)
@@ -1106,4 +1262,7 @@ def test_the_c_functions_keep_no_memory_once_their_results_are_gone():
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
+        writes.close()
+        db.close()
+        directory.cleanup()
     assert grown < 64 * 1024, f"{grown} bytes kept after 20 rounds"
