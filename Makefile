@@ -40,8 +40,11 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null \
 	  || echo "could not install chromium (not root?); browser tests will fail in CI"; }
 
+# The suite twice: as installed (the C extension built), then on the pure Python path
+# (CALLTRACE_NATIVE=0), which must behave the same; tests about the C code itself skip there.
 test: install-test browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	CALLTRACE_NATIVE=0 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check .

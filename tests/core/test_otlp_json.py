@@ -137,7 +137,7 @@ from collector import otlp_json  # noqa: E402
 from tests.core.test_wire import _request, resource_shapes  # noqa: E402
 from tests.support import FIXTURES  # noqa: E402
 
-native = pytest.mark.skipif(otlp_json._wire is None, reason="collector._wire is not built")
+from tests.native_support import native_only as native  # noqa: E402
 
 
 def _both_ways(document):

@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector import storage
+from collector import storage, wire
 from collector.spans import (
     CALL_ID_ATTRIBUTE,
     CALL_KEY_ATTRIBUTE,
@@ -25,19 +25,40 @@ from collector.spans import (
     span_count,
 )
 from collector.storage import BatchRows, build_rows, build_rows_native, build_rows_python
-from tests.native_support import native_module
+from tests.native_support import native_module, native_only
 from tests.support import fixture_requests
 
-pytestmark = pytest.mark.skipif(
-    not storage.NATIVE_WIRE and os.environ.get("CI") != "true",
-    reason="collector._wire is not built (no C compiler at install)",
-)
+# Most tests here hold the C path to its Python twin (native_only: skipped in the pure
+# Python run, CALLTRACE_NATIVE=0, where there is no C path); the rest are behaviour that
+# holds either way, and run in both.
 
 
 def test_the_extension_is_built():
     """`make install` builds it; in CI its absence is a broken install, not a skip."""
+    native_module()
     assert storage.NATIVE_WIRE, "collector._wire did not build: is a C compiler installed?"
     assert storage.NATIVE_SQLITE, "collector._wire found no SQLite functions in _sqlite3"
+
+
+def test_calltrace_native_0_turns_the_c_path_off():
+    """The switch the pure Python run uses: read once, at import, by collector.wire."""
+    import subprocess
+    import sys
+
+    probe = (
+        "from collector import wire, storage, spans, otlp_json;"
+        "print(wire.BUILT, wire.native is None, storage._wire is None, spans._native is None,"
+        " otlp_json._wire is None, storage.NATIVE_SQLITE)"
+    )
+    for value, off in (("0", True), ("1", False), ("", False)):
+        env = {**os.environ, "CALLTRACE_NATIVE": value}
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
+        built = out[0] == "True"
+        expected_off = off or not built
+        assert out[1:5] == [str(expected_off)] * 4, (value, out)
+        assert out[5] == str(not expected_off), (value, out)
 
 
 def _refs():
@@ -77,6 +98,7 @@ def _assert_same(python: BatchRows, native: BatchRows) -> None:
 
 
 @pytest.mark.parametrize("framework", ["livekit", "pipecat"])
+@native_only
 def test_fixture_requests_give_the_same_rows(framework):
     for path in fixture_requests(framework):
         request = ExportTraceServiceRequest.FromString(path.read_bytes())
@@ -88,6 +110,7 @@ def test_fixture_requests_give_the_same_rows(framework):
         _assert_same(python, native)
 
 
+@native_only
 def test_span_bytes_are_the_spans_own():
     [path, *_] = fixture_requests("livekit")
     request = ExportTraceServiceRequest.FromString(path.read_bytes())
@@ -96,6 +119,7 @@ def test_span_bytes_are_the_spans_own():
     assert [row[-1] for row in native.spans] == [s.SerializeToString() for s in spans]
 
 
+@native_only
 def test_each_distinct_resource_and_scope_is_asked_for_once():
     # A batch repeats a few resources many times (agents export a few spans at a time);
     # the callbacks run once for each distinct one, in the order they first appear.
@@ -186,6 +210,7 @@ def _request(resources: list[dict]) -> ExportTraceServiceRequest:
     return request
 
 
+@native_only
 def test_a_trace_gets_every_attribute_when_equal_pairs_repeat():
     """The C reader adds a trace's attribute pairs once each, remembering them by
     identity: a repeated long value (past its cache) makes an equal pair each time,
@@ -207,11 +232,13 @@ def test_a_trace_gets_every_attribute_when_equal_pairs_repeat():
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(resource_shapes, max_size=4))
+@native_only
 def test_any_batch_gives_the_same_rows(resources):
     python, native = _both(_request(resources))
     _assert_same(python, native)
 
 
+@native_only
 def test_float_texts_match_attribute_text():
     values = [2.0, 0.25, -0.0, math.inf, -math.inf, math.nan, 1e300, 123456789.5]
     request = _request([{"call": None, "service": None, "tag": None, "scopes": [("", [])]}])
@@ -231,8 +258,9 @@ def test_float_texts_match_attribute_text():
 def test_malformed_bytes_are_reported_by_the_protobuf_parser():
     """A queue's bytes that are not protobuf fall back to the Python path, whose parser
     raises the error the exporter turns into a permanent failure."""
-    with pytest.raises(ValueError):
-        build_rows_native(b"\x0a\xff", "p", 0, lambda *a: 1, lambda p: 1)
+    if wire.native is not None:
+        with pytest.raises(ValueError):
+            build_rows_native(b"\x0a\xff", "p", 0, lambda *a: 1, lambda p: 1)
     batch = SpanBatch.from_bytes(b"\x0a\xff", "p")
     with pytest.raises(DecodeError):
         build_rows(batch, 0, lambda *a: 1, lambda p: 1)
@@ -261,6 +289,7 @@ GOOD = (b"\x01" * 16, b"\x02" * 8, b"")
         (b"\x01" * 16, b"\x02" * 8, bytes(8)),  # valid, but drop_invalid_spans clears it
     ],
 )
+@native_only
 def test_check_spans_finds_what_drop_invalid_spans_would_change(bad):
     from collector import _wire
     from collector.receivers.otlp import drop_invalid_spans
@@ -292,6 +321,7 @@ def _stream_commands(request: ExportTraceServiceRequest, **config) -> tuple[tupl
 
 @pytest.mark.parametrize("framework", ["livekit", "pipecat"])
 @pytest.mark.parametrize("include_resource", [True, False])
+@native_only
 def test_stream_entries_are_packed_as_in_python(framework, include_resource):
     for path in fixture_requests(framework):
         request = ExportTraceServiceRequest.FromString(path.read_bytes())
@@ -308,6 +338,7 @@ def test_stream_entries_are_packed_as_in_python(framework, include_resource):
     st.integers(-(2**31), 2**31 - 1),
     st.sampled_from([0, 1000]),
 )
+@native_only
 def test_any_batch_gives_the_same_stream_entries(resources, kind, maxlen):
     request = _request(resources)
     for rs in request.resource_spans:
@@ -361,6 +392,7 @@ def _assert_written_out_alike(body: bytes, drop: int | None = None) -> None:
 
 
 @pytest.mark.parametrize("framework", ["livekit", "pipecat"])
+@native_only
 def test_received_bytes_give_the_messages_the_processors_left(framework):
     for path in fixture_requests(framework):
         _assert_written_out_alike(path.read_bytes(), drop=1)
@@ -368,10 +400,12 @@ def test_received_bytes_give_the_messages_the_processors_left(framework):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(resource_shapes, max_size=4), st.one_of(st.none(), st.integers(0, 3)))
+@native_only
 def test_any_request_is_written_out_alike(resources, drop):
     _assert_written_out_alike(_request(resources).SerializeToString(), drop)
 
 
+@native_only
 def test_a_resource_given_twice_or_not_at_all_is_serialized():
     """Protobuf merges repeated message fields: such a resource is not cut from the bytes."""
     from collector import _wire
@@ -389,10 +423,8 @@ def test_a_resource_given_twice_or_not_at_all_is_serialized():
 async def test_spans_a_processor_drops_are_not_counted_from_the_received_bytes():
     """The receiver's span counts describe the messages until a processor that edits
     spans runs: the pipeline drops them before it."""
-    from collector import _wire
     from collector.components import Processor
     from collector.pipeline import Pipeline
-    from collector.spans import received_bytes
 
     class DropFirstSpans(Processor):
         type_name = "drop_first_spans"
@@ -412,12 +444,7 @@ async def test_spans_a_processor_drops_are_not_counted_from_the_received_bytes()
             counted.append((batch.span_count, sum(map(span_count, batch.resource_spans))))
             return batch
 
-    body = fixture_requests("livekit")[0].read_bytes()
-    request = ExportTraceServiceRequest.FromString(body)
-    batch = _with_sources(
-        list(request.resource_spans),
-        received_bytes(request, body, _wire.resource_spans_layout(body)),
-    )
+    batch = _received(fixture_requests("livekit")[0].read_bytes())
     received = batch.span_count
     pipeline = Pipeline("p", [Count("c1", None), DropFirstSpans("d", None), Count("c2", None)], [])
     await pipeline.consume(batch)
@@ -426,7 +453,8 @@ async def test_spans_a_processor_drops_are_not_counted_from_the_received_bytes()
 
 
 def _received(body: bytes) -> SpanBatch:
-    """A batch of ``body`` as the receiver makes it, with the received bytes."""
+    """A batch of ``body`` as the receiver makes it: with the received bytes where the C
+    path runs (SpanBatch.from_received), without them on the pure Python path."""
     request = ExportTraceServiceRequest.FromString(body)
     return SpanBatch.from_received(list(request.resource_spans), body, "p1")
 
@@ -452,6 +480,7 @@ def _assert_received_alike(body: bytes) -> None:
 
 
 @pytest.mark.parametrize("framework", ["livekit", "pipecat"])
+@native_only
 def test_received_bytes_in_c_are_those_of_python(framework):
     for path in fixture_requests(framework):
         _assert_received_alike(path.read_bytes())
@@ -459,10 +488,12 @@ def test_received_bytes_in_c_are_those_of_python(framework):
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(resource_shapes, max_size=4))
+@native_only
 def test_any_requests_received_bytes_in_c_are_those_of_python(resources):
     _assert_received_alike(_request(resources).SerializeToString())
 
 
+@native_only
 def test_received_refuses_another_number_of_messages_and_malformed_bodies():
     from collector import _wire
 
@@ -495,11 +526,12 @@ async def test_a_plugin_receivers_body_of_another_buffer_type_is_taken_as_bytes(
         request = ExportTraceServiceRequest.FromString(body)
         await ingest.export(request, RequestInfo({}), handed)  # type: ignore[arg-type]
         (batch,) = batches
-        assert batch._received
+        assert bool(batch._received) == (wire.native is not None)
         written = batch.serialize()
         assert ExportTraceServiceRequest.FromString(written) == request
 
 
+@native_only
 def test_bytes_are_taken_only_for_the_very_message_they_were_kept_for():
     """An entry of sources or resource_payloads under a message's id but for another
     message (a freed one's id, reused) is not used: that message is serialized."""
@@ -516,6 +548,7 @@ def test_bytes_are_taken_only_for_the_very_message_they_were_kept_for():
         assert ExportTraceServiceRequest.FromString(written).resource_spans[0] == other
 
 
+@native_only
 def test_sources_in_another_buffer_type_are_written_out_whole():
     from collector import _wire
     from collector.spans import received_bytes
@@ -527,6 +560,7 @@ def test_sources_in_another_buffer_type_are_written_out_whole():
     assert ExportTraceServiceRequest.FromString(written) == request
 
 
+@native_only
 def test_offsets_outside_the_body_are_refused():
     from collector import _wire
 
@@ -543,7 +577,8 @@ def test_offsets_outside_the_body_are_refused():
 def test_received_resource_bytes_are_the_resources(framework):
     for path in fixture_requests(framework):
         batch = _received(path.read_bytes())
-        assert len(batch._resource_bytes) == batch.resource_count
+        if wire.native is not None:  # the received bytes are kept by the C path
+            assert len(batch._resource_bytes) == batch.resource_count
         _assert_resource_bytes_are_true(batch)
 
 
@@ -568,7 +603,8 @@ def test_a_resource_field_whose_tag_or_length_is_padded_is_cut_right(tag):
         body = b"\n" + varint(len(rs_bytes)) + rs_bytes
         assert ExportTraceServiceRequest.FromString(body).resource_spans[0] == rs
         batch = _received(body)
-        assert [payload for _, payload in batch._resource_bytes.values()] == [resource]
+        if wire.native is not None:  # the received bytes are kept by the C path
+            assert [payload for _, payload in batch._resource_bytes.values()] == [resource]
         _assert_resource_bytes_are_true(batch)
 
 
@@ -589,6 +625,7 @@ resource_keys = st.sampled_from(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(resource_keys, st.one_of(st.none(), attribute_values)), max_size=8))
+@native_only
 def test_resource_facts_are_read_off_the_bytes_as_off_the_message(attributes):
     """``_ResourceFacts`` from the bytes (C) and from the parsed message (Python) agree:
     duplicate keys (the last wins), stamps of any value type, values left unset."""
@@ -650,7 +687,8 @@ async def test_resource_bytes_stay_true_through_processors_that_edit_resources()
         seen.clear()
         await Pipeline("p", plain, []).consume(_received(path.read_bytes()))
         await Pipeline("p", tagged, []).consume(_received(path.read_bytes()))
-        assert [kept for kept, _, _ in seen] == [True, True, False]
+        if wire.native is not None:  # the received bytes are kept by the C path
+            assert [kept for kept, _, _ in seen] == [True, True, False]
         for _, written, messages in seen:
             assert written == messages
         assert any(
@@ -741,6 +779,7 @@ def _insert_both_ways(
 
 
 @pytest.mark.parametrize("framework", ["livekit", "pipecat"])
+@native_only
 def test_span_rows_from_the_bytes_are_the_rows_executemany_stores(tmp_path, framework):
     for path in fixture_requests(framework):
         request = ExportTraceServiceRequest.FromString(path.read_bytes())
@@ -753,6 +792,7 @@ def test_span_rows_from_the_bytes_are_the_rows_executemany_stores(tmp_path, fram
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(resource_shapes, max_size=3))
+@native_only
 def test_any_batch_is_inserted_as_executemany_inserts_it(tmp_path_factory, resources):
     """Generated spans, times up to 2**64 - 1 among them: what SQLite cannot hold is the
     same OverflowError both ways."""
@@ -762,6 +802,7 @@ def test_any_batch_is_inserted_as_executemany_inserts_it(tmp_path_factory, resou
     assert by_execute_steps == by_executemany
 
 
+@native_only
 def test_an_error_sqlite_reports_is_raised_as_executemany_raises_it(tmp_path):
     import sqlite3
 
@@ -777,6 +818,7 @@ def test_an_error_sqlite_reports_is_raised_as_executemany_raises_it(tmp_path):
     assert bad_sql[1] == bad_sql[0] == (sqlite3.OperationalError, "no such table: nowhere")
 
 
+@native_only
 def test_a_spans_step_binds_each_spans_trace_seq_from_the_table_it_is_given(tmp_path):
     """(sql, payload, project, plan, seqs): ?15 is the span's trace's value in seqs, as
     executemany binds it from the rows; a trace id missing from seqs binds NULL."""
@@ -815,6 +857,7 @@ def test_a_spans_step_binds_each_spans_trace_seq_from_the_table_it_is_given(tmp_
     writes.close()
 
 
+@native_only
 def test_execute_steps_refuses_a_connection_it_cannot_vouch_for(tmp_path):
     import sqlite3
 
@@ -1046,6 +1089,7 @@ sqlite_values = st.one_of(
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(sqlite_values, sqlite_values, sqlite_values), max_size=6))
+@native_only
 def test_execute_rows_binds_values_as_executemany_does(tmp_path_factory, rows):
     tmp = tmp_path_factory.mktemp("rows")
     plain, upsert = _execute_both_ways(tmp, "INSERT INTO t VALUES (?,?,?)", rows), None
@@ -1058,6 +1102,7 @@ def test_execute_rows_binds_values_as_executemany_does(tmp_path_factory, rows):
     assert upsert[1] == upsert[0]
 
 
+@native_only
 def test_execute_rows_raises_what_executemany_raises(tmp_path):
     import sqlite3
 
@@ -1075,6 +1120,7 @@ def test_execute_rows_raises_what_executemany_raises(tmp_path):
     assert full[1] == full[0] == (sqlite3.IntegrityError, "disk full")
 
 
+@native_only
 def test_execute_rows_refuses_what_it_cannot_bind(tmp_path):
     import sqlite3
 
@@ -1117,12 +1163,14 @@ def _all_wire_functions(data: bytes) -> None:
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300))
+@native_only
 def test_random_bytes_never_crash_the_c_readers(data):
     _all_wire_functions(data)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(resource_shapes, min_size=1, max_size=2), st.data())
+@native_only
 def test_damaged_requests_never_crash_the_c_readers(resources, data):
     """Valid requests cut short or with bytes changed: lengths and tags then lie."""
     body = bytearray(_request(resources).SerializeToString())
@@ -1199,6 +1247,7 @@ json_values = st.recursive(
         st.sampled_from(["resourceSpans", "resource_spans", "x"]), json_values, max_size=2
     )
 )
+@native_only
 def test_any_json_document_is_written_or_left_to_python(document):
     from collector import _wire, otlp_json
 
@@ -1210,6 +1259,7 @@ def test_any_json_document_is_written_or_left_to_python(document):
         )
 
 
+@native_only
 def test_the_c_functions_keep_no_memory_once_their_results_are_gone():
     """A reference the C code forgets to drop keeps its objects forever: the server's
     memory would grow with every batch (build_rows once kept ~200 bytes a span)."""
