@@ -34,7 +34,10 @@
 #define MAX_INDEXED_VALUE 256 /* storage.MAX_INDEXED_VALUE: longer values are not indexed */
 #define STATUS_ERROR 2
 
-enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
+enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_SGROUP = 3, WT_EGROUP = 4, WT_I32 = 5 };
+
+/* How deep groups may nest: upb's default depth limit (kUpb_WireFormat_DefaultDepthLimit). */
+#define MAX_GROUP_DEPTH 100
 
 typedef struct {
     uint32_t number;
@@ -61,8 +64,54 @@ read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out)
     return -1;
 }
 
+/* Past the group field number (deprecated; upb keeps one as an unknown field) whose
+ * start tag was just read: its fields up to its end tag, groups within included. 0, or
+ * -1 if malformed (no end tag, another group's, too deep). */
+static int
+skip_group(const uint8_t **pp, const uint8_t *end, uint64_t number, int depth)
+{
+    uint64_t tag, value;
+    if (depth > MAX_GROUP_DEPTH)
+        return -1;
+    for (;;) {
+        if (*pp >= end || read_varint(pp, end, &tag) < 0 || (tag >> 3) == 0 ||
+            (tag >> 3) > UINT32_MAX)
+            return -1;
+        switch (tag & 7) {
+        case WT_VARINT:
+            if (read_varint(pp, end, &value) < 0)
+                return -1;
+            break;
+        case WT_I64:
+            if (end - *pp < 8)
+                return -1;
+            *pp += 8;
+            break;
+        case WT_I32:
+            if (end - *pp < 4)
+                return -1;
+            *pp += 4;
+            break;
+        case WT_LEN:
+            if (read_varint(pp, end, &value) < 0 || value > (uint64_t)(end - *pp))
+                return -1;
+            *pp += value;
+            break;
+        case WT_SGROUP:
+            if (skip_group(pp, end, tag >> 3, depth + 1) < 0)
+                return -1;
+            break;
+        case WT_EGROUP:
+            return (tag >> 3) == number ? 0 : -1;
+        default:
+            return -1;
+        }
+    }
+}
+
 /* The next field of a message: 1, 0 at its end, -1 if malformed; sets no exception, so
- * it runs without the GIL (next_field sets ValueError). */
+ * it runs without the GIL (next_field sets ValueError). A group is a field of type
+ * WT_SGROUP whose data is its contents; no reader here looks into one. */
 static int
 scan_field(const uint8_t **pp, const uint8_t *end, Field *f)
 {
@@ -100,7 +149,15 @@ scan_field(const uint8_t **pp, const uint8_t *end, Field *f)
         f->len = (Py_ssize_t)len;
         *pp += len;
         return 1;
-    default: /* groups (deprecated) and invalid wire types */
+    case WT_SGROUP: {
+        const uint8_t *start = *pp;
+        if (skip_group(pp, end, f->number, 1) < 0)
+            goto malformed;
+        f->data = start;
+        f->len = *pp - start;
+        return 1;
+    }
+    default: /* an end tag without its group, invalid wire types */
         goto malformed;
     }
 malformed:
@@ -361,20 +418,65 @@ utf8(const uint8_t *data, Py_ssize_t len)
 
 static PyObject *TRUE_TEXT, *FALSE_TEXT;
 
-/* attribute_text of an AnyValue: a new reference, Py_None (new) if not indexed, NULL on
- * error. Matches collector.storage.attribute_text: strings up to 256 characters, bools
- * as true/false, ints in decimal, floats as str(int(x)) when whole, else repr(x). */
-static PyObject *
-value_text(const uint8_t *p, const uint8_t *end)
+/* Whether f is a member of AnyValue's oneof as upb reads it: a member's field number
+ * with another wire type is an unknown field, which leaves the oneof as it was. */
+static int
+any_value_member(const Field *f)
 {
-    Field f, kind = {0};
-    int r;
-    while ((r = next_field(&p, end, &f)) > 0) {
-        if (f.number >= 1 && f.number <= 7)
-            kind = f; /* a oneof: the last member on the wire wins */
+    switch (f->number) {
+    case 1: /* string_value */
+    case 5: /* array_value */
+    case 6: /* kvlist_value */
+    case 7: /* bytes_value */
+        return f->type == WT_LEN;
+    case 2: /* bool_value */
+    case 3: /* int_value */
+        return f->type == WT_VARINT;
+    case 4: /* double_value */
+        return f->type == WT_I64;
+    default:
+        return 0;
     }
-    if (r < 0)
-        return NULL;
+}
+
+/* The AnyValue of the KeyValue in [p, end) as protobuf reads it: the key (b"" if
+ * absent; the last on the wire wins), whether a value field is there, and its oneof
+ * member (number 0: unset). The value field's occurrences merge (one message written in
+ * parts), so the last member over all of them wins. 0, or -1 if malformed. */
+static int
+read_key_value(const uint8_t *p, const uint8_t *end, const uint8_t **key, Py_ssize_t *key_len,
+               int *has_value, Field *kind)
+{
+    Field f, g;
+    int r;
+    *key = (const uint8_t *)"", *key_len = 0, *has_value = 0;
+    *kind = (Field){0};
+    while ((r = next_field(&p, end, &f)) > 0) {
+        if (f.type != WT_LEN)
+            continue;
+        if (f.number == 1)
+            *key = f.data, *key_len = f.len;
+        else if (f.number == 2) {
+            const uint8_t *q = f.data, *qend = f.data + f.len;
+            int t;
+            *has_value = 1;
+            while ((t = next_field(&q, qend, &g)) > 0)
+                if (any_value_member(&g))
+                    *kind = g; /* a oneof: the last member on the wire wins */
+            if (t < 0)
+                return -1;
+        }
+    }
+    return r;
+}
+
+/* attribute_text of an AnyValue whose oneof member is kind (number 0: unset): a new
+ * reference, Py_None (new) if not indexed, NULL on error. Matches
+ * collector.storage.attribute_text: strings up to 256 characters, bools as true/false,
+ * ints in decimal, floats as str(int(x)) when whole, else repr(x). */
+static PyObject *
+value_text(Field kind)
+{
     switch (kind.number) {
     case 1: {
         if (kind.type != WT_LEN)
@@ -423,38 +525,15 @@ value_text(const uint8_t *p, const uint8_t *end)
     Py_RETURN_NONE;
 }
 
-/* (key, attribute_text(value)) of the KeyValue in [p, end): a new reference, Py_None
- * (new) if the value is not indexed, NULL on error. */
-/* The key (b"" if absent) and the AnyValue (NULL if absent) of the KeyValue in [p, end),
- * the last of each on the wire: 0, or -1 if malformed. */
-static int
-read_key_value(const uint8_t *p, const uint8_t *end, const uint8_t **key, Py_ssize_t *key_len,
-               const uint8_t **value, Py_ssize_t *value_len)
-{
-    Field f;
-    int r;
-    *key = (const uint8_t *)"", *key_len = 0, *value = NULL, *value_len = 0;
-    while ((r = next_field(&p, end, &f)) > 0) {
-        if (f.type != WT_LEN)
-            continue;
-        if (f.number == 1)
-            *key = f.data, *key_len = f.len;
-        else if (f.number == 2)
-            *value = f.data, *value_len = f.len;
-    }
-    return r;
-}
-
-/* (key, attribute_text(value)) of a key and an AnyValue (NULL: absent), both strings
- * interned if asked: a new reference, Py_None (new) if the value is not indexed, NULL
+/* (key, attribute_text(value)) of a key and an AnyValue (has_value 0: absent), both
+ * strings interned if asked: a new reference, Py_None (new) if the value is not indexed, NULL
  * on error. */
 static PyObject *
-pair_of(const uint8_t *key, Py_ssize_t key_len, const uint8_t *value, Py_ssize_t value_len,
-        int interned)
+pair_of(const uint8_t *key, Py_ssize_t key_len, int has_value, Field kind, int interned)
 {
-    if (value == NULL)
+    if (!has_value)
         Py_RETURN_NONE; /* no value: nothing indexed */
-    PyObject *text = value_text(value, value + value_len);
+    PyObject *text = value_text(kind);
     if (text == NULL || text == Py_None)
         return text;
     PyObject *k = utf8(key, key_len);
@@ -477,11 +556,13 @@ pair_of(const uint8_t *key, Py_ssize_t key_len, const uint8_t *value, Py_ssize_t
 static PyObject *
 attribute_pair(const uint8_t *p, const uint8_t *end)
 {
-    const uint8_t *key, *value;
-    Py_ssize_t key_len, value_len;
-    if (read_key_value(p, end, &key, &key_len, &value, &value_len) < 0)
+    const uint8_t *key;
+    Py_ssize_t key_len;
+    int has_value;
+    Field kind;
+    if (read_key_value(p, end, &key, &key_len, &has_value, &kind) < 0)
         return NULL;
-    return pair_of(key, key_len, value, value_len, 0);
+    return pair_of(key, key_len, has_value, kind, 0);
 }
 
 /* Recent KeyValues' pairs, by their bytes: most attributes repeat (models, providers,
@@ -788,20 +869,33 @@ read_span(Batch *b, Resource *res, PyObject *scope_ref, const uint8_t *span, Py_
     return 0;
 }
 
-/* The first (merged: last) occurrence of a message field, as bytes; b"" if absent. */
+/* A message field of the message in [p, end), as bytes: b"" if absent, its one
+ * occurrence's bytes, or, where it occurs several times (one message written in parts,
+ * which protobuf merges), their concatenation, which parses to the merged message. */
 static PyObject *
 submessage(const uint8_t *p, const uint8_t *end, uint32_t number)
 {
-    const uint8_t *data = NULL;
-    Py_ssize_t len = 0;
+    const uint8_t *data = NULL, *start = p;
+    Py_ssize_t len = 0, total = 0, count = 0;
     Field f;
     int r;
     while ((r = next_field(&p, end, &f)) > 0)
         if (f.number == number && f.type == WT_LEN)
-            data = f.data, len = f.len;
+            data = f.data, len = f.len, total += f.len, count++;
     if (r < 0)
         return NULL;
-    return PyBytes_FromStringAndSize(data ? (const char *)data : "", len);
+    if (count <= 1)
+        return PyBytes_FromStringAndSize(data ? (const char *)data : "", len);
+    PyObject *merged = PyBytes_FromStringAndSize(NULL, total);
+    if (merged == NULL)
+        return NULL;
+    char *out = PyBytes_AS_STRING(merged);
+    for (p = start; next_field(&p, end, &f) > 0;)
+        if (f.number == number && f.type == WT_LEN) {
+            memcpy(out, f.data, (size_t)f.len);
+            out += f.len;
+        }
+    return merged;
 }
 
 /* cb(key), asked once per distinct key in ``memo``'s call and answered from ``memo``
@@ -1093,11 +1187,11 @@ rs_layout(const uint8_t *base, const Field *f, RsLayout *out)
     int r;
     *out = (RsLayout){f->data - base, rs_end - base, 0, 0, 0, 0, 0};
     while ((r = next_field(&q, rs_end, &g)) > 0) {
-        if (g.number == 1) {
+        if (g.number == 1 && g.type == WT_LEN) { /* another type: an unknown field */
             out->resources++;
             out->resource = field - base;
             out->resource_end = q - base;
-            out->resource_data = g.type == WT_LEN ? g.data - base : out->resource_end;
+            out->resource_data = g.data - base;
         }
         else if (g.number == 2 && g.type == WT_LEN) { /* ScopeSpans: count its spans */
             const uint8_t *t = g.data, *ss_end = g.data + g.len;
@@ -1219,25 +1313,6 @@ received(PyObject *self, PyObject *args)
     return result;
 }
 
-/* The string_value of an AnyValue, as protobuf reads it: the string if the oneof's
- * last member on the wire is string_value, else empty ([p, p) with *len 0). -1 if
- * malformed. */
-static int
-any_string(const uint8_t *p, const uint8_t *end, const uint8_t **data, Py_ssize_t *len)
-{
-    Field f, kind = {0};
-    int r;
-    while ((r = next_field(&p, end, &f)) > 0)
-        if (f.number >= 1 && f.number <= 7)
-            kind = f;
-    if (r < 0)
-        return -1;
-    *data = p, *len = 0;
-    if (kind.number == 1 && kind.type == WT_LEN)
-        *data = kind.data, *len = kind.len;
-    return 0;
-}
-
 static int
 key_is(const uint8_t *key, Py_ssize_t len, const char *name)
 {
@@ -1283,16 +1358,17 @@ resource_facts(PyObject *self, PyObject *arg)
     while ((r = next_field(&p, end, &f)) > 0) {
         if (f.number != 1 || f.type != WT_LEN)
             continue; /* attributes are field 1; dropped_attributes_count and others */
-        const uint8_t *key, *value;
-        Py_ssize_t key_len, value_len;
-        if (read_key_value(f.data, f.data + f.len, &key, &key_len, &value, &value_len) < 0)
+        const uint8_t *key;
+        Py_ssize_t key_len;
+        int has_value;
+        Field kind;
+        if (read_key_value(f.data, f.data + f.len, &key, &key_len, &has_value, &kind) < 0)
             goto malformed;
-        const uint8_t *text = NULL;
+        /* string_value as protobuf reads it: empty unless the oneof holds a string */
+        const uint8_t *text = key;
         Py_ssize_t text_len = 0;
-        if (value == NULL)
-            text = key; /* no value: an empty string_value */
-        else if (any_string(value, value + value_len, &text, &text_len) < 0)
-            goto malformed;
+        if (kind.number == 1)
+            text = kind.data, text_len = kind.len;
         if (key_is(key, key_len, "calltrace.call.id")) {
             if (set_fact(&call_id, text, text_len, 1) < 0)
                 goto done;
@@ -1315,7 +1391,7 @@ resource_facts(PyObject *self, PyObject *arg)
         else if (key_len >= 18 && memcmp(key, "roark.project.tag.", 18) == 0)
             has_tags = 1;
         /* interned: the same keys and most values repeat in every resource */
-        PyObject *pair = pair_of(key, key_len, value, value_len, 1);
+        PyObject *pair = pair_of(key, key_len, has_value, kind, 1);
         if (pair == NULL)
             goto done;
         if (pair == Py_None) {

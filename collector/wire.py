@@ -8,7 +8,7 @@ Python path, built or not (``make test`` runs the suite both ways)."""
 
 from __future__ import annotations
 
-import contextlib
+import importlib.util
 import os
 import sys
 from typing import Any
@@ -18,9 +18,28 @@ __all__ = ["BUILT", "ENABLED", "NATIVE_SQLITE", "NATIVE_WIRE", "native"]
 ENABLED = os.environ.get("CALLTRACE_NATIVE", "1").strip() != "0"
 """False when ``CALLTRACE_NATIVE=0`` turns the C path off."""
 
-_module: Any = None
-with contextlib.suppress(ImportError):
-    from collector import _wire as _module  # type: ignore[attr-defined,no-redef]
+
+def _load_module() -> Any:
+    """``collector._wire``: the build next to this file, or the one at the path
+    ``CALLTRACE_NATIVE_MODULE`` names (``make fuzz``'s, built with sanitizers into a
+    directory of its own); None if there is none."""
+    path = os.environ.get("CALLTRACE_NATIVE_MODULE")
+    if path:
+        spec = importlib.util.spec_from_file_location("collector._wire", path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"CALLTRACE_NATIVE_MODULE={path} is not an extension module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["collector._wire"] = module  # `from collector import _wire` finds it
+        spec.loader.exec_module(module)
+        return module
+    try:
+        from collector import _wire  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _wire
+
+
+_module: Any = _load_module()
 
 BUILT = _module is not None
 """Whether ``collector._wire`` is built and importable (used or not)."""
