@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= collector.yaml
 
-.PHONY: install install-test bytecode browser run test lint fmt bench bench-query bench-profile clean
+.PHONY: install install-test bytecode browser run test fuzz lint fmt bench bench-query bench-profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,27 @@ browser:
 test: install-test browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	CALLTRACE_NATIVE=0 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The fuzz targets (tests/fuzz, and test_wire's C-against-Python tests) for longer, with
+# collector._wire built with AddressSanitizer and UBSan into build/sanitized/ (the
+# in-place build is left alone) and loaded from there: FUZZ_EXAMPLES examples a target.
+FUZZ_EXAMPLES ?= 5000
+SANITIZED := build/sanitized
+CC ?= cc
+fuzz: install-test
+	@mkdir -p $(SANITIZED)
+	$(CC) -shared -fPIC -O1 -g -std=c11 -Wall \
+	  -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+	  -I"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+	  collector/_wire.c -o $(SANITIZED)/_wire.so
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
+	  CALLTRACE_NATIVE_MODULE=$(SANITIZED)/_wire.so $(BIN)/python -c \
+	  "from collector import wire; assert wire.native.__file__.endswith('$(SANITIZED)/_wire.so')"
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  CALLTRACE_NATIVE_MODULE=$(SANITIZED)/_wire.so CALLTRACE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+	  $(BIN)/python -m pytest -q -p no:randomly --timeout=0 tests/fuzz tests/core/test_wire.py \
+	  $(PYTEST_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check .

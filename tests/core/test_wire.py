@@ -938,9 +938,7 @@ def test_the_writer_falls_back_to_sqlite3_on_what_it_cannot_vouch_for(tmp_path):
     """Where the handle cannot be had, the same transactions run through sqlite3: a
     database that is no file (another handle would open a database of its own), a
     library without SQLite's functions (load_sqlite says so and keeps what it found)."""
-    from collector import _wire
-
-    native_module()
+    _wire = native_module()
     db = storage.open_sqlite(":memory:")
     db.execute("CREATE TABLE t (a)")
     writes = storage.SQLiteWriter(db)
