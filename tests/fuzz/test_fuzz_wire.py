@@ -320,3 +320,42 @@ def test_damaged_requests(body):
 @given(st.binary(max_size=200))
 def test_random_bytes(body):
     assert_readers_agree(body)
+
+
+# -- Redis replies (exporters/redis_streams.py): counted in C as in Python ---------------
+
+_replies = st.lists(
+    st.one_of(
+        st.binary(min_size=0, max_size=20).map(lambda b: b"$%d\r\n%s\r\n" % (len(b), b)),
+        st.just(b"$-1\r\n"),
+        st.sampled_from([b"+OK\r\n", b":12\r\n", b"-ERR no\r\n", b"-OOM used memory\r\n"]),
+    ),
+    max_size=6,
+)
+
+
+def _count_replies(native: bool, expected: int, chunks: list[bytes]) -> tuple[Any, ...]:
+    from exporters.redis_streams import _ReplyCounter
+
+    counter = _ReplyCounter(expected, native=native)
+    try:
+        for chunk in chunks:
+            counter.feed(chunk)
+    except Exception as exc:  # both ways must raise the same
+        return (type(exc).__name__,)
+    return counter.missing, repr(counter.error), counter._buffer
+
+
+@fuzz_settings(300)
+@given(_replies, st.data())
+def test_redis_replies_are_counted_as_in_python(replies, data):
+    stream = bytearray(b"".join(replies))
+    if data.draw(st.booleans()) and stream:  # damaged: a byte changed, or cut
+        position = data.draw(st.integers(0, len(stream) - 1))
+        stream[position] = data.draw(st.integers(0, 255))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+    chunks = [bytes(stream[a:b]) for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    expected = data.draw(st.integers(len(replies), len(replies) + 1))
+    in_python = _count_replies(False, expected, chunks)
+    if wire.native is not None:
+        assert _count_replies(True, expected, chunks) == in_python
