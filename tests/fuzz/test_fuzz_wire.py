@@ -98,7 +98,7 @@ def _refused_cleanly(body: bytes) -> None:
     native = wire.native
     if native is None:
         with pytest.raises(DecodeError):
-            storage.build_rows(SpanBatch([], "p", payload=body), 0, lambda *a: 1, lambda p: 1)
+            storage.build_rows(SpanBatch.from_bytes(body, "p"), 0, lambda *a: 1, lambda p: 1)
         return
     calls = [
         lambda: native.build_rows(body, "p", lambda b: (1, None, None, ()), len),
@@ -128,7 +128,7 @@ def assert_readers_agree(body: bytes) -> None:
         # The Python path reads the batch's bytes as the exporters get them.
         payload = serialize_resource_spans(messages)
         assert (
-            _rows(lambda r, s: storage.build_rows(SpanBatch([], "p1", payload=payload), 7, r, s))
+            _rows(lambda r, s: storage.build_rows(SpanBatch.from_bytes(payload, "p1"), 7, r, s))
             == python_rows
         )
         return
@@ -139,7 +139,7 @@ def assert_readers_agree(body: bytes) -> None:
     assert with_c == in_python
     assert native.check_spans(body)[0] == sum(map(span_count, messages))
 
-    # Where each ResourceSpans is, and its resource's bytes (SpanBatch.sources).
+    # Where each ResourceSpans is, and its resource's bytes (SpanBatch.from_received).
     layout = native.resource_spans_layout(body)
     assert layout == python_layout(body)
     sources = received_bytes(request, body, layout)
