@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= collector.yaml
 
-.PHONY: install install-test bytecode browser run test fuzz lint fmt bench bench-query bench-profile clean
+.PHONY: install install-test bytecode browser run test fuzz check-no-compiler lint fmt bench bench-query bench-profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,21 @@ fuzz: install-test
 	  CALLTRACE_NATIVE_MODULE=$(SANITIZED)/_wire.so CALLTRACE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
 	  $(BIN)/python -m pytest -q -p no:randomly --timeout=0 tests/fuzz tests/core/test_wire.py \
 	  $(PYTEST_ARGS)
+
+# A fresh install where the C extension cannot be built (CC=false: no compiler): setup.py
+# leaves it out, and calltrace runs on the pure Python path. The tracked files are copied
+# to build/no-compiler/ (the fixtures are found through build/shared).
+NO_COMPILER := build/no-compiler
+check-no-compiler:
+	rm -rf $(NO_COMPILER) && mkdir -p $(NO_COMPILER)
+	git ls-files -z | tar --null -cf - -T - | tar -xf - -C $(NO_COMPILER)
+	ln -sfn "$(abspath ../shared)" build/shared
+	$(PYTHON) -m venv $(NO_COMPILER)/.venv
+	cd $(NO_COMPILER) && CC=false .venv/bin/pip install --quiet -e '.[test]'
+	cd $(NO_COMPILER) && .venv/bin/python -c \
+	  "from collector import wire; assert not wire.BUILT and wire.native is None, 'built'"
+	cd $(NO_COMPILER) && env -u CI .venv/bin/python -m pytest -q -p no:cacheprovider \
+	  tests/core/test_wire.py tests/exporters/test_sqlite.py tests/receivers/test_otlp_http.py
 
 lint: install-test
 	$(BIN)/ruff check .
