@@ -66,7 +66,8 @@ read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out)
 
 /* Past the group field number (deprecated; upb keeps one as an unknown field) whose
  * start tag was just read: its fields up to its end tag, groups within included. 0, or
- * -1 if malformed (no end tag, another group's, too deep). */
+ * -1 if malformed (no end tag, another group's, too deep). As upb skips a group, a
+ * field within it may have number 0 (a 32-bit tag is all it asks). */
 static int
 skip_group(const uint8_t **pp, const uint8_t *end, uint64_t number, int depth)
 {
@@ -74,8 +75,7 @@ skip_group(const uint8_t **pp, const uint8_t *end, uint64_t number, int depth)
     if (depth > MAX_GROUP_DEPTH)
         return -1;
     for (;;) {
-        if (*pp >= end || read_varint(pp, end, &tag) < 0 || (tag >> 3) == 0 ||
-            (tag >> 3) > UINT32_MAX)
+        if (*pp >= end || read_varint(pp, end, &tag) < 0 || tag > UINT32_MAX)
             return -1;
         switch (tag & 7) {
         case WT_VARINT:

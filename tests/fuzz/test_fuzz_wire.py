@@ -312,6 +312,9 @@ def test_requests_written_otherwise_on_the_wire(body):
 @example(b"\x0a\x02\x0b\x0c")  # an end tag closing a group inside a ResourceSpans
 @example(b"\x0a\x01\x0c")  # an end tag without its group
 @example(b"\x0a\x02\x0b\x14")  # a group closed by another group's end tag
+@example(b"\x1b\x00\x00\x0b\x0c\x1c")  # field number 0 inside a group: upb skips it (make fuzz)
+@example(b"\x1b\x03\x04\x1c")  # a group of number 0 inside a group
+@example(b"\x1b\x04\x1c")  # an end tag of number 0 closing group 3: refused
 def test_damaged_requests(body):
     assert_readers_agree(body)
 
