@@ -56,6 +56,7 @@ from collector.signals import ALL_SIGNALS, LogBatch, MetricBatch
 from collector.signals_storage import SQLiteSignalStore
 from collector.storage import (  # re-exported: the query side and plugins read them here
     MAX_INDEXED_VALUE,
+    NATIVE_SQLITE,
     STATUS_ERROR,
     TAG_PREFIX,
     BackgroundCheckpointer,
@@ -76,6 +77,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_INDEXED_VALUE",
+    "NATIVE_SQLITE",
     "SCHEMA",
     "STATUS_ERROR",
     "TAG_PREFIX",

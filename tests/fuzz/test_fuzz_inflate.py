@@ -2,7 +2,8 @@
 (``collector.receivers.otlp_http._inflate``, ``_inflate_deflate``).
 
 Whatever the bytes, inflating gives at most ``limit`` bytes, or refuses the body as too
-large (413) or as not compressed data (400: ``zlib.error``), never another exception;
+large (413), as too many gzip members, or as not compressed data (400: ``zlib.error``),
+never another exception;
 where the body is gzip (of one member or several), zlib or raw deflate data of
 something within the limit, it gives that something."""
 
@@ -29,7 +30,7 @@ def inflated_or_refused(decode, body: bytes) -> bytes | None:
     """What ``decode`` makes of ``body``: its bytes, or None where it refused it."""
     try:
         out = decode(body, LIMIT)
-    except (otlp_http._TooLarge, zlib.error):
+    except (otlp_http._TooLarge, otlp_http._TooManyMembers, zlib.error):
         return None
     assert isinstance(out, bytes) and len(out) <= LIMIT
     return out
@@ -78,6 +79,7 @@ def _damaged(draw) -> bytes:
 @given(st.one_of(st.binary(max_size=200), _damaged()))
 @example(b"\x1f\x8b")  # a gzip header cut short
 @example(gzip.compress(b"") * 100)  # many empty members
+@example(gzip.compress(b"") * (otlp_http.MAX_GZIP_MEMBERS + 1))  # too many: refused
 @example(gzip.compress(b"x") + b"\x00")  # a member and garbage after it
 def test_any_body_is_inflated_within_the_limit_or_refused(body):
     for decode in (otlp_http._inflate, otlp_http._inflate_deflate):
