@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= collector.yaml
 
-.PHONY: install install-test bytecode browser run test lint fmt bench bench-query bench-profile clean
+.PHONY: install install-test bytecode browser run test fuzz check-no-compiler lint fmt bench bench-query bench-profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,47 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null \
 	  || echo "could not install chromium (not root?); browser tests will fail in CI"; }
 
+# The suite twice: as installed (the C extension built), then on the pure Python path
+# (CALLTRACE_NATIVE=0), which must behave the same; tests about the C code itself skip there.
 test: install-test browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	CALLTRACE_NATIVE=0 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The fuzz targets (tests/fuzz, and test_wire's C-against-Python tests) for longer, with
+# collector._wire built with AddressSanitizer and UBSan into build/sanitized/ (the
+# in-place build is left alone) and loaded from there: FUZZ_EXAMPLES examples a target.
+FUZZ_EXAMPLES ?= 5000
+SANITIZED := build/sanitized
+CC ?= cc
+fuzz: install-test
+	@mkdir -p $(SANITIZED)
+	$(CC) -shared -fPIC -O1 -g -std=c11 -Wall \
+	  -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+	  -I"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+	  collector/_wire.c -o $(SANITIZED)/_wire.so
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
+	  CALLTRACE_NATIVE_MODULE=$(SANITIZED)/_wire.so $(BIN)/python -c \
+	  "from collector import wire; assert wire.native.__file__.endswith('$(SANITIZED)/_wire.so')"
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  CALLTRACE_NATIVE_MODULE=$(SANITIZED)/_wire.so CALLTRACE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+	  $(BIN)/python -m pytest -q -p no:randomly --timeout=0 tests/fuzz tests/core/test_wire.py \
+	  $(PYTEST_ARGS)
+
+# A fresh install where the C extension cannot be built (CC=false: no compiler): setup.py
+# leaves it out, and calltrace runs on the pure Python path. The tracked files are copied
+# to build/no-compiler/ (the fixtures are found through build/shared).
+NO_COMPILER := build/no-compiler
+check-no-compiler:
+	rm -rf $(NO_COMPILER) && mkdir -p $(NO_COMPILER)
+	git ls-files -z | tar --null -cf - -T - | tar -xf - -C $(NO_COMPILER)
+	ln -sfn "$(abspath ../shared)" build/shared
+	$(PYTHON) -m venv $(NO_COMPILER)/.venv
+	cd $(NO_COMPILER) && CC=false .venv/bin/pip install --quiet -e '.[test]'
+	cd $(NO_COMPILER) && .venv/bin/python -c \
+	  "from collector import wire; assert not wire.BUILT and wire.native is None, 'built'"
+	cd $(NO_COMPILER) && env -u CI .venv/bin/python -m pytest -q -p no:cacheprovider \
+	  tests/core/test_wire.py tests/exporters/test_sqlite.py tests/receivers/test_otlp_http.py
 
 lint: install-test
 	$(BIN)/ruff check .

@@ -34,7 +34,10 @@
 #define MAX_INDEXED_VALUE 256 /* storage.MAX_INDEXED_VALUE: longer values are not indexed */
 #define STATUS_ERROR 2
 
-enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
+enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_SGROUP = 3, WT_EGROUP = 4, WT_I32 = 5 };
+
+/* How deep groups may nest: upb's default depth limit (kUpb_WireFormat_DefaultDepthLimit). */
+#define MAX_GROUP_DEPTH 100
 
 typedef struct {
     uint32_t number;
@@ -61,8 +64,54 @@ read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out)
     return -1;
 }
 
+/* Past the group field number (deprecated; upb keeps one as an unknown field) whose
+ * start tag was just read: its fields up to its end tag, groups within included. 0, or
+ * -1 if malformed (no end tag, another group's, too deep). As upb skips a group, a
+ * field within it may have number 0 (a 32-bit tag is all it asks). */
+static int
+skip_group(const uint8_t **pp, const uint8_t *end, uint64_t number, int depth)
+{
+    uint64_t tag, value;
+    if (depth > MAX_GROUP_DEPTH)
+        return -1;
+    for (;;) {
+        if (*pp >= end || read_varint(pp, end, &tag) < 0 || tag > UINT32_MAX)
+            return -1;
+        switch (tag & 7) {
+        case WT_VARINT:
+            if (read_varint(pp, end, &value) < 0)
+                return -1;
+            break;
+        case WT_I64:
+            if (end - *pp < 8)
+                return -1;
+            *pp += 8;
+            break;
+        case WT_I32:
+            if (end - *pp < 4)
+                return -1;
+            *pp += 4;
+            break;
+        case WT_LEN:
+            if (read_varint(pp, end, &value) < 0 || value > (uint64_t)(end - *pp))
+                return -1;
+            *pp += value;
+            break;
+        case WT_SGROUP:
+            if (skip_group(pp, end, tag >> 3, depth + 1) < 0)
+                return -1;
+            break;
+        case WT_EGROUP:
+            return (tag >> 3) == number ? 0 : -1;
+        default:
+            return -1;
+        }
+    }
+}
+
 /* The next field of a message: 1, 0 at its end, -1 if malformed; sets no exception, so
- * it runs without the GIL (next_field sets ValueError). */
+ * it runs without the GIL (next_field sets ValueError). A group is a field of type
+ * WT_SGROUP whose data is its contents; no reader here looks into one. */
 static int
 scan_field(const uint8_t **pp, const uint8_t *end, Field *f)
 {
@@ -100,7 +149,15 @@ scan_field(const uint8_t **pp, const uint8_t *end, Field *f)
         f->len = (Py_ssize_t)len;
         *pp += len;
         return 1;
-    default: /* groups (deprecated) and invalid wire types */
+    case WT_SGROUP: {
+        const uint8_t *start = *pp;
+        if (skip_group(pp, end, f->number, 1) < 0)
+            goto malformed;
+        f->data = start;
+        f->len = *pp - start;
+        return 1;
+    }
+    default: /* an end tag without its group, invalid wire types */
         goto malformed;
     }
 malformed:
@@ -361,20 +418,65 @@ utf8(const uint8_t *data, Py_ssize_t len)
 
 static PyObject *TRUE_TEXT, *FALSE_TEXT;
 
-/* attribute_text of an AnyValue: a new reference, Py_None (new) if not indexed, NULL on
- * error. Matches collector.storage.attribute_text: strings up to 256 characters, bools
- * as true/false, ints in decimal, floats as str(int(x)) when whole, else repr(x). */
-static PyObject *
-value_text(const uint8_t *p, const uint8_t *end)
+/* Whether f is a member of AnyValue's oneof as upb reads it: a member's field number
+ * with another wire type is an unknown field, which leaves the oneof as it was. */
+static int
+any_value_member(const Field *f)
 {
-    Field f, kind = {0};
-    int r;
-    while ((r = next_field(&p, end, &f)) > 0) {
-        if (f.number >= 1 && f.number <= 7)
-            kind = f; /* a oneof: the last member on the wire wins */
+    switch (f->number) {
+    case 1: /* string_value */
+    case 5: /* array_value */
+    case 6: /* kvlist_value */
+    case 7: /* bytes_value */
+        return f->type == WT_LEN;
+    case 2: /* bool_value */
+    case 3: /* int_value */
+        return f->type == WT_VARINT;
+    case 4: /* double_value */
+        return f->type == WT_I64;
+    default:
+        return 0;
     }
-    if (r < 0)
-        return NULL;
+}
+
+/* The AnyValue of the KeyValue in [p, end) as protobuf reads it: the key (b"" if
+ * absent; the last on the wire wins), whether a value field is there, and its oneof
+ * member (number 0: unset). The value field's occurrences merge (one message written in
+ * parts), so the last member over all of them wins. 0, or -1 if malformed. */
+static int
+read_key_value(const uint8_t *p, const uint8_t *end, const uint8_t **key, Py_ssize_t *key_len,
+               int *has_value, Field *kind)
+{
+    Field f, g;
+    int r;
+    *key = (const uint8_t *)"", *key_len = 0, *has_value = 0;
+    *kind = (Field){0};
+    while ((r = next_field(&p, end, &f)) > 0) {
+        if (f.type != WT_LEN)
+            continue;
+        if (f.number == 1)
+            *key = f.data, *key_len = f.len;
+        else if (f.number == 2) {
+            const uint8_t *q = f.data, *qend = f.data + f.len;
+            int t;
+            *has_value = 1;
+            while ((t = next_field(&q, qend, &g)) > 0)
+                if (any_value_member(&g))
+                    *kind = g; /* a oneof: the last member on the wire wins */
+            if (t < 0)
+                return -1;
+        }
+    }
+    return r;
+}
+
+/* attribute_text of an AnyValue whose oneof member is kind (number 0: unset): a new
+ * reference, Py_None (new) if not indexed, NULL on error. Matches
+ * collector.storage.attribute_text: strings up to 256 characters, bools as true/false,
+ * ints in decimal, floats as str(int(x)) when whole, else repr(x). */
+static PyObject *
+value_text(Field kind)
+{
     switch (kind.number) {
     case 1: {
         if (kind.type != WT_LEN)
@@ -423,38 +525,15 @@ value_text(const uint8_t *p, const uint8_t *end)
     Py_RETURN_NONE;
 }
 
-/* (key, attribute_text(value)) of the KeyValue in [p, end): a new reference, Py_None
- * (new) if the value is not indexed, NULL on error. */
-/* The key (b"" if absent) and the AnyValue (NULL if absent) of the KeyValue in [p, end),
- * the last of each on the wire: 0, or -1 if malformed. */
-static int
-read_key_value(const uint8_t *p, const uint8_t *end, const uint8_t **key, Py_ssize_t *key_len,
-               const uint8_t **value, Py_ssize_t *value_len)
-{
-    Field f;
-    int r;
-    *key = (const uint8_t *)"", *key_len = 0, *value = NULL, *value_len = 0;
-    while ((r = next_field(&p, end, &f)) > 0) {
-        if (f.type != WT_LEN)
-            continue;
-        if (f.number == 1)
-            *key = f.data, *key_len = f.len;
-        else if (f.number == 2)
-            *value = f.data, *value_len = f.len;
-    }
-    return r;
-}
-
-/* (key, attribute_text(value)) of a key and an AnyValue (NULL: absent), both strings
- * interned if asked: a new reference, Py_None (new) if the value is not indexed, NULL
+/* (key, attribute_text(value)) of a key and an AnyValue (has_value 0: absent), both
+ * strings interned if asked: a new reference, Py_None (new) if the value is not indexed, NULL
  * on error. */
 static PyObject *
-pair_of(const uint8_t *key, Py_ssize_t key_len, const uint8_t *value, Py_ssize_t value_len,
-        int interned)
+pair_of(const uint8_t *key, Py_ssize_t key_len, int has_value, Field kind, int interned)
 {
-    if (value == NULL)
+    if (!has_value)
         Py_RETURN_NONE; /* no value: nothing indexed */
-    PyObject *text = value_text(value, value + value_len);
+    PyObject *text = value_text(kind);
     if (text == NULL || text == Py_None)
         return text;
     PyObject *k = utf8(key, key_len);
@@ -477,11 +556,13 @@ pair_of(const uint8_t *key, Py_ssize_t key_len, const uint8_t *value, Py_ssize_t
 static PyObject *
 attribute_pair(const uint8_t *p, const uint8_t *end)
 {
-    const uint8_t *key, *value;
-    Py_ssize_t key_len, value_len;
-    if (read_key_value(p, end, &key, &key_len, &value, &value_len) < 0)
+    const uint8_t *key;
+    Py_ssize_t key_len;
+    int has_value;
+    Field kind;
+    if (read_key_value(p, end, &key, &key_len, &has_value, &kind) < 0)
         return NULL;
-    return pair_of(key, key_len, value, value_len, 0);
+    return pair_of(key, key_len, has_value, kind, 0);
 }
 
 /* Recent KeyValues' pairs, by their bytes: most attributes repeat (models, providers,
@@ -788,20 +869,33 @@ read_span(Batch *b, Resource *res, PyObject *scope_ref, const uint8_t *span, Py_
     return 0;
 }
 
-/* The first (merged: last) occurrence of a message field, as bytes; b"" if absent. */
+/* A message field of the message in [p, end), as bytes: b"" if absent, its one
+ * occurrence's bytes, or, where it occurs several times (one message written in parts,
+ * which protobuf merges), their concatenation, which parses to the merged message. */
 static PyObject *
 submessage(const uint8_t *p, const uint8_t *end, uint32_t number)
 {
-    const uint8_t *data = NULL;
-    Py_ssize_t len = 0;
+    const uint8_t *data = NULL, *start = p;
+    Py_ssize_t len = 0, total = 0, count = 0;
     Field f;
     int r;
     while ((r = next_field(&p, end, &f)) > 0)
         if (f.number == number && f.type == WT_LEN)
-            data = f.data, len = f.len;
+            data = f.data, len = f.len, total += f.len, count++;
     if (r < 0)
         return NULL;
-    return PyBytes_FromStringAndSize(data ? (const char *)data : "", len);
+    if (count <= 1)
+        return PyBytes_FromStringAndSize(data ? (const char *)data : "", len);
+    PyObject *merged = PyBytes_FromStringAndSize(NULL, total);
+    if (merged == NULL)
+        return NULL;
+    char *out = PyBytes_AS_STRING(merged);
+    for (p = start; next_field(&p, end, &f) > 0;)
+        if (f.number == number && f.type == WT_LEN) {
+            memcpy(out, f.data, (size_t)f.len);
+            out += f.len;
+        }
+    return merged;
 }
 
 /* cb(key), asked once per distinct key in ``memo``'s call and answered from ``memo``
@@ -1093,11 +1187,11 @@ rs_layout(const uint8_t *base, const Field *f, RsLayout *out)
     int r;
     *out = (RsLayout){f->data - base, rs_end - base, 0, 0, 0, 0, 0};
     while ((r = next_field(&q, rs_end, &g)) > 0) {
-        if (g.number == 1) {
+        if (g.number == 1 && g.type == WT_LEN) { /* another type: an unknown field */
             out->resources++;
             out->resource = field - base;
             out->resource_end = q - base;
-            out->resource_data = g.type == WT_LEN ? g.data - base : out->resource_end;
+            out->resource_data = g.data - base;
         }
         else if (g.number == 2 && g.type == WT_LEN) { /* ScopeSpans: count its spans */
             const uint8_t *t = g.data, *ss_end = g.data + g.len;
@@ -1219,25 +1313,6 @@ received(PyObject *self, PyObject *args)
     return result;
 }
 
-/* The string_value of an AnyValue, as protobuf reads it: the string if the oneof's
- * last member on the wire is string_value, else empty ([p, p) with *len 0). -1 if
- * malformed. */
-static int
-any_string(const uint8_t *p, const uint8_t *end, const uint8_t **data, Py_ssize_t *len)
-{
-    Field f, kind = {0};
-    int r;
-    while ((r = next_field(&p, end, &f)) > 0)
-        if (f.number >= 1 && f.number <= 7)
-            kind = f;
-    if (r < 0)
-        return -1;
-    *data = p, *len = 0;
-    if (kind.number == 1 && kind.type == WT_LEN)
-        *data = kind.data, *len = kind.len;
-    return 0;
-}
-
 static int
 key_is(const uint8_t *key, Py_ssize_t len, const char *name)
 {
@@ -1283,16 +1358,17 @@ resource_facts(PyObject *self, PyObject *arg)
     while ((r = next_field(&p, end, &f)) > 0) {
         if (f.number != 1 || f.type != WT_LEN)
             continue; /* attributes are field 1; dropped_attributes_count and others */
-        const uint8_t *key, *value;
-        Py_ssize_t key_len, value_len;
-        if (read_key_value(f.data, f.data + f.len, &key, &key_len, &value, &value_len) < 0)
+        const uint8_t *key;
+        Py_ssize_t key_len;
+        int has_value;
+        Field kind;
+        if (read_key_value(f.data, f.data + f.len, &key, &key_len, &has_value, &kind) < 0)
             goto malformed;
-        const uint8_t *text = NULL;
+        /* string_value as protobuf reads it: empty unless the oneof holds a string */
+        const uint8_t *text = key;
         Py_ssize_t text_len = 0;
-        if (value == NULL)
-            text = key; /* no value: an empty string_value */
-        else if (any_string(value, value + value_len, &text, &text_len) < 0)
-            goto malformed;
+        if (kind.number == 1)
+            text = kind.data, text_len = kind.len;
         if (key_is(key, key_len, "calltrace.call.id")) {
             if (set_fact(&call_id, text, text_len, 1) < 0)
                 goto done;
@@ -1315,7 +1391,7 @@ resource_facts(PyObject *self, PyObject *arg)
         else if (key_len >= 18 && memcmp(key, "roark.project.tag.", 18) == 0)
             has_tags = 1;
         /* interned: the same keys and most values repeat in every resource */
-        PyObject *pair = pair_of(key, key_len, value, value_len, 1);
+        PyObject *pair = pair_of(key, key_len, has_value, kind, 1);
         if (pair == NULL)
             goto done;
         if (pair == Py_None) {
@@ -2174,10 +2250,14 @@ json_to_wire(PyObject *self, PyObject *args)
  * executemany binds each row's values from Python objects (for span rows, objects that
  * build_rows made first: ~3 us a span holding the GIL, which the event loop waits for),
  * and lets go of the GIL around every row's step: each time, taking it back waits for
- * the event loop's turn to end. Here the rows go into the writer's SQLite connection in
- * C, span rows from the payload itself, with the GIL let go of once a batch. SQLite's functions are looked up in the library Python's own sqlite3 module
- * uses (load_sqlite), so both work on one copy of SQLite and one connection; nothing is
- * linked at build time, and without them storage takes the executemany path. */
+ * the event loop's turn to end. Here the rows go into SQLite in C, span rows from the
+ * payload itself, with the GIL let go of once a batch, on a handle of the writer's own
+ * (SQLiteHandle: sqlite3_open_v2 on the file; WAL lets it beside Python's connections).
+ * SQLite's functions are looked up in the library Python's own sqlite3 module is linked
+ * to (load_sqlite): one copy of SQLite in the process, whose POSIX file locks then know
+ * of every connection to a file (two copies would each drop the other's locks). Nothing
+ * of Python's sqlite3 objects is read, and nothing is linked at build time; without
+ * SQLite's functions storage takes the executemany path. */
 
 typedef struct sqlite3 sqlite3;
 typedef struct sqlite3_stmt sqlite3_stmt;
@@ -2202,6 +2282,8 @@ static struct {
     const char *(*errmsg)(sqlite3 *);
     int (*get_autocommit)(sqlite3 *);
     const char *(*db_filename)(sqlite3 *, const char *);
+    int (*open_v2)(const char *, sqlite3 **, int, const char *);
+    int (*close)(sqlite3 *);
 } sq;
 static int sqlite_loaded;
 
@@ -2210,7 +2292,8 @@ static int sqlite_loaded;
 PyDoc_STRVAR(load_sqlite_doc,
 "load_sqlite(module_file)\n--\n\n"
 "Look up SQLite's functions in the library that the extension module at module_file\n"
-"(_sqlite3's __file__) is linked to; True if all were found (execute_steps and execute_rows work).");
+"(_sqlite3's __file__, already loaded) is linked to; True if all were found (SQLiteHandle,\n"
+"execute_steps and execute_rows work). False for a file not loaded or without them.");
 
 static PyObject *
 load_sqlite(PyObject *self, PyObject *arg)
@@ -2241,48 +2324,181 @@ load_sqlite(PyObject *self, PyObject *arg)
         {(void **)&sq.errmsg, "sqlite3_errmsg"},
         {(void **)&sq.get_autocommit, "sqlite3_get_autocommit"},
         {(void **)&sq.db_filename, "sqlite3_db_filename"},
+        {(void **)&sq.open_v2, "sqlite3_open_v2"},
+        {(void **)&sq.close, "sqlite3_close"},
     };
-    int found = 1;
+    /* Into a copy first: a library without them leaves what an earlier call found. */
+    void *found[sizeof symbols / sizeof symbols[0]];
+    int all = 1;
     for (size_t i = 0; i < sizeof symbols / sizeof symbols[0]; i++)
-        if ((*symbols[i].slot = dlsym(handle, symbols[i].name)) == NULL)
-            found = 0;
+        if ((found[i] = dlsym(handle, symbols[i].name)) == NULL)
+            all = 0;
+    if (all && !sqlite_loaded) {
+        for (size_t i = 0; i < sizeof symbols / sizeof symbols[0]; i++)
+            *symbols[i].slot = found[i];
+        sqlite_loaded = 1;
+    }
     dlclose(handle); /* the module stays loaded: Python holds it */
-    sqlite_loaded = found;
-    return PyBool_FromLong(found);
+    return PyBool_FromLong(all);
 }
 
-/* The head of CPython's pysqlite_Connection (Modules/_sqlite/connection.h, 3.8-3.13):
- * its first field is the sqlite3 handle. writer_handle checks the type and the file name
- * before it uses it. */
+#define SQLITE_OPEN_READWRITE 0x00000002
+#define SQLITE_OPEN_NOMUTEX 0x00008000
+
+/* A SQLite connection of the extension's own: the writer's transactions run on it. */
 typedef struct {
     PyObject_HEAD
     sqlite3 *db;
-} ConnectionHead;
+    int busy; /* a call runs on it without the GIL: closing it now is refused */
+    PyObject *filename;
+} SQLiteHandle;
 
-/* The SQLite handle of connection, a connection_type (sqlite3.Connection) that must be
- * open on filename and inside a transaction; NULL with an exception set if not. */
-static sqlite3 *
-writer_handle(PyObject *connection, PyObject *connection_type, const char *filename)
+static PyTypeObject SQLiteHandleType;
+
+static int
+handle_init(SQLiteHandle *self, PyObject *args, PyObject *kwargs)
 {
+    static char *kwlist[] = {"filename", NULL};
+    PyObject *filename;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "U:SQLiteHandle", kwlist, &filename))
+        return -1;
     if (!sqlite_loaded) {
         PyErr_SetString(PyExc_RuntimeError, "load_sqlite() found no SQLite library");
+        return -1;
+    }
+    if (self->db != NULL || self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "the handle is open already");
+        return -1;
+    }
+    const char *path = PyUnicode_AsUTF8(filename);
+    if (path == NULL)
+        return -1;
+    if (path[0] == '\0' || strcmp(path, ":memory:") == 0) {
+        /* SQLite would open a database of the handle's own, not the caller's */
+        PyErr_SetString(PyExc_ValueError, "a handle is opened on a file");
+        return -1;
+    }
+    sqlite3 *db = NULL;
+    int rc;
+    /* An existing file only, read-write: Python's connection made it and its schema. The
+     * handle is used by one thread at a time (busy), as Python's connections are. */
+    Py_BEGIN_ALLOW_THREADS
+    rc = sq.open_v2(path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
+    Py_END_ALLOW_THREADS
+    if (rc != SQLITE_OK) {
+        PyErr_Format(PyExc_OSError, "cannot open %s: %s (%d)", path,
+                     db == NULL ? "out of memory" : sq.errmsg(db), rc);
+        if (db != NULL)
+            sq.close(db);
+        return -1;
+    }
+    self->db = db;
+    Py_XSETREF(self->filename, Py_NewRef(filename));
+    return 0;
+}
+
+static PyObject *
+handle_close(SQLiteHandle *self, PyObject *unused)
+{
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "the handle is in use");
         return NULL;
     }
-    if (!PyObject_TypeCheck(connection, (PyTypeObject *)connection_type)) {
-        PyErr_SetString(PyExc_TypeError, "connection is not of connection_type");
+    if (self->db != NULL) {
+        sqlite3 *db = self->db;
+        self->db = NULL;
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = sq.close(db); /* every statement is finalized by the call that made it */
+        Py_END_ALLOW_THREADS
+        (void)rc;
+    }
+    Py_RETURN_NONE;
+}
+
+static void
+handle_dealloc(SQLiteHandle *self)
+{
+    if (self->db != NULL)
+        sq.close(self->db);
+    Py_XDECREF(self->filename);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+handle_in_transaction(SQLiteHandle *self, void *closure)
+{
+    if (self->db == NULL)
+        Py_RETURN_FALSE;
+    return PyBool_FromLong(!sq.get_autocommit(self->db));
+}
+
+static PyObject *
+handle_filename(SQLiteHandle *self, void *closure)
+{
+    return Py_NewRef(self->filename ? self->filename : Py_None);
+}
+
+static PyMethodDef handle_methods[] = {
+    {"close", (PyCFunction)handle_close, METH_NOARGS,
+     "close()\n--\n\nClose the connection (again: nothing). RuntimeError while a call runs on it."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef handle_getset[] = {
+    {"in_transaction", (getter)handle_in_transaction, NULL,
+     "Whether a transaction is open on it.", NULL},
+    {"filename", (getter)handle_filename, NULL, "The file it was opened on.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyDoc_STRVAR(handle_doc,
+"SQLiteHandle(filename)\n--\n\n"
+"A read-write SQLite connection to the existing file filename, opened with\n"
+"sqlite3_open_v2 through the library load_sqlite found, for execute_rows and\n"
+"execute_steps. Its settings (PRAGMAs) are the caller's to run. OSError if SQLite\n"
+"cannot open the file, RuntimeError without load_sqlite. One thread at a time.");
+
+static PyTypeObject SQLiteHandleType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "collector._wire.SQLiteHandle",
+    .tp_basicsize = sizeof(SQLiteHandle),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = handle_doc,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)handle_init,
+    .tp_dealloc = (destructor)handle_dealloc,
+    .tp_methods = handle_methods,
+    .tp_getset = handle_getset,
+};
+
+/* The open SQLite connection of handle, an SQLiteHandle (its type checked), marked busy
+ * for the call (handle_release after); NULL with an exception set if not usable. */
+static sqlite3 *
+handle_acquire(PyObject *handle)
+{
+    if (!PyObject_TypeCheck(handle, &SQLiteHandleType)) {
+        PyErr_Format(PyExc_TypeError, "expected an SQLiteHandle, not %.100s",
+                     Py_TYPE(handle)->tp_name);
         return NULL;
     }
-    sqlite3 *db = ((ConnectionHead *)connection)->db;
-    const char *open_on = db == NULL ? NULL : sq.db_filename(db, "main");
-    if (open_on == NULL || strcmp(open_on, filename) != 0) {
-        PyErr_Format(PyExc_ValueError, "the connection is not open on %s", filename);
+    SQLiteHandle *h = (SQLiteHandle *)handle;
+    if (h->db == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the handle is closed");
         return NULL;
     }
-    if (sq.get_autocommit(db)) {
-        PyErr_SetString(PyExc_ValueError, "rows are written inside a transaction");
+    if (h->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "the handle is in use by another call");
         return NULL;
     }
-    return db;
+    h->busy = 1;
+    return h->db;
+}
+
+static void
+handle_release(PyObject *handle)
+{
+    ((SQLiteHandle *)handle)->busy = 0;
 }
 
 typedef struct {
@@ -2603,23 +2819,23 @@ run_rows(sqlite3 *db, sqlite3_stmt *stmt, const Value *values, Py_ssize_t n,
 }
 
 PyDoc_STRVAR(execute_rows_doc,
-"execute_rows(connection, connection_type, filename, sql, rows, returning=False)\n--\n\n"
-"executemany(sql, rows) on connection (a connection_type open on filename, inside a\n"
-"transaction), the rows' values (None, int, float, str, bytes) bound as sqlite3 binds\n"
-"them, with the GIL released once for all rows instead of for each. Returns the number\n"
-"of rows changed or, with returning, the first column of every row the statement\n"
-"returned, as integers (RETURNING id); (code, message) for an error SQLite reported.");
+"execute_rows(handle, sql, rows, returning=False)\n--\n\n"
+"executemany(sql, rows) on handle (an SQLiteHandle), the rows' values (None, int, float,\n"
+"str, bytes) bound as sqlite3 binds them, with the GIL released once for all rows\n"
+"instead of for each. Returns the number of rows changed or, with returning, the first\n"
+"column of every row the statement returned, as integers (RETURNING id, or a SELECT's);\n"
+"(code, message) for an error SQLite reported.");
 
 static PyObject *
 execute_rows(PyObject *self, PyObject *args)
 {
-    PyObject *connection, *connection_type, *rows;
-    const char *filename, *sql;
+    PyObject *handle, *rows;
+    const char *sql;
     int returning = 0;
-    if (!PyArg_ParseTuple(args, "OO!ssO!|p:execute_rows", &connection, &PyType_Type,
-                          &connection_type, &filename, &sql, &PyList_Type, &rows, &returning))
+    if (!PyArg_ParseTuple(args, "OsO!|p:execute_rows", &handle, &sql, &PyList_Type, &rows,
+                          &returning))
         return NULL;
-    sqlite3 *db = writer_handle(connection, connection_type, filename);
+    sqlite3 *db = handle_acquire(handle);
     if (db == NULL)
         return NULL;
     Value *values;
@@ -2628,8 +2844,10 @@ execute_rows(PyObject *self, PyObject *args)
     /* Up to the first row that cannot be bound; executemany would have run the rows
      * before it (and a failing one among them raises first), then raised for it. */
     if (read_rows(rows, &values, &width, &runnable) < 0) {
-        if (values == NULL)
+        if (values == NULL) {
+            handle_release(handle);
             return NULL;
+        }
         PyErr_Fetch(&bad_type, &bad_value, &bad_tb);
     }
     sqlite3_stmt *stmt = NULL;
@@ -2669,6 +2887,7 @@ execute_rows(PyObject *self, PyObject *args)
         result = PyLong_FromLong(changed);
     if (stmt != NULL)
         sq.finalize(stmt);
+    handle_release(handle);
     free(returned.ids);
     PyMem_Free(values);
     return result;
@@ -2770,10 +2989,10 @@ run_step(sqlite3 *db, const Step *step)
 }
 
 PyDoc_STRVAR(execute_steps_doc,
-"execute_steps(connection, connection_type, filename, steps)\n--\n\n"
-"Run steps in order on connection (a connection_type open on filename, inside a\n"
-"transaction) with the GIL released once for all of them: (sql, None) runs sql once\n"
-"(COMMIT); (sql, rows) runs it for each row, values bound as sqlite3 binds them;\n"
+"execute_steps(handle, steps)\n--\n\n"
+"Run steps in order on handle (an SQLiteHandle) with the GIL released once for all of\n"
+"them: (sql, None) runs sql once (BEGIN, COMMIT); (sql, rows) runs it for each row,\n"
+"values bound as sqlite3 binds them;\n"
 "(sql, payload, project, plan) runs it for each span of payload that plan lists, with\n"
 "parameters ?1-?14 a span row's values as build_rows gives them; with seqs, a dict of\n"
 "trace id -> int, as (sql, payload, project, plan, seqs), ?15 is the span's trace's\n"
@@ -2785,21 +3004,22 @@ PyDoc_STRVAR(execute_steps_doc,
 static PyObject *
 execute_steps(PyObject *self, PyObject *args)
 {
-    PyObject *connection, *connection_type, *list;
-    const char *filename;
-    if (!PyArg_ParseTuple(args, "OO!sO!:execute_steps", &connection, &PyType_Type,
-                          &connection_type, &filename, &PyList_Type, &list))
+    PyObject *handle, *list;
+    if (!PyArg_ParseTuple(args, "OO!:execute_steps", &handle, &PyList_Type, &list))
         return NULL;
-    sqlite3 *db = writer_handle(connection, connection_type, filename);
+    sqlite3 *db = handle_acquire(handle);
     if (db == NULL)
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(list);
     Step *steps = PyMem_Calloc(n ? n : 1, sizeof *steps);
-    if (steps == NULL)
+    if (steps == NULL) {
+        handle_release(handle);
         return PyErr_NoMemory();
+    }
     for (Py_ssize_t i = 0; i < n; i++)
         if (read_step(PyList_GET_ITEM(list, i), &steps[i]) < 0) {
             steps_free(steps, n);
+            handle_release(handle);
             return NULL;
         }
     int outcome = INSERT_OK;
@@ -2817,6 +3037,7 @@ execute_steps(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_OverflowError, "Python int too large to convert to SQLite INTEGER");
     else
         result = Py_NewRef(Py_None);
+    handle_release(handle);
     steps_free(steps, n);
     return result;
 }
@@ -2851,5 +3072,15 @@ PyInit__wire(void)
     FALSE_TEXT = PyUnicode_InternFromString("false");
     if (TRUE_TEXT == NULL || FALSE_TEXT == NULL)
         return NULL;
-    return PyModule_Create(&module);
+    if (PyType_Ready(&SQLiteHandleType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObject(m, "SQLiteHandle", Py_NewRef((PyObject *)&SQLiteHandleType)) < 0) {
+        Py_DECREF(&SQLiteHandleType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

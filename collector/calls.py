@@ -9,7 +9,6 @@ file by default, or Redis when several instances share calls.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import sqlite3
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from collector.redisconn import RedisSettings, redis_client
-from collector.storage import execute_steps, file_of, open_sqlite, write_lock
+from collector.storage import SQLiteWriter, open_sqlite, write_lock
 
 __all__ = [
     "CALLS_DDL",
@@ -180,7 +179,7 @@ class SQLiteCallStore:
         db = open_sqlite(self.path)
         ensure_calls_table(db)
         self._db = db
-        self._filename = file_of(db)
+        self._writes = SQLiteWriter(db)  # the call records' transactions, in C if built
         self._reader = open_sqlite(self.path)
 
     def _write(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
@@ -207,19 +206,13 @@ class SQLiteCallStore:
 
     def _transaction(self, steps: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
         """``steps`` in one transaction, holding the file's write lock. Their rows run in
-        C with the GIL let go of once (``execute_steps``): executemany let go of it and
+        C with the GIL let go of once (``SQLiteWriter``): executemany let go of it and
         waited for it back around every row, holding the lock the span writer waits on
         meanwhile (measured under the bench's load: 201 inserts of ~11 new calls took
         640 ms, and the span writer waited 75 ms for the lock)."""
         assert self._db is not None
         with self._write_lock:
-            self._db.execute("BEGIN")
-            try:
-                execute_steps(self._db, self._filename, [*steps, ("COMMIT", None)])
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-                raise
+            self._writes.transaction(steps)
 
     def _create(self, r: CallRecord) -> CallRecord:
         self._insert([r])
@@ -308,6 +301,8 @@ class SQLiteCallStore:
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._writer.shutdown)
+        if self._db is not None:
+            self._writes.close()
         for db in (self._db, self._reader):
             if db is not None:
                 db.close()

@@ -16,6 +16,7 @@ reference it is tested against and the fallback where the extension is not built
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -49,16 +50,15 @@ __all__ = [
     "TAG_PREFIX",
     "BackgroundCheckpointer",
     "BatchRows",
+    "SQLiteWriter",
     "attribute_text",
     "build_rows",
     "build_rows_native",
     "build_rows_python",
-    "execute_steps",
     "expire_periodically",
     "file_of",
     "json_document",
     "open_sqlite",
-    "returned_ids",
     "write_lock",
 ]
 
@@ -85,16 +85,23 @@ def open_sqlite(path: str | Path, busy_timeout_ms: int = 10_000) -> sqlite3.Conn
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA page_size=16384")  # only takes effect while the file is empty
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    for pragma in _connection_pragmas(busy_timeout_ms):
+        db.execute(pragma)
     return db
 
 
+def _connection_pragmas(busy_timeout_ms: int) -> tuple[str, ...]:
+    """What ``open_sqlite`` sets on a connection (``SQLiteWriter``'s handle too)."""
+    return (
+        "PRAGMA page_size=16384",  # only takes effect while the file is empty
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=NORMAL",
+        f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
+    )
+
+
 def file_of(db: sqlite3.Connection) -> str:
-    """The path of the file ``db`` has open as ``main`` (what ``execute_steps`` and
-    ``returned_ids`` check they write to)."""
+    """The path of the file ``db`` has open as ``main``."""
     return str(db.execute("PRAGMA database_list").fetchone()[2])
 
 
@@ -137,13 +144,13 @@ class BackgroundCheckpointer:
 
     def __init__(
         self,
-        writer: sqlite3.Connection,
+        writer: SQLiteWriter,
         path: str | Path,
         wal_limit: int = 64 << 20,
         interval: float = 0.05,
     ):
-        writer.execute("PRAGMA wal_autocheckpoint=0")
-        writer.execute(f"PRAGMA journal_size_limit={int(wal_limit)}")
+        writer.pragma("PRAGMA wal_autocheckpoint=0")
+        writer.pragma(f"PRAGMA journal_size_limit={int(wal_limit)}")
         self._db = open_sqlite(path)
         self._due = threading.Event()
         self._closed = threading.Event()
@@ -229,7 +236,7 @@ class BatchRows:
         when ``span_plan`` stands for them."""
         self.span_plan: tuple[bytes, list[tuple[Any, ...]]] | None = None
         """(payload, plan) where ``build_rows(span_plan=True)`` left the span rows in the
-        payload for ``execute_steps`` to write: for each ScopeSpans, (offset, length,
+        payload for ``SQLiteWriter.execute_steps`` to write: for each ScopeSpans, (offset, length,
         call_id, resource ref, scope ref)."""
         self.traces: dict[bytes, list[Any]] = {}
         """trace id -> [trace_id, call_id, service, start_ns, end_ns, duration_ns,
@@ -367,7 +374,7 @@ def build_rows(
     bytes in the batch's serialized form.
 
     ``span_plan``: where the C path runs, leave the span rows in the payload and set
-    ``rows.span_plan`` for ``execute_steps`` (SQLite connections only); otherwise
+    ``rows.span_plan`` for ``SQLiteWriter.execute_steps`` (with its own handle only); otherwise
     ``rows.spans`` holds them."""
     if _wire is not None:
         try:
@@ -438,49 +445,120 @@ def _add_call(
         call[8].update(facts.tags)
 
 
-def execute_steps(db: sqlite3.Connection, filename: str, steps: list[Any]) -> None:
-    """Run ``steps`` in order on ``db`` (open on ``filename``, inside a transaction): a
-    ``(sql, None)`` step executes ``sql`` once (``COMMIT``), ``(sql, rows)`` executes it
-    for each row, and ``(sql, payload, project, plan)`` inserts the span rows that
-    ``rows.span_plan`` (``(payload, plan)``) leaves in the payload, ``sql`` taking a row of
-    ``BatchRows.spans`` as parameters ?1-?14; ``(sql, payload, project, plan, seqs)``
-    also binds ?15 to the span's trace's value in ``seqs`` (trace id -> int). Raises what
-    sqlite3 would.
+class SQLiteWriter:
+    """The connection a writer's transactions run on, for one SQLite file.
 
-    In C (``collector._wire.execute_steps``) the GIL is let go of once for all the steps.
-    executemany lets go of it around every row's step and takes it back after: while
-    the event loop holds it, each row then waits up to the switch interval (measured, a
-    writer beside a thread running Python: 1.6 batches/s, against 51 in C). Without the
-    extension, span steps cannot be given (``build_rows`` makes no plan) and the others
-    go through executemany."""
-    if not NATIVE_SQLITE:
-        for sql, rows in steps:
-            if rows is None:
-                db.execute(sql)
+    With the C extension (``NATIVE_SQLITE``): a SQLite handle of the writer's own
+    (``collector._wire.SQLiteHandle``, ``sqlite3_open_v2`` on the file ``db`` has open,
+    which WAL allows beside it), with ``db``'s settings (``open_sqlite``'s and those given
+    to ``pragma``). A whole transaction runs on it, from ``begin`` to the ``COMMIT`` step,
+    its rows bound in C with the GIL let go of once per call: executemany lets go of it
+    around every row's step and takes it back after, and while the event loop holds it
+    each row then waits up to the switch interval (measured, a writer beside a thread
+    running Python: 1.6 batches/s, against 51 in C). Nothing of ``db`` itself is read
+    in C. If the handle cannot be opened, or without the extension, the transactions run
+    on ``db`` itself through sqlite3 (the same statements, the same results).
+
+    Used by one thread at a time, as ``db`` is."""
+
+    def __init__(self, db: sqlite3.Connection, busy_timeout_ms: int = 10_000):
+        self.db = db
+        self.filename = file_of(db)
+        self._handle: Any = None
+        if NATIVE_SQLITE:
+            assert _wire is not None
+            try:
+                handle = _wire.SQLiteHandle(self.filename)
+            except (OSError, RuntimeError, ValueError) as exc:
+                log.warning("writing %s through sqlite3: %s", self.filename, exc)
             else:
-                db.executemany(sql, rows)
-        return
-    assert _wire is not None
-    outcome = _wire.execute_steps(db, sqlite3.Connection, filename, steps)
-    if outcome is not None:
-        _step, code, message = outcome
-        raise sqlite_error(code, message)
+                self._handle = handle
+                for pragma in _connection_pragmas(busy_timeout_ms):
+                    self._run(handle, [(pragma, None)])
 
+    @property
+    def native(self) -> bool:
+        """Whether the transactions run on a handle of the writer's own, in C."""
+        return self._handle is not None
 
-def returned_ids(
-    db: sqlite3.Connection, filename: str, sql: str, rows: list[tuple[Any, ...]]
-) -> list[int]:
-    """The integers ``sql`` returns (``RETURNING id``) for ``rows``, in order, with the
-    GIL let go of once (``collector._wire.execute_rows``), not for every row."""
-    if not NATIVE_SQLITE:
-        return [int(r[0]) for row in rows for r in db.execute(sql, row).fetchall()]
-    if not rows:
-        return []
-    assert _wire is not None
-    outcome = _wire.execute_rows(db, sqlite3.Connection, filename, sql, rows, True)
-    if isinstance(outcome, tuple):
-        raise sqlite_error(*outcome)
-    return list(outcome)
+    @property
+    def in_transaction(self) -> bool:
+        if self._handle is not None:
+            return bool(self._handle.in_transaction)
+        return self.db.in_transaction
+
+    def pragma(self, sql: str) -> None:
+        """Run a ``PRAGMA`` that sets something on both connections (``cache_size``)."""
+        self.db.execute(sql).fetchall()
+        if self._handle is not None:
+            self._run(self._handle, [(sql, None)])
+
+    def begin(self) -> None:
+        self.execute_steps([("BEGIN", None)])
+
+    def rollback(self) -> None:
+        """Roll back the open transaction, if there is one (after an error)."""
+        if self._handle is not None:
+            if self._handle.in_transaction:
+                self._run(self._handle, [("ROLLBACK", None)])
+        elif self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
+    def transaction(self, steps: list[Any]) -> None:
+        """``steps`` (as ``execute_steps`` takes them) and a ``COMMIT``, in one
+        transaction: rolled back if one fails."""
+        self.begin()
+        try:
+            self.execute_steps([*steps, ("COMMIT", None)])
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.rollback()
+            raise
+
+    def execute_steps(self, steps: list[Any]) -> None:
+        """Run ``steps`` in order: a ``(sql, None)`` step executes ``sql`` once
+        (``BEGIN``, ``COMMIT``), ``(sql, rows)`` executes it for each row, and ``(sql,
+        payload, project, plan)`` inserts the span rows that ``rows.span_plan``
+        (``(payload, plan)``) leaves in the payload, ``sql`` taking a row of
+        ``BatchRows.spans`` as parameters ?1-?14; ``(sql, payload, project, plan,
+        seqs)`` also binds ?15 to the span's trace's value in ``seqs`` (trace id ->
+        int). Raises what sqlite3 would. Without the handle, span steps cannot be given
+        (``build_rows`` makes no plan) and the others go through executemany."""
+        if self._handle is None:
+            for sql, rows in steps:
+                if rows is None:
+                    self.db.execute(sql)
+                else:
+                    self.db.executemany(sql, rows)
+            return
+        self._run(self._handle, steps)
+
+    def returned_ids(self, sql: str, rows: list[tuple[Any, ...]]) -> list[int]:
+        """The integers ``sql`` returns (``RETURNING id``, or a ``SELECT``'s first
+        column) for ``rows``, in order, with the GIL let go of once, not for every row."""
+        if self._handle is None:
+            return [int(r[0]) for row in rows for r in self.db.execute(sql, row).fetchall()]
+        if not rows:
+            return []
+        assert _wire is not None
+        outcome = _wire.execute_rows(self._handle, sql, rows, True)
+        if isinstance(outcome, tuple):
+            raise sqlite_error(*outcome)
+        return list(outcome)
+
+    @staticmethod
+    def _run(handle: Any, steps: list[Any]) -> None:
+        assert _wire is not None
+        outcome = _wire.execute_steps(handle, steps)
+        if outcome is not None:
+            _step, code, message = outcome
+            raise sqlite_error(code, message)
+
+    def close(self) -> None:
+        """Close the writer's own handle (``db`` is the caller's to close)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
 
 # SQLite's primary result codes -> the exception Python's sqlite3 raises for them

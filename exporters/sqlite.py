@@ -61,15 +61,14 @@ from collector.storage import (  # re-exported: the query side and plugins read 
     TAG_PREFIX,
     BackgroundCheckpointer,
     BatchRows,
+    SQLiteWriter,
     attribute_text,
     build_rows,
-    execute_steps,
     expire_periodically,
     file_of,
     json_document,
     open_sqlite,
     resource_attributes,
-    returned_ids,
     write_lock,
 )
 from exporters.sqlite_query import SQLiteQueryStore, search_term
@@ -78,6 +77,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_INDEXED_VALUE",
+    "NATIVE_SQLITE",
     "SCHEMA",
     "STATUS_ERROR",
     "TAG_PREFIX",
@@ -332,9 +332,10 @@ class _Writer:
     def __init__(self, path: Path, cache_size_mib: int):
         self._path = path
         self.db = connect(path)
-        self.db.execute(f"PRAGMA cache_size=-{cache_size_mib * 1024}")
-        self._checkpointer = BackgroundCheckpointer(self.db, path)
-        self._filename = file_of(self.db)  # execute_steps checks it is this file
+        # The batches' transactions: on a SQLite handle of the writer's own, in C.
+        self.writes = SQLiteWriter(self.db)
+        self.writes.pragma(f"PRAGMA cache_size=-{cache_size_mib * 1024}")
+        self._checkpointer = BackgroundCheckpointer(self.writes, path)
         self._write_lock = write_lock(path)  # shared with correlate's call records
         # Ids of resources and scopes already written, by their serialized bytes.
         self._resource_ids: dict[bytes, int] = {}
@@ -356,7 +357,7 @@ class _Writer:
         self._checkpointer.poke()
 
     def _write(self, batch: SpanBatch) -> None:
-        db = self.db
+        writes = self.writes
         project = batch.project or ""
         now = time.time_ns()
         # Resources not seen before, by their bytes: (a stand-in id, service).
@@ -373,21 +374,21 @@ class _Writer:
                 known = new_resources[payload] = (-1 - len(new_resources), service)
             return known[0]
 
-        db.execute("BEGIN")
+        writes.begin()
         try:
             rows = build_rows(
                 batch,
                 now,
                 resource_ref,
-                lambda scope: self._scope_id(db, scope),
-                span_plan=NATIVE_SQLITE,
+                self._scope_id,
+                span_plan=writes.native,
             )
             if new_resources:
-                self._add_resources(db, new_resources, rows)
+                self._add_resources(new_resources, rows)
             # Each trace's seq, for its span and name rows: bound, not looked up in the
             # traces index for every row by a subquery (measured ~0.9 us a span).
             traces = [(project, *t) for t in rows.traces.values()]
-            returned = returned_ids(db, self._filename, _UPSERT_TRACE, traces)
+            returned = writes.returned_ids(_UPSERT_TRACE, traces)
             seqs = dict(zip(rows.traces, returned, strict=True))
             spans: tuple[Any, ...]
             if rows.span_plan is not None:  # straight from the bytes, in C
@@ -398,7 +399,7 @@ class _Writer:
                 (project, *c[:8], json_document(c[8], sort_keys=True) if c[8] else None)
                 for c in rows.calls.values()
             ]
-            # One call, the GIL let go of once (see execute_steps).
+            # One call, the GIL let go of once (see SQLiteWriter).
             steps = [
                 spans,
                 (_INSERT_SEARCH, self._search_documents(project, rows.trace_attrs)),
@@ -408,10 +409,10 @@ class _Writer:
                 (_UPSERT_CALL, calls),
                 ("COMMIT", None),
             ]
-            execute_steps(db, self._filename, steps)
+            writes.execute_steps(steps)
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
+                writes.rollback()
             # Ids cached during a rolled-back transaction may not exist.
             self._resource_ids.clear()
             self._scope_ids.clear()
@@ -442,15 +443,12 @@ class _Writer:
 
     def _add_resources(
         self,
-        db: sqlite3.Connection,
         new_resources: dict[bytes, tuple[int, str | None]],
         rows: BatchRows,
     ) -> None:
         """Write the batch's new resources and put their ids where ``rows`` holds their
         stand-ins."""
-        ids = returned_ids(
-            db,
-            self._filename,
+        ids = self.writes.returned_ids(
             _UPSERT_RESOURCE,
             [_resource_row(service, payload) for payload, (_, service) in new_resources.items()],
         )
@@ -469,19 +467,23 @@ class _Writer:
             self._resource_ids.clear()
         self._resource_ids[payload] = resource_id
 
-    def _scope_id(self, db: sqlite3.Connection, payload: bytes) -> int:
+    def _scope_id(self, payload: bytes) -> int:
         cached = self._scope_ids.get(payload)
         if cached is not None:
             return cached
         scope = InstrumentationScope.FromString(payload)
         digest = hashlib.blake2b(payload, digest_size=16).digest()
-        db.execute(
-            "INSERT OR IGNORE INTO scopes (digest, name, version, scope) VALUES (?,?,?,?)",
-            (digest, scope.name, scope.version, payload),
+        self.writes.execute_steps(
+            [
+                (
+                    "INSERT OR IGNORE INTO scopes (digest, name, version, scope) VALUES (?,?,?,?)",
+                    [(digest, scope.name, scope.version, payload)],
+                )
+            ]
         )
-        (scope_id,) = db.execute(
-            "SELECT scope_id FROM scopes WHERE digest = ?", (digest,)
-        ).fetchone()
+        (scope_id,) = self.writes.returned_ids(
+            "SELECT scope_id FROM scopes WHERE digest = ?", [(digest,)]
+        )
         if len(self._scope_ids) > 10_000:
             self._scope_ids.clear()
         self._scope_ids[payload] = scope_id
@@ -528,6 +530,7 @@ class _Writer:
 
     def close(self) -> None:
         self._checkpointer.close()
+        self.writes.close()
         self.db.close()
 
 

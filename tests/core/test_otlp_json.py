@@ -135,9 +135,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from collector import otlp_json  # noqa: E402
 from tests.core.test_wire import _request, resource_shapes  # noqa: E402
+from tests.native_support import native_only as native  # noqa: E402
 from tests.support import FIXTURES  # noqa: E402
-
-native = pytest.mark.skipif(otlp_json._wire is None, reason="collector._wire is not built")
 
 
 def _both_ways(document):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 
 import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector import storage
+from collector import storage, wire
 from collector.spans import (
     CALL_ID_ATTRIBUTE,
     CALL_KEY_ATTRIBUTE,
@@ -24,18 +25,40 @@ from collector.spans import (
     span_count,
 )
 from collector.storage import BatchRows, build_rows, build_rows_native, build_rows_python
+from tests.native_support import native_module, native_only
 from tests.support import fixture_requests
 
-pytestmark = pytest.mark.skipif(
-    not storage.NATIVE_WIRE and os.environ.get("CI") != "true",
-    reason="collector._wire is not built (no C compiler at install)",
-)
+# Most tests here hold the C path to its Python twin (native_only: skipped in the pure
+# Python run, CALLTRACE_NATIVE=0, where there is no C path); the rest are behaviour that
+# holds either way, and run in both.
 
 
 def test_the_extension_is_built():
     """`make install` builds it; in CI its absence is a broken install, not a skip."""
+    native_module()
     assert storage.NATIVE_WIRE, "collector._wire did not build: is a C compiler installed?"
     assert storage.NATIVE_SQLITE, "collector._wire found no SQLite functions in _sqlite3"
+
+
+def test_calltrace_native_0_turns_the_c_path_off():
+    """The switch the pure Python run uses: read once, at import, by collector.wire."""
+    import subprocess
+    import sys
+
+    probe = (
+        "from collector import wire, storage, spans, otlp_json;"
+        "print(wire.BUILT, wire.native is None, storage._wire is None, spans._native is None,"
+        " otlp_json._wire is None, storage.NATIVE_SQLITE)"
+    )
+    for value, off in (("0", True), ("1", False), ("", False)):
+        env = {**os.environ, "CALLTRACE_NATIVE": value}
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
+        built = out[0] == "True"
+        expected_off = off or not built
+        assert out[1:5] == [str(expected_off)] * 4, (value, out)
+        assert out[5] == str(not expected_off), (value, out)
 
 
 def _refs():
@@ -75,6 +98,7 @@ def _assert_same(python: BatchRows, native: BatchRows) -> None:
 
 
 @pytest.mark.parametrize("framework", ["livekit", "pipecat"])
+@native_only
 def test_fixture_requests_give_the_same_rows(framework):
     for path in fixture_requests(framework):
         request = ExportTraceServiceRequest.FromString(path.read_bytes())
@@ -86,6 +110,7 @@ def test_fixture_requests_give_the_same_rows(framework):
         _assert_same(python, native)
 
 
+@native_only
 def test_span_bytes_are_the_spans_own():
     [path, *_] = fixture_requests("livekit")
     request = ExportTraceServiceRequest.FromString(path.read_bytes())
@@ -94,6 +119,7 @@ def test_span_bytes_are_the_spans_own():
     assert [row[-1] for row in native.spans] == [s.SerializeToString() for s in spans]
 
 
+@native_only
 def test_each_distinct_resource_and_scope_is_asked_for_once():
     # A batch repeats a few resources many times (agents export a few spans at a time);
     # the callbacks run once for each distinct one, in the order they first appear.
@@ -184,6 +210,7 @@ def _request(resources: list[dict]) -> ExportTraceServiceRequest:
     return request
 
 
+@native_only
 def test_a_trace_gets_every_attribute_when_equal_pairs_repeat():
     """The C reader adds a trace's attribute pairs once each, remembering them by
     identity: a repeated long value (past its cache) makes an equal pair each time,
@@ -205,11 +232,13 @@ def test_a_trace_gets_every_attribute_when_equal_pairs_repeat():
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(resource_shapes, max_size=4))
+@native_only
 def test_any_batch_gives_the_same_rows(resources):
     python, native = _both(_request(resources))
     _assert_same(python, native)
 
 
+@native_only
 def test_float_texts_match_attribute_text():
     values = [2.0, 0.25, -0.0, math.inf, -math.inf, math.nan, 1e300, 123456789.5]
     request = _request([{"call": None, "service": None, "tag": None, "scopes": [("", [])]}])
@@ -229,8 +258,9 @@ def test_float_texts_match_attribute_text():
 def test_malformed_bytes_are_reported_by_the_protobuf_parser():
     """A queue's bytes that are not protobuf fall back to the Python path, whose parser
     raises the error the exporter turns into a permanent failure."""
-    with pytest.raises(ValueError):
-        build_rows_native(b"\x0a\xff", "p", 0, lambda *a: 1, lambda p: 1)
+    if wire.native is not None:
+        with pytest.raises(ValueError):
+            build_rows_native(b"\x0a\xff", "p", 0, lambda *a: 1, lambda p: 1)
     batch = SpanBatch.from_bytes(b"\x0a\xff", "p")
     with pytest.raises(DecodeError):
         build_rows(batch, 0, lambda *a: 1, lambda p: 1)
@@ -259,6 +289,7 @@ GOOD = (b"\x01" * 16, b"\x02" * 8, b"")
         (b"\x01" * 16, b"\x02" * 8, bytes(8)),  # valid, but drop_invalid_spans clears it
     ],
 )
+@native_only
 def test_check_spans_finds_what_drop_invalid_spans_would_change(bad):
     from collector import _wire
     from collector.receivers.otlp import drop_invalid_spans
@@ -290,6 +321,7 @@ def _stream_commands(request: ExportTraceServiceRequest, **config) -> tuple[tupl
 
 @pytest.mark.parametrize("framework", ["livekit", "pipecat"])
 @pytest.mark.parametrize("include_resource", [True, False])
+@native_only
 def test_stream_entries_are_packed_as_in_python(framework, include_resource):
     for path in fixture_requests(framework):
         request = ExportTraceServiceRequest.FromString(path.read_bytes())
@@ -306,6 +338,7 @@ def test_stream_entries_are_packed_as_in_python(framework, include_resource):
     st.integers(-(2**31), 2**31 - 1),
     st.sampled_from([0, 1000]),
 )
+@native_only
 def test_any_batch_gives_the_same_stream_entries(resources, kind, maxlen):
     request = _request(resources)
     for rs in request.resource_spans:
@@ -359,6 +392,7 @@ def _assert_written_out_alike(body: bytes, drop: int | None = None) -> None:
 
 
 @pytest.mark.parametrize("framework", ["livekit", "pipecat"])
+@native_only
 def test_received_bytes_give_the_messages_the_processors_left(framework):
     for path in fixture_requests(framework):
         _assert_written_out_alike(path.read_bytes(), drop=1)
@@ -366,10 +400,12 @@ def test_received_bytes_give_the_messages_the_processors_left(framework):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(resource_shapes, max_size=4), st.one_of(st.none(), st.integers(0, 3)))
+@native_only
 def test_any_request_is_written_out_alike(resources, drop):
     _assert_written_out_alike(_request(resources).SerializeToString(), drop)
 
 
+@native_only
 def test_a_resource_given_twice_or_not_at_all_is_serialized():
     """Protobuf merges repeated message fields: such a resource is not cut from the bytes."""
     from collector import _wire
@@ -387,10 +423,8 @@ def test_a_resource_given_twice_or_not_at_all_is_serialized():
 async def test_spans_a_processor_drops_are_not_counted_from_the_received_bytes():
     """The receiver's span counts describe the messages until a processor that edits
     spans runs: the pipeline drops them before it."""
-    from collector import _wire
     from collector.components import Processor
     from collector.pipeline import Pipeline
-    from collector.spans import received_bytes
 
     class DropFirstSpans(Processor):
         type_name = "drop_first_spans"
@@ -410,12 +444,7 @@ async def test_spans_a_processor_drops_are_not_counted_from_the_received_bytes()
             counted.append((batch.span_count, sum(map(span_count, batch.resource_spans))))
             return batch
 
-    body = fixture_requests("livekit")[0].read_bytes()
-    request = ExportTraceServiceRequest.FromString(body)
-    batch = _with_sources(
-        list(request.resource_spans),
-        received_bytes(request, body, _wire.resource_spans_layout(body)),
-    )
+    batch = _received(fixture_requests("livekit")[0].read_bytes())
     received = batch.span_count
     pipeline = Pipeline("p", [Count("c1", None), DropFirstSpans("d", None), Count("c2", None)], [])
     await pipeline.consume(batch)
@@ -424,7 +453,8 @@ async def test_spans_a_processor_drops_are_not_counted_from_the_received_bytes()
 
 
 def _received(body: bytes) -> SpanBatch:
-    """A batch of ``body`` as the receiver makes it, with the received bytes."""
+    """A batch of ``body`` as the receiver makes it: with the received bytes where the C
+    path runs (SpanBatch.from_received), without them on the pure Python path."""
     request = ExportTraceServiceRequest.FromString(body)
     return SpanBatch.from_received(list(request.resource_spans), body, "p1")
 
@@ -450,6 +480,7 @@ def _assert_received_alike(body: bytes) -> None:
 
 
 @pytest.mark.parametrize("framework", ["livekit", "pipecat"])
+@native_only
 def test_received_bytes_in_c_are_those_of_python(framework):
     for path in fixture_requests(framework):
         _assert_received_alike(path.read_bytes())
@@ -457,10 +488,12 @@ def test_received_bytes_in_c_are_those_of_python(framework):
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(resource_shapes, max_size=4))
+@native_only
 def test_any_requests_received_bytes_in_c_are_those_of_python(resources):
     _assert_received_alike(_request(resources).SerializeToString())
 
 
+@native_only
 def test_received_refuses_another_number_of_messages_and_malformed_bodies():
     from collector import _wire
 
@@ -493,11 +526,12 @@ async def test_a_plugin_receivers_body_of_another_buffer_type_is_taken_as_bytes(
         request = ExportTraceServiceRequest.FromString(body)
         await ingest.export(request, RequestInfo({}), handed)  # type: ignore[arg-type]
         (batch,) = batches
-        assert batch._received
+        assert bool(batch._received) == (wire.native is not None)
         written = batch.serialize()
         assert ExportTraceServiceRequest.FromString(written) == request
 
 
+@native_only
 def test_bytes_are_taken_only_for_the_very_message_they_were_kept_for():
     """An entry of sources or resource_payloads under a message's id but for another
     message (a freed one's id, reused) is not used: that message is serialized."""
@@ -514,6 +548,7 @@ def test_bytes_are_taken_only_for_the_very_message_they_were_kept_for():
         assert ExportTraceServiceRequest.FromString(written).resource_spans[0] == other
 
 
+@native_only
 def test_sources_in_another_buffer_type_are_written_out_whole():
     from collector import _wire
     from collector.spans import received_bytes
@@ -525,6 +560,7 @@ def test_sources_in_another_buffer_type_are_written_out_whole():
     assert ExportTraceServiceRequest.FromString(written) == request
 
 
+@native_only
 def test_offsets_outside_the_body_are_refused():
     from collector import _wire
 
@@ -541,7 +577,8 @@ def test_offsets_outside_the_body_are_refused():
 def test_received_resource_bytes_are_the_resources(framework):
     for path in fixture_requests(framework):
         batch = _received(path.read_bytes())
-        assert len(batch._resource_bytes) == batch.resource_count
+        if wire.native is not None:  # the received bytes are kept by the C path
+            assert len(batch._resource_bytes) == batch.resource_count
         _assert_resource_bytes_are_true(batch)
 
 
@@ -566,7 +603,8 @@ def test_a_resource_field_whose_tag_or_length_is_padded_is_cut_right(tag):
         body = b"\n" + varint(len(rs_bytes)) + rs_bytes
         assert ExportTraceServiceRequest.FromString(body).resource_spans[0] == rs
         batch = _received(body)
-        assert [payload for _, payload in batch._resource_bytes.values()] == [resource]
+        if wire.native is not None:  # the received bytes are kept by the C path
+            assert [payload for _, payload in batch._resource_bytes.values()] == [resource]
         _assert_resource_bytes_are_true(batch)
 
 
@@ -587,6 +625,7 @@ resource_keys = st.sampled_from(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(resource_keys, st.one_of(st.none(), attribute_values)), max_size=8))
+@native_only
 def test_resource_facts_are_read_off_the_bytes_as_off_the_message(attributes):
     """``_ResourceFacts`` from the bytes (C) and from the parsed message (Python) agree:
     duplicate keys (the last wins), stamps of any value type, values left unset."""
@@ -648,7 +687,8 @@ async def test_resource_bytes_stay_true_through_processors_that_edit_resources()
         seen.clear()
         await Pipeline("p", plain, []).consume(_received(path.read_bytes()))
         await Pipeline("p", tagged, []).consume(_received(path.read_bytes()))
-        assert [kept for kept, _, _ in seen] == [True, True, False]
+        if wire.native is not None:  # the received bytes are kept by the C path
+            assert [kept for kept, _, _ in seen] == [True, True, False]
         for _, written, messages in seen:
             assert written == messages
         assert any(
@@ -717,24 +757,29 @@ def _insert_both_ways(
         if setup:
             db.execute(setup)
         rows = build_rows_native(payload, "p1", 7, *_int_refs(), span_plan=way == "execute_steps")
-        db.execute("BEGIN")
+        writes = storage.SQLiteWriter(db)
+        assert writes.native
         try:
             if way == "executemany":
+                db.execute("BEGIN")
                 db.executemany(sql, rows.spans)
+                db.execute("COMMIT")
             else:
                 assert not rows.spans and rows.span_plan is not None
-                filename = db.execute("PRAGMA database_list").fetchone()[2]
-                storage.execute_steps(db, filename, [(sql, payload, "p1", rows.span_plan[1])])
-            db.execute("COMMIT")
+                writes.transaction([(sql, payload, "p1", rows.span_plan[1])])
             outcomes.append(_stored(db))
         except Exception as exc:  # both ways must raise the same
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            assert not writes.in_transaction
             outcomes.append((type(exc), str(exc)))
+        writes.close()
         db.close()
     return outcomes
 
 
 @pytest.mark.parametrize("framework", ["livekit", "pipecat"])
+@native_only
 def test_span_rows_from_the_bytes_are_the_rows_executemany_stores(tmp_path, framework):
     for path in fixture_requests(framework):
         request = ExportTraceServiceRequest.FromString(path.read_bytes())
@@ -747,6 +792,7 @@ def test_span_rows_from_the_bytes_are_the_rows_executemany_stores(tmp_path, fram
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(resource_shapes, max_size=3))
+@native_only
 def test_any_batch_is_inserted_as_executemany_inserts_it(tmp_path_factory, resources):
     """Generated spans, times up to 2**64 - 1 among them: what SQLite cannot hold is the
     same OverflowError both ways."""
@@ -756,6 +802,7 @@ def test_any_batch_is_inserted_as_executemany_inserts_it(tmp_path_factory, resou
     assert by_execute_steps == by_executemany
 
 
+@native_only
 def test_an_error_sqlite_reports_is_raised_as_executemany_raises_it(tmp_path):
     import sqlite3
 
@@ -771,6 +818,7 @@ def test_an_error_sqlite_reports_is_raised_as_executemany_raises_it(tmp_path):
     assert bad_sql[1] == bad_sql[0] == (sqlite3.OperationalError, "no such table: nowhere")
 
 
+@native_only
 def test_a_spans_step_binds_each_spans_trace_seq_from_the_table_it_is_given(tmp_path):
     """(sql, payload, project, plan, seqs): ?15 is the span's trace's value in seqs, as
     executemany binds it from the rows; a trace id missing from seqs binds NULL."""
@@ -796,20 +844,20 @@ def test_a_spans_step_binds_each_spans_trace_seq_from_the_table_it_is_given(tmp_
     db = sqlite3.connect(tmp_path / "seq.db", isolation_level=None)
     db.execute(_PLAIN_SPANS.replace(", span)", ", span, trace_seq NOT NULL)"))
     sql = _PLAIN_INSERT.replace("?14)", "?14,?15)")
-    filename = db.execute("PRAGMA database_list").fetchone()[2]
-    db.execute("BEGIN")
-    storage.execute_steps(db, filename, [(sql, payload, "p1", rows.span_plan[1], seqs)])
-    db.execute("COMMIT")
+    writes = storage.SQLiteWriter(db)
+    writes.transaction([(sql, payload, "p1", rows.span_plan[1], seqs)])
     assert sorted(db.execute("SELECT span_id, trace_seq FROM spans")) == expected
     del seqs[traces[0]]
-    db.execute("BEGIN")
+    writes.begin()
     with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
-        storage.execute_steps(db, filename, [(sql, payload, "p2", rows.span_plan[1], seqs)])
+        writes.execute_steps([(sql, payload, "p2", rows.span_plan[1], seqs)])
     with pytest.raises(TypeError, match="seqs"):
-        storage.execute_steps(db, filename, [(sql, payload, "p2", rows.span_plan[1], [])])
-    db.execute("ROLLBACK")
+        writes.execute_steps([(sql, payload, "p2", rows.span_plan[1], [])])
+    writes.rollback()
+    writes.close()
 
 
+@native_only
 def test_execute_steps_refuses_a_connection_it_cannot_vouch_for(tmp_path):
     import sqlite3
 
@@ -822,26 +870,166 @@ def test_execute_steps_refuses_a_connection_it_cannot_vouch_for(tmp_path):
     plan = rows.span_plan[1]
     db = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
     db.execute(_PLAIN_SPANS)
-    filename = db.execute("PRAGMA database_list").fetchone()[2]
-    with pytest.raises(ValueError, match="inside a transaction"):
-        _wire.execute_steps(db, sqlite3.Connection, filename, [(_PLAIN_INSERT, payload, "p", plan)])
-    db.execute("BEGIN")
+    handle = _wire.SQLiteHandle(str(tmp_path / "a.db"))
     step = [(_PLAIN_INSERT, payload, "p", plan)]
-    with pytest.raises(ValueError, match="not open on"):
-        _wire.execute_steps(db, sqlite3.Connection, "/elsewhere.db", step)
-    with pytest.raises(TypeError):
-        _wire.execute_steps(object(), sqlite3.Connection, filename, step)
+    for not_a_handle in (db, object(), None, handle.filename):  # never dereferenced
+        with pytest.raises(TypeError, match="SQLiteHandle"):
+            _wire.execute_steps(not_a_handle, step)
+        with pytest.raises(TypeError, match="SQLiteHandle"):
+            _wire.execute_rows(not_a_handle, "SELECT 1", [()])
+    assert _wire.execute_steps(handle, [("BEGIN", None)]) is None
+    assert handle.in_transaction
     with pytest.raises(TypeError, match="a step is"):
-        _wire.execute_steps(db, sqlite3.Connection, filename, [(_PLAIN_INSERT,)])
+        _wire.execute_steps(handle, [(_PLAIN_INSERT,)])
     with pytest.raises(OverflowError):  # read before any step runs: none ran
-        _wire.execute_steps(db, sqlite3.Connection, filename, [*step, ("SELECT ?", [(2**63,)])])
+        _wire.execute_steps(handle, [*step, ("SELECT ?", [(2**63,)])])
     with pytest.raises(ValueError, match="outside the payload"):
-        _wire.execute_steps(
-            db, sqlite3.Connection, filename, [(_PLAIN_INSERT, payload[:10], "p", plan)]
-        )
+        _wire.execute_steps(handle, [(_PLAIN_INSERT, payload[:10], "p", plan)])
+    assert _wire.execute_steps(handle, [("ROLLBACK", None)]) is None
     assert _stored(db) == []
-    db.execute("ROLLBACK")
+    handle.close()
+    handle.close()  # again: nothing
+    with pytest.raises(ValueError, match="closed"):
+        _wire.execute_steps(handle, step)
+    with pytest.raises(OSError, match="unable to open"):
+        _wire.SQLiteHandle(str(tmp_path / "missing" / "b.db"))  # never creates a file
     db.close()
+
+
+# -- the sqlite exporter's writer: a SQLite handle of its own (SQLiteWriter) ----------
+
+
+def test_the_writer_runs_its_transactions_on_a_handle_of_its_own(tmp_path):
+    """On this Python the writer opens the file again in C (no object of Python's
+    sqlite3 is read there); its transaction is not the Python connection's, and the
+    settings open_sqlite gives a connection are the handle's too."""
+    import sqlite3
+
+    native_module()
+    db = storage.open_sqlite(tmp_path / "w.db", busy_timeout_ms=1234)
+    db.execute("CREATE TABLE t (a)")
+    writes = storage.SQLiteWriter(db, busy_timeout_ms=1234)
+    assert writes.native
+    writes.pragma("PRAGMA cache_size=-2048")
+    writes.begin()
+    assert writes.in_transaction and not db.in_transaction
+    settings = [
+        "PRAGMA busy_timeout",
+        "PRAGMA synchronous",
+        "PRAGMA journal_mode",
+        "PRAGMA cache_size",
+    ]
+    read = [writes.returned_ids(f"SELECT * FROM pragma_{p.split()[1]}", [()]) for p in settings]
+    assert read[:2] + read[3:] == [[1234], [1], [-2048]]  # NORMAL is 1
+    assert writes.returned_ids("INSERT INTO t VALUES (?) RETURNING a", [(5,), (6,)]) == [5, 6]
+    assert db.execute("SELECT count(*) FROM t").fetchone() == (0,)  # not committed yet
+    writes.execute_steps([("COMMIT", None)])
+    assert db.execute("SELECT a FROM t").fetchall() == [(5,), (6,)]
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        db.execute("CREATE UNIQUE INDEX t_a ON t (a)")
+        writes.transaction([("INSERT INTO t VALUES (?)", [(7,), (5,)])])
+    assert not writes.in_transaction  # rolled back: 7 is not there
+    assert db.execute("SELECT a FROM t").fetchall() == [(5,), (6,)]
+    writes.close()
+    db.close()
+
+
+def test_the_writer_falls_back_to_sqlite3_on_what_it_cannot_vouch_for(tmp_path):
+    """Where the handle cannot be had, the same transactions run through sqlite3: a
+    database that is no file (another handle would open a database of its own), a
+    library without SQLite's functions (load_sqlite says so and keeps what it found)."""
+    _wire = native_module()
+    db = storage.open_sqlite(":memory:")
+    db.execute("CREATE TABLE t (a)")
+    writes = storage.SQLiteWriter(db)
+    assert not writes.native
+    writes.transaction([("INSERT INTO t VALUES (?)", [(1,), (2,)])])
+    assert writes.returned_ids("SELECT a FROM t ORDER BY a", [()]) == [1, 2]
+    with pytest.raises(ValueError, match="on a file"):
+        _wire.SQLiteHandle(":memory:")
+    assert _wire.load_sqlite(_wire.__file__) is False  # loaded, but no SQLite in it
+    assert _wire.load_sqlite(str(tmp_path / "nowhere.so")) is False  # not loaded
+    db = storage.open_sqlite(tmp_path / "still.db")
+    writes = storage.SQLiteWriter(db)
+    assert writes.native  # what load_sqlite found first is kept
+    writes.transaction([("CREATE TABLE t (a)", None)])
+    writes.close()
+    db.close()
+
+
+def _stored_tables(path) -> dict[str, list[tuple]]:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    names = [n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    tables = {
+        name: sorted(db.execute(f"SELECT * FROM {name}").fetchall(), key=repr)
+        for name in names
+        if not name.startswith(("sqlite_", "trace_search_"))
+    }
+    db.close()
+    return tables
+
+
+async def _stored_by_exporter(path, batches: list[SpanBatch], native: bool, monkeypatch):
+    import exporters.sqlite as sqlite_exporter
+    from exporters.sqlite import SQLiteConfig, SQLiteExporter
+    from tests.processors._util import FakeTelemetryHost
+
+    class FixedClock:  # the write time is stored (calls' last_seen_ns): the same both ways
+        @staticmethod
+        def time_ns() -> int:
+            return 1_700_000_000_000_000_000
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "NATIVE_SQLITE", native)
+        patch.setattr(sqlite_exporter, "time", FixedClock)
+        exporter = SQLiteExporter("sqlite", SQLiteConfig(path=path))
+        await exporter.start(FakeTelemetryHost())
+        try:
+            assert exporter._writer is not None and exporter._writer.writes.native == native
+            for batch in batches:
+                await exporter.export(batch)
+        finally:
+            await exporter.shutdown()
+    return _stored_tables(path)
+
+
+async def test_rows_written_in_c_are_the_rows_sqlite3_writes(tmp_path, monkeypatch):
+    """Every table of the file, written by the writer's handle in C and through
+    executemany, from the fixtures' requests (with and without calls)."""
+    native_module()
+    batches = []
+    for index, path in enumerate(fixture_requests("livekit") + fixture_requests("pipecat")):
+        request = ExportTraceServiceRequest.FromString(path.read_bytes())
+        if index % 2:
+            for rs in request.resource_spans:
+                set_attribute(rs.resource.attributes, CALL_ID_ATTRIBUTE, f"call-{index % 3}")
+        batches.append(SpanBatch(list(request.resource_spans), f"p{index % 2}"))
+    in_c = await _stored_by_exporter(tmp_path / "c.db", batches, True, monkeypatch)
+    in_python = await _stored_by_exporter(tmp_path / "py.db", batches, False, monkeypatch)
+    assert in_c["spans"] and in_c["calls"]
+    assert in_c == in_python
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(st.lists(st.lists(resource_shapes, max_size=3), min_size=1, max_size=3))
+async def test_any_batches_are_written_in_c_as_sqlite3_writes_them(
+    tmp_path_factory, monkeypatch, batches
+):
+    native_module()
+    tmp = tmp_path_factory.mktemp("writer")
+    made = [SpanBatch(list(_request(resources).resource_spans), "p") for resources in batches]
+    outcomes = []
+    for native in (True, False):
+        try:
+            outcomes.append(
+                await _stored_by_exporter(tmp / f"{native}.db", made, native, monkeypatch)
+            )
+        except Exception as exc:  # both ways must raise the same
+            outcomes.append((type(exc), str(exc)))
+    assert outcomes[0] == outcomes[1]
 
 
 def _execute_both_ways(tmp_path, sql: str, rows: list, setup: str = "") -> list:
@@ -859,22 +1047,30 @@ def _execute_both_ways(tmp_path, sql: str, rows: list, setup: str = "") -> list:
         db.execute("CREATE TABLE t (a, b, c UNIQUE)")
         if setup:
             db.execute(setup)
-        db.execute("BEGIN")
+        handle = _wire.SQLiteHandle(str(path))
+        if way == "executemany":
+            db.execute("BEGIN")
+        else:
+            _wire.execute_steps(handle, [("BEGIN", None)])
         try:
             if way == "executemany":
                 db.executemany(sql, rows)
+                db.execute("COMMIT")
             else:
-                filename = db.execute("PRAGMA database_list").fetchone()[2]
-                outcome = _wire.execute_rows(db, sqlite3.Connection, filename, sql, rows)
+                outcome = _wire.execute_rows(handle, sql, rows)
                 if isinstance(outcome, tuple):  # what SQLite reported: raised as sqlite3 does
                     raise storage.sqlite_error(*outcome)
-            db.execute("COMMIT")
+                assert _wire.execute_steps(handle, [("COMMIT", None)]) is None
             outcomes.append(
                 db.execute("SELECT a, typeof(a), b, c FROM t ORDER BY rowid").fetchall()
             )
         except Exception as exc:  # both ways must raise the same
-            db.execute("ROLLBACK")
+            if way == "executemany":
+                db.execute("ROLLBACK")
+            else:
+                _wire.execute_steps(handle, [("ROLLBACK", None)])
             outcomes.append((type(exc), str(exc)))
+        handle.close()
         db.close()
     return outcomes
 
@@ -891,6 +1087,7 @@ sqlite_values = st.one_of(
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(sqlite_values, sqlite_values, sqlite_values), max_size=6))
+@native_only
 def test_execute_rows_binds_values_as_executemany_does(tmp_path_factory, rows):
     tmp = tmp_path_factory.mktemp("rows")
     plain, upsert = _execute_both_ways(tmp, "INSERT INTO t VALUES (?,?,?)", rows), None
@@ -903,6 +1100,7 @@ def test_execute_rows_binds_values_as_executemany_does(tmp_path_factory, rows):
     assert upsert[1] == upsert[0]
 
 
+@native_only
 def test_execute_rows_raises_what_executemany_raises(tmp_path):
     import sqlite3
 
@@ -920,6 +1118,7 @@ def test_execute_rows_raises_what_executemany_raises(tmp_path):
     assert full[1] == full[0] == (sqlite3.IntegrityError, "disk full")
 
 
+@native_only
 def test_execute_rows_refuses_what_it_cannot_bind(tmp_path):
     import sqlite3
 
@@ -927,18 +1126,17 @@ def test_execute_rows_refuses_what_it_cannot_bind(tmp_path):
 
     db = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
     db.execute("CREATE TABLE t (a, b)")
-    filename = db.execute("PRAGMA database_list").fetchone()[2]
+    handle = _wire.SQLiteHandle(str(tmp_path / "t.db"))
     sql = "INSERT INTO t VALUES (?, ?)"
-    with pytest.raises(ValueError, match="inside a transaction"):
-        _wire.execute_rows(db, sqlite3.Connection, filename, sql, [(1, 2)])
-    db.execute("BEGIN")
+    _wire.execute_steps(handle, [("BEGIN", None)])
     with pytest.raises(TypeError, match="not supported"):
-        _wire.execute_rows(db, sqlite3.Connection, filename, sql, [(1, object())])
+        _wire.execute_rows(handle, sql, [(1, object())])
     with pytest.raises(ValueError, match="as many values"):  # after the rows before it
-        _wire.execute_rows(db, sqlite3.Connection, filename, sql, [(1, 2), (3,)])
-    assert _wire.execute_rows(db, sqlite3.Connection, filename, sql, [(5, 6), [7, 8]]) == 2
-    db.execute("COMMIT")
+        _wire.execute_rows(handle, sql, [(1, 2), (3,)])
+    assert _wire.execute_rows(handle, sql, [(5, 6), [7, 8]]) == 2
+    _wire.execute_steps(handle, [("COMMIT", None)])
     assert db.execute("SELECT * FROM t").fetchall() == [(1, 2), (5, 6), (7, 8)]
+    handle.close()
     db.close()
 
 
@@ -963,12 +1161,14 @@ def _all_wire_functions(data: bytes) -> None:
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300))
+@native_only
 def test_random_bytes_never_crash_the_c_readers(data):
     _all_wire_functions(data)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(resource_shapes, min_size=1, max_size=2), st.data())
+@native_only
 def test_damaged_requests_never_crash_the_c_readers(resources, data):
     """Valid requests cut short or with bytes changed: lengths and tags then lie."""
     body = bytearray(_request(resources).SerializeToString())
@@ -992,15 +1192,16 @@ def _insert_spans_of_damaged(good: bytes, damaged: bytes) -> None:
 
     plan = build_rows_native(good, "p", 0, *_int_refs(), span_plan=True).span_plan
     assert plan is not None
-    db = sqlite3.connect(":memory:", isolation_level=None)
-    db.execute(_PLAIN_SPANS)
-    db.execute("BEGIN")
-    filename = db.execute("PRAGMA database_list").fetchone()[2]
-    with contextlib.suppress(ValueError, OverflowError):
-        _wire.execute_steps(
-            db, sqlite3.Connection, filename, [(_PLAIN_INSERT, damaged, "p", plan[1])]
-        )
-    db.close()
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "spans.db")
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute(_PLAIN_SPANS)
+        handle = _wire.SQLiteHandle(path)
+        _wire.execute_steps(handle, [("BEGIN", None)])
+        with contextlib.suppress(ValueError, OverflowError):
+            _wire.execute_steps(handle, [(_PLAIN_INSERT, damaged, "p", plan[1])])
+        handle.close()
+        db.close()
 
 
 json_values = st.recursive(
@@ -1044,6 +1245,7 @@ json_values = st.recursive(
         st.sampled_from(["resourceSpans", "resource_spans", "x"]), json_values, max_size=2
     )
 )
+@native_only
 def test_any_json_document_is_written_or_left_to_python(document):
     from collector import _wire, otlp_json
 
@@ -1055,6 +1257,7 @@ def test_any_json_document_is_written_or_left_to_python(document):
         )
 
 
+@native_only
 def test_the_c_functions_keep_no_memory_once_their_results_are_gone():
     """A reference the C code forgets to drop keeps its objects forever: the server's
     memory would grow with every batch (build_rows once kept ~200 bytes a span)."""
@@ -1069,24 +1272,25 @@ def test_the_c_functions_keep_no_memory_once_their_results_are_gone():
 
     import sqlite3
 
-    db = sqlite3.connect(":memory:", isolation_level=None)
+    directory = tempfile.TemporaryDirectory()
+    path = os.path.join(directory.name, "spans.db")
+    db = sqlite3.connect(path, isolation_level=None)
     db.execute(_PLAIN_SPANS)
-    filename = db.execute("PRAGMA database_list").fetchone()[2]
+    writes = storage.SQLiteWriter(db)
 
     def every_function():
         for body in bodies:
             plain = build_rows_native(body, "p", 0, lambda *a: (1, 2), lambda p: 3).spans
             rows = build_rows_native(body, "p", 0, lambda *a: 1, lambda p: 3, span_plan=True)
-            db.execute("BEGIN")
-            storage.execute_steps(
-                db, filename, [(_PLAIN_INSERT, body, "p", rows.span_plan[1]), ("SELECT 1", None)]
+            writes.begin()
+            writes.execute_steps(
+                [(_PLAIN_INSERT, body, "p", rows.span_plan[1]), ("SELECT 1", None)]
             )
-            storage.execute_steps(
-                db, filename, [(_PLAIN_INSERT, [(*r[:11], 1, 3, r[13]) for r in plain])]
-            )
+            writes.execute_steps([(_PLAIN_INSERT, [(*r[:11], 1, 3, r[13]) for r in plain])])
             with contextlib.suppress(OverflowError):
-                _wire.execute_rows(db, sqlite3.Connection, filename, "SELECT ?", [(1,), (2**64,)])
-            db.execute("ROLLBACK")
+                writes.returned_ids("SELECT ?", [(1,), (2**64,)])
+            writes.rollback()
+            _wire.SQLiteHandle(path).close()
             _wire.check_spans(body)
             _wire.stream_commands(body, lambda b: (1, b"$1\r\n1\r\n"), 5, b"h")
             _wire.resource_spans_layout(body)
@@ -1106,4 +1310,7 @@ def test_the_c_functions_keep_no_memory_once_their_results_are_gone():
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
+        writes.close()
+        db.close()
+        directory.cleanup()
     assert grown < 64 * 1024, f"{grown} bytes kept after 20 rounds"

@@ -70,7 +70,7 @@ async def test_a_gzip_message_inflating_past_the_limit_is_resource_exhausted(col
     await prober
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert exporter.span_count == 0
-    assert max(latencies) < 0.25, max(latencies)
+    assert max(latencies) < 0.5, max(latencies)  # a shared 2-core machine: margin
 
     response = await export_gzip(grpc_port, good_body(3))
     assert not response.HasField("partial_success")

@@ -179,7 +179,7 @@ async def test_a_gzip_body_of_many_empty_members_is_400_and_healthz_stays_prompt
     for status, _, body in answers:
         assert status == 400
         assert "members" in status_pb2.Status.FromString(body).message
-    assert max(latencies) < 0.25, f"/healthz waited {max(latencies):.3f}s"
+    assert max(latencies) < 0.5, f"/healthz waited {max(latencies):.3f}s"
 
     allowed = gzip.compress(b"") * (MAX_GZIP_MEMBERS - 1) + gzip.compress(
         request_with(2).SerializeToString()
