@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from collector import ExporterConfig, PermanentError, RefusedError, RetryableError, exporterhelper
-from collector.exporterhelper import ExporterQueue, RetrySettings
+from collector import ExporterConfig, PermanentError, RefusedError, RetryableError
+from collector.exporterhelper import ExporterQueue, RetrySettings, retry
 from collector.telemetry import Telemetry
 from tests.core.test_exporterhelper import Recorder
 from tests.processors._util import batch, resource_spans
@@ -49,13 +49,13 @@ def errors(telemetry: Telemetry, reason: str) -> float:
 
 def test_the_default_budget_is_the_collectors_five_minutes():
     assert RetrySettings().max_elapsed_time == 300.0
-    assert exporterhelper.UNEXPECTED_ERROR_MAX_ELAPSED == 300.0
+    assert retry.UNEXPECTED_ERROR_MAX_ELAPSED == 300.0
 
 
 async def test_an_unexpected_exception_is_bounded_even_when_max_elapsed_time_is_zero(
     monkeypatch, caplog
 ):
-    monkeypatch.setattr(exporterhelper, "UNEXPECTED_ERROR_MAX_ELAPSED", 0.2)
+    monkeypatch.setattr(retry, "UNEXPECTED_ERROR_MAX_ELAPSED", 0.2)
     exporter = Counting(policy("0"), failures=[TypeError("a bug")] * 10_000)
     telemetry = Telemetry()
     queue = ExporterQueue(exporter, telemetry)
@@ -79,7 +79,7 @@ async def test_retryable_errors_are_retried_past_that_bound_when_max_elapsed_tim
 ):
     """``max_elapsed_time: 0`` keeps its meaning for errors the exporter says will pass
     (a persistent queue waiting out a Redis outage)."""
-    monkeypatch.setattr(exporterhelper, "UNEXPECTED_ERROR_MAX_ELAPSED", 0.05)
+    monkeypatch.setattr(retry, "UNEXPECTED_ERROR_MAX_ELAPSED", 0.05)
     exporter = Counting(policy("0"), failures=[RetryableError("down")] * 40)
     telemetry = Telemetry()
     queue = ExporterQueue(exporter, telemetry)
@@ -132,12 +132,12 @@ async def test_a_permanent_error_is_counted_as_such_and_does_not_start_a_streak(
     await queue.put(batch(resource_spans({}, [{"name": "bad"}])))
     while exporter.attempts < 1:
         await asyncio.sleep(0.01)
-    assert queue._failing_since is None
+    assert queue._retry.failing_since is None
     await queue.put(batch(resource_spans({}, [{"name": "good"}])))
     await queue.shutdown(5)
     assert errors(telemetry, "permanent") == 1
     assert exporter.span_names() == ["good"]
-    assert queue._failing_since is None
+    assert queue._retry.failing_since is None
 
 
 async def test_shutdown_drops_an_in_memory_batch_whose_exporter_raises_at_once():
