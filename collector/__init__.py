@@ -21,8 +21,11 @@ from collector.components import (
 from collector.exporterhelper import ExporterConfig, QueueSettings
 from collector.matching import AttributeMatch, SpanMatch, SpanMatcher, SpanPredicate, select
 from collector.otlp_json import encode as encode_otlp_json
+from collector.signals import ALL_SIGNALS, LogBatch, MetricBatch
 from collector.spans import (
     CALL_ID_ATTRIBUTE,
+    CALL_KEY_ATTRIBUTE,
+    CALL_SOURCE_ATTRIBUTE,
     BatchEntry,
     ResourceSpans,
     Span,
@@ -33,14 +36,20 @@ from collector.spans import (
     remove_attribute,
     set_attribute,
     span_count,
+    split_resource_spans,
 )
+from collector.tls import ClientTLSSettings, client_ssl_context
 from collector.units import ByteSize, Duration
 
 __all__ = [
+    "ALL_SIGNALS",
     "CALL_ID_ATTRIBUTE",
+    "CALL_KEY_ATTRIBUTE",
+    "CALL_SOURCE_ATTRIBUTE",
     "AttributeMatch",
     "BatchEntry",
     "ByteSize",
+    "ClientTLSSettings",
     "ComponentConfig",
     "Consumer",
     "Duration",
@@ -48,6 +57,8 @@ __all__ = [
     "ExporterConfig",
     "Forward",
     "Host",
+    "LogBatch",
+    "MetricBatch",
     "PermanentError",
     "Processor",
     "QueueSettings",
@@ -63,6 +74,7 @@ __all__ = [
     "SpanPredicate",
     "UnauthenticatedError",
     "any_value_to_python",
+    "client_ssl_context",
     "encode_otlp_json",
     "get_attribute",
     "iter_spans",
@@ -70,4 +82,5 @@ __all__ = [
     "select",
     "set_attribute",
     "span_count",
+    "split_resource_spans",
 ]

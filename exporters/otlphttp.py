@@ -40,15 +40,16 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from pydantic import field_validator
 
 from collector import (
+    ClientTLSSettings,
     Exporter,
     ExporterConfig,
     Host,
     PermanentError,
     RetryableError,
     SpanBatch,
+    client_ssl_context,
+    encode_otlp_json,
 )
-from collector.otlp_json import encode_request
-from collector.tls import ClientTLSSettings, client_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class OTLPHTTPExporter(Exporter):
         if self.config.encoding == "proto":  # as the sending queue keeps it: no parse
             body = batch.serialize()
         else:
-            body = encode_request(ExportTraceServiceRequest(resource_spans=batch.resource_spans))
+            body = encode_otlp_json(ExportTraceServiceRequest(resource_spans=batch.resource_spans))
         if self.config.compression == "gzip":
             body = gzip.compress(body, compresslevel=5)
         return bytes(body)

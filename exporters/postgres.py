@@ -28,16 +28,18 @@ from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from pydantic import Field, SecretStr, field_validator
 
 from collector import (
+    ALL_SIGNALS,
     Duration,
     Exporter,
     ExporterConfig,
     Host,
+    LogBatch,
+    MetricBatch,
     PermanentError,
     RetryableError,
     SpanBatch,
 )
 from collector.query import jsonable
-from collector.signals import ALL_SIGNALS, LogBatch, MetricBatch
 from collector.signals_postgres import PostgresSignalStore
 from collector.storage import (
     build_rows,

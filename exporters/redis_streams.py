@@ -51,9 +51,9 @@ from collector import (
     PermanentError,
     RetryableError,
     SpanBatch,
+    encode_otlp_json,
     get_attribute,
 )
-from collector.otlp_json import encode as otlp_json_encode
 from collector.redisconn import RedisSettings, is_transient, redis_client
 from collector.wire import NATIVE_WIRE
 from collector.wire import native as _wire
@@ -133,7 +133,7 @@ class RedisStreamsExporter(Exporter):
         """What every entry of a resource repeats, packed once: the number of ``XADD``
         arguments an entry's fields take and the resource's fields."""
         config = self.config
-        encode = otlp_json_encode if config.encoding == "json" else _serialize
+        encode = encode_otlp_json if config.encoding == "json" else _serialize
         attributes = resource.attributes
         service = str(get_attribute(attributes, "service.name", "") or "").encode()
         call_id = str(get_attribute(attributes, CALL_ID_ATTRIBUTE, "") or "").encode()
@@ -207,7 +207,7 @@ class RedisStreamsExporter(Exporter):
     def _python_entries(self, batch: SpanBatch, project: bytes) -> list[tuple[int, bytes]]:
         """The entries of a batch's messages, packed in Python (JSON encoding, or where
         ``collector._wire`` is not built)."""
-        encode = otlp_json_encode if self.config.encoding == "json" else _serialize
+        encode = encode_otlp_json if self.config.encoding == "json" else _serialize
         entries: list[tuple[int, bytes]] = []
         for rs in batch.resource_spans:
             arguments, packed_tail = self._resource_fields(project, rs.resource)

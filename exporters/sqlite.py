@@ -42,17 +42,19 @@ from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from pydantic import Field
 
 from collector import (
+    ALL_SIGNALS,
     Duration,
     Exporter,
     ExporterConfig,
     Host,
+    LogBatch,
+    MetricBatch,
     PermanentError,
     QueueSettings,
     RetryableError,
     SpanBatch,
 )
 from collector.calls import ensure_calls_table
-from collector.signals import ALL_SIGNALS, LogBatch, MetricBatch
 from collector.signals_storage import SQLiteSignalStore
 from collector.storage import (  # re-exported: the query side and plugins read them here
     MAX_INDEXED_VALUE,

@@ -21,6 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from collector import (
+    ALL_SIGNALS,
     ComponentConfig,
     Host,
     Processor,
@@ -29,7 +30,6 @@ from collector import (
     UnauthenticatedError,
 )
 from collector.keys import KeyStore, PostgresKeyStore, hash_key, is_postgres_location
-from collector.signals import ALL_SIGNALS
 
 
 class ConfiguredKey(BaseModel):

@@ -17,8 +17,14 @@ from dataclasses import dataclass, field
 
 from pydantic import Field, model_validator
 
-from collector import ComponentConfig, Duration, Forward, Processor, SpanBatch
-from collector.spans import split_resource_spans
+from collector import (
+    ComponentConfig,
+    Duration,
+    Forward,
+    Processor,
+    SpanBatch,
+    split_resource_spans,
+)
 
 __all__ = ["BatchConfig", "BatchProcessor", "split_resource_spans"]
 

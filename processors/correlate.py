@@ -32,7 +32,21 @@ from typing import Any
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from pydantic import Field
 
-from collector import ComponentConfig, Duration, Host, Processor, SpanBatch
+from collector import (
+    CALL_ID_ATTRIBUTE,
+    CALL_KEY_ATTRIBUTE,
+    CALL_SOURCE_ATTRIBUTE,
+    BatchEntry,
+    ComponentConfig,
+    Duration,
+    Host,
+    Processor,
+    ResourceSpans,
+    Span,
+    SpanBatch,
+    any_value_to_python,
+    span_count,
+)
 from collector.calls import (
     CallActivity,
     CallRecord,
@@ -42,16 +56,6 @@ from collector.calls import (
     make_call_store,
 )
 from collector.redisconn import CorrelateRedisConfig
-from collector.spans import (
-    CALL_ID_ATTRIBUTE,
-    CALL_KEY_ATTRIBUTE,
-    CALL_SOURCE_ATTRIBUTE,
-    BatchEntry,
-    ResourceSpans,
-    Span,
-    any_value_to_python,
-    span_count,
-)
 
 log = logging.getLogger(__name__)
 
