@@ -125,13 +125,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 SWITCH_INTERVAL = 0.0005
 """Seconds a thread may hold the GIL while another waits for it (Python's default: 5 ms).
 
-The SQLite writer thread runs long stretches of Python building rows; at 5 ms the event
-loop waited up to that long for each turn, which made a 50-span request's p99 ~50 ms
-under load. At 0.5 ms it is ~15 ms, for ~5% more CPU (``make bench``)."""
+The SQLite writer thread runs long stretches of Python building rows; at the default
+the event loop waits up to 5 ms for each turn while it does, which shows in every
+request's latency under load. A shorter interval costs a little CPU in switches."""
 
 
 def _tune_runtime() -> None:
-    """Interpreter settings for a long-running ingest process (measured in ``make bench``).
+    """Interpreter settings for a long-running ingest process.
 
     ``CALLTRACE_SWITCH_INTERVAL`` (seconds) and ``CALLTRACE_GC`` (``gen0,gen1,gen2``
     thresholds) override them, for experiments.
@@ -151,9 +151,9 @@ def _limit_malloc_arenas() -> None:
 
     glibc gives each thread that allocates a heap ("arena") of its own, and memory freed
     in one is rarely handed back: the writer thread's span bytes (over pymalloc's 512
-    bytes, so from malloc) kept its arena's high-water mark resident. Measured on the
-    bench's default row: peak RSS 198 -> 163 MiB, throughput within the run-to-run
-    noise (Python allocates under the GIL, so the threads seldom contend for the heap).
+    bytes, so from malloc) would keep its arena's high-water mark resident. One heap
+    costs no throughput: Python allocates under the GIL, so the threads seldom contend
+    for it.
     A ``MALLOC_ARENA_MAX`` set by the user wins; elsewhere than glibc this does nothing.
     """
     if os.environ.get("MALLOC_ARENA_MAX"):

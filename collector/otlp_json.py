@@ -12,9 +12,9 @@ OTLP/JSON is proto3 JSON with a few rules of its own
 
 Decoding parses the JSON with orjson and walks it once, writing the protobuf wire
 format with an encoder built per message type from the protobuf descriptors; protobuf's
-parser then reads those bytes into the message. This is several times faster than
-``json_format.ParseDict`` on span-heavy requests, and about twice as fast as building
-the message from constructor arguments. An id that is not valid hex decodes to
+parser then reads those bytes into the message, which is faster than
+``json_format.ParseDict`` on span-heavy requests and than building the message from
+constructor arguments. An id that is not valid hex decodes to
 ``INVALID_HEX_ID``, a value of no valid id length, so the receiver rejects that span
 alone (``partial_success``) rather than the whole request.
 """

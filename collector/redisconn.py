@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 # redis-py is imported where a client is made, not here: these settings are part of
 # every config's schema (``correlate``'s store), and importing redis-py (it imports
-# OpenTelemetry's metrics SDK) took ~0.2 s of a 0.5-1.2 s startup that uses no Redis.
+# OpenTelemetry's metrics SDK) would slow every startup, most of which use no Redis.
 
 __all__ = [
     "CorrelateRedisConfig",

@@ -476,13 +476,12 @@ def serialize_resource_spans(
 ) -> bytes:
     """The ``ExportTraceServiceRequest`` body holding ``resource_spans``, without copying
     the messages into a request first (field 1, length-delimited, once per resource).
-    In C where ``collector._wire`` is built (the Python below is its reference): 0.67 ->
-    0.43 us a span on the bench's requests, the bytes copied without the GIL.
+    In C where ``collector._wire`` is built (the Python below is its reference), the bytes
+    copied without the GIL.
 
     With ``sources`` (``SpanBatch.sources``: for callers whose processors left spans as
     received), a resource's scopes and spans are copied from the received bytes and only
-    its resource is serialized: on the bench's requests 1.50 -> 0.79 us a span (0.10 more
-    to find the offsets), for the same message (its resource field moved first, which
+    its resource is serialized, for the same message (its resource field moved first, which
     protobuf allows). With ``resource_payloads`` (``SpanBatch.resource_payloads``) too,
     the resources they hold are not serialized either."""
     if _native is not None:

@@ -112,8 +112,8 @@ class RedisStreamsExporter(Exporter):
         self._native = NATIVE_WIRE and config.encoding == "protobuf"
         self._client: Any = None
         # _resource_fields by (project, resource bytes), across batches: every batch
-        # repeats the resources of the calls in progress, and packing their fields took
-        # ~40% of packing a batch, holding the GIL.
+        # repeats the resources of the calls in progress, and packing their fields is a
+        # large share of packing a batch, holding the GIL.
         self._packed_resources: dict[tuple[bytes, bytes], tuple[int, bytes]] = {}
 
     async def start(self, host: Host) -> None:
@@ -173,8 +173,8 @@ class RedisStreamsExporter(Exporter):
         if not count or not config.maxlen:
             return [packed], count
         # One XTRIM a batch, not MAXLEN ~ on every XADD: redis-server's work grows with an
-        # XADD's arguments (each is parsed into an object), and the trim's three took ~8%
-        # of its instructions an entry (callgrind: 35.1k -> 32.4k). The stream may hold
+        # XADD's arguments (each is parsed into an object), so three more on every entry
+        # cost it more than one command a batch. The stream may hold
         # one batch more than maxlen until the XTRIM right after it.
         trim = [b"XTRIM", stream, b"MAXLEN", b"~", b"%d" % config.maxlen]
         packed_trim = b"*%d\r\n" % len(trim) + b"".join(_resp_bulk(arg) for arg in trim)
@@ -233,8 +233,8 @@ class RedisStreamsExporter(Exporter):
     async def export(self, batch: SpanBatch) -> None:
         if self._client is None:
             raise RetryableError(f"{self.id} is not started")
-        # Packing a 4,096-span batch takes ~5 ms in C (~25 ms in Python, parse included):
-        # on a thread, the event loop keeps answering requests meanwhile.
+        # Packing a batch takes milliseconds: on a thread, the event loop keeps answering
+        # requests meanwhile.
         try:
             commands, count = await asyncio.to_thread(self._commands, batch)
         except (ValueError, DecodeError, EncodeError) as exc:  # would repeat: the batch's data
@@ -270,8 +270,8 @@ class RedisStreamsExporter(Exporter):
 
     async def _read_replies(self, connection: Any, replies: int) -> Exception | None:
         """Read ``replies`` replies (entry ids, or errors) off ``connection``; the first
-        error, if any. redis-py reads a reply at a time at ~16-26 us each: a span's cost
-        several times over. Here they are counted in the bytes as they come, read from the
+        error, if any. redis-py parses a reply at a time, costing more than packing the
+        span did. Here they are counted in the bytes as they come, read from the
         connection's stream (its parser holds nothing between commands: a pooled
         connection has no reply pending). Where that stream is not there (another
         redis-py), redis-py reads them."""
@@ -344,10 +344,10 @@ def _redis_error(message: str) -> Exception:
 class _ReplyCounter:
     """Counts RESP2 replies of ``XADD`` (bulk strings, or errors) in the bytes they come
     in, keeping the first error; in C (``collector._wire.count_replies``) where it is
-    built, else in Python (the reference). Measured, against the local Redis: an
-    ``EVAL`` of a script adding 500 entries a call (one reply per call) cost Redis 11.2
-    us an entry, plain ``XADD`` 5.1: on a machine whose cores Redis shares, that is the
-    difference. Counting costs 0.45 us a reply in Python."""
+    built, else in Python (the reference). Counting the replies is what lets the exporter
+    send plain ``XADD`` commands rather than one ``EVAL`` of a script a batch (one reply a
+    call), which costs Redis about twice the CPU an entry: on a machine whose cores
+    Redis shares, that is the difference."""
 
     __slots__ = ("_buffer", "_native", "error", "missing")
 

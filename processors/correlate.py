@@ -376,12 +376,10 @@ class CorrelateProcessor(Processor):
         """Create a request's new call records in the background (one transaction or
         round trip where the store supports it). Not awaited: the spans carry their call
         id whatever happens to the record, and waiting on the store (which shares
-        SQLite's one write lock with the storage exporter) cost requests hundreds of
-        milliseconds. Creations start at most every ``CREATE_INTERVAL``: the records of
-        the requests meanwhile wait and go together. One a request made ~7 times as many
-        transactions, each waiting for the span writer's lock and holding it up in turn
-        (measured under the bench's load: 201 for 100k spans, and the span writer waited
-        40-75 ms for the lock; 18-20 with one creation at a time, still 72-83 ms).
+        SQLite's one write lock with the storage exporter) would hold requests up.
+        Creations start at most every ``CREATE_INTERVAL``: the records of the requests
+        meanwhile wait and go together, rather than one transaction a request, each
+        waiting for the span writer's lock and holding it up in turn.
         ``flush`` and ``shutdown`` wait for creations (and start a waiting one at once);
         records a failed creation leaves wait in ``_unsaved`` for the flusher."""
         if self._waiting_created is None:

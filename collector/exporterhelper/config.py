@@ -21,8 +21,8 @@ class QueueSettings(BaseModel):
     """Capacity in spans."""
     batch_max_spans: int = Field(default=4096, ge=1)
     """A consumer merges queued batches of one project up to this many spans per export
-    (a persistent queue keeps twice as many in memory, the rest on disk). 8192 made the
-    bench's flood peak ~20 MiB higher for no more spans/s."""
+    (a persistent queue keeps twice as many in memory, the rest on disk). Larger merges
+    cost peak memory under a flood and gain no throughput."""
     storage: Path | None = None
     """Directory for a persistent queue; None keeps the queue in memory."""
 

@@ -363,9 +363,9 @@ class ExporterQueue:
 
     async def _payloads(self, items: list[_QueueItem]) -> list[bytes]:
         """The items' serialized batches: kept in memory, made from a handed-over batch,
-        or read back from the queue's log, all in one trip to its thread (one a batch,
-        the writer waited ~3 ms for each under load: the thread answers after the appends
-        queued before, and the event loop after the requests it is handling)."""
+        or read back from the queue's log, all in one trip to its thread (the thread
+        answers after the appends queued before it, and the event loop after the requests
+        it is handling, so a trip for each batch would keep the exporter waiting)."""
         on_disk = [item.key for item in items if item.payload is None and item.batch is None]
         read: Iterator[bytes] = iter(())
         if on_disk:
