@@ -32,7 +32,7 @@ def collector_imports(path) -> list[tuple[str, list[str]]]:
 
 
 BUILT_INS = sorted(
-    path for folder in ("processors", "exporters") for path in (ROOT / folder).glob("*.py")
+    path for folder in ("processors", "exporters") for path in (ROOT / folder).rglob("*.py")
 )
 
 

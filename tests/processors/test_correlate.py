@@ -247,7 +247,7 @@ async def test_new_calls_of_requests_during_a_creation_are_created_together_next
 
 async def test_creations_of_call_records_start_at_most_once_an_interval(tmp_path):
     processor = CorrelateProcessor("correlate", CorrelateConfig(store=tmp_path / "c.db"))
-    processor.CREATE_INTERVAL = 0.3
+    processor.records.CREATE_INTERVAL = 0.3
     await processor.start(FakeTelemetryHost())
     created: list[list[str]] = []
     create_many = processor.store.create_many
