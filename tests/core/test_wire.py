@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector import storage, wire
+from collector import resource_facts, sqlite_files, storage, wire
 from collector.spans import (
     CALL_ID_ATTRIBUTE,
     CALL_KEY_ATTRIBUTE,
@@ -637,9 +637,9 @@ def test_resource_facts_are_read_off_the_bytes_as_off_the_message(attributes):
         if value is not None:
             _set_any_value(kv.value, value)
     payload = resource.SerializeToString()
-    native = storage._ResourceFacts(None, payload)
-    python = storage._ResourceFacts(Resource.FromString(payload), payload)
-    for name in storage._ResourceFacts.__slots__:
+    native = resource_facts._ResourceFacts(None, payload)
+    python = resource_facts._ResourceFacts(Resource.FromString(payload), payload)
+    for name in resource_facts._ResourceFacts.__slots__:
         got, expected = getattr(native, name), getattr(python, name)
         if name == "tags":  # NaN != NaN: compare their reprs
             got, expected = repr(got), repr(expected)
@@ -982,7 +982,7 @@ async def _stored_by_exporter(path, batches: list[SpanBatch], native: bool, monk
             return 1_700_000_000_000_000_000
 
     with monkeypatch.context() as patch:
-        patch.setattr(storage, "NATIVE_SQLITE", native)
+        patch.setattr(sqlite_files, "NATIVE_SQLITE", native)
         patch.setattr(sqlite_exporter, "time", FixedClock)
         exporter = SQLiteExporter("sqlite", SQLiteConfig(path=path))
         await exporter.start(FakeTelemetryHost())

@@ -17,7 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector import PermanentError, RetryableError, SpanBatch, set_attribute, storage
+from collector import (
+    PermanentError,
+    RetryableError,
+    SpanBatch,
+    set_attribute,
+    sqlite_files,
+    storage,
+)
 from collector.spans import ResourceSpans
 from collector.storage import (
     MAX_STORED_NS,
@@ -206,9 +213,9 @@ and executemany (``CALLTRACE_NATIVE_SQLITE=0``), or Python throughout (no extens
 
 @contextlib.contextmanager
 def _writer_mode(mode: str) -> Iterator[None]:
-    native_sqlite = storage.NATIVE_SQLITE and mode == "native"
+    native_sqlite = sqlite_files.NATIVE_SQLITE and mode == "native"
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(storage, "NATIVE_SQLITE", native_sqlite))
+        stack.enter_context(mock.patch.object(sqlite_files, "NATIVE_SQLITE", native_sqlite))
         stack.enter_context(mock.patch.object(sqlite_exporter, "NATIVE_SQLITE", native_sqlite))
         if mode == "python":
             stack.enter_context(mock.patch.object(storage, "_wire", None))

@@ -530,13 +530,13 @@ async def test_each_span_points_at_its_own_resource(tmp_path, monkeypatch, nativ
     """New resources are written after the batch's rows are built, and their ids put in
     place of stand-ins; resources already in the file (from before a restart: not in the
     writer's cache) keep their ids. Both ways: in C and through executemany."""
-    from collector import storage
+    from collector import sqlite_files
     from tests.native_support import native_module
 
     if native:
         native_module()  # the C writer: compared with executemany where it runs
-        assert storage.NATIVE_SQLITE, "collector._wire found no SQLite functions"
-    monkeypatch.setattr(storage, "NATIVE_SQLITE", native)
+        assert sqlite_files.NATIVE_SQLITE, "collector._wire found no SQLite functions"
+    monkeypatch.setattr(sqlite_files, "NATIVE_SQLITE", native)
     config = SQLiteConfig(path=tmp_path / "db.sqlite")
 
     def batch(*markers: str) -> SpanBatch:

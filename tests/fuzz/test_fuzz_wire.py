@@ -23,7 +23,7 @@ from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from collector import storage, wire
+from collector import resource_facts, storage, wire
 from collector.receivers.otlp import drop_invalid_spans
 from collector.spans import (
     ExportTraceServiceRequest,
@@ -78,7 +78,7 @@ def _rows(build: Any) -> dict[str, str]:
     def scope_ref(payload: bytes) -> tuple[Any, ...]:
         return ("scope", _canonical(InstrumentationScope, payload))
 
-    storage._RESOURCE_FACTS.clear()  # a cache of either path's facts: not shared
+    resource_facts._RESOURCE_FACTS.clear()  # a cache of either path's facts: not shared
     rows = build(resource_ref, scope_ref)
     spans = [(*row[:-1], _canonical(Span, row[-1])) for row in rows.spans]
     return {
@@ -163,9 +163,11 @@ def assert_readers_agree(body: bytes) -> None:
     for rs in messages:
         if id(rs) in sources:
             resource_bytes = payloads[id(rs)][1]
-            in_c = storage._ResourceFacts(None, resource_bytes)
-            reference = storage._ResourceFacts(Resource.FromString(resource_bytes), resource_bytes)
-            for name in storage._ResourceFacts.__slots__:
+            in_c = resource_facts._ResourceFacts(None, resource_bytes)
+            reference = resource_facts._ResourceFacts(
+                Resource.FromString(resource_bytes), resource_bytes
+            )
+            for name in resource_facts._ResourceFacts.__slots__:
                 assert repr(getattr(in_c, name)) == repr(getattr(reference, name)), name
 
     # One Redis stream entry a span.
