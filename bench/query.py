@@ -6,7 +6,7 @@ session, some a Pipecat call with four conversations), written through the ``sql
 exporter's own write path (``SQLiteExporter.export``) after the ``correlate`` processor
 stamped their call ids, as the collector stores them.
 
-The queries are plain SQL on the schema of ``exporters/sqlite.py`` (``SQLQueries``): call
+The queries are plain SQL on the schema of ``exporters/sqlite_schema.py`` (``SQLQueries``): call
 list, a ~60-span call's detail with its spans parsed into a tree, trace search by span
 name, by attribute and by duration. Each runs many times with varying arguments; the
 median and p99 latency and the query plan (``EXPLAIN QUERY PLAN``) are printed and
@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         + f". Each query {args.repeat} times or for 8 s, whichever ends first (varying"
         " arguments where the label says so),"
         " one connection, warm page cache; plain SQL from `bench/query.py` on the schema of"
-        " `exporters/sqlite.py`. Shared machine: other work ran on the same cores.",
+        " `exporters/sqlite_schema.py`. Shared machine: other work ran on the same cores.",
         "",
         "| query | rows | median ms | p99 ms | runs |",
         "|---|---:|---:|---:|---:|",

@@ -972,7 +972,7 @@ def _stored_tables(path) -> dict[str, list[tuple]]:
 
 
 async def _stored_by_exporter(path, batches: list[SpanBatch], native: bool, monkeypatch):
-    import exporters.sqlite as sqlite_exporter
+    import exporters.sqlite_writer as sqlite_writer
     from exporters.sqlite import SQLiteConfig, SQLiteExporter
     from tests.processors._util import FakeTelemetryHost
 
@@ -983,7 +983,7 @@ async def _stored_by_exporter(path, batches: list[SpanBatch], native: bool, monk
 
     with monkeypatch.context() as patch:
         patch.setattr(sqlite_files, "NATIVE_SQLITE", native)
-        patch.setattr(sqlite_exporter, "time", FixedClock)
+        patch.setattr(sqlite_writer, "time", FixedClock)
         exporter = SQLiteExporter("sqlite", SQLiteConfig(path=path))
         await exporter.start(FakeTelemetryHost())
         try:
