@@ -1,7 +1,7 @@
 /* collector._wire: calltrace's hot loops over the OTLP wire format, in C.
  *
- * Python reads a protobuf field through upb's objects one call at a time: ~25 us a span
- * for the storage exporters' rows, where walking the bytes in C costs ~2. Each function
+ * Python reads a protobuf field through upb's objects one call at a time, an order of
+ * magnitude slower for the storage exporters' rows than walking the bytes in C. Each function
  * here has a Python twin that stays the reference, and the fallback where this module is
  * not built; tests/core/test_wire.py and test_otlp_json.py hold each pair to the same
  * output on the captured fixtures and on generated input.
@@ -401,8 +401,7 @@ trace_has_pair(Trace *tr, PyObject *pair)
 
 /* The tuples made here hold only str, bytes, int and None, so they can be in no
  * reference cycle: untracked, the cyclic garbage collector never scans them. Tracked,
- * the ~20 tuples a span makes set off collections that scanned every live row
- * (measured: gc_collect_main and its visitors were ~11% of the writer's CPU). */
+ * the tuples each span makes would set off collections that scan every live row. */
 static void
 untrack(PyObject *tuple)
 {
@@ -566,8 +565,8 @@ attribute_pair(const uint8_t *p, const uint8_t *end)
 }
 
 /* Recent KeyValues' pairs, by their bytes: most attributes repeat (models, providers,
- * voices, services), and looking their bytes up costs a third of decoding key and value
- * and hashing a new pair (measured ~340 ns an attribute without it). Direct-mapped: a
+ * voices, services), and looking their bytes up costs less than decoding key and value
+ * and hashing a new pair. Direct-mapped: a
  * collision replaces the slot, so unique values (transcripts, ids) never grow it. */
 #define CACHE_SLOTS 16384 /* a power of two */
 #define CACHE_MAX_BYTES 320
@@ -899,9 +898,8 @@ submessage(const uint8_t *p, const uint8_t *end, uint32_t number)
 }
 
 /* cb(key), asked once per distinct key in ``memo``'s call and answered from ``memo``
- * after that: a batch repeats a few resources and scopes many times (~860 ResourceSpans,
- * ~100 distinct resources, in a 4,096-span batch of the bench), and a Python call costs
- * a span's whole row. New reference. */
+ * after that: a batch repeats a few resources and scopes many times, and a Python call
+ * costs a span's whole row. New reference. */
 static PyObject *
 memo_call(PyObject *memo, PyObject *cb, PyObject *key)
 {
@@ -1658,7 +1656,7 @@ buffer_add(Buffer *b, const void *data, Py_ssize_t len)
 }
 
 /* The decimal digits of v at the end of a 24-byte area ending at end: returns where
- * they start (snprintf took ~100 ns a number: a dozen of them a span). */
+ * they start (snprintf is slow for a dozen numbers a span). */
 static char *
 decimal(char *end, uint64_t v)
 {
@@ -2248,7 +2246,7 @@ json_to_wire(PyObject *self, PyObject *args)
 /* -- a batch's writes straight into SQLite ----------------------------------------------
  *
  * executemany binds each row's values from Python objects (for span rows, objects that
- * build_rows made first: ~3 us a span holding the GIL, which the event loop waits for),
+ * build_rows made first, holding the GIL, which the event loop waits for),
  * and lets go of the GIL around every row's step: each time, taking it back waits for
  * the event loop's turn to end. Here the rows go into SQLite in C, span rows from the
  * payload itself, with the GIL let go of once a batch, on a handle of the writer's own

@@ -24,7 +24,7 @@ __all__ = ["resource_attributes"]
 class _ResourceFacts:
     """What ``build_rows`` reads from a resource, kept by its serialized bytes: one
     agent process exports a few spans at a time under the same resource, so most
-    batches repeat resources seen before (measured ~5 spans per ``ResourceSpans``)."""
+    batches repeat resources seen before."""
 
     __slots__ = (
         "attrs",
@@ -38,10 +38,10 @@ class _ResourceFacts:
 
     def __init__(self, resource: Resource | None, payload: bytes):
         """The facts of ``resource``, serialized as ``payload``; with ``resource`` None,
-        read off ``payload`` by ``collector._wire.resource_facts``: 14.3 -> 3.1 us for a
-        bench resource, the writer holding the GIL that long for every new call's one."""
-        # The message itself is not kept: it took ~40% of an entry's memory (the cache
-        # held ~11 MiB of them under the bench's flood), and an exporter needs it only
+        read off ``payload`` by ``collector._wire.resource_facts`` (the writer holds the
+        GIL meanwhile, for every new call's resource)."""
+        # The message itself is not kept: it is a large share of an entry's memory, and
+        # an exporter needs it only
         # for a resource it has not stored yet (``resource_attributes``).
         self.payload = payload
         """The resource serialized (no map fields, so the same bytes however written)."""

@@ -34,7 +34,7 @@ def open_sqlite(path: str | Path, busy_timeout_ms: int = 10_000) -> sqlite3.Conn
     keeps (spans, keys, call records, persistent queues): autocommit (transactions are
     explicit), usable from a worker thread, WAL with ``synchronous=NORMAL`` (durable
     across a crash of the process), and 16 KiB pages for a new file (span rows carry
-    ~600 bytes of protobuf: inserts measured ~15% cheaper than with 4 KiB pages)."""
+    hundreds of bytes of protobuf, and larger pages make their inserts cheaper)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -70,8 +70,8 @@ def write_lock(path: str | Path) -> threading.Lock:
 
     SQLite lets one writer in at a time and makes the others poll, sleeping 1, 2, 5, 10,
     ... up to 100 ms between tries: in the default config, where the call records and
-    the spans share a file, the span writer slept up to ~25 ms after each call-record
-    insert had long finished, and a writer whose read began before the other's commit
+    the spans share a file, the span writer would sleep long after each call-record
+    insert had finished, and a writer whose read began before the other's commit
     failed at once (``SQLITE_BUSY_SNAPSHOT``) and retried its batch. Waiting on this
     lock, the next writer starts the moment the other commits. Other processes still
     meet SQLite's own locking (``busy_timeout``)."""
@@ -87,14 +87,12 @@ class BackgroundCheckpointer:
     """Copies a WAL file back into its database on a thread and connection of its own.
 
     SQLite's automatic checkpoint runs inside a writer's COMMIT, every ~1,000 pages, and
-    ends with an fsync: measured, it was most of the sqlite exporter's commit cost
-    (10-18 of 12-23 us a span) and the persistent queue's latency spikes (a 50-span
-    request's p99 ~56-61 ms with the queue on disk, 13 ms with it in memory). Here the
+    ends with an fsync: most of a commit's cost, and latency spikes for every request
+    whose batch waits behind it (a persistent queue's too). Here the
     writer's automatic checkpoint is off and ``PASSIVE`` checkpoints, which never block
     a writer and run in C without the GIL, follow its commits on another thread, at most
-    one every ``interval`` seconds: with small commits (a 50-span request at a time) a
-    checkpoint after each cost ~11 us a span, as much as a quarter of the writer's own
-    work. The WAL file is cut back to ``wal_limit`` bytes once a checkpoint caught up.
+    one every ``interval`` seconds, so small commits (a 50-span request at a time) do not
+    each pay for a checkpoint of their own. The WAL file is cut back to ``wal_limit`` bytes once a checkpoint caught up.
     """
 
     def __init__(
@@ -146,8 +144,7 @@ class SQLiteWriter:
     to ``pragma``). A whole transaction runs on it, from ``begin`` to the ``COMMIT`` step,
     its rows bound in C with the GIL let go of once per call: executemany lets go of it
     around every row's step and takes it back after, and while the event loop holds it
-    each row then waits up to the switch interval (measured, a writer beside a thread
-    running Python: 1.6 batches/s, against 51 in C). Nothing of ``db`` itself is read
+    each row then waits up to the switch interval. Nothing of ``db`` itself is read
     in C. If the handle cannot be opened, or without the extension, the transactions run
     on ``db`` itself through sqlite3 (the same statements, the same results).
 

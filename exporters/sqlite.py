@@ -15,7 +15,7 @@ Beside the spans, one transaction per batch keeps:
   attributes to traces, which ``attr.KEY=VALUE`` and ``tag.KEY=VALUE`` search: one
   document per trace and batch, one term per (project, key, value) (see
   ``sqlite_query.search_term``). FTS5 appends sorted segments and merges them later, so
-  indexing costs ~2 us an attribute where a B-tree row per (key, value, trace) cost ~11;
+  indexing an attribute costs a fraction of a B-tree row per (key, value, trace);
 - ``trace_names`` / ``call_traces``: the traces holding a span of a name / of a call;
 - ``calls``: the extent, service and custom tags (``roark.project.tag.KEY``) of a call.
 
@@ -89,10 +89,9 @@ class SQLiteQueueSettings(QueueSettings):
     num_consumers: int = Field(default=2, ge=1, le=64)
     """Two: while one consumer's batch is written, the other's waits on the writer's
     thread, which starts it the moment the first commits. With one, each next batch
-    came only once the event loop had seen the commit and read the batch back: under
-    the bench's load the writer sat idle ~150 of ~800 ms (~80 with two), and persisted
-    130-133k spans/s against 131-145k (3 runs each). The writer still writes one batch
-    at a time, in the order they were taken."""
+    came only once the event loop had seen the commit and read the batch back, the
+    writer idle meanwhile. The writer still writes one batch at a time, in the order
+    they were taken."""
 
 
 class SQLiteConfig(ExporterConfig):
@@ -100,7 +99,7 @@ class SQLiteConfig(ExporterConfig):
     writer: Literal["thread", "process"] = "thread"
     """Where spans are turned into rows and written: a thread of the collector's process
     (lean: one process), or a process of its own, on another core than the receiver (more
-    spans/s on a multi-core host, for ~100 MiB more memory; see the README)."""
+    spans/s on a multi-core host, for a second interpreter's memory)."""
     path: Path = Path("./data/calltrace.db")
     retention: Duration = 0.0
     """Delete spans, traces and calls older than this (e.g. "720h"); 0 keeps everything."""
@@ -108,8 +107,7 @@ class SQLiteConfig(ExporterConfig):
     """How often old data is looked for."""
     cache_size_mib: int = Field(default=16, ge=1)
     """SQLite page cache of the writer connection. Writes touch the ends of the indexes
-    (see ``SCHEMA``), so a small one does: writing 957k spans, 16 MiB ran within 3% of
-    64 MiB (34.1k against 35.0k spans/s), and the bench's peak RSS fell 191 -> 143 MiB."""
+    (see ``SCHEMA``), so a small one does: a larger one costs memory and gains little."""
 
 
 class SQLiteExporter(Exporter):

@@ -155,7 +155,7 @@ class _Writer:
             if new_resources:
                 self._add_resources(new_resources, rows)
             # Each trace's seq, for its span and name rows: bound, not looked up in the
-            # traces index for every row by a subquery (measured ~0.9 us a span).
+            # traces index for every row by a subquery.
             traces = [(project, *t) for t in rows.traces.values()]
             returned = writes.returned_ids(_UPSERT_TRACE, traces)
             seqs = dict(zip(rows.traces, returned, strict=True))
@@ -193,8 +193,7 @@ class _Writer:
         """One ``trace_search`` row per trace: its attributes' terms, space-separated."""
         known = self._terms.get(project)
         # Bounded by memory: unique values (ids, transcripts) fill it as fast as the
-        # repeated ones it is for, which come back soon after it is emptied. At 50,000
-        # entries it held ~15 MiB under the bench's flood.
+        # repeated ones it is for, which come back soon after it is emptied.
         if known is None or len(known) > _TERMS_LIMIT:
             known = self._terms[project] = {}
         documents = []
