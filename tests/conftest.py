@@ -244,6 +244,29 @@ def no_ca_bundle_override(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+async def pg_schema() -> AsyncIterator[tuple[str, Any]]:
+    """A schema of its own on the test PostgreSQL server, dropped afterwards, with a
+    connection: ``(schema, conn)``. Fails under ``CI=true`` when the server is
+    unreachable, skips elsewhere."""
+    import uuid
+
+    import asyncpg
+
+    from tests.support import POSTGRES_DSN, missing_service
+
+    try:
+        conn = await asyncpg.connect(POSTGRES_DSN, timeout=5)
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        missing_service(f"PostgreSQL at {POSTGRES_DSN} is unreachable: {exc}")
+    schema = f"ct_test_{uuid.uuid4().hex[:12]}"
+    try:
+        yield schema, conn
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await conn.close()
+
+
+@pytest.fixture
 def redis_server(tmp_path: Path) -> Any:
     """A throwaway ``redis-server`` on a free port (``tests.redis_support.RedisServer``)."""
     from tests.redis_support import throwaway_redis

@@ -11,9 +11,7 @@ import json
 import math
 import os
 import time
-import uuid
 
-import asyncpg
 import pytest
 import requests
 
@@ -31,7 +29,6 @@ from tests.support import (
     POSTGRES_DSN,
     fixture_requests,
     free_port,
-    missing_service,
     pipeline_config,
     running_service,
 )
@@ -39,20 +36,6 @@ from tests.support import (
 DSN = POSTGRES_DSN
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-async def pg_schema():
-    try:
-        conn = await asyncpg.connect(DSN, timeout=5)
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        missing_service(f"PostgreSQL at {DSN} is unreachable: {exc}")
-    schema = f"ct_test_{uuid.uuid4().hex[:12]}"
-    try:
-        yield schema, conn
-    finally:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.close()
 
 
 @pytest.fixture

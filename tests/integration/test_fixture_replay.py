@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 import redis
 
@@ -85,20 +84,6 @@ def _expected_calls(bodies: list[bytes]) -> dict[tuple[bytes, bytes], str | None
                             call = trace_calls.get(span.trace_id)
                     expected[(span.trace_id, span.span_id)] = call
     return expected
-
-
-@pytest.fixture
-async def pg_schema():
-    try:
-        conn = await asyncpg.connect(POSTGRES_DSN, timeout=5)
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        missing_service(f"PostgreSQL at {POSTGRES_DSN} is unreachable: {exc}")
-    schema = f"ct_replay_{uuid.uuid4().hex[:12]}"
-    try:
-        yield schema, conn
-    finally:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.close()
 
 
 @pytest.fixture

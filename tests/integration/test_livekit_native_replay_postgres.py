@@ -5,10 +5,8 @@ answered the same by the query API. In CI (CI=true) an unreachable server fails.
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import aiohttp
-import asyncpg
 import pytest
 
 from collector.calls import call_id_for
@@ -24,27 +22,13 @@ from tests.integration.test_livekit_native_replay import (
     native_config,
     replay,
 )
-from tests.support import POSTGRES_DSN, free_port, missing_service, running_service
+from tests.support import POSTGRES_DSN, free_port, running_service
 
 pytestmark = pytest.mark.postgres
 
 
-@pytest.fixture
-async def pg():
-    try:
-        conn = await asyncpg.connect(POSTGRES_DSN, timeout=5)
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        missing_service(f"PostgreSQL at {POSTGRES_DSN} is unreachable: {exc}")
-    schema = f"ct_insights_{uuid.uuid4().hex[:12]}"
-    try:
-        yield schema, conn
-    finally:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await conn.close()
-
-
-async def test_replay_into_postgres(tmp_path, pg):
-    schema, conn = pg
+async def test_replay_into_postgres(tmp_path, pg_schema):
+    schema, conn = pg_schema
     spans, records, metric_names = expected_counts(NATIVE / "retry_run")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
