@@ -56,6 +56,7 @@ from collector.query import (
     build_tree,
     parse_time,
 )
+from collector.session_facts import OUTCOMES
 from collector.turn_stats import parse_group_by, turn_stats
 from collector.units import parse_duration
 
@@ -89,6 +90,8 @@ _CALL_PARAMS = {
     "min_e2e_p95_ms",
     "min_errors",
     "min_duration_ms",
+    "outcome",
+    "session_tag",
 }
 _STATS_PARAMS = {"start", "end", "step", "group_by"}
 _DAY_NS = 86_400 * 10**9
@@ -232,11 +235,18 @@ class QueryAPI:
         sort = params.text("sort") or "start"
         if sort not in CALL_SORTS:
             raise QueryError(f"sort: expected one of {', '.join(CALL_SORTS)}, got {sort!r}")
+        outcome = params.text("outcome")
+        if outcome is not None and outcome not in OUTCOMES:
+            raise QueryError(
+                f"outcome: expected one of {', '.join(OUTCOMES)}, got {outcome[:64]!r}"
+            )
         query = CallFilter(
             start_ns=params.time("start"),
             end_ns=params.time("end"),
             attributes=params.prefixed("attr."),
             tags=params.prefixed("tag."),
+            outcome=outcome,
+            session_tag=params.text("session_tag"),
             sort=sort,
             min_worst_turn_ms=params.milliseconds("min_worst_turn_ms"),
             min_median_turn_ms=params.milliseconds("min_median_turn_ms"),

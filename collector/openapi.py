@@ -76,6 +76,19 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "object",
                 "description": "Custom tags: resource attributes roark.project.tag.KEY.",
             },
+            "outcome": {
+                "enum": ["success", "fail", None],
+                "description": "The LiveKit session's outcome: its outcome log record, else"
+                " the session tag lk.success or lk.fail.",
+            },
+            "outcome_reason": _nullable("string", "The outcome record's reason."),
+            "session_tags": {
+                "type": "array",
+                "items": _t("string"),
+                "description": "LiveKit session tags: the session report's session.tags, the"
+                " tag log records' names and the recording's session summary tags.",
+            },
+            "session": _t("boolean", "The call has a LiveKit session: log records or a recording."),
         }
     ),
     "Trace": _obj(
@@ -452,6 +465,17 @@ OPENAPI: dict[str, Any] = {
                         "min_duration_ms",
                         "The call lasts at least this long.",
                         {"type": "number", "minimum": 0},
+                    ),
+                    _param(
+                        "outcome",
+                        "The LiveKit session's outcome (outcome log record, or the session"
+                        " tag lk.success / lk.fail).",
+                        {"enum": ["success", "fail"]},
+                    ),
+                    _param(
+                        "session_tag",
+                        "A LiveKit session tag the call carries, exact (language:en).",
+                        {"type": "string"},
                     ),
                 ],
                 "responses": {"200": _json_response("A page of calls.", "CallList"), **_ERRORS},

@@ -170,6 +170,11 @@ class CallFilter:
     """``(key, value text)`` pairs, each met by a span or resource attribute of the call."""
     tags: list[tuple[str, str]] = field(default_factory=list)
     """``(tag, value text)``: resource attribute ``roark.project.tag.TAG`` equals value."""
+    outcome: str | None = None
+    """The LiveKit session's outcome (``collector.session_facts``): an ``outcome`` log
+    record of that value, or the session tag ``lk.OUTCOME``."""
+    session_tag: str | None = None
+    """A LiveKit session tag the call carries (``collector.session_facts``)."""
     sort: str = "start"
     """One of ``CALL_SORTS``: newest first, or the largest value first (nulls last)."""
     min_worst_turn_ms: float | None = None

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from collector.session_facts import SESSION_BODIES_SQL
 from collector.signals import LogBatch, MetricBatch
 from collector.signals_storage import (
     LOG_COLUMNS,
@@ -59,6 +60,8 @@ CREATE TABLE IF NOT EXISTS {s}.log_records (
     resource TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS log_records_by_call ON {s}.log_records (project, call_id, time_ns);
+CREATE INDEX IF NOT EXISTS log_records_session ON {s}.log_records (project, call_id)
+    WHERE {SESSION_BODIES_SQL};
 CREATE TABLE IF NOT EXISTS {s}.metric_points (
     id BIGSERIAL PRIMARY KEY,
     point_key BYTEA NOT NULL UNIQUE,

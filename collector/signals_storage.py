@@ -36,6 +36,7 @@ from opentelemetry.proto.logs.v1.logs_pb2 import ResourceLogs
 from opentelemetry.proto.metrics.v1.metrics_pb2 import ResourceMetrics
 
 from collector.calls import call_id_for
+from collector.session_facts import SESSION_BODIES_SQL
 from collector.signals import LogBatch, MetricBatch, metric_points
 from collector.spans import any_value_to_python
 from collector.storage import open_sqlite
@@ -74,6 +75,8 @@ CREATE TABLE IF NOT EXISTS log_records (
 );
 CREATE INDEX IF NOT EXISTS log_records_by_call ON log_records (project, call_id, time_ns);
 CREATE INDEX IF NOT EXISTS log_records_by_trace ON log_records (project, trace_id);
+CREATE INDEX IF NOT EXISTS log_records_session ON log_records (project, call_id)
+    WHERE SESSION_BODIES;
 CREATE TABLE IF NOT EXISTS metric_points (
     id INTEGER PRIMARY KEY,
     point_key BLOB NOT NULL UNIQUE,
@@ -119,7 +122,8 @@ CREATE TABLE IF NOT EXISTS recordings (
     PRIMARY KEY (project, room_id, job_id)
 );
 CREATE INDEX IF NOT EXISTS recordings_by_call ON recordings (project, call_id);
-"""
+""".replace("SESSION_BODIES", SESSION_BODIES_SQL)
+"""The signal tables, created (and new indexes added) when a store opens."""
 
 
 def _json(value: Any) -> str:

@@ -66,6 +66,7 @@ from collector.query import (
     summary_cache_text,
     trace_json,
 )
+from collector.session_facts import SESSION_BODIES_SQL, outcome_tag, session_facts
 from collector.turns import summarize_call
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,10 @@ class PostgresQueryStore:
                 fresh = await asyncio.to_thread(_summaries, chunk, span_rows)
                 await self._store_summaries(conn, project, fresh)
                 known.update(fresh)
-        items = [call_json(row, *known[row["call_id"]]) for row in rows]
+            facts = await self._session_facts(conn, project, [row["call_id"] for row in rows])
+        items = [
+            {**call_json(row, *known[row["call_id"]]), **facts[row["call_id"]]} for row in rows
+        ]
         last = rows[-1] if more and rows else None
         cursor = None
         if last is not None and query.sort == "start":
@@ -363,12 +367,45 @@ class PostgresQueryStore:
             spans, summary = await asyncio.to_thread(_spans_and_summary, span_rows)
             if row["summary_spans"] != len(spans):
                 await self._store_summaries(conn, project, {call_id: (summary, len(spans))})
+            facts = await self._session_facts(conn, project, [call_id])
         return {
-            "call": call_json(row, summary, len(spans)),
+            "call": {**call_json(row, summary, len(spans)), **facts[call_id]},
             "summary": summary,
             "spans": spans,
             "resources": resources,
         }
+
+    async def _session_facts(
+        self, conn: asyncpg.Connection, project: str, call_ids: list[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Each call's LiveKit session facts (``collector.session_facts``)."""
+        s = self.schema
+        records: dict[str, list[tuple[Any, Any]]] = {c: [] for c in call_ids}
+        summaries: dict[str, list[Any]] = {c: [] for c in call_ids}
+        with_logs: set[str] = set()
+        if call_ids:
+            for row in await conn.fetch(
+                f"SELECT call_id, body, attributes FROM {s}.log_records WHERE project = $1"
+                f" AND call_id = ANY($2::text[]) AND {SESSION_BODIES_SQL} ORDER BY time_ns",
+                project,
+                call_ids,
+            ):
+                records[row["call_id"]].append((row["body"], row["attributes"]))
+            for row in await conn.fetch(
+                f"SELECT DISTINCT call_id FROM {s}.log_records WHERE project = $1"
+                " AND call_id = ANY($2::text[])",
+                project,
+                call_ids,
+            ):
+                with_logs.add(row["call_id"])
+            for row in await conn.fetch(
+                f"SELECT call_id, session_summary FROM {s}.recordings WHERE project = $1"
+                " AND call_id = ANY($2::text[])",
+                project,
+                call_ids,
+            ):
+                summaries[row["call_id"]].append(row["session_summary"])
+        return {c: session_facts(records[c], summaries[c], c in with_logs) for c in call_ids}
 
     # -- traces ---------------------------------------------------------------------
 
@@ -586,9 +623,31 @@ def calls_sql(schema: str, project: str, query: CallFilter) -> tuple[str, list[A
             " ON t.project = a.project AND t.trace_id = a.trace_id"
             f" WHERE a.project = {p} AND a.key = {arg(key)} AND a.value = {arg(value)})"
         )
+    if query.session_tag is not None:
+        sql.append(f"AND c.call_id IN ({_session_tag_sql(s, p, arg(query.session_tag))})")
+    if query.outcome is not None:
+        sql.append(
+            f"AND c.call_id IN (SELECT call_id FROM {s}.log_records WHERE project = {p}"
+            f" AND call_id IS NOT NULL AND {SESSION_BODIES_SQL} AND body = '\"outcome\"'"
+            f" AND attributes::jsonb #>> '{{outcome,outcome}}' = {arg(query.outcome)}"
+            f" UNION {_session_tag_sql(s, p, arg(outcome_tag(query.outcome)))})"
+        )
     order = "c.start_ns DESC" if sort_key is None else "sort_key DESC"
     sql.append(f"ORDER BY {order}, c.call_id LIMIT {arg(query.limit + 1)}")
     return " ".join(sql), arg.values
+
+
+def _session_tag_sql(s: str, p: str, tag: str) -> str:
+    """Calls carrying the session tag ``tag`` (a placeholder) in project ``p``."""
+    return (
+        f"SELECT call_id FROM {s}.log_records WHERE project = {p} AND call_id IS NOT NULL"
+        f" AND {SESSION_BODIES_SQL} AND ((body = '\"tag\"'"
+        f" AND attributes::jsonb #>> '{{tag,name}}' = {tag})"
+        " OR (body = '\"session report\"'"
+        f" AND (attributes::jsonb -> 'session.tags') @> jsonb_build_array({tag}::text)))"
+        f" UNION SELECT call_id FROM {s}.recordings WHERE project = {p}"
+        f" AND (session_summary::jsonb -> 'tags') @> jsonb_build_array({tag}::text)"
+    )
 
 
 def traces_sql(schema: str, project: str, query: TraceFilter) -> tuple[str, list[Any]]:

@@ -68,6 +68,7 @@ from collector.query import (
     summary_cache_text,
     trace_json,
 )
+from collector.session_facts import SESSION_BODIES_SQL, outcome_tag, session_facts
 from collector.turns import summarize_call
 
 __all__ = [
@@ -218,11 +219,15 @@ class SQLiteQueryStore:
         pending = 0
         if query.needs_summaries:
             _fresh, pending = self._refresh_summaries(db, project, query.start_ns, query.end_ns)
+        if (query.outcome or query.session_tag) and not _has_signal_tables(db):
+            return Page([], None, pending)  # no session was ever stored in this file
         sql, args = calls_sql(project, query)
         rows = db.execute(sql, args).fetchall()
         more = len(rows) > query.limit
         rows = rows[: query.limit]
         items = [self._call_item(db, project, row) for row in rows]
+        for item in items:
+            item.update(self._session_facts(db, project, item["call_id"]))
         cursor = None
         if more and rows:
             if query.sort == "start":
@@ -316,11 +321,39 @@ class SQLiteQueryStore:
         if row[9] != len(spans):
             self._store_summary(project, call_id, summary_cache_text(summary), len(spans))
         return {
-            "call": call_json(row, summary, len(spans)),
+            "call": {
+                **call_json(row, summary, len(spans)),
+                **self._session_facts(db, project, call_id),
+            },
             "summary": summary,
             "spans": spans,
             "resources": resources,
         }
+
+    def _session_facts(self, db: sqlite3.Connection, project: str, call_id: str) -> dict[str, Any]:
+        """The call's LiveKit session facts (``collector.session_facts``)."""
+        if not _has_signal_tables(db):
+            return session_facts([], [], False)
+        records = db.execute(
+            "SELECT body, attributes FROM log_records WHERE project = ? AND call_id = ?"
+            f" AND {SESSION_BODIES_SQL} ORDER BY time_ns",
+            (project, call_id),
+        ).fetchall()
+        has_logs = bool(records) or (
+            db.execute(
+                "SELECT 1 FROM log_records WHERE project = ? AND call_id = ? LIMIT 1",
+                (project, call_id),
+            ).fetchone()
+            is not None
+        )
+        summaries = [
+            text
+            for (text,) in db.execute(
+                "SELECT session_summary FROM recordings WHERE project = ? AND call_id = ?",
+                (project, call_id),
+            )
+        ]
+        return session_facts(records, summaries, has_logs)
 
     # -- traces ---------------------------------------------------------------------
 
@@ -471,6 +504,49 @@ def _stale_calls_sql(
     return " ".join(sql), args
 
 
+def _has_signal_tables(db: sqlite3.Connection) -> bool:
+    """Whether the file has the logs and recordings tables (a file written before
+    they existed, and never opened by the exporter since, has not)."""
+    found = db.execute(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+        " AND name IN ('log_records', 'recordings')"
+    ).fetchone()
+    return bool(found and found[0] == 2)
+
+
+def _session_tag_sql(tag_arg: str = "?") -> str:
+    """Calls carrying a session tag (args: project, tag, tag, project, tag)."""
+    return (
+        "SELECT call_id FROM log_records WHERE project = ? AND call_id IS NOT NULL"
+        f" AND {SESSION_BODIES_SQL} AND ((body = '\"tag\"'"
+        f" AND json_extract(attributes, '$.tag.name') = {tag_arg})"
+        " OR (body = '\"session report\"' AND EXISTS (SELECT 1 FROM"
+        f" json_each(attributes, '$.\"session.tags\"') WHERE value = {tag_arg})))"
+        " UNION SELECT call_id FROM recordings WHERE project = ? AND EXISTS (SELECT 1"
+        f" FROM json_each(session_summary, '$.tags') WHERE value = {tag_arg})"
+    )
+
+
+def _session_conditions(project: str, query: CallFilter) -> tuple[list[str], list[Any]]:
+    """``calls_sql`` conditions for ``outcome`` and ``session_tag``."""
+    sql: list[str] = []
+    args: list[Any] = []
+    if query.session_tag is not None:
+        sql.append(f"AND call_id IN ({_session_tag_sql()})")
+        tag = query.session_tag
+        args += [project, tag, tag, project, tag]
+    if query.outcome is not None:
+        sql.append(
+            "AND call_id IN (SELECT call_id FROM log_records WHERE project = ?"
+            f" AND call_id IS NOT NULL AND {SESSION_BODIES_SQL} AND body = '\"outcome\"'"
+            " AND json_extract(attributes, '$.outcome.outcome') = ?"
+            f" UNION {_session_tag_sql()})"
+        )
+        tag = outcome_tag(query.outcome)
+        args += [project, query.outcome, project, tag, tag, project, tag]
+    return sql, args
+
+
 def _resource_has(resource: dict[str, Any], conditions: list[tuple[str, str]]) -> bool:
     from collector.storage import attribute_text
 
@@ -520,6 +596,9 @@ def calls_sql(project: str, query: CallFilter) -> tuple[str, list[Any]]:
             " WHERE trace_search MATCH ?)"
         )
         args.append(search_match(project, key, value))
+    session_sql, session_args = _session_conditions(project, query)
+    sql += session_sql
+    args += session_args
     if sort_key is None:
         sql.append("ORDER BY start_ns DESC, call_id LIMIT ?")
     else:

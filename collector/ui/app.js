@@ -168,6 +168,22 @@ function show(view) {
   for (const link of document.querySelectorAll("header nav a")) link.classList.toggle("active", link.id === "nav-" + view.replace("-view", ""));
 }
 
+// A call's custom tags (tag.KEY=VALUE) and LiveKit session tags; a session tag links
+// to the calls carrying it.
+function tagChips(call) {
+  return [
+    ...Object.entries(call.tags || {}).map(([k, v]) => el("span", { class: "tag" }, k + "=" + v)),
+    ...(call.session_tags || []).map((t) => el("a", {
+      class: "tag session-tag", href: "#/calls?session_tag=" + encodeURIComponent(t),
+      onclick: (e) => e.stopPropagation(),
+    }, t)),
+  ];
+}
+
+function sessionLink(callId) {
+  return el("a", { id: "session-link", href: "/session/" + encodeURIComponent(callId) }, "Open the session (transcript, audio, logs)");
+}
+
 function callLink(callId) {
   return callId ? el("a", { href: "#/calls/" + encodeURIComponent(callId), onclick: (e) => e.stopPropagation() }, callId) : "";
 }
@@ -179,7 +195,7 @@ function traceLink(traceId, label) {
 
 const lists = {
   calls: {
-    path: "/api/v1/calls", field: "calls", names: ["start", "end", "sort", "min_worst_turn_ms", "min_median_turn_ms", "min_e2e_p95_ms", "min_errors", "min_duration_ms"],
+    path: "/api/v1/calls", field: "calls", names: ["start", "end", "sort", "min_worst_turn_ms", "min_median_turn_ms", "min_e2e_p95_ms", "min_errors", "min_duration_ms", "outcome", "session_tag"],
     empty: "No calls match.",
     row: (call) => el("tr", { "data-call-id": call.call_id, onclick: () => { location.hash = "#/calls/" + encodeURIComponent(call.call_id); } },
       el("td", {}, fmtTime(call.start)), el("td", {}, call.room_id), el("td", {}, call.source),
@@ -187,7 +203,8 @@ const lists = {
       el("td", { class: "num" }, fmtMs(call.median_turn_ms)), el("td", { class: "num" }, fmtMs(call.worst_turn_ms)),
       el("td", { class: "num" }, fmtMs(call.e2e_p95_ms)),
       el("td", { class: "num" }, call.tool_calls), el("td", { class: "num" }, call.error_count),
-      el("td", {}, ...Object.entries(call.tags || {}).map(([k, v]) => el("span", { class: "tag" }, k + "=" + v)))),
+      el("td", { class: "outcome" }, call.outcome ? el("span", { class: "outcome-" + call.outcome, title: call.outcome_reason || "" }, call.outcome) : ""),
+      el("td", { class: "tags" }, ...tagChips(call))),
   },
   traces: {
     path: "/api/v1/traces", field: "traces", names: ["start", "end", "service", "min_duration_ms"],
@@ -561,7 +578,9 @@ async function openCall(callId, params) {
     ["Turns", call.turn_count],
     ["Median / worst / p95 turn", fmtMs(call.median_turn_ms) + " / " + fmtMs(call.worst_turn_ms) + " / " + fmtMs(call.e2e_p95_ms)],
     ["Tool calls", call.tool_calls + (call.tool_failures ? " (" + call.tool_failures + " failed)" : "")], ["Errors", call.error_count],
-    ["Tags", Object.entries(call.tags || {}).map(([k, v]) => k + "=" + v).join(", ") || "–"],
+    ["Tags", ...(tagChips(call).length ? tagChips(call) : ["–"])],
+    ["Outcome", call.outcome ? call.outcome + (call.outcome_reason ? " – " + call.outcome_reason : "") : "–"],
+    ["Session", call.session ? sessionLink(call.call_id) : "–"],
     ["Traces", ...traceIds.flatMap((id) => [traceLink(id), " "])],
   ]);
   renderTurns(body.turns);
