@@ -47,8 +47,9 @@ const SEVERITY = (n) => n >= 17 ? "error" : n >= 13 ? "warn" : n >= 9 ? "info" :
 
 let origin = 0;      // Unix seconds at audio position 0
 let length = 1;      // seconds the timeline spans
-const marks = [];    // {start, end, node, list item} for the cursor
+const marks = [];    // {start, end, item}: list items and waterfall rows the cursor marks
 const player = $("#player");
+const LABEL_PX = 220; // the waterfall's name column; its bars share the timeline's scale
 
 function seek(offset) {
   if (player.src) player.currentTime = Math.max(0, offset);
@@ -56,7 +57,10 @@ function seek(offset) {
 }
 
 function moveCursor(offset) {
-  $("#cursor").style.left = (100 * Math.min(Math.max(offset / length, 0), 1)) + "%";
+  const fraction = Math.min(Math.max(offset / length, 0), 1);
+  $("#cursor").style.left = (100 * fraction) + "%";
+  $("#waterfall-cursor").style.left = "calc(" + LABEL_PX + "px + (100% - " + LABEL_PX + "px) * " + fraction + ")";
+  document.body.dataset.position = offset.toFixed(3);
   for (const mark of marks) {
     const on = offset >= mark.start && offset < mark.end;
     mark.item.classList.toggle("current", on);
@@ -70,6 +74,7 @@ function mark(start, end, cls, item, title) {
   node.addEventListener("click", (e) => { e.stopPropagation(); seek(start); item.scrollIntoView({ block: "nearest" }); });
   $("#timeline").append(node);
   marks.push({ start, end, item });
+  return node;
 }
 
 function itemText(item) {
@@ -122,6 +127,54 @@ function renderEvaluations(logs, summary) {
   $("#tags").append(...tags.map((t) => el("span", { class: "tag" }, t)));
 }
 
+// The call's spans on the recording's time axis: one row per span (tree order), a bar
+// from its start to its end; the cursor runs over them, a click seeks to that time.
+function flattenTree(nodes, depth, out) {
+  for (const node of nodes) {
+    out.push([node, depth]);
+    flattenTree(node.children || [], depth + 1, out);
+  }
+  return out;
+}
+
+const SPAN_KIND = (name) => /stt|transcri|user_turn|user_speaking|eou/.test(name) ? "stt"
+  : /llm/.test(name) ? "llm" : /tts/.test(name) ? "tts" : /tool/.test(name) ? "tool" : /turn/.test(name) ? "turn" : "other";
+
+function renderWaterfall(call) {
+  const box = $("#session-waterfall");
+  const rows = flattenTree((call && call.tree) || [], 0, []).filter(([s]) => !s.placeholder).slice(0, 2000);
+  if (!rows.length) return;
+  box.hidden = false;
+  const toPercent = (s) => 100 * Math.min(Math.max(s / length, 0), 1);
+  for (const [span, depth] of rows) {
+    const start = Number(BigInt(span.start_ns) / 1000n) / 1e6 - origin;
+    const end = Number(BigInt(span.end_ns) / 1000n) / 1e6 - origin;
+    const left = toPercent(start);
+    const bar = el("div", {
+      class: "sw-bar cat-" + SPAN_KIND(span.name) + (span.status_code === 2 ? " error" : ""),
+      style: { left: left + "%", width: Math.max(toPercent(end) - left, 0.2) + "%" },
+    });
+    const row = el("div", { class: "sw-row", "data-span-id": span.span_id, "data-offset": start.toFixed(3), title: span.name },
+      el("span", { class: "sw-name", style: { paddingLeft: (depth * 10) + "px" } }, span.name),
+      el("div", { class: "sw-track" }, bar));
+    row.addEventListener("click", (e) => {
+      e.stopPropagation();
+      const track = row.querySelector(".sw-track").getBoundingClientRect();
+      seek(e.clientX >= track.left ? length * (e.clientX - track.left) / track.width : start);
+    });
+    box.append(row);
+    if (depth > 0) marks.push({ start, end, item: row });
+  }
+  // The box scrolls; its cursor runs down all of its rows.
+  $("#waterfall-cursor").style.bottom = "auto";
+  $("#waterfall-cursor").style.height = box.scrollHeight + "px";
+}
+
+function applyLevel(floor) {
+  for (const li of $("#logs").children) li.hidden = Number(li.dataset.severity) < floor;
+  for (const node of document.querySelectorAll("#timeline .mark.log")) node.hidden = Number(node.dataset.severity) < floor;
+}
+
 function renderLogs(logs) {
   const list = $("#logs");
   const python = logs.filter((l) => !["session report", "chat item", "evaluation", "tag", "outcome"].includes(l.body));
@@ -135,11 +188,17 @@ function renderLogs(logs) {
       el("span", { class: "when" }, " " + (log.scope || "")));
     li.addEventListener("click", () => seek(offset));
     list.append(li);
-    mark(offset, offset + 0.05, "log sev-" + severity, li, String(log.body));
+    mark(offset, offset + 0.05, "log sev-" + severity, li, String(log.body)).dataset.severity = String(log.severity_number);
   }
+  // The level is in the URL (?level=13), so a link shows the same logs.
+  const level = new URLSearchParams(location.search).get("level");
+  if (level && [...$("#level").options].some((o) => o.value === level)) $("#level").value = level;
+  applyLevel(Number($("#level").value));
   $("#level").addEventListener("change", () => {
-    const floor = Number($("#level").value);
-    for (const li of list.children) li.hidden = Number(li.dataset.severity) < floor;
+    const url = new URL(location.href);
+    if ($("#level").value === "0") url.searchParams.delete("level"); else url.searchParams.set("level", $("#level").value);
+    history.replaceState(null, "", url);
+    applyLevel(Number($("#level").value));
   });
 }
 
@@ -153,10 +212,15 @@ async function loadAudio(url) {
 
 async function main() {
   $("#title").textContent = "Session " + callId;
-  const [recording, logsBody] = await Promise.all([
+  const [recording, logsBody, call] = await Promise.all([
     api("/api/v1/calls/" + encodeURIComponent(callId) + "/recording"),
     api("/api/v1/calls/" + encodeURIComponent(callId) + "/logs"),
+    api("/api/v1/calls/" + encodeURIComponent(callId)),
   ]);
+  if (call) {
+    $("#call-link").href = "/#/calls/" + encodeURIComponent(callId);
+    $("#call-link").hidden = false;
+  }
   const logs = (logsBody && logsBody.logs) || [];
   if (!recording && !logs.length) { $("#status").textContent = "No recording or logs for this call."; return; }
   const summary = recording ? recording.session_summary : null;
@@ -175,11 +239,18 @@ async function main() {
   renderTranscript(history);
   renderEvaluations(logs, summary);
   renderLogs(logs);
+  renderWaterfall(call);
+  moveCursor(0);
   $("#timeline").addEventListener("click", (e) => {
     const box = $("#timeline").getBoundingClientRect();
     seek(length * (e.clientX - box.left) / box.width);
   });
+  $("#session-waterfall").addEventListener("click", (e) => {
+    const box = $("#session-waterfall").getBoundingClientRect();
+    if (e.clientX >= box.left + LABEL_PX) seek(length * (e.clientX - box.left - LABEL_PX) / (box.width - LABEL_PX));
+  });
   player.addEventListener("timeupdate", () => moveCursor(player.currentTime));
+  player.addEventListener("seeked", () => moveCursor(player.currentTime));
   if (recording && recording.audio_url) await loadAudio(recording.audio_url);
   document.body.dataset.ready = "true";
 }
