@@ -57,6 +57,7 @@ from collector.query import (
     parse_time,
 )
 from collector.session_facts import OUTCOMES
+from collector.turn_histograms import histogram_stats
 from collector.turn_stats import parse_group_by, turn_stats
 from collector.units import parse_duration
 
@@ -93,7 +94,8 @@ _CALL_PARAMS = {
     "outcome",
     "session_tag",
 }
-_STATS_PARAMS = {"start", "end", "step", "group_by"}
+_STATS_PARAMS = {"start", "end", "step", "group_by", "source"}
+_STATS_SOURCES = ("spans", "metrics")
 _DAY_NS = 86_400 * 10**9
 _SPAN_PARAMS = {"start", "end", "limit", "cursor", "service", "name", "min_duration_ms", "status"}
 _TRACE_PARAMS = {
@@ -339,17 +341,37 @@ class QueryAPI:
                     f'step: expected a duration like "5m" or "1h", got {step_text[:64]!r}'
                 )
         group_by = parse_group_by(params.text("group_by"))
-        found = await self.store.summaries(project, start, end)
-        body = await asyncio.to_thread(
-            turn_stats,
-            found.calls,
-            start_ns=start,
-            end_ns=end,
-            step_ns=step,
-            group_by=group_by,
-            tags=params.prefixed("tag."),
-        )
-        body["pending_summaries"] = found.pending
+        source = params.text("source") or "spans"
+        if source not in _STATS_SOURCES:
+            raise QueryError(
+                f"source: expected one of {', '.join(_STATS_SOURCES)}, got {source[:64]!r}"
+            )
+        tags = params.prefixed("tag.")
+        if source == "metrics":
+            points = await self.store.turn_histograms(project, start)
+            body = await asyncio.to_thread(
+                histogram_stats,
+                points,
+                start_ns=start,
+                end_ns=end,
+                step_ns=step,
+                group_by=group_by,
+                tags=tags,
+            )
+            body["pending_summaries"] = 0
+        else:
+            found = await self.store.summaries(project, start, end)
+            body = await asyncio.to_thread(
+                turn_stats,
+                found.calls,
+                start_ns=start,
+                end_ns=end,
+                step_ns=step,
+                group_by=group_by,
+                tags=tags,
+            )
+            body["pending_summaries"] = found.pending
+        body["source"] = source
         return body
 
     async def get_trace(self, request: web.Request, project: str) -> Any:

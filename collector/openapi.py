@@ -201,8 +201,8 @@ _SCHEMAS: dict[str, Any] = {
             "group": _nullable("string", "The group_by value; null without group_by or value."),
             "calls": _t("integer"),
             "turns": _t("integer"),
-            "errors": _t("integer"),
-            "tool_failures": _t("integer"),
+            "errors": _nullable("integer", "Null from source=metrics (not counted there)."),
+            "tool_failures": _nullable("integer", "Null from source=metrics."),
             "latency": {
                 "type": "object",
                 "description": "Percentiles of each turn latency component (ms): e2e_ms,"
@@ -217,6 +217,12 @@ _SCHEMAS: dict[str, Any] = {
             "end": _t("string"),
             "step_ms": _t("number"),
             "group_by": _nullable("string"),
+            "source": {
+                "enum": ["spans", "metrics"],
+                "description": "spans: the turn summaries computed from the calls' spans;"
+                " metrics: livekit-agents' lk.agents.turn.* histograms (percentiles"
+                " estimated from their buckets, narrowed to each point's min and max).",
+            },
             "components": {"type": "array", "items": _t("string")},
             "pending_summaries": _t(
                 "integer",
@@ -568,6 +574,12 @@ OPENAPI: dict[str, Any] = {
                     ),
                     _param("group_by", "service, model (the LLM model) or tag.KEY."),
                     _TAG_PARAM,
+                    _param(
+                        "source",
+                        "spans (the default): turn numbers computed from the calls' spans;"
+                        " metrics: livekit-agents' lk.agents.turn.* histograms.",
+                        {"enum": ["spans", "metrics"]},
+                    ),
                 ],
                 "responses": {
                     "200": _json_response("Buckets of groups.", "TurnStats"),

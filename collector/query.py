@@ -267,6 +267,12 @@ class QueryStore(Protocol):
         (up to ``MAX_SUMMARY_REFRESH`` stale ones recomputed, the rest left out)."""
         ...
 
+    async def turn_histograms(self, project: str, start_ns: int) -> list[dict[str, Any]]:
+        """The project's ``lk.agents.turn.*`` histogram points recorded at or after
+        ``start_ns``, each with its call's start (``at_ns``; the point's start when the
+        call has no spans), service and tags (``collector.turn_histograms``)."""
+        ...
+
 
 # -- parameters ---------------------------------------------------------------------
 

@@ -89,6 +89,7 @@ CREATE TABLE IF NOT EXISTS {s}.metric_points (
     resource TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS metric_points_by_call ON {s}.metric_points (project, call_id, name);
+CREATE INDEX IF NOT EXISTS metric_points_by_name ON {s}.metric_points (project, name, time_ns);
 CREATE TABLE IF NOT EXISTS {s}.recordings (
     project TEXT NOT NULL,
     room_id TEXT NOT NULL,

@@ -67,6 +67,7 @@ from collector.query import (
     trace_json,
 )
 from collector.session_facts import SESSION_BODIES_SQL, outcome_tag, session_facts
+from collector.turn_histograms import TURN_HISTOGRAMS
 from collector.turns import summarize_call
 
 log = logging.getLogger(__name__)
@@ -374,6 +375,28 @@ class PostgresQueryStore:
             "spans": spans,
             "resources": resources,
         }
+
+    async def turn_histograms(self, project: str, start_ns: int) -> list[dict[str, Any]]:
+        s = self.schema
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT m.name, m.unit, m.call_id, coalesce(c.start_ns, m.start_ns) AS at_ns,"
+                " coalesce(c.service, m.resource::jsonb ->> 'service.name') AS service,"
+                " c.tags::text AS tags, m.attributes, m.count, m.min, m.max, m.bucket_counts,"
+                f" m.explicit_bounds FROM {s}.metric_points m LEFT JOIN {s}.calls c"
+                " ON c.project = m.project AND c.call_id = m.call_id"
+                " WHERE m.project = $1 AND m.name = ANY($2::text[]) AND m.kind = 'histogram'"
+                " AND m.time_ns >= $3",
+                project,
+                list(TURN_HISTOGRAMS),
+                start_ns,
+            )
+        points = []
+        for row in rows:
+            point = dict(row)
+            point["tags"] = jsonable(json.loads(point["tags"])) if point["tags"] else {}
+            points.append(point)
+        return points
 
     async def _session_facts(
         self, conn: asyncpg.Connection, project: str, call_ids: list[str]

@@ -69,6 +69,7 @@ from collector.query import (
     trace_json,
 )
 from collector.session_facts import SESSION_BODIES_SQL, outcome_tag, session_facts
+from collector.turn_histograms import TURN_HISTOGRAMS
 from collector.turns import summarize_call
 
 __all__ = [
@@ -355,6 +356,26 @@ class SQLiteQueryStore:
         ]
         return session_facts(records, summaries, has_logs)
 
+    async def turn_histograms(self, project: str, start_ns: int) -> list[dict[str, Any]]:
+        return await self._run(self._turn_histograms, project, start_ns)
+
+    def _turn_histograms(self, project: str, start_ns: int) -> list[dict[str, Any]]:
+        db = self._db()
+        if not _has_signal_tables(db):
+            return []
+        names = list(TURN_HISTOGRAMS)
+        rows = db.execute(
+            "SELECT m.name, m.unit, m.call_id, coalesce(c.start_ns, m.start_ns),"
+            " coalesce(c.service, json_extract(m.resource, '$.\"service.name\"')), c.tags,"
+            " m.attributes, m.count, m.min, m.max, m.bucket_counts, m.explicit_bounds"
+            " FROM metric_points m LEFT JOIN calls c"
+            " ON c.project = m.project AND c.call_id = m.call_id"
+            f" WHERE m.project = ? AND m.name IN ({', '.join('?' for _ in names)})"
+            " AND m.kind = 'histogram' AND m.time_ns >= ?",
+            [project, *names, start_ns],
+        ).fetchall()
+        return [_histogram_point(row) for row in rows]
+
     # -- traces ---------------------------------------------------------------------
 
     async def traces(self, project: str, query: TraceFilter) -> Page:
@@ -502,6 +523,28 @@ def _stale_calls_sql(
         args.append(end_ns)
     sql.append(order)
     return " ".join(sql), args
+
+
+def _histogram_point(row: Any) -> dict[str, Any]:
+    point = dict(zip(_HISTOGRAM_FIELDS, tuple(row), strict=True))
+    point["tags"] = jsonable(json.loads(point["tags"])) if point["tags"] else {}
+    return point
+
+
+_HISTOGRAM_FIELDS = (
+    "name",
+    "unit",
+    "call_id",
+    "at_ns",
+    "service",
+    "tags",
+    "attributes",
+    "count",
+    "min",
+    "max",
+    "bucket_counts",
+    "explicit_bounds",
+)
 
 
 def _has_signal_tables(db: sqlite3.Connection) -> bool:

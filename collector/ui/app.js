@@ -681,8 +681,8 @@ function countsTable(body) {
   for (const b of body.buckets) {
     for (const g of b.groups) {
       tbody.append(el("tr", {}, el("td", {}, fmtTime(b.start)), el("td", {}, g.group === null ? "(none)" : g.group),
-        el("td", { class: "num" }, g.calls), el("td", { class: "num" }, g.turns), el("td", { class: "num" }, g.errors),
-        el("td", { class: "num" }, g.tool_failures),
+        el("td", { class: "num" }, g.calls), el("td", { class: "num" }, g.turns), el("td", { class: "num" }, g.errors ?? "–"),
+        el("td", { class: "num" }, g.tool_failures ?? "–"),
         el("td", { class: "num" }, fmtMs(g.latency.e2e_ms.p50)), el("td", { class: "num" }, fmtMs(g.latency.e2e_ms.p95)),
         el("td", { class: "num" }, fmtMs(g.latency.e2e_ms.p99))));
     }
@@ -693,7 +693,9 @@ function countsTable(body) {
 
 function fillTrendPanel(panel, title, body, component, percentile, max) {
   const [chart, legend] = drawChart(body, component, percentile, max);
-  panel.replaceChildren(el("h3", {}, title), chart, legend, countsTable(body));
+  panel.dataset.source = body.source;
+  const source = body.source === "metrics" ? " · from LiveKit's lk.agents.turn.* histograms" : "";
+  panel.replaceChildren(el("h3", {}, title + source), chart, legend, countsTable(body));
 }
 
 // Panel A reads start, end, filters; panel B (the comparison) b_start, b_end, b_filters,
@@ -702,7 +704,7 @@ function trendQuery(params, prefix) {
   const pick = (name) => (prefix && params.has(prefix + name) ? params.get(prefix + name) : params.get(name));
   const query = [];
   for (const name of ["start", "end"]) { const v = pick(name); if (v) query.push([name, v]); }
-  for (const name of ["step", "group_by"]) { const v = params.get(name); if (v) query.push([name, v]); }
+  for (const name of ["step", "group_by", "source"]) { const v = params.get(name); if (v) query.push([name, v]); }
   query.push(...apiParams(new URLSearchParams({ filters: pick("filters") || "" }), []));
   const start = pick("start"), end = pick("end"), tags = pick("filters");
   const title = (start ? fmtTime(start) : "a day before") + " – " + (end ? fmtTime(end) : "now") + (tags ? " · " + tags : "");
@@ -716,10 +718,18 @@ async function loadTrends(params) {
   const [queryA, titleA] = trendQuery(params, "");
   const compare = ["b_start", "b_end", "b_filters"].some((name) => params.get(name));
   const [queryB, titleB] = trendQuery(params, "b_");
-  const [a, b] = await Promise.all([
-    api("/api/v1/stats/turns", queryA),
-    compare ? api("/api/v1/stats/turns", queryB) : null,
+  const fetchBoth = (extra) => Promise.all([
+    api("/api/v1/stats/turns", [...queryA, ...extra]),
+    compare ? api("/api/v1/stats/turns", [...queryB, ...extra]) : null,
   ]);
+  let [a, b] = await fetchBoth([]);
+  // No source chosen and no turn spans in range: livekit-agents' own turn histograms
+  // (lk.agents.turn.*, sent with the metrics signal) when they are there.
+  const turns = (body) => body ? body.buckets.reduce((n, bucket) => n + bucket.groups.reduce((m, g) => m + g.turns, 0), 0) : 0;
+  if (!params.get("source") && turns(a) + turns(b) === 0) {
+    const [ma, mb] = await fetchBoth([["source", "metrics"]]);
+    if (turns(ma) + turns(mb) > 0) [a, b] = [ma, mb];
+  }
   // Side by side on one scale, so the two charts compare at a glance.
   const max = chartMax(b ? [a, b] : [a], component, percentile);
   fillTrendPanel($("#trends-a"), "A: " + titleA + label, a, component, percentile, max);

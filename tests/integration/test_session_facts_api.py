@@ -152,3 +152,64 @@ async def test_calls_show_and_filter_by_outcome_and_session_tags(tmp_path, stora
             status, body = await _get(http, f"{base}/api/v1/calls?{params}")
             assert status == 400, (params, body)
             assert body["error"].startswith(name + ":"), body
+
+
+async def test_turn_stats_from_livekit_turn_histograms(tmp_path, storage):
+    """``stats/turns?source=metrics`` reads livekit-agents' ``lk.agents.turn.*``
+    histograms: the fixture session's 3 turns (e2e 707-727 ms), by LLM model, in the
+    key's project only."""
+    name, exporters = storage
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    extra = {} if exporters is None else {"storage": name, "exporters": exporters}
+    config = native_config(port, tmp_path, **extra)
+    config["processors"]["auth"]["keys"].append({"key": OTHER_KEY, "project": "other"})
+    window = "start=2026-12-08T00:00:00Z&end=2026-12-08T01:00:00Z&step=1h"
+    async with running_service(config), aiohttp.ClientSession() as http:
+        token = fresh_token()
+        for meta, body in captured(NATIVE):
+            status, _ = await replay(http, base, meta, body, token)
+            assert status == 200
+
+        async def stats(params: str, key: str = QUERY_KEY) -> dict:
+            status, body = await _get(http, f"{base}/api/v1/stats/turns?{window}&{params}", key)
+            assert status == 200, body
+            documented("/api/v1/stats/turns", status, body)
+            return body
+
+        for _ in range(600):
+            body = await stats("source=metrics")
+            if body["buckets"][0]["groups"] and body["buckets"][0]["groups"][0]["turns"] == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert body["source"] == "metrics"
+        (bucket,) = body["buckets"]
+        (group,) = bucket["groups"]
+        assert (group["group"], group["calls"], group["turns"]) == (None, 1, 3)
+        assert group["errors"] is None and group["tool_failures"] is None
+        e2e = group["latency"]["e2e_ms"]
+        assert e2e["count"] == 3
+        assert 707.0 <= e2e["p50"] <= e2e["p95"] <= e2e["p99"] <= 727.5
+        assert group["latency"]["llm_ttft_ms"]["count"] == 4
+        assert 101.5 <= group["latency"]["llm_ttft_ms"]["p50"] <= 104.4
+        assert 500.0 <= group["latency"]["end_of_turn_ms"]["p50"] <= 503.2
+        assert group["latency"]["answer_wait_ms"] == {
+            "count": 0,
+            "p50": None,
+            "p95": None,
+            "p99": None,
+        }
+        # The spans say the same turns took the same time.
+        spans_body = await stats("")
+        assert spans_body["source"] == "spans"
+        spans_e2e = spans_body["buckets"][0]["groups"][0]["latency"]["e2e_ms"]
+        assert spans_e2e["count"] == 3 and abs(spans_e2e["p50"] - e2e["p50"]) < 15
+        (by_model,) = (await stats("source=metrics&group_by=model"))["buckets"][0]["groups"]
+        assert by_model["group"] == "fake-llm"
+        (by_service,) = (await stats("source=metrics&group_by=service"))["buckets"][0]["groups"]
+        assert by_service["group"] == "livekit-agents"
+        assert (await stats("source=metrics&tag.env=prod"))["buckets"][0]["groups"] == []
+        assert (await stats("source=metrics", OTHER_KEY))["buckets"][0]["groups"] == []
+
+        status, body = await _get(http, f"{base}/api/v1/stats/turns?{window}&source=histograms")
+        assert status == 400 and body["error"].startswith("source:"), body
