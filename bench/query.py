@@ -33,7 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.workload import synthetic_call
+from bench.workload import FIXTURES, synthetic_call
+from collector.signals import LogBatch, MetricBatch
 from collector.spans import Span, SpanBatch
 from exporters.sqlite import SQLiteConfig, SQLiteExporter
 from exporters.sqlite_query import search_match
@@ -160,6 +161,76 @@ SHAPES = [("livekit", 2)] * 8 + [("livekit", 1), ("pipecat", 4)]
 """(framework, sessions) of each call, cycled: ~96 spans a call on average."""
 
 
+RARE_TAG = "tier:gold"
+"""A session tag one LiveKit call in a hundred carries (a selective filter)."""
+
+
+class SessionSignals:
+    """A LiveKit call's session logs and metrics, as livekit-agents sends them: the
+    ``livekit_native`` capture's logs (session report, chat items, evaluations, tag,
+    outcome) and metrics (the ``lk.agents.turn.*`` histograms among them), re-keyed to a
+    room and moved to a start time; every fifth call fails (outcome ``fail``, session
+    tag ``lk.fail``), one in a hundred carries ``RARE_TAG``."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+            ExportLogsServiceRequest,
+        )
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+            ExportMetricsServiceRequest,
+        )
+
+        native = FIXTURES / "livekit_native"
+        self.logs = ExportLogsServiceRequest.FromString((native / "009.pb").read_bytes())
+        self.metrics = ExportMetricsServiceRequest.FromString((native / "010.pb").read_bytes())
+        self.origin_ns = min(
+            r.time_unix_nano
+            for rl in self.logs.resource_logs
+            for sl in rl.scope_logs
+            for r in sl.log_records
+        )
+
+    @staticmethod
+    def _rekey(attributes: Any, room: str) -> None:
+        for kv in attributes:
+            if kv.key == "room_id":
+                kv.value.string_value = room
+
+    def requests(self, index: int, room: str, start_ns: int) -> tuple[Any, Any]:
+        logs, metrics = type(self.logs)(), type(self.metrics)()
+        logs.CopyFrom(self.logs)
+        metrics.CopyFrom(self.metrics)
+        shift = start_ns - self.origin_ns
+        outcome = "fail" if index % 5 == 0 else "success"
+        for rl in logs.resource_logs:
+            for sl in rl.scope_logs:
+                for record in sl.log_records:
+                    self._rekey(record.attributes, room)
+                    record.time_unix_nano += shift
+                    record.observed_time_unix_nano += shift
+                    for kv in record.attributes:
+                        if kv.key == "outcome":
+                            for field in kv.value.kvlist_value.values:
+                                if field.key == "outcome":
+                                    field.value.string_value = outcome
+                        if kv.key == "session.tags":
+                            tags = kv.value.array_value.values
+                            for tag in tags:
+                                if tag.string_value == "lk.success":
+                                    tag.string_value = "lk." + outcome
+                            if index % 100 == 7:
+                                tags.add().string_value = RARE_TAG
+        for rm in metrics.resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    kind = metric.WhichOneof("data")
+                    for point in getattr(metric, kind).data_points:
+                        self._rekey(point.attributes, room)
+                        point.start_time_unix_nano += shift
+                        point.time_unix_nano += shift
+        return logs, metrics
+
+
 async def build_database(path: Path, calls: int, *, end_ns: int, quiet: bool = False) -> int:
     """Write ``calls`` calls spread over the 10 days before ``end_ns``; returns spans."""
     exporter = SQLiteExporter("sqlite", SQLiteConfig(path=path))
@@ -176,6 +247,7 @@ async def build_database(path: Path, calls: int, *, end_ns: int, quiet: bool = F
             pass
 
     await exporter.start(_Host())  # type: ignore[arg-type]
+    signals = SessionSignals()
     spans = 0
     pending: list[Any] = []
     pending_spans = 0
@@ -193,6 +265,10 @@ async def build_database(path: Path, calls: int, *, end_ns: int, quiet: bool = F
                     batch = await correlate.process(batch)  # type: ignore[assignment]
                     pending.extend(batch.resource_spans)
                     pending_spans += batch.span_count
+            if framework == "livekit":
+                logs, metrics = signals.requests(index, room, int(call_start * 1e9))
+                await exporter.export_logs(LogBatch(list(logs.resource_logs), PROJECT))
+                await exporter.export_metrics(MetricBatch(list(metrics.resource_metrics), PROJECT))
             if pending_spans >= 8192 or index == calls - 1:
                 await exporter.export(SpanBatch(pending, PROJECT))
                 spans += pending_spans
@@ -344,6 +420,7 @@ def run_store_queries(
     """The same questions through the query API's own store (``SQLiteQueryStore``, what
     ``GET /api/v1/...`` runs), timed as the API awaits it, with the plans of its SQL."""
     from collector.query import CallFilter, SpanFilter, TraceFilter
+    from collector.turn_histograms import histogram_stats
     from collector.turn_stats import turn_stats
     from exporters.sqlite_query import SQLiteQueryStore, calls_sql, spans_sql, traces_sql
 
@@ -450,6 +527,39 @@ def run_store_queries(
             "API calls list, worst turn >= 3 s",
             lambda: store.calls(PROJECT, worst),
             _as_args(calls_sql(PROJECT, worst)),
+        )
+        session_filters = {
+            "outcome=fail (a fifth of the LiveKit calls)": CallFilter(*window, outcome="fail"),
+            f"session_tag={RARE_TAG} (one LiveKit call in a hundred)": CallFilter(
+                *window, session_tag=RARE_TAG
+            ),
+            "outcome=success sorted by worst_turn": CallFilter(
+                *window, outcome="success", sort="worst_turn"
+            ),
+        }
+        for label, session_filter in session_filters.items():
+            await timed_async(
+                f"API calls list, {label}",
+                lambda session_filter=session_filter: store.calls(PROJECT, session_filter),
+                _as_args(calls_sql(PROJECT, session_filter)),
+            )
+
+        async def histogram_trends() -> Any:
+            points = await store.turn_histograms(PROJECT, window[0])
+            return histogram_stats(
+                points,
+                start_ns=window[0],
+                end_ns=window[1],
+                step_ns=DAY_NS // 4,
+                group_by="model",
+                tags=[],
+            )
+
+        await timed_async(
+            "API stats/turns?source=metrics (lk.agents.turn.* histograms), 10 days in 6-hour"
+            " buckets by model (rows: groups)",
+            histogram_trends,
+            ("", []),
         )
         for group_by in ("service", "model"):
 

@@ -227,8 +227,9 @@ class SQLiteQueryStore:
         more = len(rows) > query.limit
         rows = rows[: query.limit]
         items = [self._call_item(db, project, row) for row in rows]
+        facts = self._session_facts(db, project, [item["call_id"] for item in items])
         for item in items:
-            item.update(self._session_facts(db, project, item["call_id"]))
+            item.update(facts[item["call_id"]])
         cursor = None
         if more and rows:
             if query.sort == "start":
@@ -324,37 +325,43 @@ class SQLiteQueryStore:
         return {
             "call": {
                 **call_json(row, summary, len(spans)),
-                **self._session_facts(db, project, call_id),
+                **self._session_facts(db, project, [call_id])[call_id],
             },
             "summary": summary,
             "spans": spans,
             "resources": resources,
         }
 
-    def _session_facts(self, db: sqlite3.Connection, project: str, call_id: str) -> dict[str, Any]:
-        """The call's LiveKit session facts (``collector.session_facts``)."""
-        if not _has_signal_tables(db):
-            return session_facts([], [], False)
-        records = db.execute(
-            "SELECT body, attributes FROM log_records WHERE project = ? AND call_id = ?"
-            f" AND {SESSION_BODIES_SQL} ORDER BY time_ns",
-            (project, call_id),
-        ).fetchall()
-        has_logs = bool(records) or (
-            db.execute(
-                "SELECT 1 FROM log_records WHERE project = ? AND call_id = ? LIMIT 1",
-                (project, call_id),
-            ).fetchone()
-            is not None
-        )
-        summaries = [
-            text
-            for (text,) in db.execute(
-                "SELECT session_summary FROM recordings WHERE project = ? AND call_id = ?",
-                (project, call_id),
-            )
-        ]
-        return session_facts(records, summaries, has_logs)
+    def _session_facts(
+        self, db: sqlite3.Connection, project: str, call_ids: list[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Each call's LiveKit session facts (``collector.session_facts``), in three
+        statements for the lot."""
+        records: dict[str, list[tuple[Any, Any]]] = {c: [] for c in call_ids}
+        summaries: dict[str, list[Any]] = {c: [] for c in call_ids}
+        with_logs: set[str] = set()
+        if call_ids and _has_signal_tables(db):
+            marks = ", ".join("?" for _ in call_ids)
+            args = (project, *call_ids)
+            for call_id, body, attributes in db.execute(
+                "SELECT call_id, body, attributes FROM log_records WHERE project = ?"
+                f" AND call_id IN ({marks}) AND {SESSION_BODIES_SQL} ORDER BY time_ns",
+                args,
+            ):
+                records[call_id].append((body, attributes))
+            for (call_id,) in db.execute(
+                "SELECT DISTINCT call_id FROM log_records WHERE project = ?"
+                f" AND call_id IN ({marks})",
+                args,
+            ):
+                with_logs.add(call_id)
+            for call_id, summary in db.execute(
+                "SELECT call_id, session_summary FROM recordings WHERE project = ?"
+                f" AND call_id IN ({marks})",
+                args,
+            ):
+                summaries[call_id].append(summary)
+        return {c: session_facts(records[c], summaries[c], c in with_logs) for c in call_ids}
 
     async def turn_histograms(self, project: str, start_ns: int) -> list[dict[str, Any]]:
         return await self._run(self._turn_histograms, project, start_ns)
