@@ -17,6 +17,7 @@ buckets are 0-5 s wide, so without them a median would be a guess).
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -39,15 +40,24 @@ _LLM_METRICS = ("lk.agents.turn.e2e_latency", "lk.agents.turn.llm_ttft")
 _UNIT_MS = {"s": 1000.0, "ms": 1.0, "us": 0.001, "ns": 1e-6}
 
 
-def _loads(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
+@functools.lru_cache(maxsize=4096)
+def _parsed_list(text: str) -> tuple[Any, ...]:
+    """A JSON list, parsed once: bucket counts and bounds repeat across sessions."""
+    value = json.loads(text)
+    return tuple(value) if isinstance(value, list) else ()
+
+
+def _list(value: Any) -> tuple[Any, ...]:
+    if isinstance(value, str):
+        return _parsed_list(value)
+    return tuple(value or ())
 
 
 def _intervals(point: dict[str, Any]) -> list[tuple[float, float, int]]:
     """``(low, high, count)`` of each non-empty bucket, in milliseconds."""
     scale = _UNIT_MS.get(point.get("unit") or "s", 1000.0)
-    counts = _loads(point.get("bucket_counts")) or []
-    bounds = _loads(point.get("explicit_bounds")) or []
+    counts = _list(point.get("bucket_counts"))
+    bounds = _list(point.get("explicit_bounds"))
     low_all, high_all = point.get("min"), point.get("max")
     intervals = []
     for index, count in enumerate(counts):
@@ -103,7 +113,8 @@ def histogram_stats(
 ) -> dict[str, Any]:
     """The ``stats/turns`` answer from turn histogram points (``QueryStore.turn_histograms``
     items: ``name``, ``unit``, ``call_id``, ``at_ns`` (the call's start, else the
-    point's), ``service``, ``tags``, ``attributes``, ``count``, ``min``, ``max``,
+    point's), ``service``, ``tags``, ``model`` (its ``model_name`` attribute), ``count``,
+    ``min``, ``max``,
     ``bucket_counts``, ``explicit_bounds``)."""
     count = -(-(end_ns - start_ns) // step_ns)
     if count > MAX_BUCKETS:
@@ -125,9 +136,8 @@ def histogram_stats(
                 "points": [],
             },
         )
-        attributes = _loads(point["attributes"]) or {}
         if point["name"] in _LLM_METRICS and call["model"] is None:
-            model = attributes.get("model_name")
+            model = point["model"]
             call["model"] = None if model is None else attribute_text(model)
         call["points"].append(point)
     grouped: list[dict[str | None, list[dict[str, Any]]]] = [{} for _ in range(count)]

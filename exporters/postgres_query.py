@@ -382,7 +382,8 @@ class PostgresQueryStore:
             rows = await conn.fetch(
                 "SELECT m.name, m.unit, m.call_id, coalesce(c.start_ns, m.start_ns) AS at_ns,"
                 " coalesce(c.service, m.resource::jsonb ->> 'service.name') AS service,"
-                " c.tags::text AS tags, m.attributes, m.count, m.min, m.max, m.bucket_counts,"
+                " c.tags::text AS tags, m.attributes::jsonb ->> 'model_name' AS model,"
+                " m.count, m.min, m.max, m.bucket_counts,"
                 f" m.explicit_bounds FROM {s}.metric_points m LEFT JOIN {s}.calls c"
                 " ON c.project = m.project AND c.call_id = m.call_id"
                 " WHERE m.project = $1 AND m.name = ANY($2::text[]) AND m.kind = 'histogram'"
@@ -647,26 +648,35 @@ def calls_sql(schema: str, project: str, query: CallFilter) -> tuple[str, list[A
             f" WHERE a.project = {p} AND a.key = {arg(key)} AND a.value = {arg(value)})"
         )
     if query.session_tag is not None:
-        sql.append(f"AND c.call_id IN ({_session_tag_sql(s, p, arg(query.session_tag))})")
+        tag = query.session_tag
+        sql.append(f"AND c.call_id IN ({_session_tag_sql(s, p, arg(tag), arg(_needle(tag)))})")
     if query.outcome is not None:
+        tag = outcome_tag(query.outcome)
         sql.append(
             f"AND c.call_id IN (SELECT call_id FROM {s}.log_records WHERE project = {p}"
             f" AND call_id IS NOT NULL AND {SESSION_BODIES_SQL} AND body = '\"outcome\"'"
             f" AND attributes::jsonb #>> '{{outcome,outcome}}' = {arg(query.outcome)}"
-            f" UNION {_session_tag_sql(s, p, arg(outcome_tag(query.outcome)))})"
+            f" UNION {_session_tag_sql(s, p, arg(tag), arg(_needle(tag)))})"
         )
     order = "c.start_ns DESC" if sort_key is None else "sort_key DESC"
     sql.append(f"ORDER BY {order}, c.call_id LIMIT {arg(query.limit + 1)}")
     return " ".join(sql), arg.values
 
 
-def _session_tag_sql(s: str, p: str, tag: str) -> str:
-    """Calls carrying the session tag ``tag`` (a placeholder) in project ``p``."""
+def _needle(tag: str) -> str:
+    """The tag as ``signals_storage._json`` writes it."""
+    return json.dumps(tag, ensure_ascii=False)
+
+
+def _session_tag_sql(s: str, p: str, tag: str, needle: str) -> str:
+    """Calls carrying the session tag ``tag`` (a placeholder) in project ``p``; ``needle``
+    (a placeholder) is the tag as the writer encodes it in JSON: a text search for it
+    skips the JSON parse of the large session reports that cannot hold it."""
     return (
         f"SELECT call_id FROM {s}.log_records WHERE project = {p} AND call_id IS NOT NULL"
         f" AND {SESSION_BODIES_SQL} AND ((body = '\"tag\"'"
         f" AND attributes::jsonb #>> '{{tag,name}}' = {tag})"
-        " OR (body = '\"session report\"'"
+        f" OR (body = '\"session report\"' AND strpos(attributes, {needle}) > 0"
         f" AND (attributes::jsonb -> 'session.tags') @> jsonb_build_array({tag}::text)))"
         f" UNION SELECT call_id FROM {s}.recordings WHERE project = {p}"
         f" AND (session_summary::jsonb -> 'tags') @> jsonb_build_array({tag}::text)"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -374,7 +375,8 @@ class SQLiteQueryStore:
         rows = db.execute(
             "SELECT m.name, m.unit, m.call_id, coalesce(c.start_ns, m.start_ns),"
             " coalesce(c.service, json_extract(m.resource, '$.\"service.name\"')), c.tags,"
-            " m.attributes, m.count, m.min, m.max, m.bucket_counts, m.explicit_bounds"
+            " json_extract(m.attributes, '$.model_name'), m.count, m.min, m.max,"
+            " m.bucket_counts, m.explicit_bounds"
             " FROM metric_points m LEFT JOIN calls c"
             " ON c.project = m.project AND c.call_id = m.call_id"
             f" WHERE m.project = ? AND m.name IN ({', '.join('?' for _ in names)})"
@@ -534,8 +536,14 @@ def _stale_calls_sql(
 
 def _histogram_point(row: Any) -> dict[str, Any]:
     point = dict(zip(_HISTOGRAM_FIELDS, tuple(row), strict=True))
-    point["tags"] = jsonable(json.loads(point["tags"])) if point["tags"] else {}
+    point["tags"] = _call_tags(point["tags"])
     return point
+
+
+@functools.lru_cache(maxsize=4096)
+def _call_tags(text: str | None) -> dict[str, Any]:
+    """A call's tags column, parsed once per distinct text (read only)."""
+    return jsonable(json.loads(text)) if text else {}
 
 
 _HISTOGRAM_FIELDS = (
@@ -545,7 +553,7 @@ _HISTOGRAM_FIELDS = (
     "at_ns",
     "service",
     "tags",
-    "attributes",
+    "model",
     "count",
     "min",
     "max",
@@ -564,17 +572,25 @@ def _has_signal_tables(db: sqlite3.Connection) -> bool:
     return bool(found and found[0] == 2)
 
 
-def _session_tag_sql(tag_arg: str = "?") -> str:
-    """Calls carrying a session tag (args: project, tag, tag, project, tag)."""
+def _session_tag_sql() -> str:
+    """Calls carrying a session tag (args: ``_session_tag_args``). The session report's
+    attributes are large; a text search for the tag as the writer encodes it
+    (``signals_storage._json``) skips the JSON parse of those that cannot hold it."""
     return (
         "SELECT call_id FROM log_records WHERE project = ? AND call_id IS NOT NULL"
         f" AND {SESSION_BODIES_SQL} AND ((body = '\"tag\"'"
-        f" AND json_extract(attributes, '$.tag.name') = {tag_arg})"
-        " OR (body = '\"session report\"' AND EXISTS (SELECT 1 FROM"
-        f" json_each(attributes, '$.\"session.tags\"') WHERE value = {tag_arg})))"
+        " AND json_extract(attributes, '$.tag.name') = ?)"
+        " OR (body = '\"session report\"' AND instr(attributes, ?) > 0"
+        " AND EXISTS (SELECT 1 FROM json_each(attributes, '$.\"session.tags\"')"
+        " WHERE value = ?)))"
         " UNION SELECT call_id FROM recordings WHERE project = ? AND EXISTS (SELECT 1"
-        f" FROM json_each(session_summary, '$.tags') WHERE value = {tag_arg})"
+        " FROM json_each(session_summary, '$.tags') WHERE value = ?)"
     )
+
+
+def _session_tag_args(project: str, tag: str) -> list[Any]:
+    needle = json.dumps(tag, ensure_ascii=False)
+    return [project, tag, needle, tag, project, tag]
 
 
 def _session_conditions(project: str, query: CallFilter) -> tuple[list[str], list[Any]]:
@@ -583,8 +599,7 @@ def _session_conditions(project: str, query: CallFilter) -> tuple[list[str], lis
     args: list[Any] = []
     if query.session_tag is not None:
         sql.append(f"AND call_id IN ({_session_tag_sql()})")
-        tag = query.session_tag
-        args += [project, tag, tag, project, tag]
+        args += _session_tag_args(project, query.session_tag)
     if query.outcome is not None:
         sql.append(
             "AND call_id IN (SELECT call_id FROM log_records WHERE project = ?"
@@ -592,8 +607,7 @@ def _session_conditions(project: str, query: CallFilter) -> tuple[list[str], lis
             " AND json_extract(attributes, '$.outcome.outcome') = ?"
             f" UNION {_session_tag_sql()})"
         )
-        tag = outcome_tag(query.outcome)
-        args += [project, query.outcome, project, tag, tag, project, tag]
+        args += [project, query.outcome, *_session_tag_args(project, outcome_tag(query.outcome))]
     return sql, args
 
 

@@ -21,7 +21,7 @@ def point(name: str, at_ns: int, counts: list[int], low: float, high: float, **e
         "at_ns": at_ns,
         "service": "agent",
         "tags": extra.get("tags", {}),
-        "attributes": json.dumps({"model_name": extra.get("model", "gpt")}),
+        "model": extra.get("model", "gpt"),
         "count": sum(counts),
         "min": low,
         "max": high,
