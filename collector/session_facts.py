@@ -23,6 +23,8 @@ from typing import Any
 __all__ = [
     "OUTCOMES",
     "SESSION_BODIES_SQL",
+    "facts_of_record",
+    "facts_of_summary",
     "outcome_tag",
     "session_facts",
 ]
@@ -51,6 +53,21 @@ def _loads(text: Any) -> Any:
         return json.loads(text)
     except ValueError:
         return None
+
+
+def facts_of_record(body_text: Any, attributes_text: Any) -> list[tuple[str, str]]:
+    """``(kind, value)`` facts of one log record (``session_facts`` rules): ``("tag",
+    TAG)`` for each session tag it lists, ``("outcome", OUTCOME)`` for an outcome."""
+    facts = session_facts([(body_text, attributes_text)], [], False)
+    found = [("tag", tag) for tag in facts["session_tags"]]
+    if _loads(body_text) == "outcome" and facts["outcome"] is not None:
+        found.append(("outcome", facts["outcome"]))
+    return found
+
+
+def facts_of_summary(summary_text: Any) -> list[tuple[str, str]]:
+    """``("tag", TAG)`` of each tag a recording's session summary lists."""
+    return [("tag", tag) for tag in session_facts([], [summary_text], False)["session_tags"]]
 
 
 def session_facts(

@@ -36,7 +36,12 @@ from opentelemetry.proto.logs.v1.logs_pb2 import ResourceLogs
 from opentelemetry.proto.metrics.v1.metrics_pb2 import ResourceMetrics
 
 from collector.calls import call_id_for
-from collector.session_facts import SESSION_BODIES_SQL
+from collector.session_facts import (
+    SESSION_BODIES,
+    SESSION_BODIES_SQL,
+    facts_of_record,
+    facts_of_summary,
+)
 from collector.signals import LogBatch, MetricBatch, metric_points
 from collector.spans import any_value_to_python
 from collector.storage import open_sqlite
@@ -122,6 +127,13 @@ CREATE TABLE IF NOT EXISTS recordings (
     PRIMARY KEY (project, room_id, job_id)
 );
 CREATE INDEX IF NOT EXISTS recordings_by_call ON recordings (project, call_id);
+CREATE TABLE IF NOT EXISTS session_facts (
+    project TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    value TEXT NOT NULL,
+    call_id TEXT NOT NULL,
+    PRIMARY KEY (project, kind, value, call_id)
+) WITHOUT ROWID;
 """.replace("SESSION_BODIES", SESSION_BODIES_SQL)
 """The signal tables, created (and new indexes added) when a store opens."""
 
@@ -411,6 +423,45 @@ _EXPIRES = (
 """Each table and the time its retention counts from."""
 
 
+_SESSION_BODY_TEXTS = {_json(body) for body in SESSION_BODIES}
+
+
+def _log_facts(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """``session_facts`` rows of ``log_records`` rows (project 1, call 2, body 9,
+    attributes 10)."""
+    return [
+        (row[1], kind, value, row[2])
+        for row in rows
+        if row[2] is not None and row[9] in _SESSION_BODY_TEXTS
+        for kind, value in facts_of_record(row[9], row[10])
+    ]
+
+
+def _insert_facts(db: sqlite3.Connection, facts: list[tuple[Any, ...]]) -> None:
+    if facts:
+        db.executemany(
+            "INSERT OR IGNORE INTO session_facts (project, kind, value, call_id)"
+            " VALUES (?, ?, ?, ?)",
+            facts,
+        )
+
+
+def _fill_session_facts(db: sqlite3.Connection) -> None:
+    """The session facts of a file written before the table existed."""
+    with _transaction(db):
+        for project, call_id, body, attributes in db.execute(
+            "SELECT project, call_id, body, attributes FROM log_records"
+            f" WHERE call_id IS NOT NULL AND {SESSION_BODIES_SQL}"
+        ).fetchall():
+            _insert_facts(
+                db, [(project, k, v, call_id) for k, v in facts_of_record(body, attributes)]
+            )
+        for project, call_id, summary in db.execute(
+            "SELECT project, call_id, session_summary FROM recordings"
+        ).fetchall():
+            _insert_facts(db, [(project, k, v, call_id) for k, v in facts_of_summary(summary)])
+
+
 def remove_files(paths: Iterable[str]) -> None:
     """Unlink each path; one already gone is no error."""
     for path in paths:
@@ -450,7 +501,12 @@ class SQLiteSignalStore:
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
             db = open_sqlite(self.path)
+            had_facts = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'session_facts'"
+            ).fetchone()
             db.executescript(SQLITE_SCHEMA)
+            if not had_facts:
+                _fill_session_facts(db)
             self._db = db
         return self._db
 
@@ -473,7 +529,10 @@ class SQLiteSignalStore:
                 f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({_placeholders(columns)})",
                 rows,
             )
-        return cursor.rowcount
+            count = cursor.rowcount
+            if table == "log_records":
+                _insert_facts(db, _log_facts(rows))
+        return count
 
     async def store_recording(self, recording: Recording, audio_path: Path | None) -> None:
         """Insert or replace a recording's row; ``audio_path`` is where its audio is."""
@@ -486,6 +545,13 @@ class SQLiteSignalStore:
                 f"INSERT OR REPLACE INTO recordings ({RECORDING_COLUMNS})"
                 f" VALUES ({_placeholders(RECORDING_COLUMNS)})",
                 recording_row(recording, audio_path),
+            )
+            _insert_facts(
+                db,
+                [
+                    (recording.project, kind, value, recording.call_id)
+                    for kind, value in facts_of_summary(recording.session_summary)
+                ],
             )
 
     # -- reading ------------------------------------------------------------------

@@ -567,47 +567,29 @@ def _has_signal_tables(db: sqlite3.Connection) -> bool:
     they existed, and never opened by the exporter since, has not)."""
     found = db.execute(
         "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
-        " AND name IN ('log_records', 'recordings')"
+        " AND name IN ('log_records', 'recordings', 'session_facts')"
     ).fetchone()
-    return bool(found and found[0] == 2)
-
-
-def _session_tag_sql() -> str:
-    """Calls carrying a session tag (args: ``_session_tag_args``). The session report's
-    attributes are large; a text search for the tag as the writer encodes it
-    (``signals_storage._json``) skips the JSON parse of those that cannot hold it."""
-    return (
-        "SELECT call_id FROM log_records WHERE project = ? AND call_id IS NOT NULL"
-        f" AND {SESSION_BODIES_SQL} AND ((body = '\"tag\"'"
-        " AND json_extract(attributes, '$.tag.name') = ?)"
-        " OR (body = '\"session report\"' AND instr(attributes, ?) > 0"
-        " AND EXISTS (SELECT 1 FROM json_each(attributes, '$.\"session.tags\"')"
-        " WHERE value = ?)))"
-        " UNION SELECT call_id FROM recordings WHERE project = ? AND EXISTS (SELECT 1"
-        " FROM json_each(session_summary, '$.tags') WHERE value = ?)"
-    )
-
-
-def _session_tag_args(project: str, tag: str) -> list[Any]:
-    needle = json.dumps(tag, ensure_ascii=False)
-    return [project, tag, needle, tag, project, tag]
+    return bool(found and found[0] == 3)
 
 
 def _session_conditions(project: str, query: CallFilter) -> tuple[list[str], list[Any]]:
-    """``calls_sql`` conditions for ``outcome`` and ``session_tag``."""
+    """``calls_sql`` conditions for ``outcome`` and ``session_tag``, on the
+    ``session_facts`` table the signal store keeps (``collector.signals_storage``)."""
     sql: list[str] = []
     args: list[Any] = []
     if query.session_tag is not None:
-        sql.append(f"AND call_id IN ({_session_tag_sql()})")
-        args += _session_tag_args(project, query.session_tag)
+        sql.append(
+            "AND call_id IN (SELECT call_id FROM session_facts WHERE project = ?"
+            " AND kind = 'tag' AND value = ?)"
+        )
+        args += [project, query.session_tag]
     if query.outcome is not None:
         sql.append(
-            "AND call_id IN (SELECT call_id FROM log_records WHERE project = ?"
-            f" AND call_id IS NOT NULL AND {SESSION_BODIES_SQL} AND body = '\"outcome\"'"
-            " AND json_extract(attributes, '$.outcome.outcome') = ?"
-            f" UNION {_session_tag_sql()})"
+            "AND call_id IN (SELECT call_id FROM session_facts WHERE project = ?"
+            " AND kind = 'outcome' AND value = ? UNION SELECT call_id FROM session_facts"
+            " WHERE project = ? AND kind = 'tag' AND value = ?)"
         )
-        args += [project, query.outcome, *_session_tag_args(project, outcome_tag(query.outcome))]
+        args += [project, query.outcome, project, outcome_tag(query.outcome)]
     return sql, args
 
 

@@ -213,3 +213,32 @@ async def test_turn_stats_from_livekit_turn_histograms(tmp_path, storage):
 
         status, body = await _get(http, f"{base}/api/v1/stats/turns?{window}&source=histograms")
         assert status == 400 and body["error"].startswith("source:"), body
+
+
+async def test_a_file_from_before_the_facts_table_gains_it_on_open(tmp_path):
+    """A store written before ``session_facts`` existed is filled in when the exporter
+    opens it, so its calls filter by outcome and session tag."""
+    import sqlite3
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    config = native_config(port, tmp_path)
+    call_id = call_id_for(PROJECT, ROOM)
+    async with running_service(config), aiohttp.ClientSession() as http:
+        token = fresh_token()
+        for meta, body in captured(NATIVE):
+            status, _ = await replay(http, base, meta, body, token)
+            assert status == 200
+        for _ in range(600):
+            _, listed = await _get(http, f"{base}/api/v1/calls?outcome=success")
+            if listed["calls"]:
+                break
+            await asyncio.sleep(0.05)
+        assert [c["call_id"] for c in listed["calls"]] == [call_id]
+    with sqlite3.connect(tmp_path / "calltrace.db") as db:
+        db.execute("DROP TABLE session_facts")
+    async with running_service(config), aiohttp.ClientSession() as http:
+        _, listed = await _get(http, f"{base}/api/v1/calls?session_tag=fixture%3Aweather")
+        assert [c["call_id"] for c in listed["calls"]] == [call_id]
+        _, listed = await _get(http, f"{base}/api/v1/calls?outcome=success")
+        assert [c["call_id"] for c in listed["calls"]] == [call_id]
