@@ -138,13 +138,14 @@ class PostgresSignalStore:
 
     async def open(self) -> None:
         async with self._pool().acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock(hashtext('calltrace-signals-schema'))")
+            # The postgres exporter's lock: DDL on one schema by two instances, or by the
+            # span tables' and these tables' creators, runs one at a time (two locks let
+            # two instances' DDL deadlock on the catalog).
+            await conn.execute("SELECT pg_advisory_lock(hashtext('calltrace-schema'))")
             try:
                 await conn.execute(signals_ddl(self.schema))
             finally:
-                await conn.execute(
-                    "SELECT pg_advisory_unlock(hashtext('calltrace-signals-schema'))"
-                )
+                await conn.execute("SELECT pg_advisory_unlock(hashtext('calltrace-schema'))")
 
     async def write_logs(self, batch: LogBatch) -> int:
         rows = log_rows(batch.project, batch.resource_logs)
