@@ -21,9 +21,9 @@ import functools
 import json
 from typing import Any
 
-from collector.query import TURN_COMPONENTS, QueryError, rfc3339
+from collector.query import TURN_COMPONENTS
 from collector.storage import attribute_text
-from collector.turn_stats import MAX_BUCKETS
+from collector.turn_stats import bucket_count, bucketed
 
 __all__ = ["TURN_HISTOGRAMS", "histogram_percentile", "histogram_stats"]
 
@@ -116,11 +116,7 @@ def histogram_stats(
     point's), ``service``, ``tags``, ``model`` (its ``model_name`` attribute), ``count``,
     ``min``, ``max``,
     ``bucket_counts``, ``explicit_bounds``)."""
-    count = -(-(end_ns - start_ns) // step_ns)
-    if count > MAX_BUCKETS:
-        raise QueryError(
-            f"step: {count} buckets from start to end, at most {MAX_BUCKETS}: take a longer step"
-        )
+    bucket_count(start_ns, end_ns, step_ns)  # refused before the points are read
     calls: dict[Any, dict[str, Any]] = {}
     for point in points:
         if point["name"] not in TURN_HISTOGRAMS or not start_ns <= point["at_ns"] < end_ns:
@@ -140,33 +136,17 @@ def histogram_stats(
             model = point["model"]
             call["model"] = None if model is None else attribute_text(model)
         call["points"].append(point)
-    grouped: list[dict[str | None, list[dict[str, Any]]]] = [{} for _ in range(count)]
-    for call in calls.values():
-        if any(attribute_text(call["tags"].get(k)) != v for k, v in tags):
-            continue
-        index = (call["at_ns"] - start_ns) // step_ns
-        grouped[index].setdefault(_group_of(call, group_by), []).append(call)
-    buckets = []
-    for index, groups in enumerate(grouped):
-        bucket_start = start_ns + index * step_ns
-        buckets.append(
-            {
-                "start": rfc3339(bucket_start),
-                "start_ns": bucket_start,
-                "groups": [
-                    _group_stats(group, members)
-                    for group, members in sorted(groups.items(), key=lambda g: str(g[0]))
-                ],
-            }
-        )
-    return {
-        "start": rfc3339(start_ns),
-        "end": rfc3339(end_ns),
-        "step_ms": step_ns / 1e6,
-        "group_by": group_by,
-        "components": list(TURN_COMPONENTS),
-        "buckets": buckets,
-    }
+    return bucketed(
+        calls.values(),
+        at="at_ns",
+        start_ns=start_ns,
+        end_ns=end_ns,
+        step_ns=step_ns,
+        group_by=group_by,
+        tags=tags,
+        group_of=_group_of,
+        group_stats=_group_stats,
+    )
 
 
 def _group_stats(group: str | None, calls: list[dict[str, Any]]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ groups, so a chart draws one point per bucket.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from collector.query import TURN_COMPONENTS, QueryError, rfc3339
@@ -52,19 +53,56 @@ def turn_stats(
 ) -> dict[str, Any]:
     """The ``stats/turns`` answer for ``calls`` (``QueryStore.summaries`` items) in
     ``[start_ns, end_ns)``, bucketed by ``step_ns``, keeping calls with every tag."""
+    return bucketed(
+        calls,
+        at="start_ns",
+        start_ns=start_ns,
+        end_ns=end_ns,
+        step_ns=step_ns,
+        group_by=group_by,
+        tags=tags,
+        group_of=_group_of,
+        group_stats=_group_stats,
+    )
+
+
+def bucket_count(start_ns: int, end_ns: int, step_ns: int) -> int:
+    """How many ``step_ns`` buckets ``[start_ns, end_ns)`` takes; a ``QueryError`` past
+    ``MAX_BUCKETS``."""
     count = -(-(end_ns - start_ns) // step_ns)
     if count > MAX_BUCKETS:
         raise QueryError(
             f"step: {count} buckets from start to end, at most {MAX_BUCKETS}: take a longer step"
         )
-    grouped: list[dict[str | None, list[dict[str, Any]]]] = [{} for _ in range(count)]
+    return count
+
+
+def bucketed(
+    calls: Iterable[dict[str, Any]],
+    *,
+    at: str,
+    start_ns: int,
+    end_ns: int,
+    step_ns: int,
+    group_by: str | None,
+    tags: list[tuple[str, str]],
+    group_of: Callable[[dict[str, Any], str | None], str | None],
+    group_stats: Callable[[str | None, list[dict[str, Any]]], dict[str, Any]],
+) -> dict[str, Any]:
+    """The ``stats/turns`` answer: ``calls`` whose ``at`` time is in ``[start_ns,
+    end_ns)`` and that have every tag, put in ``step_ns`` buckets and in groups
+    (``group_of``), each group summed up by ``group_stats``."""
+    grouped: list[dict[str | None, list[dict[str, Any]]]] = [
+        {} for _ in range(bucket_count(start_ns, end_ns, step_ns))
+    ]
     for call in calls:
-        if not start_ns <= call["start_ns"] < end_ns:
+        at_ns = call[at]
+        if not start_ns <= at_ns < end_ns:
             continue
         if any(attribute_text(call["tags"].get(k)) != v for k, v in tags):
             continue
-        index = (call["start_ns"] - start_ns) // step_ns
-        grouped[index].setdefault(_group_of(call, group_by), []).append(call)
+        index = (at_ns - start_ns) // step_ns
+        grouped[index].setdefault(group_of(call, group_by), []).append(call)
     buckets = []
     for index, groups in enumerate(grouped):
         bucket_start = start_ns + index * step_ns
@@ -73,7 +111,7 @@ def turn_stats(
                 "start": rfc3339(bucket_start),
                 "start_ns": bucket_start,
                 "groups": [
-                    _group_stats(group, members)
+                    group_stats(group, members)
                     for group, members in sorted(groups.items(), key=lambda g: str(g[0]))
                 ],
             }
