@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 from typing import Any
 
 from collector.query import TURN_COMPONENTS
@@ -91,17 +92,6 @@ def histogram_percentile(intervals: list[tuple[float, float, int]], q: float) ->
     return round(max(high for _, high, _ in intervals), 3)
 
 
-def _group_of(call: dict[str, Any], group_by: str | None) -> str | None:
-    if group_by is None:
-        return None
-    if group_by == "service":
-        return call["service"]
-    if group_by == "model":
-        return call["model"]
-    value = call["tags"].get(group_by[len("tag.") :])
-    return None if value is None else attribute_text(value)
-
-
 def histogram_stats(
     points: list[dict[str, Any]],
     *,
@@ -144,7 +134,7 @@ def histogram_stats(
         step_ns=step_ns,
         group_by=group_by,
         tags=tags,
-        group_of=_group_of,
+        model_of=operator.itemgetter("model"),
         group_stats=_group_stats,
     )
 

@@ -31,15 +31,22 @@ def parse_group_by(text: str | None) -> str | None:
     raise QueryError(f"group_by: expected service, model or tag.KEY, got {text!r}")
 
 
-def _group_of(call: dict[str, Any], group_by: str | None) -> str | None:
+def _group_of(
+    call: dict[str, Any], group_by: str | None, model_of: Callable[[dict[str, Any]], str | None]
+) -> str | None:
     if group_by is None:
         return None
     if group_by == "service":
         return call["service"]
     if group_by == "model":
-        return call["summary"]["totals"].get("llm_model")
+        return model_of(call)
     value = call["tags"].get(group_by[len("tag.") :])
     return None if value is None else attribute_text(value)
+
+
+def _summary_model(call: dict[str, Any]) -> str | None:
+    model: str | None = call["summary"]["totals"].get("llm_model")
+    return model
 
 
 def turn_stats(
@@ -61,7 +68,7 @@ def turn_stats(
         step_ns=step_ns,
         group_by=group_by,
         tags=tags,
-        group_of=_group_of,
+        model_of=_summary_model,
         group_stats=_group_stats,
     )
 
@@ -86,12 +93,13 @@ def bucketed(
     step_ns: int,
     group_by: str | None,
     tags: list[tuple[str, str]],
-    group_of: Callable[[dict[str, Any], str | None], str | None],
+    model_of: Callable[[dict[str, Any]], str | None],
     group_stats: Callable[[str | None, list[dict[str, Any]]], dict[str, Any]],
 ) -> dict[str, Any]:
     """The ``stats/turns`` answer: ``calls`` whose ``at`` time is in ``[start_ns,
-    end_ns)`` and that have every tag, put in ``step_ns`` buckets and in groups
-    (``group_of``), each group summed up by ``group_stats``."""
+    end_ns)`` and that have every tag, put in ``step_ns`` buckets and in groups (by
+    ``service``, ``model`` (read by ``model_of``) or ``tag.KEY``), each group summed up
+    by ``group_stats``."""
     grouped: list[dict[str | None, list[dict[str, Any]]]] = [
         {} for _ in range(bucket_count(start_ns, end_ns, step_ns))
     ]
@@ -102,7 +110,7 @@ def bucketed(
         if any(attribute_text(call["tags"].get(k)) != v for k, v in tags):
             continue
         index = (at_ns - start_ns) // step_ns
-        grouped[index].setdefault(group_of(call, group_by), []).append(call)
+        grouped[index].setdefault(_group_of(call, group_by, model_of), []).append(call)
     buckets = []
     for index, groups in enumerate(grouped):
         bucket_start = start_ns + index * step_ns
