@@ -129,6 +129,8 @@ class SignalBatch(Generic[M]):
 
     @staticmethod
     def _count_in(message: Any) -> int:
+        """How many items (log records, data points) one message holds: each subclass
+        (``LogBatch``, ``MetricBatch``) says; the base class has no signal of its own."""
         raise NotImplementedError
 
     def serialize(self) -> bytes:
